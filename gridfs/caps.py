@@ -1,0 +1,166 @@
+"""Capabilities: printable strings that name a file and grant a right over it.
+
+=====================  ==================================================
+``gridfs:lit:DATA``     the file's bytes themselves (files ≤ LITERAL_MAX)
+``gridfs:chk:KEY:UEB:K:N:SIZE``         read cap: decrypt and verify
+``gridfs:chk-verify:SI:UEB:K:N:SIZE``   verify cap: check shares, cannot read
+=====================  ==================================================
+
+KEY is the 32-byte AES key, UEB the 32-byte hash of the extension block, SI
+the 16-byte storage index; binary fields are lowercase RFC 4648 base32
+without padding.  Parsing is strict: one spelling per cap, or :class:`CapError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+
+from .codec import check_k_n
+from .crypto import KEY_SIZE
+from .errors import CapError, ParamsError
+from .hashes import HASH_SIZE, STORAGE_INDEX_SIZE, storage_index
+
+# A literal cap for LITERAL_MAX bytes (103 base32 characters + prefix) is still
+# shorter than any CHK cap (about 130 characters), and saves n share files of
+# ~500 bytes each: every file up to this size is strictly cheaper as a literal.
+LITERAL_MAX = 64
+MAX_FILE_SIZE = 2**64 - 1
+
+
+def b32encode(data: bytes) -> str:
+    return base64.b32encode(data).decode("ascii").rstrip("=").lower()
+
+
+def b32decode(text: str, size: int | None = None, what: str = "field") -> bytes:
+    if not re.fullmatch(r"[a-z2-7]*", text):
+        raise CapError(f"{what} is not lowercase base32")
+    try:
+        data = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        raise CapError(f"{what} is not valid base32") from None
+    if b32encode(data) != text:
+        raise CapError(f"{what} is not canonical base32")
+    if size is not None and len(data) != size:
+        raise CapError(f"{what} must be {size} bytes, not {len(data)}")
+    return data
+
+
+@dataclass(frozen=True)
+class LiteralCap:
+    """A tiny file carried inside its own cap."""
+
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.data) > LITERAL_MAX:
+            raise CapError(f"literal caps hold at most {LITERAL_MAX} bytes")
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def to_string(self) -> str:
+        return "gridfs:lit:" + b32encode(self.data)
+
+
+@dataclass(frozen=True)
+class VerifyCap:
+    """Names an immutable file's shares and lets anyone check them, not read them."""
+
+    storage_index: bytes
+    ueb_hash: bytes
+    k: int
+    n: int
+    size: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.ueb_hash, self.k, self.n, self.size)
+        if len(self.storage_index) != STORAGE_INDEX_SIZE:
+            raise CapError("storage index must be 16 bytes")
+
+    def to_string(self) -> str:
+        return (
+            f"gridfs:chk-verify:{b32encode(self.storage_index)}:{b32encode(self.ueb_hash)}"
+            f":{self.k}:{self.n}:{self.size}"
+        )
+
+
+@dataclass(frozen=True)
+class ReadCap:
+    """Reads (decrypts and verifies) an immutable file."""
+
+    key: bytes
+    ueb_hash: bytes
+    k: int
+    n: int
+    size: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.ueb_hash, self.k, self.n, self.size)
+        if len(self.key) != KEY_SIZE:
+            raise CapError("key must be 32 bytes")
+
+    @property
+    def storage_index(self) -> bytes:
+        return storage_index(self.key)
+
+    def verify_cap(self) -> VerifyCap:
+        return VerifyCap(self.storage_index, self.ueb_hash, self.k, self.n, self.size)
+
+    def to_string(self) -> str:
+        return (
+            f"gridfs:chk:{b32encode(self.key)}:{b32encode(self.ueb_hash)}"
+            f":{self.k}:{self.n}:{self.size}"
+        )
+
+
+ImmutableCap = LiteralCap | ReadCap | VerifyCap
+
+_INT = r"(0|[1-9][0-9]{0,19})"
+_LIT_RE = re.compile(r"gridfs:lit:([a-z2-7]*)")
+_CHK_RE = re.compile(rf"gridfs:(chk|chk-verify):([a-z2-7]+):([a-z2-7]+):{_INT}:{_INT}:{_INT}")
+
+
+def parse(text: str) -> ImmutableCap:
+    """Parse a cap string; a malformed one raises a one-line :class:`CapError`."""
+    if not isinstance(text, str):
+        raise CapError("a cap must be a string")
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    stripped = text.strip()
+    m = _LIT_RE.fullmatch(stripped)
+    if m:
+        data = b32decode(m[1], what="literal data")
+        if len(data) > LITERAL_MAX:
+            raise CapError(f"literal cap holds more than {LITERAL_MAX} bytes")
+        return LiteralCap(data)
+    m = _CHK_RE.fullmatch(stripped)
+    if m is None:
+        raise CapError(f"not a gridfs cap: {shown!r}")
+    kind, first, ueb, k, n, size = m.groups()
+    ueb_hash = b32decode(ueb, HASH_SIZE, "extension block hash")
+    if kind == "chk":
+        return ReadCap(b32decode(first, KEY_SIZE, "key"), ueb_hash, int(k), int(n), int(size))
+    return VerifyCap(
+        b32decode(first, STORAGE_INDEX_SIZE, "storage index"), ueb_hash, int(k), int(n), int(size)
+    )
+
+
+def parse_read_cap(text: str) -> LiteralCap | ReadCap:
+    cap = parse(text)
+    if isinstance(cap, VerifyCap):
+        raise CapError("a verify cap cannot read a file; a read cap (gridfs:chk:...) is needed")
+    return cap
+
+
+def _check_common(ueb_hash: bytes, k: int, n: int, size: int) -> None:
+    if len(ueb_hash) != HASH_SIZE:
+        raise CapError("extension block hash must be 32 bytes")
+    try:
+        check_k_n(k, n)
+    except ParamsError as e:
+        raise CapError(f"bad cap: {e}") from None
+    if not 0 <= size <= MAX_FILE_SIZE:
+        raise CapError("file size out of range")

@@ -1,0 +1,45 @@
+"""The ``gridfs`` command: argument parsing and the one place errors meet the user."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import GridError
+from . import debug
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gridfs",
+        description="Encrypted, erasure-coded files on servers you do not have to trust.",
+    )
+    parser.add_argument("--version", action="version", version=f"gridfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    debug.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GridError as e:
+        print(f"gridfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("gridfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"gridfs: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

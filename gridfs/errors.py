@@ -1,0 +1,67 @@
+"""The one exception hierarchy of gridfs.
+
+Every error a user can meet derives from :class:`GridError`; the CLI prints its
+message on one line and exits with its ``exit_code``, the mount maps it to its
+``errno``.  Anything else escaping to the user is a bug.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class GridError(Exception):
+    """Base of every gridfs error."""
+
+    exit_code = 1
+    errno = _errno.EIO
+
+
+class UsageError(GridError, ValueError):
+    """The caller asked for something that cannot be done as asked."""
+
+    exit_code = 2
+    errno = _errno.EINVAL
+
+
+class ParamsError(UsageError):
+    """Encoding parameters (k, n, segment size) are out of range."""
+
+
+class CapError(UsageError):
+    """A capability string is malformed or of the wrong kind."""
+
+
+class FormatError(GridError):
+    """Bytes that should follow one of our formats do not."""
+
+
+class IntegrityError(GridError):
+    """Data failed verification against a hash we trust."""
+
+
+class BadHashError(IntegrityError):
+    """A hash or leaf is inconsistent with the trusted hash tree."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class NotEnoughHashesError(GridError):
+    """A leaf cannot be verified yet: hashes on its path to the root are missing."""
+
+
+class CorruptShareError(IntegrityError):
+    """A share (or one of its blocks) failed verification."""
+
+    def __init__(self, sharenum: int, reason: str) -> None:
+        super().__init__(f"share {sharenum} is corrupt: {reason}")
+        self.sharenum = sharenum
+        self.reason = reason
+
+
+class NotEnoughSharesError(GridError):
+    """Fewer than k good shares could be found."""
+
+    exit_code = 3
