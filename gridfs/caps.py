@@ -23,9 +23,10 @@ from .crypto import KEY_SIZE
 from .errors import CapError, ParamsError
 from .hashes import HASH_SIZE, STORAGE_INDEX_SIZE, storage_index
 
-# A literal cap for LITERAL_MAX bytes (103 base32 characters + prefix) is still
-# shorter than any CHK cap (about 130 characters), and saves n share files of
-# ~500 bytes each: every file up to this size is strictly cheaper as a literal.
+# A literal cap for LITERAL_MAX bytes (103 base32 characters + an 11-character
+# prefix) is still shorter than the shortest CHK cap (123 characters), and
+# saves n share files of ~350 bytes each: every file up to this size is
+# strictly cheaper as a literal.
 LITERAL_MAX = 64
 MAX_FILE_SIZE = 2**64 - 1
 

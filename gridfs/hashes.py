@@ -17,13 +17,15 @@ STORAGE_INDEX_SIZE = 16
 # -- tags -------------------------------------------------------------------
 TAG_PLAINTEXT = b"gridfs:v1:plaintext"
 TAG_CONVERGENCE_KEY = b"gridfs:v1:convergence-key"
-TAG_RANDOM_KEY = b"gridfs:v1:random-key"
 TAG_STORAGE_INDEX = b"gridfs:v1:storage-index"
 TAG_SEGMENT = b"gridfs:v1:ciphertext-segment"
 TAG_BLOCK = b"gridfs:v1:block"
 TAG_TREE_NODE = b"gridfs:v1:tree-node"
 TAG_TREE_PAD = b"gridfs:v1:tree-padding"
 TAG_EXTENSION_BLOCK = b"gridfs:v1:extension-block"
+TAG_NODE_ID = b"gridfs:v1:node-id"
+TAG_PERMUTE = b"gridfs:v1:server-permutation"
+NODE_ID_SIZE = 20
 
 _LEN = struct.Struct(">Q")
 
@@ -71,6 +73,16 @@ def extension_block_hash(ueb: bytes) -> bytes:
 def storage_index(key: bytes) -> bytes:
     """The 16-byte storage index servers file a share under: it names, not opens."""
     return tagged_hash(TAG_STORAGE_INDEX, key)[:STORAGE_INDEX_SIZE]
+
+
+def node_id(public_key: bytes) -> bytes:
+    """The 20-byte id of a node: names the key its TLS certificate must carry."""
+    return tagged_hash(TAG_NODE_ID, public_key)[:NODE_ID_SIZE]
+
+
+def server_permutation(storage_index: bytes, server_id: bytes) -> bytes:
+    """Sort key placing servers in a per-file order (spreads files over servers)."""
+    return tagged_hash(TAG_PERMUTE, storage_index, server_id)
 
 
 class PlaintextHasher:

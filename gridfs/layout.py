@@ -80,7 +80,7 @@ class ExtensionBlock:
             )
         except (TypeError, ValueError) as e:
             raise FormatError(f"bad extension block: {e}") from None
-        if not isinstance(ueb.size, int) or ueb.size < 1:
+        if type(ueb.size) is not int or ueb.size < 1:
             raise FormatError("bad extension block: size")
         for root in (ueb.ciphertext_root, ueb.share_root):
             if not isinstance(root, bytes) or len(root) != HASH_SIZE:

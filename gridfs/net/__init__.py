@@ -1,0 +1,1 @@
+"""Networking: node keys and addresses, TLS, and the RPC transport on trio."""

@@ -1,0 +1,209 @@
+"""The RPC transport: a thin trio loop around :class:`protocol.Connection`.
+
+:class:`RpcClient` multiplexes many calls over one stream; :func:`serve_rpc`
+answers requests with a handler, several at a time, and never lets a bad
+request or a handler bug take the server down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ..errors import GridError
+from ..protocol.connection import (
+    NEED_DATA,
+    BadRequest,
+    Closed,
+    Connection,
+    ErrorReply,
+    RemoteProtocolError,
+    Request,
+    Response,
+    Role,
+    hello_args,
+)
+
+log = logging.getLogger(__name__)
+RECEIVE_SIZE = 256 * 1024
+
+
+class ConnectionLost(GridError):
+    """The connection to a peer broke or timed out."""
+
+
+class RemoteError(GridError):
+    """The peer answered a call with an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.remote_message = message
+
+
+class _Slot:
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: Response | ErrorReply | None = None
+
+
+class RpcClient:
+    """Calls to one server over one stream.  Start :meth:`run` in a nursery;
+    when the stream breaks every pending and later call raises ConnectionLost."""
+
+    def __init__(self, stream: trio.abc.Stream, default_timeout: float = 60.0) -> None:
+        self.stream = stream
+        self.default_timeout = default_timeout
+        self.hello: dict[str, Any] | None = None
+        self._conn = Connection(Role.CLIENT)
+        self._slots: dict[int, _Slot] = {}
+        self._send_lock = trio.Lock()
+        self._closed: str | None = None
+        self._ready = trio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read answers until the stream ends; does the hello handshake first."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                self.hello = await self.call("hello", hello_args())
+                task_status.started()
+        finally:
+            await self.aclose("connection closed")
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    self._conn.receive_data(data)
+                    continue
+                if isinstance(event, Closed):
+                    raise ConnectionLost("server closed the connection")
+                if isinstance(event, Response | ErrorReply):
+                    slot = self._slots.pop(event.id, None)
+                    if slot is not None:
+                        slot.outcome = event
+                        slot.event.set()
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} from server")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise ConnectionLost(f"connection lost: {e}") from None
+        except RemoteProtocolError as e:
+            raise ConnectionLost(f"server broke the protocol: {e}") from None
+
+    async def call(self, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
+        """Send a request and wait for its answer (or ConnectionLost/RemoteError)."""
+        if self._closed is not None:
+            raise ConnectionLost(self._closed)
+        rid, data = self._conn.send_request(method, args)
+        slot = self._slots[rid] = _Slot()
+        try:
+            async with self._send_lock:
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._slots.pop(rid, None)
+            await self.aclose(f"connection lost: {e}")
+            raise ConnectionLost(f"connection lost: {e}") from None
+        limit = self.default_timeout if timeout is None else timeout
+        with trio.move_on_after(limit if limit > 0 else math.inf):
+            await slot.event.wait()
+        if slot.outcome is None:
+            self._slots.pop(rid, None)
+            if self._closed is not None:
+                raise ConnectionLost(self._closed)
+            # A peer that stays silent this long is treated as gone.
+            await self.aclose(f"no answer to {method} within {limit:g}s")
+            raise ConnectionLost(f"no answer to {method} within {limit:g}s")
+        if isinstance(slot.outcome, ErrorReply):
+            raise RemoteError(slot.outcome.code, slot.outcome.message)
+        return slot.outcome.result
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closed is None:
+            self._closed = reason
+            for slot in self._slots.values():
+                slot.event.set()
+            self._slots.clear()
+        await trio.aclose_forcefully(self.stream)
+
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+def error_code(exc: BaseException) -> str:
+    """Wire error code of an exception: its class's ``code`` or its class name."""
+    return getattr(exc, "code", None) or type(exc).__name__
+
+
+async def serve_rpc(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    hello: Callable[[], dict[str, Any]],
+    max_concurrent: int = 8,
+    max_frame: int | None = None,
+) -> None:
+    """Answer requests on ``stream`` until it closes or the peer misbehaves.
+
+    ``handler(method, args)`` returns the result or raises a GridError (sent
+    as an error reply with its code); any other exception is logged and sent
+    as ``internal``.  At most ``max_concurrent`` requests run at once; beyond
+    that the stream is not read, so a flooding peer is slowed, not buffered.
+    """
+    conn = Connection(Role.SERVER) if max_frame is None else Connection(Role.SERVER, max_frame)
+    send_lock = trio.Lock()
+    limiter = trio.Semaphore(max_concurrent)
+
+    async def send(data: bytes) -> None:
+        async with send_lock:
+            await stream.send_all(data)
+
+    async def answer(req: Request) -> None:
+        try:
+            try:
+                result = hello() if req.method == "hello" else await handler(req.method, req.args)
+                data = conn.send_response(req.id, result)
+            except GridError as e:
+                data = conn.send_error(req.id, error_code(e), str(e))
+            except Exception as e:
+                log.exception("handler for %s failed", req.method)
+                data = conn.send_error(req.id, "internal", f"{type(e).__name__}")
+            await send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            limiter.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    event = conn.next_event()
+                except RemoteProtocolError as e:
+                    log.info("closing connection: %s", e)
+                    break
+                if event is NEED_DATA:
+                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, Closed):
+                    break
+                elif isinstance(event, BadRequest):
+                    await send(conn.send_error(event.id, "bad-request", event.reason))
+                elif isinstance(event, Request):
+                    await limiter.acquire()
+                    nursery.start_soon(answer, event)
+            nursery.cancel_scope.cancel()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)

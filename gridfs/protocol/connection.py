@@ -1,0 +1,245 @@
+"""A sans-I/O RPC connection: length-prefixed msgpack frames with request ids.
+
+Frames are a 4-byte big-endian length and a msgpack body, one of::
+
+    [0, id, method, args]      request (args: a map)
+    [1, id, result]            response to request id
+    [2, id, code, message]     error reply to request id
+
+Ids are chosen by the requester, unique among its outstanding requests, so
+many calls share one connection and answers may come in any order.  The first
+request on a connection is ``hello`` (the version handshake).  The frame
+length is checked before the frame is buffered, and a request's arguments
+against its schema before the application sees them.  Anything malformed is a
+:class:`RemoteProtocolError`, after which the connection is dead.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from .schema import MAX_FRAME, PROTOCOL_NAME, PROTOCOL_VERSION, SchemaError, validate_request
+
+_LEN = struct.Struct(">I")
+REQUEST, RESPONSE, ERROR = 0, 1, 2
+MAX_ID = 2**32 - 1
+
+
+class ProtocolError(Exception):
+    """Base of protocol violations."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol; the connection must be closed."""
+
+
+class Role(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    method: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    """A well-framed request whose method or arguments are not acceptable;
+    the application should answer it with an error reply."""
+
+    id: int
+    method: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Response:
+    id: int
+    result: Any
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    id: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer closed the connection (EOF)."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+Event = Request | BadRequest | Response | ErrorReply | Closed
+
+
+def hello_args() -> dict[str, Any]:
+    return {"protocol": PROTOCOL_NAME, "versions": [PROTOCOL_VERSION]}
+
+
+class Connection:
+    """One side of an RPC connection.  Feed bytes with :meth:`receive_data`,
+    read events with :meth:`next_event`, and turn calls into bytes with the
+    ``send_*`` methods."""
+
+    def __init__(self, role: Role, max_frame: int = MAX_FRAME) -> None:
+        self.role = role
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._eof = False
+        self._dead = False
+        self._next_id = 1
+        self.outstanding: dict[int, str] = {}
+        """Our requests awaiting an answer: id → method."""
+        self.incoming: set[int] = set()
+        """Peer requests we have not answered yet."""
+        self.handshaken = False
+
+    # -- input ------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray) -> None:
+        """Bytes from the peer; ``b""`` means the peer closed."""
+        if self._dead:
+            return
+        if not data:
+            self._eof = True
+        else:
+            self._buffer += data
+
+    def next_event(self) -> Event | _NeedData:
+        if self._dead:
+            return Closed()
+        try:
+            body = self._next_frame()
+            if body is None:
+                if self._eof:
+                    self._dead = True
+                    return Closed()
+                return NEED_DATA
+            return self._parse(body)
+        except RemoteProtocolError:
+            self._dead = True
+            raise
+
+    def _next_frame(self) -> bytes | None:
+        if len(self._buffer) < _LEN.size:
+            if self._eof and self._buffer:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            return None
+        (length,) = _LEN.unpack_from(self._buffer)
+        if length > self.max_frame:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame} limit")
+        if len(self._buffer) < _LEN.size + length:
+            if self._eof:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            return None
+        body = bytes(self._buffer[_LEN.size : _LEN.size + length])
+        del self._buffer[: _LEN.size + length]
+        return body
+
+    def _parse(self, body: bytes) -> Event:
+        try:
+            msg = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=65536,
+                max_array_len=65536,
+                max_map_len=4096,
+                max_ext_len=0,
+            )
+        except Exception as e:
+            raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
+        if not isinstance(msg, list) or not msg or type(msg[0]) is not int:
+            raise RemoteProtocolError("a frame must be a list starting with its kind")
+        kind = msg[0]
+        if kind == REQUEST and len(msg) == 4:
+            return self._parse_request(msg[1], msg[2], msg[3])
+        if kind == RESPONSE and len(msg) == 3:
+            self._match(msg[1])
+            return Response(msg[1], msg[2])
+        if kind == ERROR and len(msg) == 4 and isinstance(msg[2], str) and isinstance(msg[3], str):
+            self._match(msg[1])
+            return ErrorReply(msg[1], msg[2][:64], msg[3][:1000])
+        raise RemoteProtocolError("unknown frame kind or shape")
+
+    def _parse_request(self, rid: Any, method: Any, args: Any) -> Event:
+        if self.role is not Role.SERVER:
+            raise RemoteProtocolError("a server may not send requests")
+        if type(rid) is not int or not 0 < rid <= MAX_ID:
+            raise RemoteProtocolError("bad request id")
+        if rid in self.incoming:
+            raise RemoteProtocolError(f"request id {rid} is already in use")
+        if not isinstance(method, str):
+            raise RemoteProtocolError("method must be a string")
+        if not self.handshaken and method != "hello":
+            raise RemoteProtocolError("the first request must be hello")
+        self.incoming.add(rid)
+        try:
+            checked = validate_request(method, args)
+        except SchemaError as e:
+            return BadRequest(rid, method[:40], str(e))
+        if method == "hello":
+            if self.handshaken:
+                return BadRequest(rid, method, "hello was already done")
+            if checked["protocol"] != PROTOCOL_NAME or PROTOCOL_VERSION not in checked["versions"]:
+                speaks = f"{PROTOCOL_NAME}/{PROTOCOL_VERSION}"
+                return BadRequest(rid, method, f"this server speaks {speaks}")
+            self.handshaken = True
+        return Request(rid, method, checked)
+
+    def _match(self, rid: Any) -> None:
+        if type(rid) is not int or rid not in self.outstanding:
+            raise RemoteProtocolError(f"answer to unknown request id {rid!r}")
+        method = self.outstanding.pop(rid)
+        if method == "hello":
+            self.handshaken = True
+
+    # -- output -----------------------------------------------------------
+    def send_request(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        if self.role is not Role.CLIENT:
+            raise LocalProtocolError("only clients send requests")
+        if not self.handshaken and method != "hello" and "hello" not in self.outstanding.values():
+            raise LocalProtocolError("the first request must be hello")
+        rid = self._next_id
+        while rid in self.outstanding:
+            rid = rid % MAX_ID + 1
+        self._next_id = rid % MAX_ID + 1
+        self.outstanding[rid] = method
+        return rid, self._frame([REQUEST, rid, method, args])
+
+    def send_response(self, rid: int, result: Any) -> bytes:
+        self._answer(rid)
+        return self._frame([RESPONSE, rid, result])
+
+    def send_error(self, rid: int, code: str, message: str) -> bytes:
+        self._answer(rid)
+        return self._frame([ERROR, rid, code, message])
+
+    def _answer(self, rid: int) -> None:
+        if rid not in self.incoming:
+            raise LocalProtocolError(f"no request {rid} to answer")
+        self.incoming.discard(rid)
+
+    def _frame(self, msg: list[Any]) -> bytes:
+        body = msgpack.packb(msg, use_bin_type=True)
+        if len(body) > self.max_frame:
+            raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit")
+        return _LEN.pack(len(body)) + body

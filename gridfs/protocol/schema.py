@@ -1,0 +1,137 @@
+"""The messages of the wire protocol and their limits, checked on arrival.
+
+Every request method names the fields it accepts, each with a type and a
+bound; anything else is refused before the application sees it.  See
+docs/protocol.md for the meaning of each method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..hashes import STORAGE_INDEX_SIZE
+
+PROTOCOL_NAME = "gridfs"
+PROTOCOL_VERSION = 1
+
+MAX_FRAME = 4 * 1024 * 1024 + 64 * 1024
+"""Largest frame body either side accepts: a 4 MiB read or write plus headers."""
+MAX_WRITE = 4 * 1024 * 1024
+"""Most data bytes in one ``write`` request (all chunks together)."""
+MAX_READ = 4 * 1024 * 1024
+MAX_CHUNKS = 4096
+MAX_BUCKETS = 256
+"""Most share numbers in one allocation: the seed's MAX_BUCKETS (n ≤ 256)."""
+MAX_OPEN_BUCKETS = 1024
+"""Most buckets one connection may hold open at once."""
+MAX_ANNOUNCEMENT = 4096
+MAX_U64 = 2**64 - 1
+
+
+class SchemaError(ValueError):
+    """A request's arguments do not match its method's schema."""
+
+
+Check = Callable[[Any], Any]
+
+
+def u64(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_U64:
+        raise SchemaError("expected an unsigned 64-bit integer")
+    return v
+
+
+def sharenum(v: Any) -> int:
+    if type(v) is not int or not 0 <= v < MAX_BUCKETS:
+        raise SchemaError("share number out of range")
+    return v
+
+
+def binary(exact: int | None = None, most: int = MAX_FRAME) -> Check:
+    def check(v: Any) -> bytes:
+        if not isinstance(v, bytes):
+            raise SchemaError("expected bytes")
+        if (exact is not None and len(v) != exact) or len(v) > most:
+            raise SchemaError(f"bytes of wrong length {len(v)}")
+        return v
+
+    return check
+
+
+def text(most: int) -> Check:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or len(v) > most:
+            raise SchemaError("expected a short string")
+        return v
+
+    return check
+
+
+def list_of(item: Check, most: int) -> Check:
+    def check(v: Any) -> list[Any]:
+        if not isinstance(v, list) or len(v) > most:
+            raise SchemaError(f"expected a list of at most {most} items")
+        return [item(x) for x in v]
+
+    return check
+
+
+def sharenums(v: Any) -> list[int]:
+    nums = list_of(sharenum, MAX_BUCKETS)(v)
+    if len(set(nums)) != len(nums):
+        raise SchemaError("repeated share number")
+    return nums
+
+
+def chunks(v: Any) -> list[tuple[int, bytes]]:
+    if not isinstance(v, list) or not 0 < len(v) <= MAX_CHUNKS:
+        raise SchemaError(f"expected 1 to {MAX_CHUNKS} chunks")
+    out, total = [], 0
+    for c in v:
+        if not isinstance(c, list) or len(c) != 2:
+            raise SchemaError("a chunk is [offset, data]")
+        offset, data = u64(c[0]), binary()(c[1])
+        total += len(data)
+        out.append((offset, data))
+    if total > MAX_WRITE:
+        raise SchemaError(f"a write carries at most {MAX_WRITE} bytes")
+    return out
+
+
+def read_length(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_READ:
+        raise SchemaError(f"a read is at most {MAX_READ} bytes")
+    return v
+
+
+SI = binary(STORAGE_INDEX_SIZE)
+
+REQUESTS: dict[str, dict[str, Check]] = {
+    "hello": {"protocol": text(64), "versions": list_of(u64, 16)},
+    # storage server
+    "stats": {},
+    "allocate_buckets": {"si": SI, "sharenums": sharenums, "share_size": u64},
+    "write": {"si": SI, "sharenum": sharenum, "chunks": chunks},
+    "close": {"si": SI, "sharenum": sharenum},
+    "abort": {"si": SI, "sharenum": sharenum},
+    "get_buckets": {"si": SI},
+    "read": {"si": SI, "sharenum": sharenum, "offset": u64, "length": read_length},
+    # introducer
+    "announce": {"announcement": binary(most=MAX_ANNOUNCEMENT), "signature": binary(64)},
+    "get_peers": {"after": u64, "wait": u64},
+}
+
+
+def validate_request(method: str, args: Any) -> dict[str, Any]:
+    """Checked arguments of a request, or :class:`SchemaError`."""
+    spec = REQUESTS.get(method)
+    if spec is None:
+        raise SchemaError(f"unknown method {method[:40]!r}")
+    if not isinstance(args, dict):
+        raise SchemaError("arguments must be a map")
+    extra = set(args) - set(spec)
+    missing = set(spec) - set(args)
+    if extra or missing:
+        raise SchemaError(f"{method}: unexpected or missing fields")
+    return {name: check(args[name]) for name, check in spec.items()}

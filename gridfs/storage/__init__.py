@@ -1,0 +1,1 @@
+"""The storage server: where shares live on disk."""
