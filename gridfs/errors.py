@@ -65,3 +65,25 @@ class NotEnoughSharesError(GridError):
     """Fewer than k good shares could be found."""
 
     exit_code = 3
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The one error that matters in a (nested) exception group.
+
+    Concurrent code reports failures as exception groups; users need the
+    first real error (a GridError if there is one), not the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = list(_leaves(exc))
+        for leaf in leaves:
+            if isinstance(leaf, GridError):
+                return leaf
+        return leaves[0] if leaves else exc
+    return exc
+
+
+def _leaves(exc: BaseExceptionGroup[BaseException]):  # type: ignore[no-untyped-def]
+    for e in exc.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

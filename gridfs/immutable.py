@@ -79,6 +79,14 @@ class FileEncoder:
         self._block_hashes[j] = [block_hash(b) for b in blocks]
         return EncodedSegment(j, blocks)
 
+    def blocks_for(
+        self, j: int, plaintext: bytes | memoryview, sharenums: list[int]
+    ) -> list[bytes]:
+        """Blocks of segment j for some shares only (to re-send them elsewhere);
+        leaves the hash state alone."""
+        ciphertext = aes_ctr(self.key, j * self.params.segment_size, plaintext)
+        return self._codec.encode(ciphertext, sharenums)
+
     def finish(self) -> FinishedFile:
         if any(h is None for h in self._ct_hashes):
             raise ValueError("finish() before every segment was encoded")

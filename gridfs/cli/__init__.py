@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import GridError
-from . import debug
+from ..errors import GridError, unwrap
+from . import debug, files, grid, nodes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gridfs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    files.register(sub)
+    grid.register(sub)
+    nodes.register(sub)
     debug.register(sub)
     return parser
 
@@ -26,7 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseExceptionGroup as group:
+            raise unwrap(group) from None
     except GridError as e:
         print(f"gridfs: error: {e}", file=sys.stderr)
         return e.exit_code

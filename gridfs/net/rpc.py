@@ -65,23 +65,41 @@ class RpcClient:
         self._slots: dict[int, _Slot] = {}
         self._send_lock = trio.Lock()
         self._closed: str | None = None
-        self._ready = trio.Event()
+        self._done = trio.Event()
 
     @property
     def closed(self) -> bool:
         return self._closed is not None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read answers until the stream ends; does the hello handshake first."""
+        """Do the hello handshake, then read answers until the stream ends.
+
+        A failed handshake raises; a connection lost later just ends the task
+        (every pending call sees ConnectionLost)."""
+        error: ConnectionLost | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop)
-                self.hello = await self.call("hello", hello_args())
-                task_status.started()
+                try:
+                    self.hello = await self.call("hello", hello_args())
+                except (ConnectionLost, RemoteError) as e:
+                    error = ConnectionLost(f"handshake failed: {e}")
+                    nursery.cancel_scope.cancel()
+                else:
+                    task_status.started()
+                    await self.wait_closed()
+                    nursery.cancel_scope.cancel()
         finally:
             await self.aclose("connection closed")
+        if error is not None:
+            raise error
+
+    async def wait_closed(self) -> None:
+        await self._done.wait()
 
     async def _read_loop(self) -> None:
+        """Deliver answers to waiting calls; on any failure close the client."""
+        reason = "connection closed"
         try:
             while True:
                 event = self._conn.next_event()
@@ -90,18 +108,22 @@ class RpcClient:
                     self._conn.receive_data(data)
                     continue
                 if isinstance(event, Closed):
-                    raise ConnectionLost("server closed the connection")
+                    reason = "server closed the connection"
+                    return
                 if isinstance(event, Response | ErrorReply):
                     slot = self._slots.pop(event.id, None)
                     if slot is not None:
                         slot.outcome = event
                         slot.event.set()
                 else:
-                    raise RemoteProtocolError(f"unexpected {type(event).__name__} from server")
+                    reason = f"server broke the protocol: unexpected {type(event).__name__}"
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise ConnectionLost(f"connection lost: {e}") from None
+            reason = f"connection lost: {e}"
         except RemoteProtocolError as e:
-            raise ConnectionLost(f"server broke the protocol: {e}") from None
+            reason = f"server broke the protocol: {e}"
+        finally:
+            await self.aclose(reason)
 
     async def call(self, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         """Send a request and wait for its answer (or ConnectionLost/RemoteError)."""
@@ -136,6 +158,7 @@ class RpcClient:
             for slot in self._slots.values():
                 slot.event.set()
             self._slots.clear()
+            self._done.set()
         await trio.aclose_forcefully(self.stream)
 
 

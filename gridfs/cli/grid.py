@@ -1,0 +1,174 @@
+"""``gridfs grid start|stop|status``: a local grid on loopback in one directory.
+
+DIR/introducer   DIR/storage-1 … DIR/storage-N   DIR/client
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..client.broker import StorageBroker
+from ..config import DEFAULT_HAPPY, NodeConfig, NodeDir
+from ..errors import GridError, UsageError
+from ..net.identity import NodeAddress
+from .util import parse_size
+
+START_TIMEOUT = 30.0
+
+
+def register(sub: Any) -> None:
+    grid = sub.add_parser("grid", help="a local grid: introducer + storage servers + client")
+    gsub = grid.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = gsub.add_parser("start", help="start (or restart) a local grid in DIR")
+    start.add_argument("dir", type=Path, metavar="DIR")
+    start.add_argument("--servers", type=int, default=10, help="storage servers (default 10)")
+    start.add_argument("--k", type=int, default=3)
+    start.add_argument("--happy", type=int, default=None, help="default: min(7, servers)")
+    start.add_argument("--n", type=int, default=10)
+    start.add_argument(
+        "--reserved-space",
+        type=parse_size,
+        default=64 << 20,
+        metavar="SIZE",
+        help="free disk space each server keeps (default 64M)",
+    )
+    start.set_defaults(func=cmd_start)
+    stop = gsub.add_parser("stop", help="stop every node of the grid in DIR")
+    stop.add_argument("dir", type=Path, metavar="DIR")
+    stop.set_defaults(func=cmd_stop)
+    status = gsub.add_parser("status", help="show the nodes of the grid in DIR")
+    status.add_argument("dir", type=Path, metavar="DIR")
+    status.set_defaults(func=cmd_status)
+
+
+def server_dirs(root: Path) -> list[NodeDir]:
+    nodes = [NodeDir(root / "introducer")]
+    storage = sorted(root.glob("storage-*"), key=lambda p: int(p.name.split("-")[1]))
+    return nodes + [NodeDir(p) for p in storage]
+
+
+def spawn(node: NodeDir, kind: str) -> int:
+    """Start a node in the background (its own session, output to node.log)."""
+    running = node.pid()
+    if running is not None:
+        return running
+    node.url_path.unlink(missing_ok=True)
+    with open(node.log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gridfs", kind, "run", str(node.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while node.address() is None:
+        if proc.poll() is not None:
+            raise GridError(f"{kind} node {node.path} failed to start (see {node.log_path})")
+        if time.monotonic() > deadline:
+            raise GridError(f"{kind} node {node.path} did not start in time")
+        time.sleep(0.05)
+    return proc.pid
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    root: Path = args.dir
+    if args.servers < 1:
+        raise UsageError("a grid needs at least one storage server")
+    happy = args.happy if args.happy is not None else min(DEFAULT_HAPPY, args.servers, args.n)
+    client_config = NodeConfig("client", "client", k=args.k, happy=happy, n=args.n)
+    root.mkdir(parents=True, exist_ok=True)
+    intro = NodeDir(root / "introducer")
+    if not intro.exists():
+        intro.create(NodeConfig("introducer", "introducer"))
+    spawn(intro, "introducer")
+    intro_url = intro.address()
+    assert intro_url is not None
+    for i in range(1, args.servers + 1):
+        node = NodeDir(root / f"storage-{i}")
+        if not node.exists():
+            node.create(
+                NodeConfig(
+                    "storage",
+                    f"storage-{i}",
+                    introducer=str(intro_url),
+                    reserved_space=args.reserved_space,
+                )
+            )
+        else:  # the introducer may have a new port after a re-create
+            config = node.config()
+            if config.introducer != str(intro_url):
+                config.introducer = str(intro_url)
+                node.save(config)
+        spawn(node, "storage")
+    client = NodeDir(root / "client")
+    if not client.exists():
+        client_config.introducer = str(intro_url)
+        client.create(client_config)
+    total = len(server_dirs(root)) - 1
+    connected = trio.run(count_servers, intro_url, total, START_TIMEOUT)
+    if connected < total:
+        raise GridError(f"only {connected} of {total} storage servers connected to the introducer")
+    print(f"grid running in {root}: introducer {intro_url}, {connected} storage servers")
+    print(f"client node: {client.path}   (export GRIDFS_NODE={client.path.resolve()})")
+    return 0
+
+
+async def count_servers(introducer: NodeAddress, want: int, timeout: float) -> int:
+    async with trio.open_nursery() as nursery:
+        broker = StorageBroker(nursery, introducer)
+        count = await broker.wait_for_servers(want, timeout)
+        nursery.cancel_scope.cancel()
+    return count
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    nodes = [n for n in server_dirs(args.dir) if n.exists()]
+    if not nodes:
+        raise UsageError(f"no grid in {args.dir}")
+    stopped = 0
+    for node in reversed(nodes):
+        if stop_node(node):
+            stopped += 1
+    print(f"stopped {stopped} nodes in {args.dir}")
+    return 0
+
+
+def stop_node(node: NodeDir, timeout: float = 10.0) -> bool:
+    pid = node.pid()
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while node.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if node.pid() is not None:
+        os.kill(pid, signal.SIGKILL)
+        node.pid_path.unlink(missing_ok=True)
+    return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    nodes = [n for n in server_dirs(args.dir) if n.exists()]
+    if not nodes:
+        raise UsageError(f"no grid in {args.dir}")
+    running = 0
+    for node in nodes:
+        pid = node.pid()
+        running += pid is not None
+        state = f"running (pid {pid})" if pid else "stopped"
+        print(f"{node.path.name:12} {state:22} {node.address() or ''}")
+    client = NodeDir(args.dir / "client")
+    if client.exists():
+        print(f"{'client':12} {'':22} {client.path}")
+    print(f"{running} of {len(nodes)} nodes running")
+    return 0 if running == len(nodes) else 1

@@ -1,0 +1,1 @@
+"""The grid client: find servers, upload and download immutable files."""

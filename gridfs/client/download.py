@@ -1,0 +1,252 @@
+"""Downloading an immutable file: the seed's IDownloader over the grid.
+
+Servers are asked for the file's shares in parallel; each share's head is
+checked against the cap as it arrives, and work starts as soon as k shares
+are usable, while the other answers keep coming in as spares.  A segment
+needs one read per share (a record holds the block and its proofs); every
+block is verified before decoding, and a server that errs, times out or
+serves corrupt data loses that share for the rest of the download and is
+reported.  Segments stream in order with a bounded number in flight, and any
+byte range can be read without fetching the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..aio import ordered_tasks
+from ..caps import ReadCap, VerifyCap
+from ..errors import CorruptShareError, GridError, NotEnoughSharesError
+from ..immutable import DecodedSegment, FileDecoder, ForeignShareError, VerifiedBlock
+from ..layout import HEADER
+from .broker import Server, StorageBroker
+
+log = logging.getLogger(__name__)
+HEAD_GUESS = 4096
+LOCATE_TIMEOUT = 15.0
+READ_TIMEOUT = 20.0
+
+
+@dataclass
+class Source:
+    """One share on one server."""
+
+    server: Server
+    sharenum: int
+    size: int
+    bad: str | None = None
+    busy: int = 0
+
+
+@contextlib.asynccontextmanager
+async def open_downloader(
+    broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4
+) -> AsyncIterator[Downloader]:
+    """A downloader whose share search runs (in the background) while it lives."""
+    downloader = Downloader(broker, cap, window)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(downloader._locate)
+        try:
+            yield downloader
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class Downloader:
+    """Reads one immutable file; get one from :func:`open_downloader`."""
+
+    def __init__(self, broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4) -> None:
+        self.broker = broker
+        self.cap = cap
+        self.window = window
+        self.decoder = FileDecoder(cap)
+        self.sources: dict[int, list[Source]] = {}
+        self.problems: list[str] = []
+        self._changed = trio.Event()
+        self._locating = True
+
+    # -- finding shares -----------------------------------------------------
+    def _usable(self) -> dict[int, list[Source]]:
+        return {
+            n: [s for s in srcs if not s.bad]
+            for n, srcs in self.sources.items()
+            if any(not s.bad for s in srcs)
+        }
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def report(self, source: Source, reason: str) -> None:
+        if source.bad is None:
+            source.bad = reason
+            msg = f"server {source.server.name}, share {source.sharenum}: {reason}"
+            self.problems.append(msg)
+            log.warning("%s", msg)
+            self._wake()
+
+    async def _locate(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Ask every server; report ready once k shares are usable (or all answered)."""
+        started = False
+
+        def maybe_ready() -> None:
+            nonlocal started
+            if not started and len(self._usable()) >= self.cap.k:
+                started = True
+                task_status.started()
+
+        async def ask(server: Server) -> None:
+            try:
+                with trio.fail_after(LOCATE_TIMEOUT):
+                    shares = await server.call("get_buckets", {"si": self.decoder.storage_index})
+            except (GridError, trio.TooSlowError) as e:
+                log.info("%s: %s", server.name, e)
+                return
+            if not isinstance(shares, list):
+                return
+            for item in shares[:256]:
+                if isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item):
+                    await self._add_source(Source(server, item[0], item[1]))
+                    maybe_ready()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for server in self.broker.permuted(self.decoder.storage_index):
+                    nursery.start_soon(ask, server)
+        finally:
+            self._locating = False
+            self._wake()
+        if not started:
+            task_status.started()
+
+    async def _add_source(self, source: Source) -> None:
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                head = await self._read(source, 0, min(source.size, HEAD_GUESS))
+                length = FileDecoder.head_length(head[: HEADER.size])
+                if length > len(head):
+                    head += await self._read(source, len(head), length - len(head))
+            num = self.decoder.accept_head(head[:length])
+        except ForeignShareError:
+            self.report(source, "holds a share of another file under this storage index")
+            return
+        except (GridError, trio.TooSlowError) as e:
+            self.report(source, str(e) or "timed out")
+            return
+        if num != source.sharenum:
+            self.report(source, f"share {source.sharenum} claims to be share {num}")
+            return
+        self.sources.setdefault(num, []).append(source)
+        self._wake()
+
+    async def _read(self, source: Source, offset: int, length: int) -> bytes:
+        data = await source.server.call(
+            "read",
+            {
+                "si": self.decoder.storage_index,
+                "sharenum": source.sharenum,
+                "offset": offset,
+                "length": length,
+            },
+        )
+        if not isinstance(data, bytes) or len(data) != length:
+            raise CorruptShareError(source.sharenum, "server returned a short or malformed read")
+        return data
+
+    # -- segments -----------------------------------------------------------
+    async def segment(self, j: int) -> DecodedSegment:
+        """Fetch, verify and decode segment j."""
+        k = self.cap.k
+        blocks: dict[int, VerifiedBlock] = {}
+        offset, length = self.decoder.record_span(j)
+        while len(blocks) < k:
+            choice = self._choose(k - len(blocks), exclude=set(blocks))
+            if not choice:
+                if self._locating:
+                    await self._changed.wait()
+                    continue
+                raise NotEnoughSharesError(
+                    f"segment {j}: only {len(blocks) + len(self._usable()) - len(blocks)} "
+                    f"usable shares, {k} needed"
+                )
+
+            async def fetch(source: Source) -> None:
+                source.busy += 1
+                try:
+                    with trio.fail_after(READ_TIMEOUT):
+                        data = await self._read(source, offset, length)
+                    block = await trio.to_thread.run_sync(
+                        self.decoder.verify_record, source.sharenum, j, data
+                    )
+                    blocks[source.sharenum] = block
+                except trio.TooSlowError:
+                    self.report(source, "timed out")
+                except GridError as e:
+                    self.report(source, str(e))
+                finally:
+                    source.busy -= 1
+
+            async with trio.open_nursery() as nursery:
+                for source in choice:
+                    nursery.start_soon(fetch, source)
+        chosen = [blocks[n] for n in sorted(blocks)[:k]]
+        decoded = await trio.to_thread.run_sync(self.decoder.decode_segment, j, chosen)
+        for num in decoded.bad_proofs:
+            for source in self.sources.get(num, []):
+                self.report(source, f"bad ciphertext proof in record {j}")
+        return decoded
+
+    def _choose(self, count: int, exclude: set[int]) -> list[Source]:
+        """``count`` sources of distinct shares: primary shares first (they
+        decode for free), then the least busy server."""
+        options = []
+        for num, srcs in self._usable().items():
+            if num not in exclude:
+                best = min(srcs, key=lambda s: s.busy)
+                options.append((num >= self.cap.k, best.busy, num, best))
+        options.sort(key=lambda o: o[:3])
+        return [o[3] for o in options[:count]]
+
+    # -- whole file and ranges ---------------------------------------------
+    async def stream(
+        self, write: Callable[[bytes], Awaitable[None]], offset: int = 0, length: int | None = None
+    ) -> None:
+        """Call ``write`` with the bytes of [offset, offset+length) in order."""
+        size = self.cap.size
+        end = size if length is None else min(size, offset + length)
+        if offset >= end:
+            return
+        if self.decoder.geometry is None:
+            raise NotEnoughSharesError(f"no usable share found ({len(self.problems)} bad)")
+        seg = self.decoder.geometry.params.segment_size
+        first, last = offset // seg, (end - 1) // seg
+
+        def job(j: int) -> Callable[[], Awaitable[DecodedSegment]]:
+            return lambda: self.segment(j)
+
+        send, recv = trio.open_memory_channel[DecodedSegment](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                ordered_tasks, (job(j) for j in range(first, last + 1)), self.window, send
+            )
+            async with recv:
+                async for decoded in recv:
+                    start = decoded.index * seg
+                    lo, hi = max(offset, start) - start, min(end, start + len(decoded.data)) - start
+                    await write(decoded.data[lo:hi])
+
+    async def read(self, offset: int, length: int) -> bytes:
+        parts: list[bytes] = []
+
+        async def collect(data: bytes) -> None:
+            parts.append(data)
+
+        await self.stream(collect, offset, length)
+        return b"".join(parts)

@@ -1,0 +1,74 @@
+"""A client node's view of the grid: config, secret and broker in one place."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import trio
+
+from ..caps import LiteralCap, ReadCap, VerifyCap
+from ..config import NodeDir
+from ..errors import UsageError
+from ..net.identity import NodeAddress
+from .broker import StorageBroker
+from .download import Downloader, open_downloader
+from .upload import Progress, UploadParams, UploadReport, upload_file
+
+SERVER_WAIT = 10.0
+
+
+class GridClient:
+    def __init__(self, node: NodeDir, broker: StorageBroker) -> None:
+        self.node = node
+        self.broker = broker
+        config = node.config()
+        self.params = UploadParams(config.k, config.happy, config.n, config.segment_size)
+        self.secret = node.convergence_secret()
+
+    async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
+        """Give the introducer a moment to tell us about servers."""
+        return await self.broker.wait_for_servers(count or self.params.n, timeout)
+
+    async def put(self, path: Path, progress: Progress | None = None) -> UploadReport:
+        await self.wait_for_servers(self.params.happy)
+        return await upload_file(self.broker, path, self.params, self.secret, progress)
+
+    async def get(
+        self,
+        cap: LiteralCap | ReadCap,
+        write: Callable[[bytes], Awaitable[None]],
+        offset: int = 0,
+        length: int | None = None,
+    ) -> list[str]:
+        """Stream a file (or a range of it) to ``write``; return problems seen."""
+        if isinstance(cap, LiteralCap):
+            end = cap.size if length is None else offset + length
+            await write(cap.data[offset:end])
+            return []
+        await self.wait_for_servers(cap.k, timeout=SERVER_WAIT)
+        async with open_downloader(self.broker, cap) as downloader:
+            await downloader.stream(write, offset, length)
+            return downloader.problems
+
+    def downloader(self, cap: ReadCap | VerifyCap) -> AbstractAsyncContextManager[Downloader]:
+        return open_downloader(self.broker, cap)
+
+
+@contextlib.asynccontextmanager
+async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
+    config = node.config()
+    if config.kind != "client":
+        raise UsageError(f"{node.path} is a {config.kind} node, not a client node")
+    introducer = NodeAddress.parse(config.introducer) if config.introducer else None
+    static = [NodeAddress.parse(s) for s in config.servers]
+    if introducer is None and not static:
+        raise UsageError(f"{node.path}: no introducer and no servers configured")
+    async with trio.open_nursery() as nursery:
+        broker = StorageBroker(nursery, introducer, static)
+        try:
+            yield GridClient(node, broker)
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,312 @@
+"""Uploading an immutable file: the seed's IUploader over the grid.
+
+1. Key and parameters: a convergent key needs one pass over the file.
+2. Placement: servers in the file's permuted order are asked in parallel to
+   take one share each; those that refuse, are full or unreachable are
+   skipped; when servers run out, willing ones take more than one share.
+3. Streaming: segments are read and encoded on worker threads and their
+   blocks written to every bucket at once, several segments in flight; a
+   bucket whose server fails is dropped without stopping the others.
+4. Finish: each share gets its head (header, extension block, chain) and
+   record proofs, then ``close``.  Shares that failed are placed again on
+   other servers and re-sent (encoding only those shares).
+5. Happiness: the upload succeeds only if its shares sit on at least
+   ``happy`` distinct servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ..aio import in_thread, ordered_tasks
+from ..caps import LITERAL_MAX, LiteralCap, ReadCap
+from ..codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
+from ..errors import GridError
+from ..immutable import FileEncoder, FinishedFile
+from ..offline import file_key
+from ..protocol.schema import MAX_CHUNKS, MAX_WRITE
+from .broker import Server, StorageBroker
+
+log = logging.getLogger(__name__)
+RESEND_ROUNDS = 3
+Progress = Callable[[int], None]
+
+
+class UnhappyError(GridError):
+    """The shares could not be spread over enough distinct servers."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class UploadParams:
+    k: int = DEFAULT_K
+    happy: int = 7
+    n: int = DEFAULT_N
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    window: int = 4
+    """Segments being written to the servers at once."""
+    workers: int = 2
+    """Threads encoding segments."""
+
+
+@dataclass
+class Bucket:
+    """One share on its way to one server."""
+
+    sharenum: int
+    server: Server
+    existing: bool = False
+    """The server already held this share (a deduplicated upload)."""
+    error: str | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            log.warning("share %d on %s failed: %s", self.sharenum, self.server.name, reason)
+
+
+@dataclass
+class UploadReport:
+    cap: LiteralCap | ReadCap
+    placements: dict[int, str] = field(default_factory=dict)
+    """share number → server name"""
+    servers: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+async def upload_file(
+    broker: StorageBroker,
+    path: Path,
+    params: UploadParams = UploadParams(),
+    secret: bytes | None = None,
+    progress: Progress | None = None,
+) -> UploadReport:
+    size = os.stat(path).st_size
+    if size <= LITERAL_MAX:
+        return UploadReport(LiteralCap(Path(path).read_bytes()))
+    codec = params_for_size(params.k, params.n, params.segment_size, size)
+    key = await trio.to_thread.run_sync(file_key, path, secret, codec.serialize())
+    encoder = FileEncoder(key, codec, size)
+    with open(path, "rb") as f:
+        return await _Upload(broker, f.fileno(), encoder, params, progress).run()
+
+
+class _Upload:
+    def __init__(
+        self,
+        broker: StorageBroker,
+        fd: int,
+        encoder: FileEncoder,
+        params: UploadParams,
+        progress: Progress | None,
+    ) -> None:
+        self.broker = broker
+        self.fd = fd
+        self.encoder = encoder
+        self.params = params
+        self.progress = progress
+        self.si = encoder.storage_index
+        self.geometry = encoder.geometry
+        self.refused: set[bytes] = set()
+        self.failures: list[str] = []
+
+    async def run(self) -> UploadReport:
+        n = self.params.n
+        buckets = await self.place(list(range(n)), avoid=set())
+        self._check_happy(buckets.values(), before=True)
+        try:
+            await self.stream(buckets, encode_all=True)
+            finished = await trio.to_thread.run_sync(self.encoder.finish)
+            await self.finish(finished, buckets)
+            for _ in range(RESEND_ROUNDS):
+                failed = [b.sharenum for b in buckets.values() if b.error]
+                if not failed:
+                    break
+                self.failures += [
+                    f"{b.server.name}: {b.error}" for b in buckets.values() if b.error
+                ]
+                good = {num: b for num, b in buckets.items() if not b.error}
+                moved = await self.place(failed, avoid={b.server.node_id for b in good.values()})
+                if not moved:
+                    break
+                await self.stream(moved, encode_all=False)
+                await self.finish(finished, moved)
+                buckets = good | moved
+        except BaseException:
+            await self._abort_all(buckets.values())
+            raise
+        good_buckets = [b for b in buckets.values() if not b.error]
+        self._check_happy(good_buckets, before=False)
+        return UploadReport(
+            finished.cap,
+            {b.sharenum: b.server.name for b in good_buckets},
+            len({b.server.node_id for b in good_buckets}),
+            self.failures,
+        )
+
+    def _check_happy(self, buckets: object, before: bool) -> None:
+        placed = [b for b in buckets if not b.error]  # type: ignore[attr-defined]
+        distinct = len({b.server.node_id for b in placed})
+        if distinct < self.params.happy:
+            when = "could be placed" if before else "were stored"
+            known = len(self.broker.servers)
+            raise UnhappyError(
+                f"shares {when} on only {distinct} distinct servers, {self.params.happy} needed "
+                f"({known} servers known)"
+            )
+
+    # -- placement ----------------------------------------------------------
+    async def place(self, sharenums: list[int], avoid: set[bytes]) -> dict[int, Bucket]:
+        share_size = self.geometry.share_size
+        placed: dict[int, Bucket] = {}
+        pending = list(sharenums)
+        servers = [s for s in self.broker.permuted(self.si) if s.node_id not in avoid]
+        while pending:
+            usable = [s for s in servers if s.node_id not in self.refused]
+            holding = {b.server.node_id for b in placed.values()}
+            fresh = [s for s in usable if s.node_id not in holding]
+            pool = fresh or usable
+            if not pool:
+                break
+            round_ = list(zip(pending, pool, strict=False))
+            results: dict[int, Bucket] = {}
+
+            async def ask(num: int, server: Server, results: dict[int, Bucket]) -> None:
+                try:
+                    reply = await server.call(
+                        "allocate_buckets",
+                        {"si": self.si, "sharenums": [num], "share_size": share_size},
+                    )
+                except GridError as e:
+                    log.info("%s refused share %d: %s", server.name, num, e)
+                    self.failures.append(f"{server.name}: {e}")
+                    self.refused.add(server.node_id)
+                    return
+                if num in reply.get("already", []):
+                    results[num] = Bucket(num, server, existing=True)
+                elif num in reply.get("allocated", []):
+                    results[num] = Bucket(num, server)
+                else:  # someone else is writing that share there right now
+                    self.refused.add(server.node_id)
+
+            async with trio.open_nursery() as nursery:
+                for num, server in round_:
+                    nursery.start_soon(ask, num, server, results)
+            placed |= results
+            pending = [num for num in pending if num not in results]
+            if not results and not fresh:
+                break
+        return placed
+
+    # -- data ---------------------------------------------------------------
+    async def stream(self, buckets: dict[int, Bucket], encode_all: bool) -> None:
+        """Encode every segment and write its blocks to the buckets being written."""
+        g = self.geometry
+        writing = sorted(num for num, b in buckets.items() if not b.existing)
+        if not writing and not encode_all:
+            return
+        seg = g.params.segment_size
+
+        def job(j: int) -> Callable[[], dict[int, bytes]]:
+            def encode() -> dict[int, bytes]:
+                data = os.pread(self.fd, g.segment_size(j), j * seg)
+                if len(data) != g.segment_size(j):
+                    raise GridError("the file changed size while being uploaded")
+                if encode_all:
+                    return dict(enumerate(self.encoder.encode_segment(j, data).blocks))
+                return dict(zip(writing, self.encoder.blocks_for(j, data, writing), strict=True))
+
+            return encode
+
+        jobs = (in_thread(job(j)) for j in range(g.num_segments))
+        send, recv = trio.open_memory_channel[dict[int, bytes]](0)
+        window = trio.Semaphore(self.params.window)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ordered_tasks, jobs, self.params.workers, send)
+            j = 0
+            async with recv:
+                async for blocks in recv:
+                    await window.acquire()
+                    nursery.start_soon(self._send_segment, j, blocks, buckets, window)
+                    j += 1
+
+    async def _send_segment(
+        self, j: int, blocks: dict[int, bytes], buckets: dict[int, Bucket], window: trio.Semaphore
+    ) -> None:
+        offset = self.geometry.record_span(j)[0] + self.geometry.proof_size
+        try:
+            async with trio.open_nursery() as nursery:
+                for num, bucket in buckets.items():
+                    if not bucket.existing and not bucket.error:
+                        nursery.start_soon(self._write, bucket, [[offset, blocks[num]]])
+        finally:
+            window.release()
+        if self.progress is not None:
+            self.progress(self.geometry.segment_size(j))
+
+    async def _write(self, bucket: Bucket, chunks: list[list[object]]) -> None:
+        if bucket.error:
+            return
+        try:
+            await bucket.server.call(
+                "write", {"si": self.si, "sharenum": bucket.sharenum, "chunks": chunks}
+            )
+        except GridError as e:
+            bucket.fail(str(e))
+
+    async def finish(self, finished: FinishedFile, buckets: dict[int, Bucket]) -> None:
+        """Write each share's head and proofs, then close it."""
+        g = self.geometry
+
+        async def one(bucket: Bucket) -> None:
+            num = bucket.sharenum
+            chunks = [(0, finished.head(num))]
+            chunks += [
+                (g.record_span(j)[0], finished.record_proofs(num, j)) for j in range(g.num_segments)
+            ]
+            for batch in _batches(chunks):
+                await self._write(bucket, batch)
+            if bucket.error:
+                return
+            try:
+                await bucket.server.call("close", {"si": self.si, "sharenum": num})
+            except GridError as e:
+                bucket.fail(str(e))
+
+        async with trio.open_nursery() as nursery:
+            for bucket in buckets.values():
+                if not bucket.existing and not bucket.error:
+                    nursery.start_soon(one, bucket)
+
+    async def _abort_all(self, buckets: object) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            for bucket in buckets:  # type: ignore[attr-defined]
+                if not bucket.existing and bucket.server.connected:
+                    with contextlib.suppress(GridError):
+                        await bucket.server.call(
+                            "abort", {"si": self.si, "sharenum": bucket.sharenum}, timeout=2
+                        )
+
+
+def _batches(chunks: list[tuple[int, bytes]]) -> list[list[list[object]]]:
+    """Group (offset, data) chunks into write requests within the wire limits."""
+    out: list[list[list[object]]] = []
+    batch: list[list[object]] = []
+    size = 0
+    for offset, data in chunks:
+        if batch and (len(batch) >= MAX_CHUNKS or size + len(data) > MAX_WRITE):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append([offset, data])
+        size += len(data)
+    if batch:
+        out.append(batch)
+    return out

@@ -1,0 +1,218 @@
+"""Node directories: ``gridfs.toml``, keys under ``private/``, and state files.
+
+A node directory looks like::
+
+    gridfs.toml          configuration (TOML), see docs/configuration.md
+    private/node.key     Ed25519 node key, mode 0600
+    private/node.crt     self-signed certificate for that key
+    private/convergence  client convergence secret, mode 0600
+    node.url             the node's address, written once it listens
+    node.pid             pid of the running node
+    node.log             its log
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, check_k_n
+from .errors import ParamsError, UsageError
+from .fileutil import atomic_output
+from .net.identity import NodeAddress, NodeKey
+
+CONFIG_NAME = "gridfs.toml"
+DEFAULT_HAPPY = 7
+KINDS = ("introducer", "storage", "client")
+
+
+def default_node_dir() -> Path:
+    env = os.environ.get("GRIDFS_NODE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "gridfs" / "client"
+
+
+def resolve_node_dir(arg: str | Path | None) -> Path:
+    """``--node DIR``, else ``$GRIDFS_NODE``, else the user's default node."""
+    return Path(arg) if arg else default_node_dir()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """TOML for a two-level mapping of scalars and lists (all our config needs)."""
+    out = []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        out += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+@dataclass
+class NodeConfig:
+    kind: str
+    nickname: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    introducer: str = ""
+    servers: list[str] = field(default_factory=list)
+    reserved_space: int = 1 << 30
+    max_share_size: int = 1 << 40
+    idle_timeout: float = 300.0
+    k: int = DEFAULT_K
+    happy: int = DEFAULT_HAPPY
+    n: int = DEFAULT_N
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"unknown node kind {self.kind!r}")
+        check_k_n(self.k, self.n)
+        if not self.k <= self.happy <= self.n:
+            raise ParamsError(f"happy must be between k={self.k} and n={self.n}, not {self.happy}")
+        for url in ([self.introducer] if self.introducer else []) + self.servers:
+            NodeAddress.parse(url)
+
+    def to_toml(self) -> str:
+        tables: dict[str, dict[str, Any]] = {
+            "node": {"kind": self.kind, "nickname": self.nickname},
+        }
+        if self.kind != "client":
+            tables["listen"] = {"host": self.host, "port": self.port}
+        if self.kind != "introducer":
+            tables["grid"] = {"introducer": self.introducer, "servers": self.servers}
+        if self.kind == "storage":
+            tables["storage"] = {
+                "reserved_space": self.reserved_space,
+                "max_share_size": self.max_share_size,
+                "idle_timeout": self.idle_timeout,
+            }
+        if self.kind == "client":
+            tables["client"] = {
+                "k": self.k,
+                "happy": self.happy,
+                "n": self.n,
+                "segment_size": self.segment_size,
+            }
+        return dump_toml(tables)
+
+    @classmethod
+    def from_toml(cls, text: str) -> NodeConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"bad {CONFIG_NAME}: {e}") from None
+        flat: dict[str, Any] = {}
+        for table in ("node", "listen", "grid", "storage", "client"):
+            flat.update(data.get(table, {}))
+        known = set(cls.__dataclass_fields__)
+        unknown = set(flat) - known
+        if unknown:
+            raise UsageError(f"unknown settings in {CONFIG_NAME}: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**flat)
+        except TypeError as e:
+            raise UsageError(f"bad {CONFIG_NAME}: {e}") from None
+
+
+class NodeDir:
+    """One node's directory on disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
+    def private(self) -> Path:
+        return self.path / "private"
+
+    @property
+    def key_path(self) -> Path:
+        return self.private / "node.key"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.private / "node.crt"
+
+    @property
+    def url_path(self) -> Path:
+        return self.path / "node.url"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.path / "node.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "node.log"
+
+    @property
+    def storage_path(self) -> Path:
+        return self.path / "storage"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def create(self, config: NodeConfig) -> None:
+        if self.exists():
+            raise UsageError(f"{self.path} already holds a gridfs node")
+        self.path.mkdir(parents=True, exist_ok=True)
+        NodeKey.generate().write(self.private)
+        if config.kind == "client":
+            secret = self.private / "convergence"
+            secret.touch(mode=0o600)
+            secret.write_bytes(os.urandom(32))
+        self.save(config)
+
+    def save(self, config: NodeConfig) -> None:
+        with atomic_output(self.config_path) as f:
+            f.write(config.to_toml().encode())
+
+    def config(self) -> NodeConfig:
+        if not self.exists():
+            raise UsageError(f"no gridfs node at {self.path} (create one, or use --node DIR)")
+        return NodeConfig.from_toml(self.config_path.read_text())
+
+    def key(self) -> NodeKey:
+        return NodeKey.from_pem(self.key_path.read_bytes())
+
+    def convergence_secret(self) -> bytes:
+        return (self.private / "convergence").read_bytes()
+
+    def address(self) -> NodeAddress | None:
+        try:
+            return NodeAddress.parse(self.url_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid

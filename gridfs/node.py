@@ -1,0 +1,197 @@
+"""Running server nodes: an introducer or a storage server, in the foreground.
+
+Both listen with TLS under their node key, write ``node.url`` once listening
+and ``node.pid`` while running, and stop cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from . import __version__
+from .announce import Announcement
+from .config import NodeConfig, NodeDir
+from .errors import GridError
+from .introducer import IntroducerSession, IntroducerState
+from .net import tls
+from .net.identity import NodeAddress, NodeKey
+from .net.rpc import RpcClient, serve_rpc
+from .protocol import schema
+from .storage.service import StorageSession
+from .storage.store import ShareStore, StoreLimits
+
+log = logging.getLogger(__name__)
+HANDSHAKE_TIMEOUT = 10.0
+ANNOUNCE_INTERVAL = 60.0
+
+
+class Session(Protocol):
+    async def handle(self, method: str, args: dict[str, Any]) -> Any: ...
+
+
+def hello_info(kind: str, key: NodeKey) -> dict[str, Any]:
+    return {
+        "version": schema.PROTOCOL_VERSION,
+        "software": f"gridfs/{__version__}",
+        "kind": kind,
+        "node_id": key.node_id,
+        "limits": {
+            "max_frame": schema.MAX_FRAME,
+            "max_write": schema.MAX_WRITE,
+            "max_read": schema.MAX_READ,
+            "max_buckets": schema.MAX_BUCKETS,
+            "max_open_buckets": schema.MAX_OPEN_BUCKETS,
+        },
+    }
+
+
+async def serve_node(
+    node: NodeDir,
+    config: NodeConfig,
+    connection: Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen with TLS and hand each handshaken connection to ``connection``."""
+    key = node.key()
+    ctx = tls.server_context(node.cert_path, node.key_path)
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    port = listeners[0].socket.getsockname()[1]
+    if config.port != port:
+        config.port = port  # keep the same address across restarts
+        node.save(config)
+    address = NodeAddress(key.node_id, config.host, port)
+    node.url_path.write_text(str(address) + "\n")
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, ctx, server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+            await connection(stream)
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    log.info("%s listening at %s", config.kind, address)
+    task_status.started(address)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def run_storage(
+    node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
+) -> None:
+    config = node.config()
+    key = node.key()
+    store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
+    hello = hello_info("storage", key)
+
+    async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        session = StorageSession(store, config.idle_timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.reap_idle)
+                await serve_rpc(stream, session.handle, lambda: hello)
+                nursery.cancel_scope.cancel()
+        finally:
+            session.abort_all()  # the connection was the canary
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_node, node, config, connection)
+        if config.introducer:
+            intro = NodeAddress.parse(config.introducer)
+
+            def announcement() -> Announcement:
+                capacity = store.capacity()
+                return Announcement(
+                    address, key.public_bytes, config.nickname, capacity, time.time_ns()
+                )
+
+            nursery.start_soon(announce_forever, intro, key, announcement)
+        task_status.started(address)
+
+
+async def announce_forever(
+    introducer: NodeAddress, key: NodeKey, announcement: Callable[[], Announcement]
+) -> None:
+    """Keep an announcement at the introducer: reconnect with backoff when the
+    connection drops (an introducer restart), refresh it now and then."""
+    backoff = 0.5
+    while True:
+        try:
+            stream = await tls.connect(introducer)
+            rpc = RpcClient(stream, default_timeout=30.0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rpc.run)
+                backoff = 0.5
+
+                async def refresh(rpc: RpcClient = rpc) -> None:
+                    while True:
+                        data, sig = announcement().sign(key)
+                        await rpc.call("announce", {"announcement": data, "signature": sig})
+                        await trio.sleep(ANNOUNCE_INTERVAL)
+
+                nursery.start_soon(refresh)
+                await rpc.wait_closed()
+                nursery.cancel_scope.cancel()
+        except (GridError, OSError) as e:
+            log.info("introducer %s: %s", introducer, e)
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, 10.0)
+
+
+async def run_introducer(
+    node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
+) -> None:
+    config = node.config()
+    state = IntroducerState()
+    hello = hello_info("introducer", node.key())
+
+    async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        session = IntroducerSession(state)
+        try:
+            await serve_rpc(stream, session.handle, lambda: hello)
+        finally:
+            session.closed()
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(serve_node, node, config, connection)
+        task_status.started(address)
+
+
+def run_in_foreground(node: NodeDir, kind: str) -> None:
+    """Run a node until SIGTERM/SIGINT, with its pid file and log."""
+    config = node.config()
+    if config.kind != kind:
+        raise GridError(f"{node.path} is a {config.kind} node, not a {kind} node")
+    running = node.pid()
+    if running is not None and running != os.getpid():
+        raise GridError(f"{node.path} is already running (pid {running})")
+    node.pid_path.write_text(f"{os.getpid()}\n")
+    runner = run_storage if kind == "storage" else run_introducer
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(runner, node)
+                async for _ in signals:
+                    log.info("%s stopping", kind)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            node.pid_path.unlink()

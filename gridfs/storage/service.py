@@ -1,0 +1,126 @@
+"""The storage server's RPC methods over a :class:`ShareStore`.
+
+One :class:`StorageSession` per connection: the connection is the seed's
+canary, so every bucket it opened and did not close is aborted when it ends,
+and a bucket idle for longer than ``idle_timeout`` is aborted too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+
+from ..errors import GridError
+from ..protocol.schema import MAX_OPEN_BUCKETS
+from .store import BucketWriter, ShareStore
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBucketsError(GridError):
+    """This connection already holds the most open buckets allowed."""
+
+    code = "too-many-buckets"
+
+
+class NoSuchBucketError(GridError):
+    """No open bucket for that storage index and share on this connection."""
+
+    code = "no-such-bucket"
+
+
+ERROR_CODES = {
+    "NoSpaceError": "no-space",
+    "ShareTooLargeError": "too-large",
+    "BadWriteError": "bad-write",
+    "IncompleteShareError": "incomplete",
+    "NoSuchShareError": "no-such-share",
+    "UsageError": "bad-request",
+}
+
+
+def _coded(e: GridError) -> GridError:
+    if getattr(e, "code", None) is None:
+        e.code = ERROR_CODES.get(type(e).__name__, "error")  # type: ignore[attr-defined]
+    return e
+
+
+class StorageSession:
+    """The storage methods as seen by one connection."""
+
+    def __init__(self, store: ShareStore, idle_timeout: float) -> None:
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
+
+    async def handle(self, method: str, args: dict[str, Any]) -> Any:
+        try:
+            return await getattr(self, "rpc_" + method)(**args)
+        except GridError as e:
+            raise _coded(e) from None
+
+    async def rpc_stats(self) -> dict[str, int]:
+        return self.store.capacity()
+
+    async def rpc_allocate_buckets(
+        self, si: bytes, sharenums: list[int], share_size: int
+    ) -> dict[str, list[int]]:
+        if len(self.buckets) + len(sharenums) > MAX_OPEN_BUCKETS:
+            raise TooManyBucketsError(f"at most {MAX_OPEN_BUCKETS} open buckets per connection")
+        already, allocated = self.store.allocate(si, sharenums, share_size)
+        for num, writer in allocated.items():
+            self.buckets[(si, num)] = writer
+        return {"already": sorted(already), "allocated": sorted(allocated)}
+
+    def _bucket(self, si: bytes, sharenum: int) -> BucketWriter:
+        try:
+            return self.buckets[(si, sharenum)]
+        except KeyError:
+            raise NoSuchBucketError(f"share {sharenum} is not open for writing here") from None
+
+    async def rpc_write(self, si: bytes, sharenum: int, chunks: list[tuple[int, bytes]]) -> None:
+        bucket = self._bucket(si, sharenum)
+        try:
+            for offset, data in chunks:
+                bucket.write(offset, data)
+        except GridError:
+            self.buckets.pop((si, sharenum), None)
+            bucket.abort()
+            raise
+
+    async def rpc_close(self, si: bytes, sharenum: int) -> None:
+        bucket = self.buckets.pop((si, sharenum), None)
+        if bucket is None:
+            raise NoSuchBucketError(f"share {sharenum} is not open for writing here")
+        # close() fsyncs: keep the event loop free for other connections.
+        await trio.to_thread.run_sync(bucket.close)
+
+    async def rpc_abort(self, si: bytes, sharenum: int) -> None:
+        bucket = self.buckets.pop((si, sharenum), None)
+        if bucket is not None:
+            bucket.abort()
+
+    async def rpc_get_buckets(self, si: bytes) -> list[list[int]]:
+        return [[num, size] for num, size in sorted(self.store.shares(si).items())]
+
+    async def rpc_read(self, si: bytes, sharenum: int, offset: int, length: int) -> bytes:
+        return self.store.read(si, sharenum, offset, length)
+
+    def abort_all(self) -> None:
+        for bucket in self.buckets.values():
+            bucket.abort()
+        self.buckets.clear()
+
+    async def reap_idle(self) -> None:
+        """Abort buckets nobody wrote to for ``idle_timeout`` seconds."""
+        while True:
+            await trio.sleep(min(self.idle_timeout / 4, 5.0))
+            now = time.monotonic()
+            for key, bucket in list(self.buckets.items()):
+                if now - bucket.last_activity > self.idle_timeout:
+                    log.info("aborting idle bucket %r", bucket)
+                    self.buckets.pop(key, None)
+                    bucket.abort()

@@ -1,0 +1,405 @@
+"""The storage server's share store: closed shares on disk, uploads in progress.
+
+Layout under ``root`` (``si`` is the storage index in lowercase base32, ``p``
+its first two characters, ``n`` the share number in decimal)::
+
+    shares/p/si/n     a closed share: complete, structurally checked, fsynced
+    incoming/si/n     a share being uploaded; wiped whenever a store opens
+
+A share reaches ``shares/`` only by fsync and rename, so a crash at any moment
+leaves every closed share and no partial one.  The store checks a share's
+structure (its header names this storage index, share number and size) but
+cannot check its hashes: only a reader holding the cap can.
+
+The store is synchronous and may be called from several threads, as long as
+one bucket is driven by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno as _errno
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gridfs.caps import b32encode
+from gridfs.errors import FormatError, GridError, UsageError
+from gridfs.fileutil import fsync_dir
+from gridfs.hashes import STORAGE_INDEX_SIZE
+from gridfs.layout import HEADER, ShareHeader
+
+MAX_SHARENUM = 255
+_FILE_MODE = 0o600
+
+
+class StoreError(GridError):
+    """The share store could not do what was asked (a disk error by default)."""
+
+    errno = _errno.EIO
+
+
+class NoSpaceError(StoreError):
+    """The request would cross the free space the server keeps in reserve."""
+
+    errno = _errno.ENOSPC
+
+
+class ShareTooLargeError(StoreError):
+    """The share is larger than this server accepts."""
+
+    errno = _errno.EFBIG
+
+
+class BadWriteError(StoreError):
+    """A write outside the share, over bytes already written, or after the end."""
+
+    errno = _errno.EINVAL
+
+
+class IncompleteShareError(StoreError):
+    """A share closed with bytes missing or whose header does not match it."""
+
+    errno = _errno.EINVAL
+
+
+class NoSuchShareError(StoreError):
+    """No closed share with that storage index and number is stored here."""
+
+    errno = _errno.ENOENT
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What a server promises itself about its disk."""
+
+    reserved_space: int = 1 << 30
+    """Bytes of free disk space never to promise to uploaders."""
+    max_share_size: int = 1 << 40
+
+
+class ShareStore:
+    """The shares of one storage server, under one root directory.
+
+    Only one store may use a root at a time: opening a store discards every
+    upload that was in progress there.
+    """
+
+    def __init__(self, root: Path, limits: StoreLimits = StoreLimits()) -> None:
+        self.root = Path(root)
+        self.limits = limits
+        self._shares = self.root / "shares"
+        self._incoming = self.root / "incoming"
+        self._lock = threading.Lock()
+        self._open: dict[tuple[bytes, int], BucketWriter] = {}
+        self._used: int | None = None  # computed on first use, then kept up to date
+        self._shares.mkdir(parents=True, exist_ok=True)
+        if self._incoming.exists():
+            shutil.rmtree(self._incoming)  # partial shares are never kept
+        self._incoming.mkdir()
+
+    def capacity(self) -> dict[str, int]:
+        """Disk space in bytes, as a server advertises it to clients."""
+        with self._lock:
+            st, free = self._free_locked()
+            if self._used is None:
+                self._used = sum(f.stat().st_size for f in self._shares.glob("*/*/*"))
+            used = self._used
+        return {
+            "total": st.f_blocks * st.f_frsize,
+            "free": max(0, free),
+            "reserved": self.limits.reserved_space,
+            "available": max(0, free - self.limits.reserved_space),
+            "max_share_size": self.limits.max_share_size,
+            "used": used,
+        }
+
+    def allocate(
+        self, storage_index: bytes, sharenums: Iterable[int], share_size: int
+    ) -> tuple[set[int], dict[int, BucketWriter]]:
+        """Open buckets to upload ``sharenums`` of ``storage_index``.
+
+        Returns the share numbers already stored here and a writer for each
+        share that is neither stored nor being uploaded by someone else (those
+        are skipped, so two uploaders never write one file).  All or nothing:
+        if the new shares are too large or would not fit, nothing is opened.
+        """
+        _check_si(storage_index)
+        nums = set(sharenums)
+        for n in nums:
+            _check_sharenum(n)
+        if not isinstance(share_size, int) or share_size < 1:
+            raise UsageError(f"share size must be a positive integer, not {share_size!r}")
+        with self._lock, _disk_errors("allocate"):
+            have = nums & set(self._closed(storage_index))
+            new = sorted(n for n in nums - have if (storage_index, n) not in self._open)
+            if not new:
+                return have, {}
+            if share_size > self.limits.max_share_size:
+                raise ShareTooLargeError(
+                    f"share size {share_size} exceeds this server's {self.limits.max_share_size}"
+                )
+            if self._free_locked()[1] - self.limits.reserved_space < share_size * len(new):
+                raise NoSpaceError(f"no room for {len(new)} shares of {share_size} bytes")
+            buckets: dict[int, BucketWriter] = {}
+            try:
+                for n in new:
+                    buckets[n] = BucketWriter(self, storage_index, n, share_size)
+            except BaseException:
+                for b in buckets.values():
+                    _unlink_quiet(b._path)
+                _rmdir_quiet(self._incoming / b32encode(storage_index))
+                raise
+            for n, b in buckets.items():
+                self._open[storage_index, n] = b
+        return have, buckets
+
+    def shares(self, storage_index: bytes) -> dict[int, int]:
+        """The closed shares of ``storage_index`` here: share number -> size."""
+        _check_si(storage_index)
+        return self._closed(storage_index)
+
+    def read(self, storage_index: bytes, sharenum: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes of a closed share from ``offset`` (fewer at its end)."""
+        path = self._share_path(storage_index, sharenum)
+        if offset < 0 or length < 0:
+            raise UsageError(f"bad read of {length} bytes at {offset}")
+        with _disk_errors("read"):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise NoSuchShareError(f"no share {sharenum} here") from None
+            try:
+                return _pread_full(fd, offset, length)
+            finally:
+                os.close(fd)
+
+    def delete_share(self, storage_index: bytes, sharenum: int) -> None:
+        """Remove a closed share (garbage collection, quarantine)."""
+        path = self._share_path(storage_index, sharenum)
+        with self._lock, _disk_errors("delete"):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                raise NoSuchShareError(f"no share {sharenum} here") from None
+            if self._used is not None:
+                self._used -= size
+            _rmdir_quiet(path.parent)
+            _rmdir_quiet(path.parent.parent)
+        with _disk_errors("delete"):
+            # The deepest directory left is the one whose entry went last.
+            fsync_dir(next(d for d in path.parents[:3] if d.exists()))
+
+    def open_buckets(self) -> int:
+        """How many uploads are in progress."""
+        with self._lock:
+            return len(self._open)
+
+    def _share_path(self, storage_index: bytes, sharenum: int) -> Path:
+        """Where share ``sharenum`` of ``storage_index`` lives once closed."""
+        _check_si(storage_index)
+        _check_sharenum(sharenum)
+        name = b32encode(storage_index)
+        return self._shares / name[:2] / name / str(sharenum)
+
+    def _free_locked(self) -> tuple[os.statvfs_result, int]:
+        """statvfs, and the free bytes left once open buckets write what they
+        were promised (negative if the disk filled up meanwhile)."""
+        st = os.statvfs(self.root)
+        promised = sum(b.share_size - b.written for b in self._open.values())
+        return st, st.f_bavail * st.f_frsize - promised
+
+    def _closed(self, storage_index: bytes) -> dict[int, int]:
+        si_dir = self._share_path(storage_index, 0).parent
+        with _disk_errors("list shares"):
+            try:
+                entries = list(os.scandir(si_dir))
+            except FileNotFoundError:
+                return {}
+            return {int(e.name): e.stat().st_size for e in entries if e.name.isdigit()}
+
+    def _publish(self, bucket: BucketWriter) -> Path:
+        """Rename a checked, fsynced bucket into shares/ and forget it."""
+        final = self._share_path(bucket.storage_index, bucket.sharenum)
+        with self._lock:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(bucket._path, final)
+            del self._open[bucket.storage_index, bucket.sharenum]
+            if self._used is not None:
+                self._used += bucket.share_size
+            _rmdir_quiet(bucket._path.parent)
+        return final
+
+    def _forget(self, bucket: BucketWriter) -> None:
+        with self._lock:
+            if self._open.get((bucket.storage_index, bucket.sharenum)) is bucket:
+                del self._open[bucket.storage_index, bucket.sharenum]
+            _rmdir_quiet(bucket._path.parent)
+
+
+class BucketWriter:
+    """One share being uploaded; made by :meth:`ShareStore.allocate`.
+
+    Writes may come in any order but never overlap; :meth:`close` publishes
+    the share once every byte is there, :meth:`abort` throws it away.
+    """
+
+    def __init__(self, store: ShareStore, storage_index: bytes, sharenum: int, size: int) -> None:
+        self.storage_index = storage_index
+        self.sharenum = sharenum
+        self.share_size = size
+        self._path = store._incoming / b32encode(storage_index) / str(sharenum)
+        self.written = 0
+        self.closed = False
+        self.aborted = False
+        self.last_activity = time.monotonic()
+        self._store = store
+        self._starts: list[int] = []  # disjoint, non-adjacent written intervals [start, end)
+        self._ends: list[int] = []
+        self._path.parent.mkdir(exist_ok=True)
+        os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+
+    def __repr__(self) -> str:
+        return f"<bucket for share {self.sharenum} of {b32encode(self.storage_index)}>"
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``: inside the share, over no byte written before."""
+        if self.closed or self.aborted:
+            raise BadWriteError(f"write to a finished {self!r}")
+        end = offset + len(data)
+        if offset < 0 or end > self.share_size:
+            raise BadWriteError(f"write of [{offset}, {end}) outside [0, {self.share_size})")
+        if not data:
+            return
+        i = bisect.bisect_right(self._starts, offset)
+        if (i > 0 and self._ends[i - 1] > offset) or (
+            i < len(self._starts) and self._starts[i] < end
+        ):
+            raise BadWriteError(f"write of [{offset}, {end}) overlaps bytes already written")
+        with _disk_errors("write"):
+            fd = os.open(self._path, os.O_WRONLY)
+            try:
+                _pwrite_full(fd, data, offset)
+            finally:
+                os.close(fd)
+        self._add_interval(i, offset, end)
+        self.written += len(data)
+        self.last_activity = time.monotonic()
+
+    def close(self) -> None:
+        """Check the share is whole and names this bucket, then make it durable
+        and visible.  A failure before it is visible aborts the bucket."""
+        if self.closed or self.aborted:
+            raise BadWriteError(f"close of a finished {self!r}")
+        try:
+            if self.written != self.share_size:
+                missing = self.share_size - self.written
+                raise IncompleteShareError(f"{self!r} closed with {missing} bytes missing")
+            with _disk_errors("close"):
+                self._check_and_sync()
+                final = self._store._publish(self)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        with _disk_errors("close"):
+            for d in final.parents[:3]:  # <si>, its prefix, shares/
+                fsync_dir(d)
+
+    def abort(self) -> None:
+        """Throw the upload away; harmless if already aborted or closed."""
+        if self.closed or self.aborted:
+            return
+        self.aborted = True
+        try:
+            with _disk_errors("abort"):
+                _unlink_quiet(self._path)
+        finally:
+            self._store._forget(self)
+
+    def _check_and_sync(self) -> None:
+        fd = os.open(self._path, os.O_RDWR)
+        try:
+            try:
+                header = ShareHeader.unpack(_pread_full(fd, 0, HEADER.size))
+            except FormatError as e:
+                raise IncompleteShareError(f"{self!r} is not a share: {e}") from None
+            if header.storage_index != self.storage_index or header.sharenum != self.sharenum:
+                raise IncompleteShareError(f"{self!r} holds another share's header")
+            if header.geometry.share_size != self.share_size:
+                raise IncompleteShareError(f"{self!r} is not the size its header says")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _add_interval(self, i: int, start: int, end: int) -> None:
+        """Record [start, end) written, merging it with the neighbours it touches."""
+        left = i > 0 and self._ends[i - 1] == start
+        right = i < len(self._starts) and self._starts[i] == end
+        if left and right:
+            self._ends[i - 1] = self._ends[i]
+            del self._starts[i], self._ends[i]
+        elif left:
+            self._ends[i - 1] = end
+        elif right:
+            self._starts[i] = start
+        else:
+            self._starts.insert(i, start)
+            self._ends.insert(i, end)
+
+
+def _check_si(storage_index: bytes) -> None:
+    if not isinstance(storage_index, bytes) or len(storage_index) != STORAGE_INDEX_SIZE:
+        raise UsageError(f"a storage index is {STORAGE_INDEX_SIZE} bytes")
+
+
+def _check_sharenum(sharenum: int) -> None:
+    if not isinstance(sharenum, int) or not 0 <= sharenum <= MAX_SHARENUM:
+        raise UsageError(f"share number must be in 0..{MAX_SHARENUM}, not {sharenum!r}")
+
+
+@contextlib.contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    """Report an OSError from the disk as a StoreError a server can pass on."""
+    try:
+        yield
+    except OSError as e:
+        cls = NoSpaceError if e.errno in (_errno.ENOSPC, _errno.EDQUOT) else StoreError
+        raise cls(f"{what}: {e.strerror or e}") from e
+
+
+def _pread_full(fd: int, offset: int, length: int) -> bytes:
+    """Read ``length`` bytes at ``offset``, fewer only at end of file."""
+    parts = []
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 30), offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(parts)
+
+
+def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _unlink_quiet(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _rmdir_quiet(path: Path) -> None:
+    """Remove ``path`` if it is an empty directory."""
+    with contextlib.suppress(OSError):
+        path.rmdir()
