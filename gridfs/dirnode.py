@@ -1,0 +1,167 @@
+"""Directories: an immutable, serialized map name → entry (pure, no I/O).
+
+A directory is stored as an immutable CHK file (or a literal cap when tiny),
+so its contents are encrypted like any file and its cap sits in its parent's
+entry; the tree's root directory cap lives in a mutable slot.  Serialized as
+canonical msgpack::
+
+    {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs], ...],
+     "version": 1}
+
+with entries sorted by name.  ``kind`` is "file", "dir" or "symlink"; ``cap``
+is the child's read cap ("" for symlinks); ``xattrs`` maps user attribute
+names to bytes.
+"""
+
+from __future__ import annotations
+
+import stat
+import unicodedata
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from .errors import FormatError, UsageError
+
+VERSION = 1
+KINDS = ("file", "dir", "symlink")
+MAX_NAME_BYTES = 255
+DEFAULT_FILE_MODE = 0o644
+DEFAULT_DIR_MODE = 0o755
+
+
+class NameError_(UsageError):
+    """A file name gridfs cannot store."""
+
+
+def check_name(name: str) -> str:
+    """The stored form of a name: NFC, UTF-8, no ``/`` or NUL, ≤ 255 bytes."""
+    if not isinstance(name, str):
+        raise NameError_("a name must be text")
+    name = unicodedata.normalize("NFC", name)
+    if name in ("", ".", ".."):
+        raise NameError_(f"invalid name {name!r}")
+    if "/" in name or "\0" in name:
+        raise NameError_(f"a name cannot contain '/' or NUL: {name!r}")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NameError_(f"name is not valid UTF-8: {name!r}") from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise NameError_(f"name longer than {MAX_NAME_BYTES} bytes: {name[:40]!r}...")
+    return name
+
+
+def split_path(path: str) -> list[str]:
+    """``/a/b/c`` → ``["a", "b", "c"]`` (names checked; empty parts and ``.`` skipped)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise NameError_("'..' is not allowed in grid paths")
+    return [check_name(p) for p in parts]
+
+
+def join_path(parts: list[str]) -> str:
+    return "/" + "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    cap: str
+    size: int = 0
+    mode: int = DEFAULT_FILE_MODE
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    target: str = ""
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FormatError(f"unknown entry kind {self.kind!r}")
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def st_mode(self) -> int:
+        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}[self.kind]
+        return kind | (self.mode & 0o7777)
+
+    def to_wire(self, name: str) -> list[Any]:
+        return [
+            name, self.kind, self.cap, self.size, self.mode, self.mtime_ns, self.ctime_ns,
+            self.target, dict(sorted(self.xattrs.items())),
+        ]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> tuple[str, Entry]:
+        if not isinstance(item, list) or len(item) != 9:
+            raise FormatError("directory entry has the wrong shape")
+        name, kind, cap, size, mode, mtime, ctime, target, xattrs = item
+        ints = (size, mode, mtime, ctime)
+        if not (isinstance(name, str) and isinstance(cap, str) and isinstance(target, str)):
+            raise FormatError("directory entry has the wrong types")
+        if not all(type(v) is int for v in ints) or not isinstance(xattrs, dict):
+            raise FormatError("directory entry has the wrong types")
+        if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in xattrs.items()):
+            raise FormatError("directory entry has bad xattrs")
+        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs)
+
+    def with_(self, **changes: Any) -> Entry:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Directory:
+    """An immutable directory listing."""
+
+    entries: Mapping[str, Entry] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.entries))
+
+    def get(self, name: str) -> Entry | None:
+        return self.entries.get(name)
+
+    def with_entry(self, name: str, entry: Entry | None) -> Directory:
+        """A copy with ``name`` set to ``entry`` (removed if None)."""
+        entries = dict(self.entries)
+        if entry is None:
+            entries.pop(name, None)
+        else:
+            entries[check_name(name)] = entry
+        return Directory(entries)
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            {
+                "entries": [self.entries[name].to_wire(name) for name in sorted(self.entries)],
+                "version": VERSION,
+            }
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Directory:
+        try:
+            d = msgpack.unpackb(data, raw=False)
+        except Exception as e:
+            raise FormatError(f"directory is not msgpack: {type(e).__name__}") from None
+        if not isinstance(d, dict) or d.get("version") != VERSION:
+            raise FormatError("not a version 1 directory")
+        entries = d.get("entries")
+        if not isinstance(entries, list):
+            raise FormatError("directory has no entry list")
+        out: dict[str, Entry] = {}
+        for item in entries:
+            name, entry = Entry.from_wire(item)
+            out[name] = entry
+        return cls(out)
+
+
+EMPTY = Directory()

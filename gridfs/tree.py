@@ -1,0 +1,349 @@
+"""A directory tree of immutable directories chained up to a mutable root.
+
+The seed's ``add_modify_subtree``: changing ``/a/b/f`` makes a new ``/a/b``, a
+new ``/a`` and a new root, then publishes the root's cap in the root slot.
+:meth:`Tree.commit` does this for a whole batch of changes at once: every
+directory touched is loaded once, changed in memory, and written once; the
+slot is published once, with test-and-set on the version the batch was built
+on.  When another writer got there first the batch is re-applied to the new
+root: changes are idempotent, and a true conflict on one name keeps both
+(the rule is in :func:`conflict_name`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgpack
+
+from .caps import LiteralCap
+from .dirnode import DEFAULT_DIR_MODE, EMPTY, Directory, Entry, join_path
+from .errors import FormatError, GridError, UsageError
+
+MAX_RETRIES = 20
+
+
+class SlotConflictError(GridError):
+    """The slot moved on since the version a change was based on."""
+
+
+class NotFoundError(GridError):
+    """No such file or directory in the tree."""
+
+    exit_code = 1
+
+
+class NotADirectoryError_(UsageError):
+    """A path component is not a directory."""
+
+
+class Store(Protocol):
+    """What a tree needs from the grid (or from a fake in tests)."""
+
+    async def put_bytes(self, data: bytes) -> str: ...
+
+    async def get_bytes(self, cap: str) -> bytes: ...
+
+    async def read_root(self) -> tuple[int, bytes]:
+        """(seq, payload) of the root slot; seq 0 and b"" when it has none."""
+
+    async def publish_root(self, payload: bytes, expected_seq: int) -> int:
+        """Publish if the slot is still at ``expected_seq``; raise SlotConflictError if not."""
+
+
+Path = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Put:
+    """Make ``path`` hold ``entry``.  ``base`` is the cap the writer saw there
+    (None: not checked); another cap found there instead is a conflict."""
+
+    path: Path
+    entry: Entry
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: Path
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Move:
+    src: Path
+    dst: Path
+
+
+Change = Put | Delete | Move
+
+
+def pack_root(cap: str) -> bytes:
+    return msgpack.packb({"root": cap, "version": 1})
+
+
+def unpack_root(payload: bytes) -> str:
+    try:
+        d = msgpack.unpackb(payload, raw=False)
+        if d["version"] != 1 or not isinstance(d["root"], str):
+            raise ValueError
+        return str(d["root"])
+    except Exception:
+        raise FormatError("root slot does not hold a gridfs tree") from None
+
+
+def conflict_name(name: str, when_ns: int) -> str:
+    """The name under which the loser of a true conflict is kept: the last
+    writer wins the name, the other version stays beside it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when_ns / 1e9))
+    return f"{name}.conflict-{stamp}"
+
+
+def empty_dir_cap() -> str:
+    return LiteralCap(EMPTY.pack()).to_string()
+
+
+def new_dir_entry(now_ns: int | None = None) -> Entry:
+    now = time.time_ns() if now_ns is None else now_ns
+    return Entry("dir", empty_dir_cap(), 0, DEFAULT_DIR_MODE, now, now)
+
+
+class DirCache:
+    """Directories by cap: immutable, so cached until evicted (LRU)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._items: OrderedDict[str, Directory] = OrderedDict()
+        self.max_entries = max_entries
+
+    def get(self, cap: str) -> Directory | None:
+        d = self._items.get(cap)
+        if d is not None:
+            self._items.move_to_end(cap)
+        return d
+
+    def put(self, cap: str, d: Directory) -> None:
+        self._items[cap] = d
+        self._items.move_to_end(cap)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+
+class Tree:
+    def __init__(self, store: Store, cache: DirCache | None = None) -> None:
+        self.store = store
+        self.cache = cache or DirCache()
+
+    async def load_dir(self, cap: str) -> Directory:
+        d = self.cache.get(cap)
+        if d is None:
+            d = Directory.unpack(await self.store.get_bytes(cap))
+            self.cache.put(cap, d)
+        return d
+
+    async def root(self) -> tuple[int, str]:
+        seq, payload = await self.store.read_root()
+        if seq == 0:
+            return 0, empty_dir_cap()
+        return seq, unpack_root(payload)
+
+    async def lookup(self, path: Path, root_cap: str | None = None) -> Entry:
+        """The entry at ``path`` (the root itself for ``()``)."""
+        if root_cap is None:
+            root_cap = (await self.root())[1]
+        entry = Entry("dir", root_cap, 0, DEFAULT_DIR_MODE)
+        for i, name in enumerate(path):
+            if not entry.is_dir:
+                raise NotADirectoryError_(f"{join_path(list(path[:i]))} is not a directory")
+            child = (await self.load_dir(entry.cap)).get(name)
+            if child is None:
+                raise NotFoundError(f"{join_path(list(path[: i + 1]))}: no such file or directory")
+            entry = child
+        return entry
+
+    async def listdir(self, path: Path, root_cap: str | None = None) -> Directory:
+        entry = await self.lookup(path, root_cap)
+        if not entry.is_dir:
+            raise NotADirectoryError_(f"{join_path(list(path))} is not a directory")
+        return await self.load_dir(entry.cap)
+
+    async def commit(self, changes: Sequence[Change]) -> tuple[int, str]:
+        """Apply ``changes`` and publish the new root once; retry on conflict.
+        Returns (seq, root cap); publishes nothing if nothing changed."""
+        for _ in range(MAX_RETRIES):
+            seq, root_cap = await self.root()
+            new_cap = await self.apply(root_cap, changes)
+            if new_cap == root_cap:
+                return seq, root_cap
+            try:
+                return await self.store.publish_root(pack_root(new_cap), seq), new_cap
+            except SlotConflictError:
+                continue
+        raise SlotConflictError(f"gave up after {MAX_RETRIES} conflicting updates of the root")
+
+    async def apply(self, root_cap: str, changes: Sequence[Change]) -> str:
+        """The root cap after ``changes``: every touched directory written once."""
+        batch = _Batch(self, root_cap)
+        for change in changes:
+            await batch.apply(change)
+        return await batch.write()
+
+
+class _Batch:
+    """Directories being changed by one commit, by path."""
+
+    def __init__(self, tree: Tree, root_cap: str) -> None:
+        self.tree = tree
+        self.root_cap = root_cap
+        self.dirs: dict[Path, Directory] = {}
+        self.dirty: set[Path] = set()
+        self.now = time.time_ns()
+
+    async def dir(self, path: Path, create: bool) -> Directory | None:
+        """The directory at ``path`` as changed so far (made if ``create``)."""
+        if path in self.dirs:
+            return self.dirs[path]
+        if not path:
+            d = await self.tree.load_dir(self.root_cap)
+        else:
+            parent = await self.dir(path[:-1], create)
+            if parent is None:
+                return None
+            entry = parent.get(path[-1])
+            if entry is None or not entry.is_dir:
+                if not create:
+                    return None
+                if entry is not None:  # a file where a directory must go: keep it aside
+                    self.set(path[:-1], conflict_name(path[-1], self.now), entry)
+                self.set(path[:-1], path[-1], new_dir_entry(self.now))
+                d = EMPTY
+            else:
+                d = await self.tree.load_dir(entry.cap)
+        self.dirs[path] = d
+        return d
+
+    def set(self, parent: Path, name: str, entry: Entry | None) -> None:
+        old = self.dirs[parent].get(name)
+        self.dirs[parent] = self.dirs[parent].with_entry(name, entry)
+        self.dirty.add(parent)
+        same_dir = entry is not None and old is not None and entry.is_dir and entry.cap == old.cap
+        if old is not None and old.is_dir and not same_dir:
+            # The directory was removed or replaced: its pending subtree goes too.
+            child = (*parent, name)
+            for p in [p for p in self.dirs if p[: len(child)] == child]:
+                del self.dirs[p]
+                self.dirty.discard(p)
+
+    async def apply(self, change: Change) -> None:
+        if isinstance(change, Put):
+            await self.put(change)
+        elif isinstance(change, Delete):
+            await self.delete(change)
+        else:
+            await self.move(change)
+
+    async def put(self, change: Put) -> None:
+        if not change.path:
+            raise UsageError("cannot replace the root directory")
+        parent, name = change.path[:-1], change.path[-1]
+        d = await self.dir(parent, create=True)
+        assert d is not None
+        current = d.get(name)
+        if current is not None and current == change.entry:
+            return
+        if (
+            current is not None
+            and change.base is not None
+            and current.cap != change.base
+            and current.cap != change.entry.cap
+            and not (current.is_dir and change.entry.is_dir)
+        ):
+            self.set(parent, conflict_name(name, self.now), current)
+        if (
+            current is not None
+            and current.is_dir
+            and change.entry.is_dir
+            and change.entry.cap == empty_dir_cap()
+            and current.cap != change.entry.cap
+        ):
+            # mkdir over an existing directory keeps its contents.
+            change = Put(change.path, change.entry.with_(cap=current.cap), change.base)
+            if current == change.entry:
+                return
+        self.set(parent, name, change.entry)
+
+    async def delete(self, change: Delete) -> None:
+        if not change.path:
+            raise UsageError("cannot delete the root directory")
+        d = await self.dir(change.path[:-1], create=False)
+        current = d.get(change.path[-1]) if d is not None else None
+        if current is None:
+            return
+        if change.base is not None and current.cap != change.base:
+            return  # changed by another writer since: their version stays
+        self.set(change.path[:-1], change.path[-1], None)
+
+    async def move(self, change: Move) -> None:
+        if not change.src or not change.dst:
+            raise UsageError("cannot move the root directory")
+        if change.dst[: len(change.src)] == change.src:
+            if change.dst == change.src:
+                return
+            raise UsageError("cannot move a directory into itself")
+        src_dir = await self.dir(change.src[:-1], create=False)
+        entry = src_dir.get(change.src[-1]) if src_dir is not None else None
+        if entry is None:
+            return
+        if entry.is_dir and any(p[: len(change.src)] == change.src for p in self.dirty):
+            # Pending changes inside the moved directory: write them first.
+            entry = entry.with_(cap=await self.write_subtree(change.src))
+        await self.put(Put(change.dst, entry))
+        self.set(change.src[:-1], change.src[-1], None)
+
+    async def write_subtree(self, top: Path) -> str:
+        """Write the dirty directories at and under ``top``; return top's cap."""
+        while True:
+            under = [p for p in self.dirty if p[: len(top)] == top]
+            if not under:
+                return self._cap_of(top)
+            path = max(under, key=len)
+            cap = await self._write_dir(path)
+            if path == top:
+                return cap
+            self._link(path, cap)
+
+    def _cap_of(self, path: Path) -> str:
+        parent = self.dirs[path[:-1]]
+        entry = parent.get(path[-1])
+        assert entry is not None
+        return entry.cap
+
+    async def _write_dir(self, path: Path) -> str:
+        data = self.dirs[path].pack()
+        cap = await self.tree.store.put_bytes(data)
+        self.tree.cache.put(cap, self.dirs[path])
+        self.dirty.discard(path)
+        return cap
+
+    def _link(self, path: Path, cap: str) -> None:
+        parent = self.dirs[path[:-1]]
+        entry = parent.get(path[-1])
+        assert entry is not None
+        self.dirs[path[:-1]] = parent.with_entry(
+            path[-1], entry.with_(cap=cap, size=len(self.dirs[path]))
+        )
+        self.dirty.add(path[:-1])
+
+    async def write(self) -> str:
+        """Write every changed directory, deepest first; return the root's cap."""
+        while self.dirty:
+            path = max(self.dirty, key=len)
+            cap = await self._write_dir(path)
+            if not path:
+                return cap
+            self._link(path, cap)
+        return self.root_cap

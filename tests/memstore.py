@@ -1,0 +1,45 @@
+"""An in-memory Store for tree tests: same contract as the grid, no network."""
+
+from __future__ import annotations
+
+import hashlib
+
+from gridfs.caps import LITERAL_MAX, LiteralCap
+from gridfs.tree import SlotConflictError
+
+
+class MemStore:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.seq = 0
+        self.payload = b""
+        self.puts = 0
+        self.publishes = 0
+
+    async def put_bytes(self, data: bytes) -> str:
+        if len(data) <= LITERAL_MAX:
+            return LiteralCap(data).to_string()
+        self.puts += 1
+        cap = "mem:" + hashlib.sha256(data).hexdigest()
+        self.blobs[cap] = data
+        return cap
+
+    async def get_bytes(self, cap: str) -> bytes:
+        if cap.startswith("gridfs:lit:"):
+            from gridfs.caps import parse
+
+            lit = parse(cap)
+            assert isinstance(lit, LiteralCap)
+            return lit.data
+        return self.blobs[cap]
+
+    async def read_root(self) -> tuple[int, bytes]:
+        return self.seq, self.payload
+
+    async def publish_root(self, payload: bytes, expected_seq: int) -> int:
+        if expected_seq != self.seq:
+            raise SlotConflictError(f"slot is at {self.seq}, not {expected_seq}")
+        self.publishes += 1
+        self.seq += 1
+        self.payload = payload
+        return self.seq

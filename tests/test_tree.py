@@ -1,0 +1,151 @@
+import time
+
+import pytest
+
+from gridfs.dirnode import Entry, check_name, split_path
+from gridfs.errors import UsageError
+from gridfs.tree import Delete, Move, NotFoundError, Put, Tree, new_dir_entry
+
+from .memstore import MemStore
+
+
+def f(cap: str, size: int = 1) -> Entry:
+    return Entry("file", cap, size, 0o644, 1, 1)
+
+
+def p(path: str) -> tuple[str, ...]:
+    return tuple(split_path(path))
+
+
+async def names(tree: Tree, path: str) -> list[str]:
+    return list(await tree.listdir(p(path)))
+
+
+async def test_put_creates_parents_and_lists() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/a/b/c.txt"), f("gridfs:lit:aa"))])
+    assert await names(tree, "/") == ["a"]
+    assert await names(tree, "/a") == ["b"]
+    assert (await tree.lookup(p("/a/b/c.txt"))).cap == "gridfs:lit:aa"
+    with pytest.raises(NotFoundError):
+        await tree.lookup(p("/a/x"))
+
+
+async def test_a_batch_publishes_once_and_writes_each_dir_once() -> None:
+    store = MemStore()
+    tree = Tree(store)
+    changes = [Put(p(f"/d{i % 10}/file{i}"), f(f"gridfs:lit:{'a' * 8}", i)) for i in range(1000)]
+    await tree.commit(changes)
+    assert store.publishes == 1
+    assert store.puts <= 11  # ten directories and the root, each written once
+    assert len(await names(tree, "/d3")) == 100
+
+
+async def test_delete_and_move() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/a/x"), f("gridfs:lit:aa")), Put(p("/a/y"), f("gridfs:lit:ab"))])
+    await tree.commit([Move(p("/a"), p("/b")), Delete(p("/b/x"))])
+    assert await names(tree, "/") == ["b"]
+    assert await names(tree, "/b") == ["y"]
+
+
+async def test_move_directory_with_pending_changes_inside() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/a/x"), f("gridfs:lit:aa"))])
+    await tree.commit([Put(p("/a/new"), f("gridfs:lit:ac")), Move(p("/a"), p("/z/a2"))])
+    assert await names(tree, "/z/a2") == ["new", "x"]
+    assert await names(tree, "/") == ["z"]
+
+
+async def test_changes_are_idempotent() -> None:
+    store = MemStore()
+    tree = Tree(store)
+    batch = [
+        Put(p("/a/x"), f("gridfs:lit:aa")),
+        Move(p("/a/x"), p("/a/y")),
+        Delete(p("/a/gone")),
+        Put(p("/m"), new_dir_entry(5)),
+    ]
+    await tree.commit(batch)
+    seq_after_first = store.seq
+    root = (await tree.root())[1]
+    # Re-applying a batch that already took effect (a crash before the queue
+    # forgot it) changes nothing and publishes nothing.
+    await tree.commit(batch[1:])
+    assert store.seq == seq_after_first and (await tree.root())[1] == root
+
+
+async def test_two_writers_both_survive() -> None:
+    store = MemStore()
+    alice, bob = Tree(store), Tree(store)
+    await alice.commit([Put(p("/shared/a"), f("gridfs:lit:aa"))])
+
+    # Bob's publish will fail once because Alice publishes first.
+    real_publish = store.publish_root
+    calls = 0
+
+    async def racing_publish(payload: bytes, expected: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await real_publish_alice()
+        return await real_publish(payload, expected)
+
+    async def real_publish_alice() -> None:
+        store.publish_root = real_publish  # type: ignore[method-assign]
+        await alice.commit([Put(p("/shared/alice"), f("gridfs:lit:ab"))])
+        store.publish_root = racing_publish  # type: ignore[method-assign]
+
+    store.publish_root = racing_publish  # type: ignore[method-assign]
+    await bob.commit([Put(p("/shared/bob"), f("gridfs:lit:ac"))])
+    assert await names(alice, "/shared") == ["a", "alice", "bob"]
+
+
+async def test_true_conflict_keeps_both() -> None:
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:aa"))])
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:ab"), base="gridfs:lit:aa")])  # writer A
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:ac"), base="gridfs:lit:aa")])  # writer B, stale base
+    listing = await tree.listdir(())
+    assert listing.get("doc").cap == "gridfs:lit:ac"  # type: ignore[union-attr]
+    kept = [n for n in listing if n.startswith("doc.conflict-")]
+    assert len(kept) == 1 and listing.get(kept[0]).cap == "gridfs:lit:ab"  # type: ignore[union-attr]
+
+
+async def test_stale_delete_keeps_the_newer_version() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:ab"))])
+    await tree.commit([Delete(p("/doc"), base="gridfs:lit:aa")])
+    assert await names(tree, "/") == ["doc"]
+
+
+async def test_cannot_move_into_itself_or_replace_root() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/a/b"), new_dir_entry())])
+    with pytest.raises(UsageError):
+        await tree.commit([Move(p("/a"), p("/a/b/c"))])
+    with pytest.raises(UsageError):
+        await tree.commit([Delete(())])
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", "x" * 256, "é" * 128])
+def test_bad_names(bad: str) -> None:
+    with pytest.raises(UsageError):
+        check_name(bad)
+
+
+def test_names_are_nfc() -> None:
+    assert check_name("e\u0301") == "\u00e9"
+
+
+async def test_ten_thousand_entries_list_fast_from_cold_cache() -> None:
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p(f"/big/f{i:05}"), f(f"gridfs:lit:{'a' * 16}", i)) for i in range(10000)])
+    cold = Tree(store)
+    start = time.perf_counter()
+    listing = await cold.listdir(p("/big"))
+    elapsed = time.perf_counter() - start
+    assert len(listing) == 10000
+    print(f"10,000 entries listed in {elapsed * 1000:.0f} ms (in-memory store)")
