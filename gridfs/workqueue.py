@@ -1,0 +1,396 @@
+"""The work queue: the seed's IWorkQueue, the spine of every change.
+
+A persistent, ordered list of idempotent steps in SQLite (WAL, synchronous
+commits), with the seed's ``tempfiles/`` and ``boxes/`` directories beside it.
+A step is removed only after its effect is durable, so killing the process at
+any instant and running the queue again ends in the same state.
+
+Steps run by section, in the seed's order: uploads, then retains, then path
+changes, then unlinks, then cleanup of tempfiles and boxes.  All pending path
+changes run as one batch: one new chain of directories and one root publish.
+When the queue is empty, ``tempfiles/`` and ``boxes/`` are emptied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import msgpack
+import trio
+
+from .dirnode import Entry
+from .errors import GridError
+from .fileutil import atomic_output, fsync_dir
+from .tree import Change, Delete, Move, Put, Tree
+
+log = logging.getLogger(__name__)
+
+UPLOAD, RETAIN, PATH, UNLINK, CLEANUP = range(5)
+SECTIONS = {
+    "upload_chk": UPLOAD,
+    "retain_uri_from_box": RETAIN,
+    "retain_ssk": RETAIN,
+    "addpath": PATH,
+    "deletepath": PATH,
+    "move": PATH,
+    "unlink_uri": UNLINK,
+    "unlink_ssk": UNLINK,
+    "delete_tempfile": CLEANUP,
+    "delete_box": CLEANUP,
+}
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    section INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    args BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS steps_order ON steps (section, id);
+CREATE TABLE IF NOT EXISTS retained (cap TEXT PRIMARY KEY, added_ns INTEGER NOT NULL);
+"""
+
+
+class QueueError(GridError):
+    """A step of the work queue failed; it stays queued and is retried later."""
+
+
+@dataclass(frozen=True)
+class Step:
+    id: int
+    kind: str
+    args: dict[str, Any]
+    attempts: int = 0
+    last_error: str | None = None
+
+    @property
+    def section(self) -> int:
+        return SECTIONS[self.kind]
+
+    def describe(self) -> str:
+        a = self.args
+        what = {
+            "upload_chk": lambda: f"upload {a['tempfile']} into box {a['box']}",
+            "addpath": lambda: f"add {a['path']}",
+            "deletepath": lambda: f"delete {a['path']}",
+            "move": lambda: f"move {a['src']} to {a['dst']}",
+            "retain_uri_from_box": lambda: f"retain the cap in box {a['box']}",
+            "retain_ssk": lambda: f"retain {a['cap'][:40]}",
+            "unlink_uri": lambda: f"unlink {a['uri'][:40]}",
+            "unlink_ssk": lambda: f"unlink {a['cap'][:40]}",
+            "delete_tempfile": lambda: f"delete tempfile {a['name']}",
+            "delete_box": lambda: f"delete box {a['name']}",
+        }[self.kind]()
+        return what + (f"  (failed {self.attempts}x: {self.last_error})" if self.last_error else "")
+
+
+class Executor(Protocol):
+    """What running the queue needs from the grid."""
+
+    tree: Tree
+
+    async def upload(self, path: Path) -> str: ...
+
+    async def unlink(self, cap: str) -> None: ...
+
+
+def _checkpoint() -> None:
+    """Crash-injection for tests: SIGKILL ourselves at the Nth checkpoint when
+    GRIDFS_TEST_KILL_AT=N (a step boundary or the middle of a step)."""
+    target = os.environ.get("GRIDFS_TEST_KILL_AT")
+    if target is None:
+        return
+    _checkpoint.count = getattr(_checkpoint, "count", 0) + 1  # type: ignore[attr-defined]
+    if _checkpoint.count == int(target):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WorkQueue:
+    """One root's queue in ``directory`` (queue.sqlite, tempfiles/, boxes/)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.tempfiles = self.directory / "tempfiles"
+        self.boxes = self.directory / "boxes"
+        for d in (self.directory, self.tempfiles, self.boxes):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(self.directory / "queue.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self._lock = trio.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- building steps (the seed's add_* methods) -------------------------
+    def create_tempfile(self, suffix: str = "") -> tuple[BinaryIO, str]:
+        name = uuid.uuid4().hex + suffix
+        return open(self.tempfiles / name, "xb"), name  # the caller closes it
+
+    def tempfile_path(self, name: str) -> Path:
+        return self.tempfiles / name
+
+    def create_boxname(self, contents: bytes | None = None) -> str:
+        name = uuid.uuid4().hex
+        if contents is not None:
+            self._fill_box(name, contents)
+        return name
+
+    def _fill_box(self, name: str, contents: bytes) -> None:
+        with atomic_output(self.boxes / name, 0o600) as f:
+            f.write(contents)
+
+    def read_box(self, name: str) -> bytes | None:
+        try:
+            return (self.boxes / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _add(self, kind: str, **args: Any) -> int:
+        cur = self.db.execute(
+            "INSERT INTO steps (section, kind, args) VALUES (?, ?, ?)",
+            (SECTIONS[kind], kind, msgpack.packb(args)),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def add_upload_chk(self, tempfile: str, box: str) -> int:
+        return self._add("upload_chk", tempfile=tempfile, box=box)
+
+    def add_addpath(self, box: str | None, path: str, entry: Entry, base: str | None = None) -> int:
+        """Put ``entry`` at ``path``; its cap comes from ``box`` when given."""
+        return self._add("addpath", box=box, path=path, entry=entry.to_wire(""), base=base)
+
+    def add_deletepath(self, path: str, base: str | None = None) -> int:
+        return self._add("deletepath", path=path, base=base)
+
+    def add_move(self, src: str, dst: str) -> int:
+        return self._add("move", src=src, dst=dst)
+
+    def add_retain_uri_from_box(self, box: str) -> int:
+        return self._add("retain_uri_from_box", box=box)
+
+    def add_retain_ssk(self, cap: str) -> int:
+        return self._add("retain_ssk", cap=cap)
+
+    def add_unlink_uri(self, uri: str) -> int:
+        return self._add("unlink_uri", uri=uri)
+
+    def add_unlink_ssk(self, cap: str) -> int:
+        return self._add("unlink_ssk", cap=cap)
+
+    def add_delete_tempfile(self, name: str) -> int:
+        return self._add("delete_tempfile", name=name)
+
+    def add_delete_box(self, name: str) -> int:
+        return self._add("delete_box", name=name)
+
+    def add_file(
+        self, source: Path | None, path: str, entry: Entry, base: str | None = None
+    ) -> None:
+        """The usual sequence for one file: copy into a tempfile, upload it into
+        a box, add the path, retain, and clean up; all in one transaction."""
+        with self.transaction():
+            if source is None:  # the entry already carries its cap (e.g. a literal)
+                self.add_addpath(None, path, entry, base)
+                return
+            box = self.create_boxname()
+            self.add_upload_chk(str(source), box)
+            self.add_addpath(box, path, entry, base)
+            self.add_retain_uri_from_box(box)
+            self.add_delete_box(box)
+            if Path(source).parent == self.tempfiles:
+                self.add_delete_tempfile(Path(source).name)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Any:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- reading ------------------------------------------------------------
+    def pending(self) -> list[Step]:
+        rows = self.db.execute(
+            "SELECT id, kind, args, attempts, last_error FROM steps ORDER BY section, id"
+        ).fetchall()
+        return [Step(i, k, msgpack.unpackb(a, raw=False), n, e) for i, k, a, n, e in rows]
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+
+    def retained(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT cap FROM retained ORDER BY cap")]
+
+    def pending_changes(self) -> list[Change]:
+        """Path steps not yet applied, as tree changes (for read-your-writes)."""
+        return [c for s in self.pending() if s.section == PATH and (c := self._change(s))]
+
+    # -- running ------------------------------------------------------------
+    async def flush(
+        self,
+        executor: Executor,
+        concurrency: int = 8,
+        progress: Callable[[Step], None] | None = None,
+    ) -> None:
+        """Run every step to the end.  A failing step stays queued (with its
+        error recorded) and the first failure is raised as QueueError."""
+        async with self._lock:
+            while True:
+                steps = self.pending()
+                if not steps:
+                    self._empty_dirs()
+                    return
+                section = steps[0].section
+                batch = [s for s in steps if s.section == section]
+                _checkpoint()
+                if section == UPLOAD:
+                    await self._run_uploads(executor, batch, concurrency, progress)
+                elif section == PATH:
+                    await self._run_paths(executor, batch, progress)
+                else:
+                    for step in batch:
+                        await self._run_one(executor, step)
+                        if progress:
+                            progress(step)
+
+    async def _run_uploads(
+        self,
+        executor: Executor,
+        steps: list[Step],
+        concurrency: int,
+        progress: Callable[[Step], None] | None,
+    ) -> None:
+        limiter = trio.Semaphore(concurrency)
+        errors: list[str] = []
+
+        async def one(step: Step) -> None:
+            async with limiter:
+                try:
+                    await self._run_one(executor, step)
+                except GridError as e:
+                    errors.append(f"{step.describe()}: {e}")
+                    return
+            if progress:
+                progress(step)
+
+        async with trio.open_nursery() as nursery:
+            for step in steps:
+                nursery.start_soon(one, step)
+        if errors:
+            raise QueueError(
+                errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+            )
+
+    async def _run_one(self, executor: Executor, step: Step) -> None:
+        a = step.args
+        try:
+            if step.kind == "upload_chk":
+                if self.read_box(a["box"]) is None:  # done already if the box is full
+                    source = Path(a["tempfile"])
+                    if not source.is_absolute():
+                        source = self.tempfiles / source
+                    cap = await executor.upload(source)
+                    _checkpoint()
+                    self._fill_box(a["box"], cap.encode())
+            elif step.kind in ("retain_uri_from_box", "retain_ssk"):
+                cap = (
+                    a["cap"]
+                    if step.kind == "retain_ssk"
+                    else (self.read_box(a["box"]) or b"").decode()
+                )
+                if cap:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO retained VALUES (?, ?)", (cap, time.time_ns())
+                    )
+            elif step.kind in ("unlink_uri", "unlink_ssk"):
+                cap = a["uri"] if step.kind == "unlink_uri" else a["cap"]
+                await executor.unlink(cap)
+                self.db.execute("DELETE FROM retained WHERE cap = ?", (cap,))
+            elif step.kind == "delete_tempfile":
+                with contextlib.suppress(FileNotFoundError):
+                    (self.tempfiles / a["name"]).unlink()
+            elif step.kind == "delete_box":
+                with contextlib.suppress(FileNotFoundError):
+                    (self.boxes / a["name"]).unlink()
+            else:
+                raise AssertionError(step.kind)
+        except GridError as e:
+            self._record_failure([step], str(e))
+            raise
+        _checkpoint()
+        self._remove([step])
+        _checkpoint()
+
+    def _change(self, step: Step) -> Change | None:
+        a = step.args
+        if step.kind == "addpath":
+            _, entry = Entry.from_wire(a["entry"])
+            if a["box"] is not None:
+                cap = self.read_box(a["box"])
+                if cap is None:
+                    return None  # its upload has not run yet
+                entry = entry.with_(cap=cap.decode())
+            return Put(_split(a["path"]), entry, a["base"])
+        if step.kind == "deletepath":
+            return Delete(_split(a["path"]), a["base"])
+        if step.kind == "move":
+            return Move(_split(a["src"]), _split(a["dst"]))
+        raise AssertionError(step.kind)
+
+    async def _run_paths(
+        self, executor: Executor, steps: list[Step], progress: Callable[[Step], None] | None
+    ) -> None:
+        changes = [self._change(s) for s in steps]
+        if any(c is None for c in changes):
+            raise QueueError("a path step refers to a box that was never filled")
+        try:
+            await executor.tree.commit([c for c in changes if c is not None])
+        except GridError as e:
+            self._record_failure(steps, str(e))
+            raise
+        _checkpoint()
+        self._remove(steps)
+        _checkpoint()
+        if progress:
+            for s in steps:
+                progress(s)
+
+    def _remove(self, steps: list[Step]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM steps WHERE id = ?", [(s.id,) for s in steps])
+
+    def _record_failure(self, steps: list[Step], error: str) -> None:
+        self.db.executemany(
+            "UPDATE steps SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+            [(error[:500], s.id) for s in steps],
+        )
+
+    def _empty_dirs(self) -> None:
+        """The seed: with the queue empty, no tempfile or box can be referenced."""
+        for d in (self.tempfiles, self.boxes):
+            for p in d.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            fsync_dir(d)
+
+
+def _split(path: str) -> tuple[str, ...]:
+    from .dirnode import split_path
+
+    return tuple(split_path(path))

@@ -1,0 +1,121 @@
+"""The work queue on its own: order, batching, idempotence, failure, cleanup.
+
+Crash injection against a real grid lives in test_queue_crash.py."""
+
+from pathlib import Path
+
+import pytest
+
+from gridfs.caps import LiteralCap
+from gridfs.dirnode import Entry
+from gridfs.errors import GridError
+from gridfs.tree import Tree
+from gridfs.workqueue import QueueError, WorkQueue
+
+from .memstore import MemStore
+
+
+class FakeExecutor:
+    def __init__(self) -> None:
+        self.store = MemStore()
+        self.tree = Tree(self.store)
+        self.uploads: list[Path] = []
+        self.unlinked: list[str] = []
+        self.fail_uploads = False
+
+    async def upload(self, path: Path) -> str:
+        if self.fail_uploads:
+            raise GridError("no servers")
+        self.uploads.append(path)
+        return await self.store.put_bytes(path.read_bytes() + b"." * 100)
+
+    async def unlink(self, cap: str) -> None:
+        self.unlinked.append(cap)
+
+
+def entry(size: int = 0) -> Entry:
+    return Entry("file", "", size, 0o644, 1, 1)
+
+
+def add_tempfile(q: WorkQueue, data: bytes, path: str) -> None:
+    f, name = q.create_tempfile()
+    with f:
+        f.write(data)
+    q.add_file(q.tempfile_path(name), path, entry(len(data)))
+
+
+async def test_steps_run_in_section_order_and_the_queue_empties(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q")
+    ex = FakeExecutor()
+    add_tempfile(q, b"hello", "/docs/a.txt")
+    q.add_unlink_uri("gridfs:lit:aa")
+    add_tempfile(q, b"world", "/docs/b.txt")
+    kinds = [s.kind for s in q.pending()]
+    assert kinds[:2] == ["upload_chk", "upload_chk"]
+    assert kinds.index("addpath") < kinds.index("unlink_uri") < kinds.index("delete_box")
+    await q.flush(ex)
+    assert len(q) == 0
+    assert list(await ex.tree.listdir(("docs",))) == ["a.txt", "b.txt"]
+    assert ex.store.publishes == 1  # both paths in one batch
+    assert list(q.tempfiles.iterdir()) == [] and list(q.boxes.iterdir()) == []
+    assert len(q.retained()) == 2 and ex.unlinked == ["gridfs:lit:aa"]
+
+
+async def test_a_thousand_files_publish_the_root_once(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q")
+    ex = FakeExecutor()
+    for i in range(1000):
+        q.add_file(None, f"/tree/d{i % 7}/f{i}", entry().with_(cap=LiteralCap(b"x").to_string()))
+    await q.flush(ex)
+    assert ex.store.publishes == 1
+    assert len(await ex.tree.listdir(("tree", "d0"))) == 143
+
+
+async def test_failed_upload_stays_queued_with_its_error(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q")
+    ex = FakeExecutor()
+    add_tempfile(q, b"data", "/f")
+    ex.fail_uploads = True
+    with pytest.raises(QueueError, match="no servers"):
+        await q.flush(ex)
+    step = q.pending()[0]
+    assert step.kind == "upload_chk" and step.attempts == 1 and "no servers" in step.describe()
+    assert any(q.tempfiles.iterdir())  # the data is still here
+    ex.fail_uploads = False
+    await q.flush(ex)
+    assert len(q) == 0 and (await ex.tree.lookup(("f",))).size == 4
+
+
+async def test_queue_survives_reopen(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q")
+    add_tempfile(q, b"persist me", "/p")
+    q.close()
+    q2 = WorkQueue(tmp_path / "q")
+    assert [s.kind for s in q2.pending()][0] == "upload_chk"
+    ex = FakeExecutor()
+    await q2.flush(ex)
+    assert (await ex.tree.lookup(("p",))).size == 10
+
+
+async def test_upload_with_a_full_box_is_not_repeated(tmp_path: Path) -> None:
+    """A crash after the upload filled the box but before the step was removed."""
+    q = WorkQueue(tmp_path / "q")
+    ex = FakeExecutor()
+    f, name = q.create_tempfile()
+    with f:
+        f.write(b"once")
+    box = q.create_boxname(b"gridfs:lit:aa")
+    q.add_upload_chk(name, box)
+    q.add_addpath(box, "/once", entry(4))
+    await q.flush(ex)
+    assert ex.uploads == []
+    assert (await ex.tree.lookup(("once",))).cap == "gridfs:lit:aa"
+
+
+async def test_pending_changes_show_queued_paths(tmp_path: Path) -> None:
+    q = WorkQueue(tmp_path / "q")
+    q.add_file(None, "/x", entry().with_(cap="gridfs:lit:aa"))
+    q.add_deletepath("/y")
+    q.add_move("/a", "/b")
+    changes = q.pending_changes()
+    assert [type(c).__name__ for c in changes] == ["Put", "Delete", "Move"]
