@@ -92,8 +92,15 @@ class Entry:
 
     def to_wire(self, name: str) -> list[Any]:
         return [
-            name, self.kind, self.cap, self.size, self.mode, self.mtime_ns, self.ctime_ns,
-            self.target, dict(sorted(self.xattrs.items())),
+            name,
+            self.kind,
+            self.cap,
+            self.size,
+            self.mode,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.target,
+            dict(sorted(self.xattrs.items())),
         ]
 
     @classmethod

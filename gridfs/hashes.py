@@ -25,6 +25,12 @@ TAG_TREE_PAD = b"gridfs:v1:tree-padding"
 TAG_EXTENSION_BLOCK = b"gridfs:v1:extension-block"
 TAG_NODE_ID = b"gridfs:v1:node-id"
 TAG_PERMUTE = b"gridfs:v1:server-permutation"
+# mutable slots (gridfs/mutable.py)
+TAG_SLOT_READ_KEY = b"gridfs:v1:slot-read-key"
+TAG_SLOT_WRITE_KEY = b"gridfs:v1:slot-write-key"
+TAG_SLOT_STORAGE_INDEX = b"gridfs:v1:slot-storage-index"
+TAG_SLOT_DATA_KEY = b"gridfs:v1:slot-data-key"
+TAG_SLOT_SIGNATURE = b"gridfs:v1:slot-signature"
 NODE_ID_SIZE = 20
 
 _LEN = struct.Struct(">Q")

@@ -26,6 +26,7 @@ from .net.identity import NodeAddress, NodeKey
 from .net.rpc import RpcClient, serve_rpc
 from .protocol import schema
 from .storage.service import StorageSession
+from .storage.slots import SlotStore
 from .storage.store import ShareStore, StoreLimits
 
 log = logging.getLogger(__name__)
@@ -89,16 +90,27 @@ async def serve_node(
     await trio.serve_listeners(handle, listeners)
 
 
+SessionFactory = Callable[[ShareStore, float], StorageSession]
+
+
 async def run_storage(
-    node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
+    node: NodeDir,
+    *,
+    session_factory: SessionFactory = StorageSession,
+    task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve ``node``'s share store; ``session_factory(store, idle_timeout)``
+    makes each connection's session (tests substitute misbehaving ones)."""
     config = node.config()
     key = node.key()
     store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
+    slots = SlotStore(node.storage_path)
     hello = hello_info("storage", key)
 
     async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
-        session = StorageSession(store, config.idle_timeout)
+        session = session_factory(store, config.idle_timeout)
+        if session.slots is None:  # factories take (store, idle_timeout): attach the slots
+            session.slots = slots
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.reap_idle)

@@ -106,7 +106,9 @@ async def test_true_conflict_keeps_both() -> None:
     tree = Tree(store)
     await tree.commit([Put(p("/doc"), f("gridfs:lit:aa"))])
     await tree.commit([Put(p("/doc"), f("gridfs:lit:ab"), base="gridfs:lit:aa")])  # writer A
-    await tree.commit([Put(p("/doc"), f("gridfs:lit:ac"), base="gridfs:lit:aa")])  # writer B, stale base
+    await tree.commit(
+        [Put(p("/doc"), f("gridfs:lit:ac"), base="gridfs:lit:aa")]
+    )  # writer B, stale base
     listing = await tree.listdir(())
     assert listing.get("doc").cap == "gridfs:lit:ac"  # type: ignore[union-attr]
     kept = [n for n in listing if n.startswith("doc.conflict-")]
@@ -142,7 +144,9 @@ def test_names_are_nfc() -> None:
 async def test_ten_thousand_entries_list_fast_from_cold_cache() -> None:
     store = MemStore()
     tree = Tree(store)
-    await tree.commit([Put(p(f"/big/f{i:05}"), f(f"gridfs:lit:{'a' * 16}", i)) for i in range(10000)])
+    await tree.commit(
+        [Put(p(f"/big/f{i:05}"), f(f"gridfs:lit:{'a' * 16}", i)) for i in range(10000)]
+    )
     cold = Tree(store)
     start = time.perf_counter()
     listing = await cold.listdir(p("/big"))

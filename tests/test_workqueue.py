@@ -91,7 +91,7 @@ async def test_queue_survives_reopen(tmp_path: Path) -> None:
     add_tempfile(q, b"persist me", "/p")
     q.close()
     q2 = WorkQueue(tmp_path / "q")
-    assert [s.kind for s in q2.pending()][0] == "upload_chk"
+    assert next(s.kind for s in q2.pending()) == "upload_chk"
     ex = FakeExecutor()
     await q2.flush(ex)
     assert (await ex.tree.lookup(("p",))).size == 10

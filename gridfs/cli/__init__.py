@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
-from . import debug, files, grid, nodes
+from . import debug, files, grid, nodes, tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.register(sub)
     grid.register(sub)
     nodes.register(sub)
+    tree.register(sub)
     debug.register(sub)
     return parser
 

@@ -41,12 +41,12 @@ def register(sub: Any) -> None:
     get.set_defaults(func=cmd_get)
 
 
-def _client_logging() -> None:
+def client_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="gridfs: %(message)s", stream=sys.stderr)
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    _client_logging()
+    client_logging()
     node = NodeDir(resolve_node_dir(args.node))
     node.config()
     if args.file == "-":
@@ -72,7 +72,7 @@ def _put(node: NodeDir, path: Path) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    _client_logging()
+    client_logging()
     cap = parse_read_cap(args.cap)
     node = NodeDir(resolve_node_dir(args.node))
     node.config()

@@ -118,6 +118,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     connected = trio.run(count_servers, intro_url, total, START_TIMEOUT)
     if connected < total:
         raise GridError(f"only {connected} of {total} storage servers connected to the introducer")
+    trio.run(give_root, client)
     print(f"grid running in {root}: introducer {intro_url}, {connected} storage servers")
     print(f"client node: {client.path}   (export GRIDFS_NODE={client.path.resolve()})")
     return 0
@@ -129,6 +130,15 @@ async def count_servers(introducer: NodeAddress, want: int, timeout: float) -> i
         count = await broker.wait_for_servers(want, timeout)
         nursery.cancel_scope.cancel()
     return count
+
+
+async def give_root(client: NodeDir) -> None:
+    """The client node gets a root directory and the alias grid: (once)."""
+    from ..client.grid import open_grid
+    from .tree import ensure_root
+
+    async with open_grid(client) as grid:
+        await ensure_root(grid)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -21,9 +21,9 @@ def parse_size(text: str) -> int:
 
 
 @contextmanager
-def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
+def progress_bar(total: int, label: str, unit: str = "B") -> Iterator[Callable[[int], None]]:
     """A progress bar on a terminal for large transfers; silent when piped."""
-    if not sys.stderr.isatty() or total < (8 << 20):
+    if not sys.stderr.isatty() or total < (8 << 20 if unit == "B" else 1):
         yield lambda n: None
         return
     from tqdm import tqdm
@@ -31,8 +31,8 @@ def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
     with tqdm(
         total=total,
         desc=label,
-        unit="B",
-        unit_scale=True,
+        unit=unit,
+        unit_scale=unit == "B",
         unit_divisor=1024,
         leave=False,
         file=sys.stderr,

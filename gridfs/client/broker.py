@@ -102,6 +102,10 @@ class StorageBroker:
         self.servers: dict[bytes, Server] = {}
         self._changed = trio.Event()
         self.introducer_connected = False
+        self.introduced = trio.Event()
+        """Set once the introducer's first peer list arrived (or at once without one)."""
+        if introducer is None:
+            self.introduced.set()
         for address in static or []:
             self._add(address)
         if introducer is not None:
@@ -130,6 +134,7 @@ class StorageBroker:
                     while True:
                         reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT})
                         version = self._apply(reply)
+                        self.introduced.set()
             except (GridError, OSError, trio.TooSlowError) as e:
                 log.info("introducer %s: %s", introducer, e)
             self.introducer_connected, version = False, 0
@@ -153,6 +158,12 @@ class StorageBroker:
         with trio.move_on_after(timeout):
             while len(self.servers) < count:
                 await self._changed.wait()
+        return len(self.servers)
+
+    async def ready(self, timeout: float) -> int:
+        """Wait for the introducer's first list of servers; return how many are known."""
+        with trio.move_on_after(timeout):
+            await self.introduced.wait()
         return len(self.servers)
 
     def permuted(self, storage_index: bytes) -> list[Server]:

@@ -69,6 +69,8 @@ class Downloader:
         self.problems: list[str] = []
         self._changed = trio.Event()
         self._locating = True
+        self.servers_asked = 0
+        self.servers_answered = 0
 
     # -- finding shares -----------------------------------------------------
     def _usable(self) -> dict[int, list[Source]]:
@@ -109,6 +111,7 @@ class Downloader:
             except (GridError, trio.TooSlowError) as e:
                 log.info("%s: %s", server.name, e)
                 return
+            self.servers_answered += 1
             if not isinstance(shares, list):
                 return
             for item in shares[:256]:
@@ -119,6 +122,7 @@ class Downloader:
         try:
             async with trio.open_nursery() as nursery:
                 for server in self.broker.permuted(self.decoder.storage_index):
+                    self.servers_asked += 1
                     nursery.start_soon(ask, server)
         finally:
             self._locating = False
@@ -224,7 +228,10 @@ class Downloader:
         if offset >= end:
             return
         if self.decoder.geometry is None:
-            raise NotEnoughSharesError(f"no usable share found ({len(self.problems)} bad)")
+            raise NotEnoughSharesError(
+                f"no usable share found: {self.servers_answered} of {self.servers_asked} "
+                f"servers answered, {len(self.problems)} shares were bad"
+            )
         seg = self.decoder.geometry.params.segment_size
         first, last = offset // seg, (end - 1) // seg
 

@@ -29,8 +29,12 @@ class GridClient:
         self.secret = node.convergence_secret()
 
     async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
-        """Give the introducer a moment to tell us about servers."""
-        return await self.broker.wait_for_servers(count or self.params.n, timeout)
+        """Give the introducer a moment to tell us about servers: its first list,
+        and then (a short while longer) until ``count`` are known."""
+        known = await self.broker.ready(timeout)
+        if known >= (count or self.params.n):
+            return known
+        return await self.broker.wait_for_servers(count or self.params.n, min(timeout, 2.0))
 
     async def put(self, path: Path, progress: Progress | None = None) -> UploadReport:
         await self.wait_for_servers(self.params.happy)

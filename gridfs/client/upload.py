@@ -121,8 +121,8 @@ class _Upload:
     async def run(self) -> UploadReport:
         n = self.params.n
         buckets = await self.place(list(range(n)), avoid=set())
-        self._check_happy(buckets.values(), before=True)
         try:
+            self._check_happy(buckets.values(), before=True)
             await self.stream(buckets, encode_all=True)
             finished = await trio.to_thread.run_sync(self.encoder.finish)
             await self.finish(finished, buckets)

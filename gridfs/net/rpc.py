@@ -226,7 +226,7 @@ async def serve_rpc(
                     await limiter.acquire()
                     nursery.start_soon(answer, event)
             nursery.cancel_scope.cancel()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
-        pass
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
+        pass  # except*: the nursery wraps a broken stream in an ExceptionGroup
     finally:
         await trio.aclose_forcefully(stream)

@@ -104,6 +104,7 @@ class Connection:
         self.role = role
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._consumed = 0
         self._eof = False
         self._dead = False
         self._next_id = 1
@@ -133,12 +134,16 @@ class Connection:
                     self._dead = True
                     return Closed()
                 return NEED_DATA
-            return self._parse(body)
+            try:
+                return self._parse(body)
+            finally:
+                body.release()
+                del self._buffer[: self._consumed]
         except RemoteProtocolError:
             self._dead = True
             raise
 
-    def _next_frame(self) -> bytes | None:
+    def _next_frame(self) -> memoryview | None:
         if len(self._buffer) < _LEN.size:
             if self._eof and self._buffer:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
@@ -150,11 +155,11 @@ class Connection:
             if self._eof:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
             return None
-        body = bytes(self._buffer[_LEN.size : _LEN.size + length])
-        del self._buffer[: _LEN.size + length]
-        return body
+        # A view, not a copy: blocks are large; _parse copies what it keeps.
+        self._consumed = _LEN.size + length
+        return memoryview(self._buffer)[_LEN.size : self._consumed]
 
-    def _parse(self, body: bytes) -> Event:
+    def _parse(self, body: memoryview) -> Event:
         try:
             msg = msgpack.unpackb(
                 body,
@@ -173,7 +178,8 @@ class Connection:
         if kind == REQUEST and len(msg) == 4:
             return self._parse_request(msg[1], msg[2], msg[3])
         if kind == RESPONSE and len(msg) == 3:
-            self._match(msg[1])
+            if self._match(msg[1]) == "hello":
+                self.handshaken = True  # only an accepted hello is a handshake
             return Response(msg[1], msg[2])
         if kind == ERROR and len(msg) == 4 and isinstance(msg[2], str) and isinstance(msg[3], str):
             self._match(msg[1])
@@ -205,12 +211,10 @@ class Connection:
             self.handshaken = True
         return Request(rid, method, checked)
 
-    def _match(self, rid: Any) -> None:
+    def _match(self, rid: Any) -> str:
         if type(rid) is not int or rid not in self.outstanding:
             raise RemoteProtocolError(f"answer to unknown request id {rid!r}")
-        method = self.outstanding.pop(rid)
-        if method == "hello":
-            self.handshaken = True
+        return self.outstanding.pop(rid)
 
     # -- output -----------------------------------------------------------
     def send_request(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
@@ -221,22 +225,23 @@ class Connection:
         rid = self._next_id
         while rid in self.outstanding:
             rid = rid % MAX_ID + 1
+        data = self._frame([REQUEST, rid, method, args])  # may fail: then nothing was sent
         self._next_id = rid % MAX_ID + 1
         self.outstanding[rid] = method
-        return rid, self._frame([REQUEST, rid, method, args])
+        return rid, data
 
     def send_response(self, rid: int, result: Any) -> bytes:
-        self._answer(rid)
-        return self._frame([RESPONSE, rid, result])
+        return self._answer(rid, [RESPONSE, rid, result])
 
     def send_error(self, rid: int, code: str, message: str) -> bytes:
-        self._answer(rid)
-        return self._frame([ERROR, rid, code, message])
+        return self._answer(rid, [ERROR, rid, code, message])
 
-    def _answer(self, rid: int) -> None:
+    def _answer(self, rid: int, msg: list[Any]) -> bytes:
         if rid not in self.incoming:
             raise LocalProtocolError(f"no request {rid} to answer")
+        data = self._frame(msg)  # may fail (unpackable, too big): the request stays owed
         self.incoming.discard(rid)
+        return data
 
     def _frame(self, msg: list[Any]) -> bytes:
         body = msgpack.packb(msg, use_bin_type=True)

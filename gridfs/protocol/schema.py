@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hashes import STORAGE_INDEX_SIZE
+from ..mutable import MAX_SLOT_RECORD, SIGNATURE_SIZE  # MAX_SLOT_RECORD: most bytes of a record
 
 PROTOCOL_NAME = "gridfs"
 PROTOCOL_VERSION = 1
@@ -39,6 +40,12 @@ Check = Callable[[Any], Any]
 def u64(v: Any) -> int:
     if type(v) is not int or not 0 <= v <= MAX_U64:
         raise SchemaError("expected an unsigned 64-bit integer")
+    return v
+
+
+def boolean(v: Any) -> bool:
+    if type(v) is not bool:
+        raise SchemaError("expected true or false")
     return v
 
 
@@ -117,6 +124,14 @@ REQUESTS: dict[str, dict[str, Check]] = {
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
     "read": {"si": SI, "sharenum": sharenum, "offset": u64, "length": read_length},
+    "slot_read": {"si": SI},
+    "slot_write": {
+        "si": SI,
+        "record": binary(most=MAX_SLOT_RECORD),
+        "signature": binary(SIGNATURE_SIZE),
+        "check": boolean,
+        "expected_seq": u64,
+    },
     # introducer
     "announce": {"announcement": binary(most=MAX_ANNOUNCEMENT), "signature": binary(64)},
     "get_peers": {"after": u64, "wait": u64},

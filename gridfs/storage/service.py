@@ -15,6 +15,7 @@ import trio
 
 from ..errors import GridError
 from ..protocol.schema import MAX_OPEN_BUCKETS
+from .slots import SlotStore, StaleVersionError
 from .store import BucketWriter, ShareStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,14 @@ class NoSuchBucketError(GridError):
     code = "no-such-bucket"
 
 
+class SlotsUnsupportedError(GridError):
+    """This server keeps no mutable slots."""
+
+    code = "slots-unsupported"
+
+
 ERROR_CODES = {
+    "BadVersionError": "bad-signature",
     "NoSpaceError": "no-space",
     "ShareTooLargeError": "too-large",
     "BadWriteError": "bad-write",
@@ -51,8 +59,11 @@ def _coded(e: GridError) -> GridError:
 class StorageSession:
     """The storage methods as seen by one connection."""
 
-    def __init__(self, store: ShareStore, idle_timeout: float) -> None:
+    def __init__(
+        self, store: ShareStore, idle_timeout: float, slots: SlotStore | None = None
+    ) -> None:
         self.store = store
+        self.slots = slots
         self.idle_timeout = idle_timeout
         self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
 
@@ -108,6 +119,30 @@ class StorageSession:
 
     async def rpc_read(self, si: bytes, sharenum: int, offset: int, length: int) -> bytes:
         return self.store.read(si, sharenum, offset, length)
+
+    def _slot_store(self) -> SlotStore:
+        if self.slots is None:
+            raise SlotsUnsupportedError("this server keeps no mutable slots")
+        return self.slots
+
+    async def rpc_slot_read(self, si: bytes) -> list[bytes] | None:
+        """The stored [record, signature] of a slot, or nil."""
+        stored = self._slot_store().read(si)
+        return None if stored is None else list(stored)
+
+    async def rpc_slot_write(
+        self, si: bytes, record: bytes, signature: bytes, check: bool, expected_seq: int
+    ) -> dict[str, Any]:
+        """{"ok": true} once stored, or {"ok": false, "current": [record, signature]
+        | nil} when refused as stale; an invalid version is an error reply."""
+        slots = self._slot_store()
+        expected = expected_seq if check else None
+        try:
+            # Writing fsyncs: keep the event loop free for other connections.
+            await trio.to_thread.run_sync(slots.write, si, record, signature, expected)
+        except StaleVersionError as e:
+            return {"ok": False, "current": None if e.current is None else list(e.current)}
+        return {"ok": True}
 
     def abort_all(self) -> None:
         for bucket in self.buckets.values():

@@ -1,0 +1,434 @@
+"""Tree commands: init, alias, mkdir, ls, cat, cp, mv, rm, queue.
+
+Paths on the grid are ``ALIAS:/path`` (e.g. ``grid:/photos/cat.jpg``); any
+other argument is a local path.  Changes go through the tree's work queue,
+which each command runs to the end before returning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from ..caps import LITERAL_MAX, LiteralCap, parse_read_cap
+from ..client.grid import GridClient, open_grid
+from ..client.session import (
+    DEFAULT_ALIAS,
+    TreeSession,
+    add_alias,
+    create_root,
+    load_aliases,
+    split_grid_path,
+)
+from ..config import NodeConfig, NodeDir, resolve_node_dir
+from ..dirnode import DEFAULT_DIR_MODE, Entry, split_path
+from ..errors import UsageError
+from ..fileutil import atomic_output
+from ..tree import NotFoundError, new_dir_entry
+from ..workqueue import Step
+from .files import add_node_option, client_logging
+from .util import progress_bar
+
+T = TypeVar("T")
+
+
+def register(sub: Any) -> None:
+    init = sub.add_parser("init", help="create a client node with a root directory (alias grid:)")
+    add_node_option(init)
+    init.add_argument("--introducer", default="", metavar="URL")
+    init.add_argument("--server", action="append", default=[], metavar="URL", dest="servers")
+    init.add_argument("--k", type=int, default=3)
+    init.add_argument("--happy", type=int, default=7)
+    init.add_argument("--n", type=int, default=10)
+    init.set_defaults(func=cmd_init)
+
+    alias = sub.add_parser("alias", help="list or add aliases (names for trees)")
+    asub = alias.add_subparsers(dest="action", metavar="ACTION", required=True)
+    alist = asub.add_parser("list", help="list aliases")
+    add_node_option(alist)
+    alist.set_defaults(func=cmd_alias_list)
+    aadd = asub.add_parser("add", help="add an alias for a tree's cap")
+    aadd.add_argument("name")
+    aadd.add_argument("cap")
+    add_node_option(aadd)
+    aadd.set_defaults(func=cmd_alias_add)
+
+    def cmd(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        p = sub.add_parser(name, help=help)
+        add_node_option(p)
+        p.set_defaults(func=func)
+        return p
+
+    cmd("mkdir", "make directories (and their parents)", cmd_mkdir).add_argument(
+        "paths", nargs="+", metavar="ALIAS:PATH"
+    )
+    ls = cmd("ls", "list a directory", cmd_ls)
+    ls.add_argument("path", nargs="?", default=f"{DEFAULT_ALIAS}:/", metavar="ALIAS:PATH")
+    ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    cmd("cat", "write files to stdout", cmd_cat).add_argument(
+        "paths", nargs="+", metavar="ALIAS:PATH"
+    )
+    cp = cmd("cp", "copy files: local ↔ grid, or within the grid", cmd_cp)
+    cp.add_argument("-r", "--recursive", action="store_true")
+    cp.add_argument("sources", nargs="+", metavar="SRC")
+    cp.add_argument("dest", metavar="DEST")
+    mv = cmd("mv", "move or rename within a tree", cmd_mv)
+    mv.add_argument("src", metavar="ALIAS:PATH")
+    mv.add_argument("dest", metavar="ALIAS:PATH")
+    rm = cmd("rm", "remove files (and directories with -r)", cmd_rm)
+    rm.add_argument("-r", "--recursive", action="store_true")
+    rm.add_argument("paths", nargs="+", metavar="ALIAS:PATH")
+
+    queue = sub.add_parser("queue", help="show the pending work queue (or flush it)")
+    add_node_option(queue)
+    queue.add_argument("action", nargs="?", choices=["show", "flush"], default="show")
+    queue.add_argument("--alias", default=None, help="only this tree's queue")
+    queue.set_defaults(func=cmd_queue)
+
+
+# -- plumbing -------------------------------------------------------------
+def _node(args: argparse.Namespace) -> NodeDir:
+    client_logging()
+    node = NodeDir(resolve_node_dir(args.node))
+    node.config()
+    return node
+
+
+def run_with_grid(args: argparse.Namespace, fn: Callable[[GridClient], Awaitable[T]]) -> T:
+    node = _node(args)
+
+    async def main() -> T:
+        async with open_grid(node) as grid:
+            return await fn(grid)
+
+    return trio.run(main)
+
+
+def grid_path(text: str, aliases: dict[str, str]) -> tuple[str, str]:
+    parsed = split_grid_path(text, aliases)
+    if parsed is None:
+        raise UsageError(f"{text}: not a grid path (ALIAS:/path; aliases: {', '.join(aliases)})")
+    return parsed
+
+
+async def flush(session: TreeSession, label: str = "") -> None:
+    """Run the queue to the end, with a progress bar on a terminal."""
+    total = len(session.queue)
+    if not total:
+        return
+    await session.grid.wait_for_servers(session.grid.params.happy)
+    with progress_bar(total if total > 50 else 0, label or "queue", unit="steps") as bar:
+
+        def step_done(step: Step) -> None:
+            bar(1)
+
+        await session.queue.flush(session, progress=step_done)
+
+
+# -- init and aliases -----------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    node = NodeDir(resolve_node_dir(args.node))
+    if not node.exists():
+        if not args.introducer and not args.servers:
+            raise UsageError("gridfs init needs --introducer URL or --server URL")
+        node.create(
+            NodeConfig(
+                "client",
+                "client",
+                introducer=args.introducer,
+                servers=args.servers,
+                k=args.k,
+                happy=args.happy,
+                n=args.n,
+            )
+        )
+    cap = run_with_grid(args, ensure_root)
+    print(f"{DEFAULT_ALIAS}: {cap}")
+    return 0
+
+
+async def ensure_root(grid: GridClient) -> str:
+    """Give a client node its root directory and the alias grid: (idempotent)."""
+    existing = load_aliases(grid.node).get(DEFAULT_ALIAS)
+    if existing:
+        return existing
+    await grid.wait_for_servers(grid.params.happy)
+    cap = (await create_root(grid)).to_string()
+    add_alias(grid.node, DEFAULT_ALIAS, cap)
+    return cap
+
+
+def cmd_alias_list(args: argparse.Namespace) -> int:
+    for name, cap in sorted(load_aliases(_node(args)).items()):
+        print(f"{name}: {cap}")
+    return 0
+
+
+def cmd_alias_add(args: argparse.Namespace) -> int:
+    add_alias(_node(args), args.name, args.cap)
+    return 0
+
+
+# -- reading --------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        alias, path = grid_path(args.path, load_aliases(grid.node))
+        session = TreeSession(grid, alias)
+        entry = await session.lookup(path)
+        if not entry.is_dir:
+            rows = [(path.rsplit("/", 1)[-1], entry)]
+        else:
+            listing = await session.listdir(path)
+            rows = [(name, listing.entries[name]) for name in listing]
+        for name, e in rows:
+            if args.long:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+                link = f" -> {e.target}" if e.kind == "symlink" else ""
+                print(f"{stat.filemode(e.st_mode)} {e.size:>12} {when} {name}{link}")
+            else:
+                print(name + ("/" if e.is_dir else ""))
+
+    run_with_grid(args, main)
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        aliases = load_aliases(grid.node)
+        for text in args.paths:
+            alias, path = grid_path(text, aliases)
+            entry = await TreeSession(grid, alias).lookup(path)
+            if entry.kind != "file":
+                raise UsageError(f"{text}: not a file")
+            await download(grid, entry, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+
+    run_with_grid(args, main)
+    return 0
+
+
+async def download(grid: GridClient, entry: Entry, out: Any) -> None:
+    async def write(data: bytes) -> None:
+        await trio.to_thread.run_sync(out.write, data)
+
+    await grid.get(parse_read_cap(entry.cap), write)
+
+
+# -- changing -------------------------------------------------------------
+def cmd_mkdir(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        aliases = load_aliases(grid.node)
+        sessions: dict[str, TreeSession] = {}
+        for text in args.paths:
+            alias, path = grid_path(text, aliases)
+            session = sessions.setdefault(alias, TreeSession(grid, alias))
+            session.check_writable()
+            session.queue.add_file(None, path, new_dir_entry())
+        for session in sessions.values():
+            await flush(session)
+
+    run_with_grid(args, main)
+    return 0
+
+
+def cmd_mv(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        aliases = load_aliases(grid.node)
+        (a1, src), (a2, dst) = grid_path(args.src, aliases), grid_path(args.dest, aliases)
+        if a1 != a2:
+            raise UsageError("mv works within one tree; use cp and rm across trees")
+        session = TreeSession(grid, a1)
+        session.check_writable()
+        await session.lookup(src)  # a clear error for a missing source
+        try:
+            target = await session.lookup(dst)
+        except NotFoundError:
+            target = None
+        if target is not None and target.is_dir:
+            dst = dst.rstrip("/") + "/" + src.rstrip("/").rsplit("/", 1)[-1]
+        session.queue.add_move(src, dst)
+        await flush(session)
+
+    run_with_grid(args, main)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        aliases = load_aliases(grid.node)
+        sessions: dict[str, TreeSession] = {}
+        for text in args.paths:
+            alias, path = grid_path(text, aliases)
+            session = sessions.setdefault(alias, TreeSession(grid, alias))
+            session.check_writable()
+            entry = await session.lookup(path)
+            if not split_path(path):
+                raise UsageError("refusing to remove the root directory")
+            if entry.is_dir and not args.recursive:
+                raise UsageError(f"{text}: is a directory (use rm -r)")
+            session.queue.add_deletepath(path, base=entry.cap)
+        for session in sessions.values():
+            await flush(session)
+
+    run_with_grid(args, main)
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    async def main(grid: GridClient) -> None:
+        aliases = load_aliases(grid.node)
+        dest = split_grid_path(args.dest, aliases)
+        if dest is None:
+            await copy_to_local(grid, aliases, args.sources, Path(args.dest), args.recursive)
+        else:
+            await copy_to_grid(grid, aliases, args.sources, dest, args.recursive)
+
+    run_with_grid(args, main)
+    return 0
+
+
+def _entry_from_stat(st: os.stat_result, kind: str, cap: str = "", target: str = "") -> Entry:
+    mode = st.st_mode & 0o7777
+    return Entry(
+        kind, cap, st.st_size if kind == "file" else 0, mode, st.st_mtime_ns, st.st_ctime_ns, target
+    )
+
+
+async def copy_to_grid(
+    grid: GridClient,
+    aliases: dict[str, str],
+    sources: list[str],
+    dest: tuple[str, str],
+    recursive: bool,
+) -> None:
+    alias, dpath = dest
+    session = TreeSession(grid, alias)
+    session.check_writable()
+    try:
+        into_dir = (await session.lookup(dpath)).is_dir
+    except NotFoundError:
+        into_dir = len(sources) > 1 or args_end_with_slash(dpath)
+    queue = session.queue
+    for src in sources:
+        gsrc = split_grid_path(src, aliases)
+        name = src.rstrip("/").rsplit("/", 1)[-1] or src
+        target = f"{dpath.rstrip('/')}/{name}" if into_dir else dpath
+        if gsrc is not None:  # within the grid: the same caps, no data moves
+            if gsrc[0] != alias:
+                raise UsageError("cp between two trees is not supported yet")
+            entry = await session.lookup(gsrc[1])
+            if entry.is_dir and not recursive:
+                raise UsageError(f"{src}: is a directory (use cp -r)")
+            queue.add_file(None, target, entry)
+            continue
+        local = Path(src)
+        if local.is_dir() and not local.is_symlink():
+            if not recursive:
+                raise UsageError(f"{src}: is a directory (use cp -r)")
+            _queue_tree(queue, local, target)
+        else:
+            _queue_one(queue, local, target)
+    await flush(session, "cp")
+
+
+def args_end_with_slash(path: str) -> bool:
+    return path.endswith("/")
+
+
+def _queue_one(queue: Any, local: Path, target: str) -> None:
+    st = os.lstat(local)
+    if stat.S_ISLNK(st.st_mode):
+        queue.add_file(None, target, _entry_from_stat(st, "symlink", target=os.readlink(local)))
+    elif stat.S_ISREG(st.st_mode):
+        if st.st_size <= LITERAL_MAX:
+            cap = LiteralCap(local.read_bytes()).to_string()
+            queue.add_file(None, target, _entry_from_stat(st, "file", cap))
+        else:
+            queue.add_file(local.resolve(), target, _entry_from_stat(st, "file"))
+    else:
+        raise UsageError(f"{local}: only regular files, directories and symlinks can be copied")
+
+
+def _queue_tree(queue: Any, top: Path, target: str) -> None:
+    queue.add_file(
+        None, target, _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
+    )
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, top)
+        base = target if rel == "." else f"{target}/{rel}"
+        for d in dirnames:
+            p = Path(dirpath) / d
+            if p.is_symlink():
+                _queue_one(queue, p, f"{base}/{d}")
+            else:
+                entry = _entry_from_stat(os.stat(p), "dir").with_(cap=new_dir_entry().cap)
+                queue.add_file(None, f"{base}/{d}", entry)
+        for f in sorted(filenames):
+            _queue_one(queue, Path(dirpath) / f, f"{base}/{f}")
+
+
+async def copy_to_local(
+    grid: GridClient, aliases: dict[str, str], sources: list[str], dest: Path, recursive: bool
+) -> None:
+    for src in sources:
+        alias, path = grid_path(src, aliases)
+        session = TreeSession(grid, alias)
+        entry = await session.lookup(path)
+        name = path.rstrip("/").rsplit("/", 1)[-1] or alias
+        target = dest / name if dest.is_dir() else dest
+        await _fetch(grid, session, entry, path, target, recursive)
+
+
+async def _fetch(
+    grid: GridClient, session: TreeSession, entry: Entry, path: str, target: Path, recursive: bool
+) -> None:
+    if entry.kind == "symlink":
+        os.symlink(entry.target, target)
+    elif entry.kind == "file":
+        with atomic_output(target, entry.mode) as f:
+            await download(grid, entry, f)
+        os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
+    else:
+        if not recursive:
+            raise UsageError(f"{path}: is a directory (use cp -r)")
+        target.mkdir(mode=entry.mode or DEFAULT_DIR_MODE, exist_ok=True)
+        listing = await session.listdir(path)
+        for name in listing:
+            child = listing.entries[name]
+            await _fetch(grid, session, child, f"{path.rstrip('/')}/{name}", target / name, True)
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    node = _node(args)
+    aliases = load_aliases(node)
+    names = [args.alias] if args.alias else sorted(aliases)
+    if args.action == "show":
+        total = 0
+        for name in names:
+
+            async def steps(grid: GridClient, name: str = name) -> list[Step]:
+                return TreeSession(grid, name).queue.pending()
+
+            pending = run_with_grid(args, steps)
+            total += len(pending)
+            for step in pending:
+                print(f"{name}: {step.id:>6} {step.kind:<20} {step.describe()}")
+        print(f"{total} pending steps")
+        return 0
+
+    async def main(grid: GridClient) -> None:
+        for name in names:
+            await flush(TreeSession(grid, name), f"flush {name}")
+
+    run_with_grid(args, main)
+    print("queue empty: the grid has everything")
+    return 0

@@ -1,0 +1,123 @@
+"""A client's named trees (aliases) and the work queue of each.
+
+Aliases live in ``private/aliases`` of the client node, one ``NAME: CAP``
+per line (the cap of a tree's root slot).  Each tree has its own work queue
+in ``queues/<storage index>/``; commands queue their changes there and then
+run the queue, so a command killed half-way is finished by the next one (or
+by ``gridfs queue flush``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..caps import b32encode
+from ..config import NodeDir
+from ..dirnode import Directory, Entry, split_path
+from ..errors import UsageError
+from ..fileutil import atomic_output
+from ..mutable import SlotCap, SlotReadCap, SlotWriteCap, parse_slot_cap
+from ..tree import Tree, empty_dir_cap, pack_root
+from ..workqueue import WorkQueue
+from .grid import GridClient
+from .gridstore import GridStore, OverlayStore
+from .slots import create_slot
+
+ALIAS_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+DEFAULT_ALIAS = "grid"
+
+
+def aliases_path(node: NodeDir) -> Path:
+    return node.private / "aliases"
+
+
+def load_aliases(node: NodeDir) -> dict[str, str]:
+    try:
+        text = aliases_path(node).read_text()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if ":" in line and not line.lstrip().startswith("#"):
+            name, _, cap = line.partition(":")
+            out[name.strip()] = cap.strip()
+    return out
+
+
+def add_alias(node: NodeDir, name: str, cap: str) -> None:
+    if not ALIAS_RE.fullmatch(name):
+        raise UsageError(f"bad alias name {name!r} (letters, digits, _ . -)")
+    parse_slot_cap(cap)
+    aliases = load_aliases(node)
+    if aliases.get(name, cap) != cap:
+        raise UsageError(f"alias {name}: already exists")
+    aliases[name] = cap
+    with atomic_output(aliases_path(node), 0o600) as f:
+        f.write("".join(f"{n}: {c}\n" for n, c in sorted(aliases.items())).encode())
+
+
+def split_grid_path(text: str, aliases: dict[str, str]) -> tuple[str, str] | None:
+    """``grid:/a/b`` → ("grid", "/a/b"); None for a local path."""
+    name, sep, rest = text.partition(":")
+    if not sep or name not in aliases:
+        return None
+    return name, "/" + rest.lstrip("/")
+
+
+async def create_root(grid: GridClient) -> SlotWriteCap:
+    """A new tree: an empty root directory in a new slot."""
+    p = grid.params
+    return await create_slot(grid.broker, pack_root(empty_dir_cap()), p.n, p.happy)
+
+
+class TreeSession:
+    """One aliased tree: its store, tree, and work queue (also its executor)."""
+
+    def __init__(self, grid: GridClient, alias: str) -> None:
+        aliases = load_aliases(grid.node)
+        if alias not in aliases:
+            raise UsageError(f"unknown alias {alias}: (see gridfs alias list)")
+        self.grid = grid
+        self.alias = alias
+        self.cap: SlotCap = parse_slot_cap(aliases[alias])
+        if not isinstance(self.cap, SlotWriteCap | SlotReadCap):
+            raise UsageError(f"alias {alias}: holds a verify cap, which cannot read")
+        self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret)
+        self.tree = Tree(self.store)
+        qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
+        self.queue = WorkQueue(qdir)
+
+    @property
+    def writable(self) -> bool:
+        return isinstance(self.cap, SlotWriteCap)
+
+    def check_writable(self) -> None:
+        if not self.writable:
+            raise UsageError(f"alias {self.alias}: is read-only")
+
+    # The Executor protocol for the work queue.
+    async def upload(self, path: Path) -> str:
+        report = await self.grid.put(path)
+        return report.cap.to_string()
+
+    async def unlink(self, cap: str) -> None:
+        """Leases and their cancellation are not implemented yet: nothing to tell
+        the servers; the cap simply leaves the retained set."""
+
+    async def view_root(self) -> tuple[Tree, str]:
+        """The committed tree with the queued changes laid over it."""
+        _, root = await self.tree.root()
+        changes = self.queue.pending_changes()
+        if not changes:
+            return self.tree, root
+        overlay = Tree(OverlayStore(self.store), self.tree.cache)
+        return overlay, await overlay.apply(root, changes)
+
+    async def lookup(self, path: str) -> Entry:
+        tree, root = await self.view_root()
+        return await tree.lookup(tuple(split_path(path)), root)
+
+    async def listdir(self, path: str) -> Directory:
+        tree, root = await self.view_root()
+        return await tree.listdir(tuple(split_path(path)), root)

@@ -1,0 +1,401 @@
+"""Reading and publishing mutable slots over the grid (replicated, not coded).
+
+A slot's versions live whole on the first ``n`` reachable servers in the
+permuted order of its storage index (a server that cannot be reached is
+replaced by the next one, for readers and writers alike).
+
+* **Read**: ask them all at once, verify every answer (bad ones are reported,
+  never trusted), take the highest valid seq, then re-publish that version to
+  every server that answered with an older one or none: a partial publish is
+  completed and a stale server catches up by being read.
+* **Publish**: version ``expected.seq + 1``, sent with a test-and-set on
+  ``expected.seq``.  A server behind that seq (stale or empty) is overwritten
+  without the test; a server ahead of it proves another writer won, and the
+  publish fails with :class:`SlotConflictError` so the caller re-reads and
+  re-applies its change.  It succeeds once ``happy`` distinct servers hold it.
+
+Servers never accept a seq lower than or equal to the one they hold, and
+readers take the highest valid seq, so nobody can roll a slot back.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+
+from ..errors import CapError, GridError, UsageError
+from ..mutable import (
+    BadVersionError,
+    SignedVersion,
+    SlotCap,
+    SlotReadCap,
+    SlotVerifyCap,
+    SlotWriteCap,
+    Version,
+    decrypt,
+    sign_version,
+    verify_version,
+)
+from .broker import Server, StorageBroker
+from .upload import UnhappyError
+
+log = logging.getLogger(__name__)
+DEFAULT_N = 10
+DEFAULT_HAPPY = 7
+SLOT_TIMEOUT = 10.0
+"""Seconds one server has to answer one slot call (connecting included)."""
+T = TypeVar("T")
+
+
+class SlotConflictError(GridError):
+    """Another writer published a version newer than the one this write expected:
+    re-read the slot and apply the change again.  ``seq`` is the newest seen."""
+
+    errno = _errno.EAGAIN
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class SlotNotFoundError(GridError):
+    """Servers answered, but none holds a valid version of the slot."""
+
+    exit_code = 3
+    errno = _errno.ENOENT
+
+
+class SlotUnavailableError(GridError):
+    """No server answered, so whether the slot exists is unknown."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class SlotRead:
+    """What a read found; pass it to :func:`publish_slot` as the expectation."""
+
+    storage_index: bytes
+    seq: int
+    """The highest valid version found."""
+    plaintext: bytes | None
+    """Its contents; None when read with a verify cap."""
+    version: SignedVersion
+    """Its record and signature, as servers store them."""
+    servers: Mapping[int, frozenset[bytes]]
+    """The server map: seq → ids of the servers that answered with it (0: with
+    none or an invalid one), as they answered, before any repair."""
+    problems: tuple[str, ...] = ()
+    """Servers that failed or lied, and why."""
+    repaired: frozenset[bytes] = frozenset()
+    """Servers that took the version during this read."""
+
+
+@dataclass
+class _Answer:
+    server: Server
+    held: SignedVersion | None
+    version: Version | None
+
+
+async def read_slot(
+    broker: StorageBroker,
+    cap: SlotCap,
+    n: int = DEFAULT_N,
+    *,
+    repair: bool = True,
+    timeout: float = SLOT_TIMEOUT,
+) -> SlotRead:
+    """Find the newest valid version of a slot and (``repair``) bring every
+    answering server up to it before returning.
+
+    Raises :class:`SlotNotFoundError` if no answering server holds a valid
+    version, :class:`SlotUnavailableError` if no server answered."""
+    if not isinstance(cap, SlotWriteCap | SlotReadCap | SlotVerifyCap):
+        raise CapError("reading a slot needs a slot cap (gridfs:ssk...)")
+    si = cap.storage_index
+    problems: list[str] = []
+    answers = await _survey(broker, si, n, timeout, problems)
+    if not answers:
+        raise SlotUnavailableError(f"no server answered for the slot: {'; '.join(problems)}")
+    best = _newest(answers, problems)
+    if best is None:
+        raise SlotNotFoundError("no server holds a valid version of this slot")
+    signed, version = best
+    repaired: frozenset[bytes] = frozenset()
+    if repair:
+        behind = [a.server for a in answers if a.version is None or a.version.seq < version.seq]
+        repaired = await _republish(behind, si, signed, version.seq, timeout, problems)
+    plaintext = None if isinstance(cap, SlotVerifyCap) else decrypt(cap, version)
+    server_map: dict[int, set[bytes]] = {}
+    for a in answers:
+        server_map.setdefault(0 if a.version is None else a.version.seq, set()).add(
+            a.server.node_id
+        )
+    return SlotRead(
+        si,
+        version.seq,
+        plaintext,
+        signed,
+        {seq: frozenset(ids) for seq, ids in sorted(server_map.items())},
+        tuple(problems),
+        repaired,
+    )
+
+
+async def publish_slot(
+    broker: StorageBroker,
+    write_cap: SlotWriteCap,
+    plaintext: bytes,
+    expected: SlotRead | None = None,
+    n: int = DEFAULT_N,
+    happy: int = DEFAULT_HAPPY,
+    *,
+    timeout: float = SLOT_TIMEOUT,
+) -> int:
+    """Publish ``plaintext`` as the version after ``expected`` (after the newest
+    the servers hold, if None) and return its seq.
+
+    Raises :class:`SlotConflictError` if a server holds a newer version than
+    expected, :class:`UnhappyError` if fewer than ``happy`` servers took it."""
+    if not isinstance(write_cap, SlotWriteCap):
+        raise CapError("publishing to a slot needs its write cap (gridfs:ssk:...)")
+    if expected is None:
+        problems: list[str] = []
+        answers = await _survey(broker, write_cap.storage_index, n, timeout, problems)
+        best = _newest(answers, problems)
+        base = 0 if best is None else best[1].seq
+    elif expected.storage_index != write_cap.storage_index:
+        raise UsageError("the expected version was read from another slot")
+    else:
+        base = expected.seq
+    return await _publish(broker, write_cap, plaintext, base, n, happy, timeout)
+
+
+async def create_slot(
+    broker: StorageBroker,
+    plaintext: bytes,
+    n: int = DEFAULT_N,
+    happy: int = DEFAULT_HAPPY,
+    *,
+    timeout: float = SLOT_TIMEOUT,
+) -> SlotWriteCap:
+    """A new slot (random key) holding ``plaintext`` as version 1."""
+    cap = SlotWriteCap.generate()
+    await _publish(broker, cap, plaintext, 0, n, happy, timeout)
+    return cap
+
+
+# -- the work -----------------------------------------------------------------
+
+
+async def _publish(
+    broker: StorageBroker,
+    cap: SlotWriteCap,
+    plaintext: bytes,
+    base: int,
+    n: int,
+    happy: int,
+    timeout: float,
+) -> int:
+    if not 1 <= happy <= n:
+        raise UsageError(f"need 1 <= happy <= n, not happy={happy}, n={n}")
+    si = cap.storage_index
+    seq = base + 1
+    signed = sign_version(cap, seq, plaintext)
+    accepted: set[bytes] = set()
+    newer: list[int] = []
+    problems: list[str] = []
+
+    async def write(server: Server) -> None:
+        current = await _write(server, si, signed, base, timeout)
+        if current is None:
+            accepted.add(server.node_id)
+            return
+        cur = _check(si, current, server, problems)
+        if cur is not None and cur.seq > base:
+            newer.append(cur.seq)
+            return
+        if cur is not None and cur.seq == base:
+            raise _Lie(f"{server.name} refused version {seq} over version {base}")
+        # Stale or empty (or holding garbage): it gets the version without the test.
+        current = await _write(server, si, signed, None, timeout)
+        if current is None:
+            accepted.add(server.node_id)
+            return
+        cur = _check(si, current, server, problems)
+        if cur is not None and cur.seq > base:
+            newer.append(cur.seq)
+            return
+        raise _Lie(f"{server.name} refused version {seq} and holds nothing newer")
+
+    await _first_n(broker.permuted(si), n, write, timeout, problems)
+    if newer:
+        raise SlotConflictError(
+            f"the slot moved on to version {max(newer)} since version {base}; re-read it",
+            max(newer),
+        )
+    if len(accepted) < happy:
+        detail = f": {'; '.join(problems)}" if problems else ""
+        raise UnhappyError(
+            f"slot version {seq} reached {len(accepted)} servers, {happy} needed{detail}"
+        )
+    return seq
+
+
+class _Lie(GridError):
+    """A server answered in a way no honest server would."""
+
+
+async def _survey(
+    broker: StorageBroker, si: bytes, n: int, timeout: float, problems: list[str]
+) -> list[_Answer]:
+    """Each answering server (up to ``n``) and the valid version it holds."""
+    answers: list[_Answer] = []
+
+    async def ask(server: Server) -> None:
+        reply = await server.call("slot_read", {"si": si}, timeout)
+        held = None if reply is None else _stored(reply)
+        if reply is not None and held is None:
+            problems.append(f"{server.name}: malformed slot_read answer")
+        version = None if held is None else _check(si, held, server, problems)
+        answers.append(_Answer(server, held, version))
+
+    await _first_n(broker.permuted(si), n, ask, timeout, problems)
+    return answers
+
+
+def _newest(answers: list[_Answer], problems: list[str]) -> tuple[SignedVersion, Version] | None:
+    """The version with the highest seq; if servers hold different versions of
+    that seq (writers raced), the one most of them hold, then the lowest hash,
+    so every reader picks the same."""
+    valid = [(a.held, a.version) for a in answers if a.held and a.version]
+    if not valid:
+        return None
+    top = max(v.seq for _, v in valid)
+    counts: dict[SignedVersion, int] = {}
+    versions: dict[SignedVersion, Version] = {}
+    for held, version in valid:
+        if version.seq == top:
+            counts[held] = counts.get(held, 0) + 1
+            versions[held] = version
+    if len(counts) > 1:
+        problems.append(f"servers hold {len(counts)} different versions {top} (racing writers)")
+    chosen = min(
+        counts, key=lambda s: (-counts[s], hashlib.sha256(s.record + s.signature).digest())
+    )
+    return chosen, versions[chosen]
+
+
+async def _republish(
+    servers: list[Server],
+    si: bytes,
+    signed: SignedVersion,
+    seq: int,
+    timeout: float,
+    problems: list[str],
+) -> frozenset[bytes]:
+    """Send a version, without test, to servers that answered with an older one."""
+    done: set[bytes] = set()
+
+    async def push(server: Server) -> None:
+        try:
+            with trio.fail_after(timeout):
+                current = await _write(server, si, signed, None, timeout)
+        except (GridError, trio.TooSlowError) as e:
+            problems.append(f"{server.name}: repair failed: {_reason(e)}")
+            return
+        if current is None:
+            done.add(server.node_id)
+        else:
+            cur = _check(si, current, server, problems)
+            if cur is None or cur.seq <= seq:
+                problems.append(f"{server.name}: refused version {seq} and holds nothing newer")
+
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            nursery.start_soon(push, server)
+    return frozenset(done)
+
+
+async def _write(
+    server: Server, si: bytes, signed: SignedVersion, expected: int | None, timeout: float
+) -> SignedVersion | None:
+    """None if the server took the version, else what it holds instead (if any:
+    an empty ``SignedVersion`` stands for "nothing")."""
+    args = {
+        "si": si,
+        "record": signed.record,
+        "signature": signed.signature,
+        "check": expected is not None,
+        "expected_seq": expected or 0,
+    }
+    reply = await server.call("slot_write", args, timeout)
+    if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
+        raise _Lie(f"{server.name} sent a malformed slot_write answer")
+    if reply["ok"]:
+        return None
+    current = reply.get("current")
+    if current is None:
+        return _NOTHING
+    held = _stored(current)
+    if held is None:
+        raise _Lie(f"{server.name} sent a malformed slot version")
+    return held
+
+
+_NOTHING = SignedVersion(b"", b"")
+
+
+def _stored(item: Any) -> SignedVersion | None:
+    """A [record, signature] pair from the wire, or None if it is not one."""
+    if isinstance(item, list) and len(item) == 2 and all(isinstance(x, bytes) for x in item):
+        return SignedVersion(item[0], item[1])
+    return None
+
+
+def _check(si: bytes, held: SignedVersion, server: Server, problems: list[str]) -> Version | None:
+    """The verified version a server holds, or None (reported) if it is bad."""
+    if held is _NOTHING:
+        return None
+    try:
+        return verify_version(si, held.record, held.signature)
+    except BadVersionError as e:
+        problems.append(f"{server.name}: bad slot version: {e}")
+        return None
+
+
+async def _first_n(
+    servers: Iterable[Server],
+    n: int,
+    attempt: Callable[[Server], Awaitable[None]],
+    timeout: float,
+    problems: list[str],
+) -> None:
+    """Run ``attempt`` on servers in order, ``n`` at once, until ``n`` have
+    succeeded: a server that fails (error, timeout) is replaced by the next."""
+    queue: Iterator[Server] = iter(servers)
+
+    async def worker() -> None:
+        for server in queue:  # shared: each worker takes the next server left
+            try:
+                with trio.fail_after(2 * timeout):  # a call, maybe a retry
+                    await attempt(server)
+                return
+            except (GridError, trio.TooSlowError) as e:
+                problems.append(f"{server.name}: {_reason(e)}")
+                log.info("slot: %s: %s", server.name, _reason(e))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(worker)
+
+
+def _reason(e: BaseException) -> str:
+    return "timed out" if isinstance(e, trio.TooSlowError) else str(e)
