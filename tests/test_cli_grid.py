@@ -1,0 +1,105 @@
+"""The real ``gridfs`` command against a local grid of real processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SERVERS = 5
+NODES = SERVERS + 1  # and the introducer
+
+
+def gridfs(
+    *args: str, node: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ)
+    env.pop("GRIDFS_NODE", None)
+    if node is not None:
+        env["GRIDFS_NODE"] = str(node)
+    return subprocess.run(
+        [sys.executable, "-m", "gridfs", *args], capture_output=True, env=env, timeout=timeout
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def one_clean_error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
+    stderr = proc.stderr.decode()
+    assert "Traceback" not in stderr, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("gridfs: error: "), stderr
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A grid directory; whatever runs in it is stopped at the end."""
+    root = tmp_path_factory.mktemp("cli-grid") / "grid"
+    try:
+        yield root
+    finally:
+        if root.exists():
+            gridfs("grid", "stop", str(root))
+
+
+@pytest.fixture
+def grid(grid_dir: Path) -> Path:
+    """The grid, (re)started: ``grid start`` is idempotent."""
+    out = ok(gridfs("grid", "start", str(grid_dir), "--servers", str(SERVERS), "--happy", "5"))
+    assert f"{SERVERS} storage servers" in out
+    return grid_dir
+
+
+def test_put_get_round_trip(grid: Path, tmp_path: Path) -> None:
+    status = ok(gridfs("grid", "status", str(grid)))
+    assert status.count("running (pid") == NODES
+    assert f"{NODES} of {NODES} nodes running" in status
+
+    src = tmp_path / "in.bin"
+    src.write_bytes(random.Random(1).randbytes(300_000))
+    client = grid / "client"
+    cap = ok(gridfs("put", str(src), node=client)).strip()
+    assert cap.startswith("gridfs:") and "\n" not in cap
+
+    out = tmp_path / "out.bin"
+    ok(gridfs("get", cap, "-o", str(out), node=client))
+    assert out.read_bytes() == src.read_bytes()
+    streamed = gridfs("get", cap, node=client)
+    assert streamed.returncode == 0, streamed.stderr.decode()
+    assert streamed.stdout == src.read_bytes()
+    assert streamed.stderr == b""
+
+
+def test_get_malformed_cap_is_a_usage_error(tmp_path: Path) -> None:
+    proc = gridfs("get", "gridfs:chk:not-a-cap", "-o", str(tmp_path / "out"), node=tmp_path)
+    assert proc.returncode == 2
+    one_clean_error_line(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_get_with_grid_stopped_fails_cleanly(grid: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(random.Random(2).randbytes(100_000))
+    client = grid / "client"
+    cap = ok(gridfs("put", str(src), node=client)).strip()
+
+    stopped = ok(gridfs("grid", "stop", str(grid)))
+    assert f"stopped {NODES} nodes" in stopped
+    status = gridfs("grid", "status", str(grid))
+    assert status.returncode != 0
+    assert f"0 of {NODES} nodes running" in status.stdout.decode()
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = gridfs("get", cap, "-o", str(out_dir / "file.bin"), node=client)
+    assert proc.returncode not in (0, 2)
+    assert "no usable share found: 0 of 0 servers answered" in one_clean_error_line(proc)
+    assert list(out_dir.iterdir()) == []  # neither the file nor a temporary
