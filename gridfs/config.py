@@ -86,6 +86,10 @@ class NodeConfig:
         check_k_n(self.k, self.n)
         if not self.k <= self.happy <= self.n:
             raise ParamsError(f"happy must be between k={self.k} and n={self.n}, not {self.happy}")
+        if not self.idle_timeout > 0:
+            raise UsageError(f"idle_timeout must be positive, not {self.idle_timeout}")
+        if self.reserved_space < 0 or self.max_share_size < 1:
+            raise UsageError("reserved_space must be >= 0 and max_share_size >= 1")
         for url in ([self.introducer] if self.introducer else []) + self.servers:
             NodeAddress.parse(url)
 

@@ -134,6 +134,28 @@ class FinishedFile:
         return pack_record(block_proof, ct_proof, b"")
 
 
+def encode_shares(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list[bytes]]:
+    """A whole (small) file encoded in memory: its finished trees and every
+    share's bytes."""
+    g = encoder.geometry
+    seg = g.params.segment_size
+    shares = [bytearray(g.share_size) for _ in range(g.params.n)]
+    for j in range(g.num_segments):
+        blocks = encoder.encode_segment(j, data[j * seg : j * seg + g.segment_size(j)]).blocks
+        offset = g.record_span(j)[0] + g.proof_size
+        for share, block in zip(shares, blocks, strict=True):
+            share[offset : offset + len(block)] = block
+    finished = encoder.finish()
+    for i, share in enumerate(shares):
+        head = finished.head(i)
+        share[: len(head)] = head
+        for j in range(g.num_segments):
+            proofs = finished.record_proofs(i, j)
+            offset = g.record_span(j)[0]
+            share[offset : offset + len(proofs)] = proofs
+    return finished, [bytes(s) for s in shares]
+
+
 @dataclass(frozen=True)
 class VerifiedBlock:
     sharenum: int

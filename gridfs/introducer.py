@@ -25,9 +25,15 @@ class BadAnnouncementError(UsageError):
     code = "bad-announcement"
 
 
+class WrongMethodError(UsageError):
+    code = "bad-request"
+
+
 class IntroducerState:
     def __init__(self) -> None:
         self.announcements: dict[bytes, tuple[bytes, bytes, Announcement]] = {}
+        self.holders: dict[bytes, object] = {}
+        """node id → the session whose connection keeps its announcement alive"""
         self.version = 0
         self._changed = trio.Event()
 
@@ -36,18 +42,24 @@ class IntroducerState:
         self._changed.set()
         self._changed = trio.Event()
 
-    def put(self, data: bytes, signature: bytes, ann: Announcement) -> None:
+    def put(self, data: bytes, signature: bytes, ann: Announcement, holder: object) -> None:
+        """Hold an announcement for as long as ``holder``'s connection lasts.
+        A replay (same or older seq) from another connection is refused, so
+        nobody can take over a server's announcement and then drop it."""
         node = ann.address.node_id
         old = self.announcements.get(node)
-        if old is not None and old[2].seq > ann.seq:
-            raise BadAnnouncementError("an announcement with a higher sequence number is held")
+        if old is not None and (
+            old[2].seq > ann.seq or (old[2].seq == ann.seq and self.holders.get(node) is not holder)
+        ):
+            raise BadAnnouncementError("a newer or equal announcement of that server is held")
         self.announcements[node] = (data, signature, ann)
+        self.holders[node] = holder
         self._bump()
 
-    def remove(self, node: bytes, seq: int) -> None:
-        held = self.announcements.get(node)
-        if held is not None and held[2].seq == seq:
+    def remove(self, node: bytes, holder: object) -> None:
+        if node in self.announcements and self.holders.get(node) is holder:
             del self.announcements[node]
+            del self.holders[node]
             self._bump()
 
     async def wait_newer(self, after: int, timeout: float) -> None:
@@ -69,7 +81,7 @@ class IntroducerSession:
                 ann = Announcement.verify(args["announcement"], args["signature"])
             except FormatError as e:
                 raise BadAnnouncementError(str(e)) from None
-            self.state.put(args["announcement"], args["signature"], ann)
+            self.state.put(args["announcement"], args["signature"], ann, self)
             self.announced[ann.address.node_id] = ann.seq
             log.info("server %s (%s) announced", ann.address, ann.nickname)
             return None
@@ -79,8 +91,8 @@ class IntroducerSession:
                 "version": self.state.version,
                 "announcements": [[d, s] for d, s, _ in self.state.announcements.values()],
             }
-        raise UsageError(f"an introducer does not answer {method}")
+        raise WrongMethodError(f"an introducer does not answer {method}")
 
     def closed(self) -> None:
-        for node, seq in self.announced.items():
-            self.state.remove(node, seq)
+        for node in self.announced:
+            self.state.remove(node, self)

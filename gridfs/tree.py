@@ -270,8 +270,9 @@ class _Batch:
             and change.entry.cap == empty_dir_cap()
             and current.cap != change.entry.cap
         ):
-            # mkdir over an existing directory keeps its contents.
-            change = Put(change.path, change.entry.with_(cap=current.cap), change.base)
+            # mkdir over an existing directory keeps its contents (and their count).
+            kept = change.entry.with_(cap=current.cap, size=current.size)
+            change = Put(change.path, kept, change.base)
             if current == change.entry:
                 return
         self.set(parent, name, change.entry)

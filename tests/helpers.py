@@ -7,28 +7,12 @@ from collections.abc import Mapping
 from gridfs.caps import ReadCap, VerifyCap
 from gridfs.codec import CodecParams
 from gridfs.errors import CorruptShareError, GridError, NotEnoughSharesError
-from gridfs.immutable import FileDecoder, FileEncoder, VerifiedBlock
+from gridfs.immutable import FileDecoder, FileEncoder, VerifiedBlock, encode_shares
 
 
 def encode_bytes(data: bytes, key: bytes, params: CodecParams) -> tuple[ReadCap, list[bytes]]:
-    enc = FileEncoder(key, params, len(data))
-    g = enc.geometry
-    shares = [bytearray(g.share_size) for _ in range(params.n)]
-    for j in range(g.num_segments):
-        start = j * params.segment_size
-        seg = enc.encode_segment(j, data[start : start + g.segment_size(j)])
-        off = g.record_span(j)[0] + g.proof_size
-        for i, block in enumerate(seg.blocks):
-            shares[i][off : off + len(block)] = block
-    fin = enc.finish()
-    for i in range(params.n):
-        head = fin.head(i)
-        shares[i][: len(head)] = head
-        for j in range(g.num_segments):
-            proofs = fin.record_proofs(i, j)
-            off = g.record_span(j)[0]
-            shares[i][off : off + len(proofs)] = proofs
-    return fin.cap, [bytes(s) for s in shares]
+    finished, shares = encode_shares(FileEncoder(key, params, len(data)), data)
+    return finished.cap, shares
 
 
 def decode_shares(

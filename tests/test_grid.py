@@ -126,7 +126,7 @@ async def test_download_survives_n_minus_k_dead_servers(
 
 
 async def test_servers_killed_mid_upload_are_replaced(tmp_path: Path, secret: bytes) -> None:
-    data = payload(MiB, seed=2)
+    data = payload(4 * MiB, seed=2)  # shares above SMALL_SHARE: streamed
     params = UploadParams(K, HAPPY, N, segment_size=128 * 1024)
     killed: list[StorageNode] = []
     with trio.fail_after(TIMEOUT):
@@ -189,7 +189,7 @@ async def test_client_killed_mid_upload_leaves_no_share(
     nothing.  Either way the servers drop every partial share (the connection
     is the canary) and no share of the file ever becomes visible."""
     params = UploadParams(K, HAPPY, N, segment_size=64 * 1024)
-    path = write_temp(tmp_path, payload(MiB, seed=4))
+    path = write_temp(tmp_path, payload(4 * MiB, seed=4))
     si = predicted_storage_index(path, params, secret)
     if crash:
 

@@ -114,6 +114,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if not client.exists():
         client_config.introducer = str(intro_url)
         client.create(client_config)
+    elif client.config().introducer != str(intro_url):
+        config = client.config()
+        config.introducer = str(intro_url)
+        client.save(config)
     total = len(server_dirs(root)) - 1
     connected = trio.run(count_servers, intro_url, total, START_TIMEOUT)
     if connected < total:

@@ -73,6 +73,7 @@ def register(sub: Any) -> None:
     ls = cmd("ls", "list a directory", cmd_ls)
     ls.add_argument("path", nargs="?", default=f"{DEFAULT_ALIAS}:/", metavar="ALIAS:PATH")
     ls.add_argument("-l", dest="long", action="store_true", help="long listing")
+    ls.add_argument("-R", dest="recursive", action="store_true", help="list subdirectories too")
     cmd("cat", "write files to stdout", cmd_cat).add_argument(
         "paths", nargs="+", metavar="ALIAS:PATH"
     )
@@ -184,20 +185,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
         session = TreeSession(grid, alias)
         entry = await session.lookup(path)
         if not entry.is_dir:
-            rows = [(path.rsplit("/", 1)[-1], entry)]
-        else:
-            listing = await session.listdir(path)
-            rows = [(name, listing.entries[name]) for name in listing]
-        for name, e in rows:
-            if args.long:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
-                link = f" -> {e.target}" if e.kind == "symlink" else ""
-                print(f"{stat.filemode(e.st_mode)} {e.size:>12} {when} {name}{link}")
-            else:
-                print(name + ("/" if e.is_dir else ""))
+            show([(path.rsplit("/", 1)[-1], entry)], args.long)
+            return
+        pending = [path]
+        while pending:
+            current = pending.pop(0)
+            listing = await session.listdir(current)
+            if args.recursive:
+                print(f"{alias}:{current}:")
+            show([(name, listing.entries[name]) for name in listing], args.long)
+            if args.recursive:
+                print()
+                subdirs = [n for n in listing if listing.entries[n].is_dir]
+                pending[:0] = [f"{current.rstrip('/')}/{n}" for n in subdirs]
 
     run_with_grid(args, main)
     return 0
+
+
+def show(rows: list[tuple[str, Entry]], long: bool) -> None:
+    for name, e in rows:
+        if long:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+            link = f" -> {e.target}" if e.kind == "symlink" else ""
+            print(f"{stat.filemode(e.st_mode)} {e.size:>12} {when} {name}{link}")
+        else:
+            print(name + ("/" if e.is_dir else ""))
 
 
 def cmd_cat(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from ..caps import LiteralCap, ReadCap, VerifyCap
+from ..caps import LITERAL_MAX, LiteralCap, ReadCap, VerifyCap
 from ..config import NodeDir
 from ..errors import UsageError
 from ..net.identity import NodeAddress
@@ -37,7 +37,8 @@ class GridClient:
         return await self.broker.wait_for_servers(count or self.params.n, min(timeout, 2.0))
 
     async def put(self, path: Path, progress: Progress | None = None) -> UploadReport:
-        await self.wait_for_servers(self.params.happy)
+        if path.stat().st_size > LITERAL_MAX:  # literal files need no server
+            await self.wait_for_servers(self.params.happy)
         return await upload_file(self.broker, path, self.params, self.secret, progress)
 
     async def get(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +29,21 @@ from ..aio import in_thread, ordered_tasks
 from ..caps import LITERAL_MAX, LiteralCap, ReadCap
 from ..codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from ..errors import GridError
-from ..immutable import FileEncoder, FinishedFile
+from ..immutable import FileEncoder, FinishedFile, encode_shares
 from ..offline import file_key
 from ..protocol.schema import MAX_CHUNKS, MAX_WRITE
 from .broker import Server, StorageBroker
 
 log = logging.getLogger(__name__)
 RESEND_ROUNDS = 3
+SMALL_FILE = 256 * 1024
+"""Below this, hashing and encoding run inline: a worker thread costs more."""
+SMALL_SHARE = 1024 * 1024
+"""Shares up to this size go in one put_share request each."""
 Progress = Callable[[int], None]
+
+
+Offer = Callable[[int, "Server"], Awaitable["Bucket | None"]]
 
 
 class UnhappyError(GridError):
@@ -93,8 +100,20 @@ async def upload_file(
     if size <= LITERAL_MAX:
         return UploadReport(LiteralCap(Path(path).read_bytes()))
     codec = params_for_size(params.k, params.n, params.segment_size, size)
-    key = await trio.to_thread.run_sync(file_key, path, secret, codec.serialize())
+    if size <= SMALL_FILE:  # a thread costs more than hashing a small file
+        key = file_key(path, secret, codec.serialize())
+    else:
+        key = await trio.to_thread.run_sync(file_key, path, secret, codec.serialize())
     encoder = FileEncoder(key, codec, size)
+    if len(broker.servers) < params.happy:  # fail before storing anything
+        raise UnhappyError(
+            f"shares could be placed on only {len(broker.servers)} distinct servers, "
+            f"{params.happy} needed ({len(broker.servers)} servers known)"
+        )
+    if encoder.geometry.share_size <= SMALL_SHARE:
+        with open(path, "rb") as f:
+            data = f.read()
+        return await _Upload(broker, -1, encoder, params, progress).run_small(data)
     with open(path, "rb") as f:
         return await _Upload(broker, f.fileno(), encoder, params, progress).run()
 
@@ -164,8 +183,13 @@ class _Upload:
             )
 
     # -- placement ----------------------------------------------------------
-    async def place(self, sharenums: list[int], avoid: set[bytes]) -> dict[int, Bucket]:
-        share_size = self.geometry.share_size
+    async def place(
+        self, sharenums: list[int], avoid: set[bytes], offer: Offer | None = None
+    ) -> dict[int, Bucket]:
+        """Find a server for each share: one share per server while fresh
+        servers last, then more on the willing ones.  ``offer`` asks one
+        server to take one share (default: allocate a bucket)."""
+        offer = offer or self._allocate
         placed: dict[int, Bucket] = {}
         pending = list(sharenums)
         servers = [s for s in self.broker.permuted(self.si) if s.node_id not in avoid]
@@ -176,35 +200,68 @@ class _Upload:
             pool = fresh or usable
             if not pool:
                 break
-            round_ = list(zip(pending, pool, strict=False))
             results: dict[int, Bucket] = {}
 
             async def ask(num: int, server: Server, results: dict[int, Bucket]) -> None:
                 try:
-                    reply = await server.call(
-                        "allocate_buckets",
-                        {"si": self.si, "sharenums": [num], "share_size": share_size},
-                    )
+                    bucket = await offer(num, server)
                 except GridError as e:
                     log.info("%s refused share %d: %s", server.name, num, e)
                     self.failures.append(f"{server.name}: {e}")
+                    bucket = None
+                if bucket is None:
                     self.refused.add(server.node_id)
-                    return
-                if num in reply.get("already", []):
-                    results[num] = Bucket(num, server, existing=True)
-                elif num in reply.get("allocated", []):
-                    results[num] = Bucket(num, server)
-                else:  # someone else is writing that share there right now
-                    self.refused.add(server.node_id)
+                else:
+                    results[num] = bucket
 
             async with trio.open_nursery() as nursery:
-                for num, server in round_:
+                for num, server in zip(pending, pool, strict=False):
                     nursery.start_soon(ask, num, server, results)
             placed |= results
             pending = [num for num in pending if num not in results]
             if not results and not fresh:
                 break
         return placed
+
+    async def _allocate(self, num: int, server: Server) -> Bucket | None:
+        reply = await server.call(
+            "allocate_buckets",
+            {"si": self.si, "sharenums": [num], "share_size": self.geometry.share_size},
+        )
+        if num in reply.get("already", []):
+            return Bucket(num, server, existing=True)
+        if num in reply.get("allocated", []):
+            return Bucket(num, server)
+        return None  # someone else is writing that share there right now
+
+    async def run_small(self, data: bytes) -> UploadReport:
+        """A file whose shares fit in one request: encode it whole, then one
+        ``put_share`` per server stores, checks and closes each share."""
+        if len(data) > SMALL_FILE:
+            encoded = await trio.to_thread.run_sync(encode_shares, self.encoder, data)
+        else:
+            encoded = encode_shares(self.encoder, data)
+        finished, shares = encoded
+
+        async def put(num: int, server: Server) -> Bucket | None:
+            reply = await server.call(
+                "put_share", {"si": self.si, "sharenum": num, "data": shares[num]}
+            )
+            if reply.get("stored") or reply.get("already"):
+                return Bucket(num, server, existing=bool(reply.get("already")))
+            return None
+
+        buckets = await self.place(list(range(self.params.n)), set(), put)
+        good = list(buckets.values())
+        self._check_happy(good, before=False)
+        if self.progress is not None:
+            self.progress(self.geometry.size)
+        return UploadReport(
+            finished.cap,
+            {b.sharenum: b.server.name for b in good},
+            len({b.server.node_id for b in good}),
+            self.failures,
+        )
 
     # -- data ---------------------------------------------------------------
     async def stream(self, buckets: dict[int, Bucket], encode_all: bool) -> None:

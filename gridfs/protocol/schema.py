@@ -121,6 +121,7 @@ REQUESTS: dict[str, dict[str, Check]] = {
     "allocate_buckets": {"si": SI, "sharenums": sharenums, "share_size": u64},
     "write": {"si": SI, "sharenum": sharenum, "chunks": chunks},
     "close": {"si": SI, "sharenum": sharenum},
+    "put_share": {"si": SI, "sharenum": sharenum, "data": binary(most=MAX_WRITE)},
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
     "read": {"si": SI, "sharenum": sharenum, "offset": u64, "length": read_length},

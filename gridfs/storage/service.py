@@ -27,6 +27,12 @@ class TooManyBucketsError(GridError):
     code = "too-many-buckets"
 
 
+class WrongServerError(GridError):
+    """A method this kind of server does not have (e.g. an introducer's)."""
+
+    code = "bad-request"
+
+
 class NoSuchBucketError(GridError):
     """No open bucket for that storage index and share on this connection."""
 
@@ -68,8 +74,11 @@ class StorageSession:
         self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
 
     async def handle(self, method: str, args: dict[str, Any]) -> Any:
+        fn = getattr(self, "rpc_" + method, None)
+        if fn is None:
+            raise WrongServerError(f"a storage server does not answer {method}")
         try:
-            return await getattr(self, "rpc_" + method)(**args)
+            return await fn(**args)
         except GridError as e:
             raise _coded(e) from None
 
@@ -101,6 +110,22 @@ class StorageSession:
             self.buckets.pop((si, sharenum), None)
             bucket.abort()
             raise
+
+    async def rpc_put_share(self, si: bytes, sharenum: int, data: bytes) -> dict[str, bool]:
+        """A whole small share in one call: allocate, write and close."""
+        already, allocated = self.store.allocate(si, [sharenum], len(data))
+        if sharenum in already:
+            return {"stored": False, "already": True}
+        bucket = allocated.get(sharenum)
+        if bucket is None:
+            return {"stored": False, "already": False}  # being written by someone else
+        try:
+            bucket.write(0, data)
+            await trio.to_thread.run_sync(bucket.close)
+        except BaseException:
+            bucket.abort()
+            raise
+        return {"stored": True, "already": False}
 
     async def rpc_close(self, si: bytes, sharenum: int) -> None:
         bucket = self.buckets.pop((si, sharenum), None)
