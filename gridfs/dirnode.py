@@ -5,12 +5,14 @@ so its contents are encrypted like any file and its cap sits in its parent's
 entry; the tree's root directory cap lives in a mutable slot.  Serialized as
 canonical msgpack::
 
-    {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs], ...],
+    {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs, data], ...],
      "version": 1}
 
 with entries sorted by name.  ``kind`` is "file", "dir" or "symlink"; ``cap``
-is the child's read cap ("" for symlinks); ``xattrs`` maps user attribute
-names to bytes.
+is the child's read cap ("" for symlinks and inline files); ``xattrs`` maps
+user attribute names to bytes; ``data`` is nil, or the whole content of a
+small file kept inside its directory (encrypted with it): such a file costs
+no upload of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from .errors import FormatError, UsageError
 VERSION = 1
 KINDS = ("file", "dir", "symlink")
 MAX_NAME_BYTES = 255
+INLINE_MAX = 16 * 1024
+"""Files up to this size may live inside their directory."""
+DIR_INLINE_BUDGET = 1024 * 1024
+"""At most this many bytes of inline files per directory, so that rewriting a
+directory for one change stays cheap; beyond it files get their own upload."""
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
@@ -76,10 +83,18 @@ class Entry:
     ctime_ns: int = 0
     target: str = ""
     xattrs: Mapping[str, bytes] = field(default_factory=dict)
+    data: bytes | None = None
+    """The content of a small file kept inline (then ``cap`` is "")."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FormatError(f"unknown entry kind {self.kind!r}")
+        if self.data is not None and (self.kind != "file" or len(self.data) > INLINE_MAX):
+            raise FormatError("only files up to INLINE_MAX bytes can be inline")
+
+    @property
+    def inline_size(self) -> int:
+        return 0 if self.data is None else len(self.data)
 
     @property
     def is_dir(self) -> bool:
@@ -101,13 +116,16 @@ class Entry:
             self.ctime_ns,
             self.target,
             dict(sorted(self.xattrs.items())),
+            self.data,
         ]
 
     @classmethod
     def from_wire(cls, item: Any) -> tuple[str, Entry]:
-        if not isinstance(item, list) or len(item) != 9:
+        if not isinstance(item, list) or len(item) != 10:
             raise FormatError("directory entry has the wrong shape")
-        name, kind, cap, size, mode, mtime, ctime, target, xattrs = item
+        name, kind, cap, size, mode, mtime, ctime, target, xattrs, data = item
+        if data is not None and not isinstance(data, bytes):
+            raise FormatError("directory entry has bad inline data")
         ints = (size, mode, mtime, ctime)
         if not (isinstance(name, str) and isinstance(cap, str) and isinstance(target, str)):
             raise FormatError("directory entry has the wrong types")
@@ -115,7 +133,7 @@ class Entry:
             raise FormatError("directory entry has the wrong types")
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in xattrs.items()):
             raise FormatError("directory entry has bad xattrs")
-        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs)
+        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs, data)
 
     def with_(self, **changes: Any) -> Entry:
         return replace(self, **changes)

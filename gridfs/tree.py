@@ -21,7 +21,7 @@ from typing import Protocol
 import msgpack
 
 from .caps import LiteralCap
-from .dirnode import DEFAULT_DIR_MODE, EMPTY, Directory, Entry, join_path
+from .dirnode import DEFAULT_DIR_MODE, DIR_INLINE_BUDGET, EMPTY, Directory, Entry, join_path
 from .errors import FormatError, GridError, UsageError
 
 MAX_RETRIES = 20
@@ -201,6 +201,8 @@ class _Batch:
         self.root_cap = root_cap
         self.dirs: dict[Path, Directory] = {}
         self.dirty: set[Path] = set()
+        self.inline: dict[Path, int] = {}
+        """bytes of inline files in each loaded directory"""
         self.now = time.time_ns()
 
     async def dir(self, path: Path, create: bool) -> Directory | None:
@@ -224,11 +226,13 @@ class _Batch:
             else:
                 d = await self.tree.load_dir(entry.cap)
         self.dirs[path] = d
+        self.inline[path] = sum(e.inline_size for e in d.entries.values())
         return d
 
     def set(self, parent: Path, name: str, entry: Entry | None) -> None:
         old = self.dirs[parent].get(name)
         self.dirs[parent] = self.dirs[parent].with_entry(name, entry)
+        self.inline[parent] += (entry.inline_size if entry else 0) - (old.inline_size if old else 0)
         self.dirty.add(parent)
         same_dir = entry is not None and old is not None and entry.is_dir and entry.cap == old.cap
         if old is not None and old.is_dir and not same_dir:
@@ -275,6 +279,13 @@ class _Batch:
             change = Put(change.path, kept, change.base)
             if current == change.entry:
                 return
+        if change.entry.data is not None:
+            budget = (
+                DIR_INLINE_BUDGET - self.inline[parent] + (current.inline_size if current else 0)
+            )
+            if change.entry.inline_size > budget:  # the directory is full: upload it
+                cap = await self.tree.store.put_bytes(change.entry.data)
+                change = Put(change.path, change.entry.with_(cap=cap, data=None), change.base)
         self.set(parent, name, change.entry)
 
     async def delete(self, change: Delete) -> None:

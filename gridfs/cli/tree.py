@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..caps import LITERAL_MAX, LiteralCap, parse_read_cap
+from ..caps import parse_read_cap
 from ..client.grid import GridClient, open_grid
 from ..client.session import (
     DEFAULT_ALIAS,
@@ -29,7 +29,7 @@ from ..client.session import (
     split_grid_path,
 )
 from ..config import NodeConfig, NodeDir, resolve_node_dir
-from ..dirnode import DEFAULT_DIR_MODE, Entry, split_path
+from ..dirnode import DEFAULT_DIR_MODE, INLINE_MAX, Entry, split_path
 from ..errors import UsageError
 from ..fileutil import atomic_output
 from ..tree import NotFoundError, new_dir_entry
@@ -229,6 +229,10 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 
 async def download(grid: GridClient, entry: Entry, out: Any) -> None:
+    if entry.data is not None:  # a small file kept inside its directory
+        out.write(entry.data)
+        return
+
     async def write(data: bytes) -> None:
         await trio.to_thread.run_sync(out.write, data)
 
@@ -361,9 +365,9 @@ def _queue_one(queue: Any, local: Path, target: str) -> None:
     if stat.S_ISLNK(st.st_mode):
         queue.add_file(None, target, _entry_from_stat(st, "symlink", target=os.readlink(local)))
     elif stat.S_ISREG(st.st_mode):
-        if st.st_size <= LITERAL_MAX:
-            cap = LiteralCap(local.read_bytes()).to_string()
-            queue.add_file(None, target, _entry_from_stat(st, "file", cap))
+        if st.st_size <= INLINE_MAX:  # kept inside its directory: no upload of its own
+            entry = _entry_from_stat(st, "file").with_(data=local.read_bytes())
+            queue.add_file(None, target, entry.with_(size=len(entry.data or b"")))
         else:
             queue.add_file(local.resolve(), target, _entry_from_stat(st, "file"))
     else:

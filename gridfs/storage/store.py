@@ -224,17 +224,24 @@ class ShareStore:
                 return {}
             return {int(e.name): e.stat().st_size for e in entries if e.name.isdigit()}
 
-    def _publish(self, bucket: BucketWriter) -> Path:
-        """Rename a checked, fsynced bucket into shares/ and forget it."""
+    def _publish(self, bucket: BucketWriter) -> tuple[Path, list[Path]]:
+        """Rename a checked, fsynced bucket into shares/ and forget it; return
+        its path and the directories whose fsync makes that durable (a new
+        directory's parent too, and no more)."""
         final = self._share_path(bucket.storage_index, bucket.sharenum)
         with self._lock:
+            sync = [final.parent]
+            for d in final.parents[:2]:
+                if d.exists():
+                    break
+                sync.append(d.parent)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(bucket._path, final)
             del self._open[bucket.storage_index, bucket.sharenum]
             if self._used is not None:
                 self._used += bucket.share_size
             _rmdir_quiet(bucket._path.parent)
-        return final
+        return final, sync
 
     def _forget(self, bucket: BucketWriter) -> None:
         with self._lock:
@@ -303,13 +310,13 @@ class BucketWriter:
                 raise IncompleteShareError(f"{self!r} closed with {missing} bytes missing")
             with _disk_errors("close"):
                 self._check_and_sync()
-                final = self._store._publish(self)
+                _, sync = self._store._publish(self)
         except BaseException:
             self.abort()
             raise
         self.closed = True
         with _disk_errors("close"):
-            for d in final.parents[:3]:  # <si>, its prefix, shares/
+            for d in sync:
                 fsync_dir(d)
 
     def abort(self) -> None:
