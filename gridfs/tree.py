@@ -21,7 +21,15 @@ from typing import Protocol
 import msgpack
 
 from .caps import LiteralCap
-from .dirnode import DEFAULT_DIR_MODE, DIR_INLINE_BUDGET, EMPTY, Directory, Entry, join_path
+from .dirnode import (
+    DEFAULT_DIR_MODE,
+    DIR_INLINE_BUDGET,
+    EMPTY,
+    Directory,
+    Entry,
+    check_name,
+    join_path,
+)
 from .errors import FormatError, GridError, UsageError
 
 MAX_RETRIES = 20
@@ -58,6 +66,12 @@ class Store(Protocol):
 Path = tuple[str, ...]
 
 
+def normal_path(path: Path) -> Path:
+    """Names as directories store them (NFC, checked), so that a name spelled
+    in another Unicode form finds, replaces or deletes the same entry."""
+    return tuple(check_name(name) for name in path)
+
+
 @dataclass(frozen=True)
 class Put:
     """Make ``path`` hold ``entry``.  ``base`` is the cap the writer saw there
@@ -67,17 +81,27 @@ class Put:
     entry: Entry
     base: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", normal_path(self.path))
+
 
 @dataclass(frozen=True)
 class Delete:
     path: Path
     base: str | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", normal_path(self.path))
+
 
 @dataclass(frozen=True)
 class Move:
     src: Path
     dst: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src", normal_path(self.src))
+        object.__setattr__(self, "dst", normal_path(self.dst))
 
 
 Change = Put | Delete | Move
@@ -153,6 +177,7 @@ class Tree:
 
     async def lookup(self, path: Path, root_cap: str | None = None) -> Entry:
         """The entry at ``path`` (the root itself for ``()``)."""
+        path = normal_path(path)
         if root_cap is None:
             root_cap = (await self.root())[1]
         entry = Entry("dir", root_cap, 0, DEFAULT_DIR_MODE)
@@ -187,14 +212,15 @@ class Tree:
 
     async def apply(self, root_cap: str, changes: Sequence[Change]) -> str:
         """The root cap after ``changes``: every touched directory written once."""
-        batch = _Batch(self, root_cap)
+        batch = Batch(self, root_cap)
         for change in changes:
             await batch.apply(change)
         return await batch.write()
 
 
-class _Batch:
-    """Directories being changed by one commit, by path."""
+class Batch:
+    """Directories being changed by one commit, by path (the mount keeps one
+    open as its live view: changes are applied in memory, never written)."""
 
     def __init__(self, tree: Tree, root_cap: str) -> None:
         self.tree = tree

@@ -199,13 +199,13 @@ class WorkQueue:
 
     def add_file(
         self, source: Path | None, path: str, entry: Entry, base: str | None = None
-    ) -> None:
-        """The usual sequence for one file: copy into a tempfile, upload it into
-        a box, add the path, retain, and clean up; all in one transaction."""
+    ) -> str | None:
+        """The usual sequence for one file: upload it into a box, add the path,
+        retain, and clean up, all in one transaction; returns the box."""
         with self.transaction():
-            if source is None:  # the entry already carries its cap (e.g. a literal)
+            if source is None:  # the entry already carries its cap or its data
                 self.add_addpath(None, path, entry, base)
-                return
+                return None
             box = self.create_boxname()
             self.add_upload_chk(str(source), box)
             self.add_addpath(box, path, entry, base)
@@ -213,6 +213,7 @@ class WorkQueue:
             self.add_delete_box(box)
             if Path(source).parent == self.tempfiles:
                 self.add_delete_tempfile(Path(source).name)
+            return box
 
     @contextlib.contextmanager
     def transaction(self) -> Any:
@@ -238,8 +239,24 @@ class WorkQueue:
         return [r[0] for r in self.db.execute("SELECT cap FROM retained ORDER BY cap")]
 
     def pending_changes(self) -> list[Change]:
-        """Path steps not yet applied, as tree changes (for read-your-writes)."""
-        return [c for s in self.pending() if s.section == PATH and (c := self._change(s))]
+        """Path steps not yet applied, as tree changes (for read-your-writes).
+        A file whose upload has not run yet gets the cap ``local:BOX:TEMPFILE``
+        so a reader can find its bytes on the local disk meanwhile."""
+        steps = self.pending()
+        sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.kind == "upload_chk"}
+        out: list[Change] = []
+        for s in steps:
+            if s.section != PATH:
+                continue
+            change = self._change(s)
+            if change is None and s.kind == "addpath":
+                box = s.args["box"]
+                _, entry = Entry.from_wire(s.args["entry"])
+                local = f"local:{box}:{sources.get(box, '')}"
+                change = Put(_split(s.args["path"]), entry.with_(cap=local), s.args["base"])
+            if change is not None:
+                out.append(change)
+        return out
 
     # -- running ------------------------------------------------------------
     async def flush(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
-from . import debug, files, grid, nodes, tree
+from . import debug, files, grid, mount, nodes, tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.register(sub)
     nodes.register(sub)
     tree.register(sub)
+    mount.register(sub)
     debug.register(sub)
     return parser
 

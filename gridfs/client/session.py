@@ -75,12 +75,17 @@ class TreeSession:
     """One aliased tree: its store, tree, and work queue (also its executor)."""
 
     def __init__(self, grid: GridClient, alias: str) -> None:
+        """``alias`` is an alias name, or a tree's slot cap itself."""
         aliases = load_aliases(grid.node)
-        if alias not in aliases:
+        if alias.startswith("gridfs:"):
+            cap_text = alias
+        elif alias in aliases:
+            cap_text = aliases[alias]
+        else:
             raise UsageError(f"unknown alias {alias}: (see gridfs alias list)")
         self.grid = grid
         self.alias = alias
-        self.cap: SlotCap = parse_slot_cap(aliases[alias])
+        self.cap: SlotCap = parse_slot_cap(cap_text)
         if not isinstance(self.cap, SlotWriteCap | SlotReadCap):
             raise UsageError(f"alias {alias}: holds a verify cap, which cannot read")
         self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret)

@@ -136,6 +136,12 @@ REQUESTS: dict[str, dict[str, Check]] = {
     # introducer
     "announce": {"announcement": binary(most=MAX_ANNOUNCEMENT), "signature": binary(64)},
     "get_peers": {"after": u64, "wait": u64},
+    # a mount's control socket (local, Unix domain)
+    "ctl_status": {},
+    "ctl_flush": {},
+    "ctl_memory": {},
+    "ctl_upload": {"path": text(4096)},
+    "ctl_download": {"cap": text(4096), "path": text(4096)},
 }
 
 

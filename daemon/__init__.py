@@ -1,0 +1,1 @@
+"""The gridfs mount: a trio daemon serving a grid tree over FUSE (pyfuse3)."""

@@ -1,0 +1,187 @@
+"""Open files: local staging for writes, verified segment reads for the rest.
+
+One :class:`OpenFile` per inode, shared by all its handles, so a write through
+one descriptor is seen by reads through another.  Writes go to a sparse
+staging file in the queue's ``tempfiles/``; ``flush``/``fsync`` hand it to the
+work queue (journaled, uploaded in the background).  Reads of a file not
+being written fetch only the segments they touch, through a bounded cache,
+and read ahead when access is sequential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from gridfs.caps import LiteralCap, ReadCap, parse_read_cap
+from gridfs.client.download import Downloader, open_downloader
+from gridfs.client.session import TreeSession
+from gridfs.dirnode import Entry
+from gridfs.errors import GridError
+
+log = logging.getLogger(__name__)
+READAHEAD = 4
+"""Segments fetched ahead of a sequential reader."""
+
+
+class SegmentCache:
+    """Decoded segments by (cap, index), least recently used evicted first."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._size = 0
+
+    def get(self, key: tuple[str, int]) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: tuple[str, int], data: bytes) -> None:
+        if key in self._items:
+            return
+        self._items[key] = data
+        self._size += len(data)
+        while self._size > self.max_bytes and self._items:
+            _, old = self._items.popitem(last=False)
+            self._size -= len(old)
+
+
+class CapReader:
+    """Random-access reads of one immutable file, segment by segment."""
+
+    def __init__(self, session: TreeSession, cap: ReadCap, cache: SegmentCache) -> None:
+        self.session = session
+        self.cap = cap
+        self.key = cap.to_string()
+        self.cache = cache
+        self._downloader: Downloader | None = None
+        self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
+        self._fetching: dict[int, trio.Event] = {}
+        self._last = -2
+
+    async def _dl(self, nursery: trio.Nursery) -> Downloader:
+        if self._downloader is None:
+            ready = trio.Event()
+
+            async def hold(
+                *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                async with open_downloader(self.session.grid.broker, self.cap) as d:
+                    self._downloader = d
+                    task_status.started()
+                    await ready.wait()  # held until the file is closed
+
+            self._release = ready
+            await nursery.start(hold)
+        assert self._downloader is not None
+        return self._downloader
+
+    async def segment(self, j: int, nursery: trio.Nursery) -> bytes:
+        cached = self.cache.get((self.key, j))
+        if cached is not None:
+            return cached
+        if j in self._fetching:
+            await self._fetching[j].wait()
+            cached = self.cache.get((self.key, j))
+            if cached is not None:
+                return cached
+        done = self._fetching[j] = trio.Event()
+        try:
+            decoded = await (await self._dl(nursery)).segment(j)
+            self.cache.put((self.key, j), decoded.data)
+            return decoded.data
+        finally:
+            done.set()
+            self._fetching.pop(j, None)
+
+    async def read(self, offset: int, size: int, nursery: trio.Nursery) -> bytes:
+        end = min(self.cap.size, offset + size)
+        if offset >= end:
+            return b""
+        seg = (await self._dl(nursery)).decoder.geometry
+        assert seg is not None
+        segsize = seg.params.segment_size
+        first, last = offset // segsize, (end - 1) // segsize
+        if first in (self._last, self._last + 1):  # sequential: read ahead
+            for j in range(last + 1, min(last + 1 + READAHEAD, seg.num_segments)):
+                if self.cache.get((self.key, j)) is None and j not in self._fetching:
+                    nursery.start_soon(self._prefetch, j, nursery)
+        self._last = last
+        parts = []
+        for j in range(first, last + 1):
+            data = await self.segment(j, nursery)
+            lo = max(offset, j * segsize) - j * segsize
+            hi = min(end, (j + 1) * segsize) - j * segsize
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    async def _prefetch(self, j: int, nursery: trio.Nursery) -> None:
+        with contextlib.suppress(GridError):
+            await self.segment(j, nursery)
+
+    def close(self) -> None:
+        if self._downloader is not None:
+            self._release.set()
+            self._downloader = None
+
+
+@dataclass
+class OpenFile:
+    """One inode's open state."""
+
+    ino: int
+    path: tuple[str, ...]
+    entry: Entry
+    handles: int = 0
+    staging: int | None = None
+    """fd of the staging file, when the file is being written"""
+    staging_name: str | None = None
+    handed_over: bool = False
+    """the staging file now belongs to the queue: copy it before writing again"""
+    dirty: bool = False
+    size: int = 0
+    unlinked: bool = False
+    reader: CapReader | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            os.close(self.staging)
+            self.staging = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+async def content_source(session: TreeSession, entry: Entry, overlay_get) -> bytes | Path | ReadCap:  # type: ignore[no-untyped-def]
+    """Where a file's bytes are: inline bytes, a local tempfile, or a cap."""
+    if entry.data is not None:
+        return entry.data
+    cap = entry.cap
+    if cap.startswith("local:"):
+        _, box, tempfile = cap.split(":", 2)
+        path = (
+            session.queue.tempfile_path(tempfile)
+            if not tempfile.startswith("/")
+            else Path(tempfile)
+        )
+        if path.exists():
+            return path
+        filled = session.queue.read_box(box)
+        if filled is None:
+            raise GridError(f"the queued upload of {cap} is gone")
+        cap = filled.decode()
+    if cap.startswith("pending:"):
+        return bytes(await overlay_get(cap))
+    parsed = parse_read_cap(cap)
+    if isinstance(parsed, LiteralCap):
+        return parsed.data
+    return parsed

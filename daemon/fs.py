@@ -1,0 +1,625 @@
+"""The FUSE adapter: inodes and handles in, EntryAttributes and errno out.
+
+What a file *is* lives in :mod:`daemon.view` (the tree), :mod:`daemon.files`
+(open files) and the work queue; this module only translates.  Every handler
+goes through :func:`errors_to_errno`, so a bug in one answers EIO and is
+logged instead of taking the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from gridfs.client.session import TreeSession
+from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
+from gridfs.errors import GridError, UsageError
+from gridfs.tree import Delete, Move, NotFoundError, Put, new_dir_entry
+
+from .files import CapReader, OpenFile, SegmentCache, content_source
+from .view import View
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+Path_ = tuple[str, ...]
+TIMEOUT = 1.0
+"""Seconds the kernel may cache names and attributes (other writers' changes
+show up within the refresh interval plus this)."""
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+XATTR_PREFIX = "user."
+
+
+def errors_to_errno(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except UsageError as e:
+            log.debug("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except GridError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+def fuse_name(name: bytes) -> str:
+    try:
+        return check_name(name.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.EILSEQ) from None
+    except UsageError:
+        if len(name) > 255:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG) from None
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+
+class Inodes:
+    """Stable inode numbers for paths while the daemon runs."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, Path_] = {pyfuse3.ROOT_INODE: ()}
+        self.by_path: dict[Path_, int] = {(): pyfuse3.ROOT_INODE}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def get(self, path: Path_) -> int:
+        ino = self.by_path.get(path)
+        if ino is None:
+            ino = self.by_path[path] = self._next
+            self.paths[ino] = path
+            self._next += 1
+        return ino
+
+    def path(self, ino: int) -> Path_:
+        try:
+            return self.paths[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def moved(self, src: Path_, dst: Path_) -> None:
+        """Paths at and under ``src`` are now under ``dst``."""
+        self.by_path.pop(dst, None)
+        for path, ino in list(self.by_path.items()):
+            if path[: len(src)] == src:
+                new = dst + path[len(src) :]
+                del self.by_path[path]
+                self.by_path[new] = ino
+                self.paths[ino] = new
+
+    def unlinked(self, path: Path_) -> None:
+        self.by_path.pop(path, None)
+
+
+class GridOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, daemon: Any, session: TreeSession, view: View, sync: bool) -> None:
+        super().__init__()
+        self.daemon = daemon
+        self.session = session
+        self.queue = session.queue
+        self.view = view
+        self.sync = sync
+        self.inodes = Inodes()
+        self.open_files: dict[int, OpenFile] = {}
+        self.handles: dict[int, int] = {}
+        self._next_fh = 1
+        self.cache = SegmentCache()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.nursery: trio.Nursery | None = None
+
+    # -- attributes ---------------------------------------------------------
+    def attrs(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = entry.st_mode
+        a.st_nlink = 2 if entry.is_dir else 1
+        a.st_uid, a.st_gid = self.uid, self.gid
+        of = self.open_files.get(ino)
+        size = of.size if of is not None and of.staging is not None else entry.size
+        if entry.kind == "symlink":
+            size = len(entry.target.encode())
+        a.st_size = size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (size + 511) // 512
+        a.st_mtime_ns = entry.mtime_ns
+        a.st_ctime_ns = entry.ctime_ns or entry.mtime_ns
+        a.st_atime_ns = entry.mtime_ns
+        return a
+
+    async def entry_of(self, ino: int) -> Entry:
+        of = self.open_files.get(ino)
+        if of is not None and of.unlinked:
+            return of.entry
+        entry = await self.view.lookup(self.inodes.path(ino))
+        if entry is None:
+            if of is not None:
+                return of.entry
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    @errors_to_errno
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        path = (*self.inodes.path(parent_inode), fuse_name(name))
+        entry = await self.view.lookup(path)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attrs(self.inodes.get(path), entry)
+
+    @errors_to_errno
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attrs(inode, await self.entry_of(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # inode numbers stay stable for the daemon's lifetime
+
+    @errors_to_errno
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        entry = await self.entry_of(inode)
+        if entry.kind != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return entry.target.encode()
+
+    # -- changing the tree ----------------------------------------------------
+    async def change(self, enqueue: Callable[[], Any], change: Put | Delete | Move) -> None:
+        """Queue a change (durably), then show it in the view."""
+        async with self.view.lock:
+            enqueue()
+            await self.view.apply(change)
+        self.daemon.kick()
+
+    def queued(self, path: Path_, entry: Entry) -> Callable[[], Any]:
+        """The queue step that stores ``entry`` (as the view holds it) at ``path``."""
+        text = "/" + "/".join(path)
+        if entry.cap.startswith("local:"):
+            box = entry.cap.split(":", 2)[1]
+            return lambda: self.queue.add_addpath(box, text, entry.with_(cap=""))
+        if entry.cap.startswith("pending:"):
+            raise pyfuse3.FUSEError(errno.EAGAIN)  # rare: wait for the flush
+        return lambda: self.queue.add_file(None, text, entry)
+
+    async def put_entry(self, path: Path_, entry: Entry) -> None:
+        await self.change(self.queued(path, entry), Put(path, entry))
+
+    async def _child(self, parent_inode: int, name: bytes) -> tuple[Path_, Entry | None]:
+        path = (*self.inodes.path(parent_inode), fuse_name(name))
+        return path, await self.view.lookup(path)
+
+    @errors_to_errno
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        path, existing = await self._child(parent_inode, name)
+        if existing is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        entry = new_dir_entry().with_(mode=mode & 0o7777)
+        await self.put_entry(path, entry)
+        return self.attrs(self.inodes.get(path), entry)
+
+    @errors_to_errno
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        path, existing = await self._child(parent_inode, name)
+        if existing is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        now = time.time_ns()
+        entry = Entry("symlink", "", 0, 0o777, now, now, os.fsdecode(target))
+        await self.put_entry(path, entry)
+        return self.attrs(self.inodes.get(path), entry)
+
+    @errors_to_errno
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path, entry = await self._child(parent_inode, name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._remove(path)
+
+    @errors_to_errno
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        path, entry = await self._child(parent_inode, name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        listing = await self.view.dir(path)
+        if listing is not None and len(listing):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self._remove(path)
+
+    async def _remove(self, path: Path_) -> None:
+        text = "/" + "/".join(path)
+        await self.change(lambda: self.queue.add_deletepath(text), Delete(path))
+        ino = self.inodes.by_path.get(path)
+        if ino is not None and ino in self.open_files:
+            self.open_files[ino].unlinked = True  # stays readable until closed
+        self.inodes.unlinked(path)
+
+    @errors_to_errno
+    async def rename(
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        src, entry = await self._child(parent_old, name_old)
+        dst, target = await self._child(parent_new, name_new)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # documented: not supported
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if target.is_dir and not entry.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if entry.is_dir and not target.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if target.is_dir:
+                listing = await self.view.dir(dst)
+                if listing is not None and len(listing):
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        if dst[: len(src)] == src and dst != src:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if src == dst:
+            return
+        for of in self.open_files.values():  # a dirty file commits under its new name
+            if of.path[: len(src)] == src:
+                await self.commit(of)
+        replaced = self.inodes.by_path.get(dst)
+        if replaced is not None and replaced in self.open_files:
+            self.open_files[replaced].unlinked = True
+        s, d = "/" + "/".join(src), "/" + "/".join(dst)
+        await self.change(lambda: self.queue.add_move(s, d), Move(src, dst))
+        self.inodes.moved(src, dst)
+        for of in self.open_files.values():
+            if of.path[: len(src)] == src:
+                of.path = dst + of.path[len(src) :]
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)  # documented: no hard links
+
+    @errors_to_errno
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        entry = await self.entry_of(inode)
+        path = self.inodes.path(inode)
+        if (fields.update_uid and attr.st_uid not in (self.uid, -1)) or (
+            fields.update_gid and attr.st_gid not in (self.gid, -1)
+        ):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode & 0o7777
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size or changes:
+            changes["ctime_ns"] = time.time_ns()
+        if fields.update_size:
+            if entry.kind != "file":
+                raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+            of = await self.open_for(inode, entry)
+            try:
+                async with of.lock:
+                    await self.stage(of, keep=attr.st_size > 0)
+                    assert of.staging is not None
+                    os.ftruncate(of.staging, attr.st_size)
+                    of.size, of.dirty = attr.st_size, True
+                    of.entry = of.entry.with_(**changes)
+                if not of.handles:
+                    await self.commit(of)
+            finally:
+                await self.drop_if_unused(of)
+            return self.attrs(inode, of.entry)
+        if changes:
+            current = self.open_files.get(inode)
+            if current is not None:
+                current.entry = current.entry.with_(**changes)
+            if not (current is not None and current.unlinked):
+                entry = entry.with_(**changes)
+                await self.put_entry(path, entry)
+        return self.attrs(inode, (await self.entry_of(inode)) if not changes else entry)
+
+    # -- directories ----------------------------------------------------------
+    @errors_to_errno
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        entry = await self.entry_of(inode)
+        if not entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @errors_to_errno
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        path = self.inodes.path(fh)
+        listing = await self.view.dir(path)
+        if listing is None:
+            return
+        names = list(listing)
+        for i in range(start_id, len(names)):
+            name = names[i]
+            child = (*path, name)
+            attrs = self.attrs(self.inodes.get(child), listing.entries[name])
+            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.daemon.wait_synced() if self.sync else None
+
+    # -- files ------------------------------------------------------------------
+    async def open_for(self, ino: int, entry: Entry) -> OpenFile:
+        of = self.open_files.get(ino)
+        if of is None:
+            of = OpenFile(ino, self.inodes.path(ino), entry, size=entry.size)
+            self.open_files[ino] = of
+        return of
+
+    async def drop_if_unused(self, of: OpenFile) -> None:
+        if of.handles == 0 and not of.dirty:
+            of.close()
+            if self.open_files.get(of.ino) is of:
+                del self.open_files[of.ino]
+
+    def _new_fh(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = ino
+        return fh
+
+    @errors_to_errno
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        entry = await self.entry_of(inode)
+        if entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        of = await self.open_for(inode, entry)
+        of.handles += 1
+        try:
+            if flags & os.O_TRUNC:
+                async with of.lock:
+                    await self.stage(of, keep=False)
+                    assert of.staging is not None
+                    os.ftruncate(of.staging, 0)
+                    of.size, of.dirty = 0, True
+        except BaseException:
+            of.handles -= 1
+            await self.drop_if_unused(of)
+            raise
+        info = pyfuse3.FileInfo(fh=self._new_fh(inode))
+        info.keep_cache = False
+        return info
+
+    @errors_to_errno
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path, existing = await self._child(parent_inode, name)
+        if existing is not None and existing.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        now = time.time_ns()
+        entry = Entry("file", "", 0, mode & 0o7777, now, now, data=b"")
+        await self.put_entry(path, entry)
+        ino = self.inodes.get(path)
+        old = self.open_files.get(ino)
+        if old is not None:
+            old.unlinked = True
+            del self.open_files[ino]
+        of = await self.open_for(ino, entry)
+        of.handles += 1
+        async with of.lock:
+            await self.stage(of, keep=False)
+        return pyfuse3.FileInfo(fh=self._new_fh(ino)), self.attrs(ino, entry)
+
+    async def stage(self, of: OpenFile, keep: bool) -> None:
+        """Make sure ``of`` has a private staging file (holding its current
+        bytes when ``keep``) before it is written."""
+        if of.staging is not None and not of.handed_over:
+            return
+        f, name = self.queue.create_tempfile(".staging")
+        fd = os.open(self.queue.tempfile_path(name), os.O_RDWR)
+        f.close()
+        try:
+            if keep and of.staging is not None:  # copy-on-write after a hand-over
+                await trio.to_thread.run_sync(_copy_fd, of.staging, fd, of.size)
+            elif keep and of.entry.size:
+                await self._fill(of, fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.queue.tempfile_path(name))
+            raise
+        if of.staging is not None:
+            os.close(of.staging)
+        of.staging, of.staging_name, of.handed_over = fd, name, False
+        of.size = os.fstat(fd).st_size
+
+    async def _fill(self, of: OpenFile, fd: int) -> None:
+        source = await content_source(self.session, of.entry, self.view.overlay.get_bytes)
+        if isinstance(source, bytes):
+            os.pwrite(fd, source, 0)
+        elif isinstance(source, Path):
+            with open(source, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                await trio.to_thread.run_sync(_copy_fd, src.fileno(), fd, size)
+        else:
+            assert self.nursery is not None
+            reader = CapReader(self.session, source, self.cache)
+            try:
+                step = 4 << 20
+                for off in range(0, source.size, step):
+                    os.pwrite(fd, await reader.read(off, step, self.nursery), off)
+            finally:
+                reader.close()
+
+    @errors_to_errno
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self.open_files[self.handles[fh]]
+        if of.staging is not None:
+            return os.pread(of.staging, size, off)
+        if of.entry.kind != "file":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        source = await content_source(self.session, of.entry, self.view.overlay.get_bytes)
+        if isinstance(source, bytes):
+            return source[off : off + size]
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                return os.pread(f.fileno(), size, off)
+        if of.reader is None:
+            of.reader = CapReader(self.session, source, self.cache)
+        assert self.nursery is not None
+        return await of.reader.read(off, size, self.nursery)
+
+    @errors_to_errno
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        of = self.open_files[self.handles[fh]]
+        async with of.lock:
+            await self.stage(of, keep=True)
+            assert of.staging is not None
+            os.pwrite(of.staging, buf, off)
+            of.size = max(of.size, off + len(buf))
+            of.dirty = True
+        return len(buf)
+
+    async def commit(self, of: OpenFile) -> None:
+        """Hand a dirty file to the work queue: durable when this returns."""
+        async with of.lock:
+            if not of.dirty or of.staging is None:
+                return
+            of.dirty = False
+            if of.unlinked:
+                return
+            now = time.time_ns()
+            entry = of.entry.with_(size=of.size, mtime_ns=now, ctime_ns=now, cap="", data=None)
+            text = "/" + "/".join(of.path)
+            if of.size <= INLINE_MAX and of.size <= DIR_INLINE_BUDGET:
+                entry = entry.with_(data=os.pread(of.staging, of.size, 0))
+                await self.change(
+                    lambda: self.queue.add_file(None, text, entry), Put(of.path, entry)
+                )
+            else:
+                await trio.to_thread.run_sync(os.fsync, of.staging)
+                name = of.staging_name
+                assert name is not None
+                async with self.view.lock:
+                    box = self.queue.add_file(self.queue.tempfile_path(name), text, entry)
+                    view_entry = entry.with_(cap=f"local:{box}:{name}")
+                    await self.view.apply(Put(of.path, view_entry))
+                self.daemon.kick()
+                entry = view_entry
+                of.handed_over = True
+            of.entry = entry
+        if self.sync:
+            await self.daemon.wait_synced()
+
+    @errors_to_errno
+    async def flush(self, fh: int) -> None:
+        await self.commit(self.open_files[self.handles[fh]])
+
+    @errors_to_errno
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.commit(self.open_files[self.handles[fh]])
+
+    @errors_to_errno
+    async def release(self, fh: int) -> None:
+        ino = self.handles.pop(fh)
+        of = self.open_files.get(ino)
+        if of is None:
+            return
+        of.handles -= 1
+        if of.handles == 0:
+            await self.commit(of)
+            of.dirty = False
+            await self.drop_if_unused(of)
+
+    # -- xattrs and statfs ----------------------------------------------------
+    @errors_to_errno
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        key = name.decode("utf-8", "replace")
+        value = (await self.entry_of(inode)).xattrs.get(key)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @errors_to_errno
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [k.encode() for k in (await self.entry_of(inode)).xattrs]
+
+    @errors_to_errno
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        key = name.decode("utf-8", "replace")
+        if not key.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if len(value) > 64 * 1024:
+            raise pyfuse3.FUSEError(errno.E2BIG)
+        await self._set_xattrs(inode, key, value)
+
+    @errors_to_errno
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        key = name.decode("utf-8", "replace")
+        if key not in (await self.entry_of(inode)).xattrs:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        await self._set_xattrs(inode, key, None)
+
+    async def _set_xattrs(self, inode: int, key: str, value: bytes | None) -> None:
+        entry = await self.entry_of(inode)
+        xattrs = dict(entry.xattrs)
+        if value is None:
+            xattrs.pop(key, None)
+        else:
+            xattrs[key] = value
+        entry = entry.with_(xattrs=xattrs, ctime_ns=time.time_ns())
+        of = self.open_files.get(inode)
+        if of is not None:
+            of.entry = of.entry.with_(xattrs=xattrs)
+        await self.put_entry(self.inodes.path(inode), entry)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        total, free = self.daemon.capacity()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = total // 4096
+        s.f_bfree = s.f_bavail = free // 4096
+        s.f_files = s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    off = 0
+    while off < size:
+        n = os.copy_file_range(src, dst, size - off, off, off)
+        if n == 0:
+            break
+        off += n

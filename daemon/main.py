@@ -1,0 +1,229 @@
+"""The mount daemon: grid client, work queue flusher, FUSE session, control socket.
+
+Everything lives in one trio nursery for the life of the mount.  Unmounting
+(umount, fusermount3 -u, SIGTERM, ``gridfs umount``) ends the FUSE session,
+then the queue is drained for up to ``drain_timeout`` seconds; whatever is
+left stays journaled and is uploaded by the next mount or ``gridfs queue
+flush``.  After ``kill -9`` the next mount resumes the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from gridfs.client.grid import open_grid
+from gridfs.client.session import TreeSession
+from gridfs.config import NodeDir
+from gridfs.errors import GridError, UsageError
+
+from .control import serve_control
+from .fs import GridOperations
+from .view import View
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    sync: bool = False
+    """fsync() returns only once the file and its directory change are on the grid"""
+    allow_other: bool = False
+    refresh: float = 10.0
+    """seconds between checks for other writers' changes"""
+    drain_timeout: float = 60.0
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[MountOptions, dict[str, str]]:
+        """``sync,refresh=5,node=DIR`` → options, and the rest (node=, defaults…)."""
+        opts, rest = cls(), {}
+        for item in filter(None, (text or "").split(",")):
+            key, _, value = item.partition("=")
+            if key == "sync":
+                opts.sync = True
+            elif key == "allow_other":
+                opts.allow_other = True
+            elif key in ("refresh", "drain_timeout"):
+                try:
+                    setattr(opts, key, float(value))
+                except ValueError:
+                    raise UsageError(f"-o {key}= needs a number of seconds") from None
+            elif key in ("node", "alias"):
+                rest[key] = value
+            elif key in ("defaults", "rw", "auto", "noauto", "user", "nouser", "_netdev", "nofail"):
+                continue  # fstab words the kernel or mount(8) handle
+            else:
+                raise UsageError(f"unknown mount option {key!r}")
+        return opts, rest
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) we are ready or stopping; no-op elsewhere."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+class MountDaemon:
+    def __init__(self, node: NodeDir, tree: str, mountpoint: Path, options: MountOptions) -> None:
+        self.node = node
+        self.tree = tree
+        self.mountpoint = Path(mountpoint).absolute()
+        self.options = options
+        self.session: TreeSession | None = None
+        self.view: View | None = None
+        self.last_error: str | None = None
+        self.flushed = 0
+        self._kicked = trio.Event()
+        self._capacity = (1 << 40, 1 << 40)
+
+    # -- the queue in the background -------------------------------------------
+    def kick(self) -> None:
+        self._kicked.set()
+
+    async def flush_queue(self) -> None:
+        assert self.session is not None and self.view is not None
+        await self.session.queue.flush(self.session)
+        self.flushed += 1
+        self.last_error = None
+        await self.view.rebuild()
+
+    async def wait_synced(self) -> None:
+        """For -o sync and gridfs queue flush: return once the grid has everything."""
+        await self.flush_queue()
+
+    async def flusher(self) -> None:
+        backoff = 1.0
+        while True:
+            await self._kicked.wait()
+            self._kicked = trio.Event()
+            await trio.sleep(0.2)  # let a burst of changes gather into one batch
+            try:
+                await self.flush_queue()
+                backoff = 1.0
+            except GridError as e:
+                self.last_error = str(e)
+                log.error("upload failed, will retry in %.0fs: %s", backoff, e)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self.kick()
+
+    async def refresher(self) -> None:
+        """Show other writers' changes: re-read the root now and then."""
+        assert self.view is not None
+        while True:
+            await trio.sleep(self.options.refresh)
+            try:
+                if await self.view.rebuild():
+                    log.info("the tree changed elsewhere; view rebuilt")
+            except GridError as e:
+                log.warning("could not re-read the root: %s", e)
+
+    def capacity(self) -> tuple[int, int]:
+        return self._capacity
+
+    async def capacity_poller(self) -> None:
+        assert self.session is not None
+        while True:
+            stats = await self.session.grid.broker.stats()
+            good = [s for s in stats.values() if isinstance(s, dict)]
+            if good:
+                k, n = self.session.grid.params.k, self.session.grid.params.n
+                total = sum(int(s.get("total", 0)) for s in good) * k // n
+                free = sum(int(s.get("available", 0)) for s in good) * k // n
+                self._capacity = (total, free)
+            await trio.sleep(30)
+
+    def status(self) -> dict[str, Any]:
+        assert self.session is not None
+        queue = self.session.queue
+        failed = [s.describe() for s in queue.pending() if s.last_error]
+        return {
+            "mountpoint": str(self.mountpoint),
+            "tree": self.tree,
+            "pid": os.getpid(),
+            "queue": len(queue),
+            "failed_steps": failed[:20],
+            "last_error": self.last_error or "",
+            "servers": len(self.session.grid.broker.servers),
+            "flushes": self.flushed,
+        }
+
+    # -- running ----------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_grid(self.node) as grid:
+            await grid.wait_for_servers()
+            self.session = TreeSession(grid, self.tree)
+            self.view = View(self.session)
+            await self.view.rebuild()
+            ops = GridOperations(self, self.session, self.view, self.options.sync)
+            fuse_options = set(pyfuse3.default_options)
+            fuse_options |= {"fsname=gridfs", "subtype=gridfs"}
+            if self.options.allow_other:
+                fuse_options.add("allow_other")
+            pyfuse3.init(ops, str(self.mountpoint), fuse_options)
+            unmounted = False
+            try:
+                async with trio.open_nursery() as nursery:
+                    ops.nursery = nursery
+                    nursery.start_soon(self.flusher)
+                    nursery.start_soon(self.refresher)
+                    nursery.start_soon(self.capacity_poller)
+                    nursery.start_soon(serve_control, self, self.node)
+                    nursery.start_soon(self._signals)
+                    if len(self.session.queue):
+                        log.info("resuming %d queued steps", len(self.session.queue))
+                        self.kick()
+                    sd_notify("READY=1")
+                    task_status.started()
+                    await pyfuse3.main()
+                    unmounted = True
+                    nursery.cancel_scope.cancel()
+            finally:
+                sd_notify("STOPPING=1")
+                pyfuse3.close(unmount=not unmounted)
+                await self._drain()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                log.info("unmounting %s", self.mountpoint)
+                pyfuse3.terminate()
+                return
+
+    async def _drain(self) -> None:
+        assert self.session is not None
+        if not len(self.session.queue):
+            return
+        with trio.move_on_after(self.options.drain_timeout):
+            try:
+                await self.session.queue.flush(self.session)
+            except GridError as e:
+                log.error("could not finish the queue: %s", e)
+        left = len(self.session.queue)
+        if left:
+            log.warning(
+                "%d steps stay queued; the next mount or `gridfs queue flush` uploads them", left
+            )
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount via fusermount3 (works for the mounting user, root or not)."""
+    import subprocess
+
+    proc = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GridError(proc.stderr.strip() or f"could not unmount {mountpoint}")

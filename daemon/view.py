@@ -1,0 +1,60 @@
+"""What the mount shows: the committed tree with the queued changes laid over it.
+
+Every change the mount makes is first made durable in the work queue, then
+applied to this in-memory view, so it is visible at once (read-your-writes)
+while the upload and the root publish happen in the background.  After a
+flush, or when another writer changed the tree, the view is rebuilt from the
+new root plus whatever is still queued.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from gridfs.client.gridstore import OverlayStore
+from gridfs.client.session import TreeSession
+from gridfs.dirnode import DEFAULT_DIR_MODE, Directory, Entry
+from gridfs.tree import Batch, Change, Tree
+
+Path = tuple[str, ...]
+
+
+class View:
+    def __init__(self, session: TreeSession) -> None:
+        self.session = session
+        self.lock = trio.Lock()
+        """Held while the view changes: a change is queued and applied as one."""
+        self.overlay = OverlayStore(session.store)
+        self.batch: Batch | None = None
+        self.seq = -1
+        self.root_entry = Entry("dir", "", 0, DEFAULT_DIR_MODE, time.time_ns(), time.time_ns())
+
+    async def rebuild(self) -> bool:
+        """Re-read the root and re-apply what is still queued; True if the
+        committed tree changed."""
+        async with self.lock:
+            seq, root = await self.session.tree.root()
+            overlay = Tree(self.overlay, self.session.tree.cache)
+            batch = Batch(overlay, root)
+            for change in self.session.queue.pending_changes():
+                await batch.apply(change)
+            changed = seq != self.seq
+            self.batch, self.seq = batch, seq
+            return changed
+
+    async def dir(self, path: Path) -> Directory | None:
+        assert self.batch is not None
+        return await self.batch.dir(path, create=False)
+
+    async def lookup(self, path: Path) -> Entry | None:
+        if not path:
+            return self.root_entry
+        parent = await self.dir(path[:-1])
+        return None if parent is None else parent.get(path[-1])
+
+    async def apply(self, change: Change) -> None:
+        """Apply a change that is already in the queue (caller holds the lock)."""
+        assert self.batch is not None
+        await self.batch.apply(change)

@@ -1,0 +1,208 @@
+"""``gridfs mount``, ``umount``, ``status`` and ``install-mount-helper``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..config import NodeDir, resolve_node_dir
+from ..errors import GridError, UsageError
+from ..net.rpc import RpcClient
+from .files import add_node_option
+
+MOUNT_TIMEOUT = 60.0
+HELPER_PATH = Path("/sbin/mount.gridfs")
+
+
+def register(sub: Any) -> None:
+    m = sub.add_parser("mount", help="mount a tree as a filesystem")
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    m.add_argument("tree", nargs="?", default="grid", metavar="ALIAS|CAP", help="default: grid")
+    m.add_argument(
+        "-o",
+        dest="options",
+        default="",
+        metavar="OPTIONS",
+        help="sync, allow_other, refresh=SECONDS, drain_timeout=SECONDS, node=DIR",
+    )
+    m.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
+    add_node_option(m)
+    m.set_defaults(func=cmd_mount)
+    u = sub.add_parser("umount", help="unmount (drains or persists the queue)")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.set_defaults(func=cmd_umount)
+    s = sub.add_parser("status", help="mounts of this node: queue backlog, errors, memory")
+    add_node_option(s)
+    s.set_defaults(func=cmd_status)
+    h = sub.add_parser("install-mount-helper", help=f"install {HELPER_PATH} for mount -t gridfs")
+    h.add_argument("--path", type=Path, default=HELPER_PATH)
+    h.set_defaults(func=cmd_install_helper)
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint.absolute())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                return " fuse.gridfs " in line or "gridfs" in line.split(" - ", 1)[-1]
+    return False
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from gridfs_daemon.main import MountDaemon, MountOptions
+
+    options, rest = MountOptions.parse(args.options)
+    node = NodeDir(resolve_node_dir(rest.get("node") or args.node))
+    node.config()
+    mountpoint: Path = args.mountpoint.absolute()
+    if not mountpoint.is_dir():
+        raise UsageError(f"{mountpoint} is not a directory")
+    if is_mounted(mountpoint):
+        raise UsageError(f"{mountpoint} is already mounted")
+    if args.foreground:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s gridfs-mount %(levelname)s %(name)s: %(message)s",
+        )
+        daemon = MountDaemon(node, args.tree, mountpoint, options)
+        trio.run(daemon.run)
+        return 0
+    log_path = node.path / "mount.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "gridfs",
+        "mount",
+        str(mountpoint),
+        args.tree,
+        "--foreground",
+        "--node",
+        str(node.path),
+        "-o",
+        args.options,
+    ]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while not is_mounted(mountpoint):
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise GridError(f"mount failed: {tail[0] if tail else 'see ' + str(log_path)}")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise GridError(f"mount did not come up in {MOUNT_TIMEOUT:.0f}s (see {log_path})")
+        time.sleep(0.05)
+    print(f"mounted {args.tree} at {mountpoint} (pid {proc.pid}; log {log_path})")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from gridfs_daemon.main import unmount
+
+    mountpoint: Path = args.mountpoint.absolute()
+    if not is_mounted(mountpoint):
+        raise UsageError(f"{mountpoint} is not a gridfs mount")
+    unmount(mountpoint)
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+async def control_call(
+    node: NodeDir, method: str, args: dict[str, Any] | None = None, timeout: float = 3600
+) -> list[Any]:
+    """Call ``method`` on every running mount of ``node``; their answers."""
+    answers = []
+    for sock in sorted((node.path / "run").glob("*.sock")):
+        try:
+            stream = await trio.open_unix_socket(str(sock))
+        except OSError:
+            continue  # a mount that died without cleaning up
+        rpc = RpcClient(stream, timeout)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rpc.run)
+            answers.append(await rpc.call(method, args or {}))
+            await rpc.aclose()
+    return answers
+
+
+def running_mounts(node: NodeDir) -> list[Path]:
+    return [p for p in (node.path / "run").glob("*.sock") if _alive(p)]
+
+
+def _alive(sock: Path) -> bool:
+    try:
+        os.kill(int(sock.stem), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    node = NodeDir(resolve_node_dir(args.node))
+    node.config()
+    if not running_mounts(node):
+        print(f"no mount of {node.path} is running")
+        return 0
+
+    async def main() -> list[tuple[dict[str, Any], dict[str, int]]]:
+        status = await control_call(node, "ctl_status")
+        memory = await control_call(node, "ctl_memory")
+        return list(zip(status, memory, strict=False))
+
+    for st, mem in trio.run(main):
+        print(f"{st['mountpoint']}: tree {st['tree']}, pid {st['pid']}, {st['servers']} servers")
+        print(
+            f"  queue: {st['queue']} pending steps"
+            + (f"; last error: {st['last_error']}" if st["last_error"] else "")
+        )
+        for failed in st["failed_steps"]:
+            print(f"  failing: {failed}")
+        print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
+    return 0
+
+
+HELPER = """#!/bin/sh
+# mount.gridfs SOURCE MOUNTPOINT [-o OPTIONS]: called by mount -t gridfs.
+# Installed by `gridfs install-mount-helper`.
+src="$1"; mp="$2"; shift 2
+opts=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -o) opts="$2"; shift 2 ;;
+        -o*) opts="${1#-o}"; shift ;;
+        *) shift ;;
+    esac
+done
+exec "{gridfs}" mount "$mp" "$src" -o "$opts"
+"""
+
+
+def cmd_install_helper(args: argparse.Namespace) -> int:
+    gridfs = Path(sys.executable).parent / "gridfs"
+    if not gridfs.exists():
+        raise UsageError(f"cannot find the gridfs command next to {sys.executable}")
+    text = HELPER.replace("{gridfs}", str(gridfs))
+    path: Path = args.path
+    if path.exists() and path.read_text() == text:
+        print(f"{path} is up to date")
+        return 0
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(path)
+    print(f"installed {path}")
+    return 0
