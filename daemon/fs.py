@@ -12,7 +12,9 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -23,6 +25,7 @@ import trio
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
 from gridfs.errors import GridError, UsageError
+from gridfs.fileutil import fsync_dir
 from gridfs.tree import Delete, Move, NotFoundError, Put, new_dir_entry
 
 from .files import CapReader, OpenFile, SegmentCache, content_source
@@ -126,6 +129,10 @@ class GridOperations(pyfuse3.Operations):
         self._next_fh = 1
         self.cache = SegmentCache()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.staging_dir = self.queue.directory / "staging"
+        """Files being written; the queue never sees (or cleans) them until handed over."""
+        shutil.rmtree(self.staging_dir, ignore_errors=True)  # never acknowledged: discard
+        self.staging_dir.mkdir(mode=0o700)
         self.nursery: trio.Nursery | None = None
 
     # -- attributes ---------------------------------------------------------
@@ -448,9 +455,8 @@ class GridOperations(pyfuse3.Operations):
         bytes when ``keep``) before it is written."""
         if of.staging is not None and not of.handed_over:
             return
-        f, name = self.queue.create_tempfile(".staging")
-        fd = os.open(self.queue.tempfile_path(name), os.O_RDWR)
-        f.close()
+        name = uuid.uuid4().hex
+        fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if keep and of.staging is not None:  # copy-on-write after a hand-over
                 await trio.to_thread.run_sync(_copy_fd, of.staging, fd, of.size)
@@ -458,7 +464,7 @@ class GridOperations(pyfuse3.Operations):
                 await self._fill(of, fd)
         except BaseException:
             os.close(fd)
-            os.unlink(self.queue.tempfile_path(name))
+            os.unlink(self.staging_dir / name)
             raise
         if of.staging is not None:
             os.close(of.staging)
@@ -532,6 +538,10 @@ class GridOperations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(os.fsync, of.staging)
                 name = of.staging_name
                 assert name is not None
+                # The queue takes the staging file over: it moves among its
+                # tempfiles (the open descriptor keeps reading it).
+                os.rename(self.staging_dir / name, self.queue.tempfile_path(name))
+                fsync_dir(self.queue.tempfiles)
                 async with self.view.lock:
                     box = self.queue.add_file(self.queue.tempfile_path(name), text, entry)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")
@@ -567,6 +577,8 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         key = name.decode("utf-8", "replace")
+        if not key.startswith(XATTR_PREFIX):  # security.*, system.*: asked on every ls -l
+            raise pyfuse3.FUSEError(errno.ENODATA)
         value = (await self.entry_of(inode)).xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

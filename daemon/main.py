@@ -10,6 +10,7 @@ flush``.  After ``kill -9`` the next mount resumes the queue.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -167,6 +168,7 @@ class MountDaemon:
         async with open_grid(self.node) as grid:
             await grid.wait_for_servers()
             self.session = TreeSession(grid, self.tree)
+            lock = self._lock_tree(self.session)
             self.view = View(self.session)
             await self.view.rebuild()
             ops = GridOperations(self, self.session, self.view, self.options.sync)
@@ -196,6 +198,21 @@ class MountDaemon:
                 sd_notify("STOPPING=1")
                 pyfuse3.close(unmount=not unmounted)
                 await self._drain()
+                lock.close()
+
+    def _lock_tree(self, session: TreeSession) -> Any:
+        """One mount per tree and node: it owns the tree's work queue."""
+        f = open(session.queue.directory / "mount.lock", "a+")  # noqa: SIM115 - held while mounted
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            f.close()
+            raise UsageError(f"tree {self.tree} of this node is mounted elsewhere") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()} {self.mountpoint}\n")
+        f.flush()
+        return f
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

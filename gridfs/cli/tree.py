@@ -121,9 +121,15 @@ def grid_path(text: str, aliases: dict[str, str]) -> tuple[str, str]:
 
 
 async def flush(session: TreeSession, label: str = "") -> None:
-    """Run the queue to the end, with a progress bar on a terminal."""
+    """Run the queue to the end, with a progress bar on a terminal.  When a
+    mount of this node is running, it owns the queue: ask it to drain."""
     total = len(session.queue)
     if not total:
+        return
+    from .mount import control_call, running_mounts
+
+    if running_mounts(session.grid.node):
+        await control_call(session.grid.node, "ctl_flush")
         return
     await session.grid.wait_for_servers(session.grid.params.happy)
     with progress_bar(total if total > 50 else 0, label or "queue", unit="steps") as bar:
@@ -443,6 +449,10 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return 0
 
     async def main(grid: GridClient) -> None:
+        from .mount import control_call, running_mounts
+
+        if running_mounts(grid.node):  # the mount owns the queue: ask it to drain
+            await control_call(grid.node, "ctl_flush")
         for name in names:
             await flush(TreeSession(grid, name), f"flush {name}")
 
