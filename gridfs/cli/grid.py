@@ -149,12 +149,30 @@ def cmd_stop(args: argparse.Namespace) -> int:
     nodes = [n for n in server_dirs(args.dir) if n.exists()]
     if not nodes:
         raise UsageError(f"no grid in {args.dir}")
-    stopped = 0
+    stopped = unmount_client(NodeDir(args.dir / "client"))
     for node in reversed(nodes):
         if stop_node(node):
             stopped += 1
     print(f"stopped {stopped} nodes in {args.dir}")
     return 0
+
+
+def unmount_client(client: NodeDir) -> int:
+    """Unmount the client's mounts first: they drain their queues while the
+    servers are still up."""
+    from .mount import control_call, running_mounts
+
+    if not client.exists() or not running_mounts(client):
+        return 0
+    from gridfs_daemon.main import unmount
+
+    statuses = trio.run(control_call, client, "ctl_status")
+    for status in statuses:
+        unmount(Path(status["mountpoint"]))
+    deadline = time.monotonic() + 120
+    while running_mounts(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(statuses)
 
 
 def stop_node(node: NodeDir, timeout: float = 10.0) -> bool:

@@ -49,8 +49,12 @@ ensure_venv() {
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] ||
         ! "$VENV/bin/python" -c 'import gridfs' 2>/dev/null; then
         say "installing gridfs and its test tools into $VENV"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+        if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+            "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"; } >"$VENV/install.log" 2>&1; then
+            cat "$VENV/install.log" >&2
+            say "installing gridfs failed (log above)"
+            return 1
+        fi
         echo "$want" >"$stamp"
     fi
     export PATH="$VENV/bin:$PATH"
