@@ -177,9 +177,10 @@ class _Upload:
         if distinct < self.params.happy:
             when = "could be placed" if before else "were stored"
             known = len(self.broker.servers)
+            why = f"; e.g. {self.failures[0]}" if self.failures else ""
             raise UnhappyError(
                 f"shares {when} on only {distinct} distinct servers, {self.params.happy} needed "
-                f"({known} servers known)"
+                f"({known} servers known{why})"
             )
 
     # -- placement ----------------------------------------------------------
