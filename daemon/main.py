@@ -34,6 +34,29 @@ from .view import View
 log = logging.getLogger(__name__)
 
 
+FSTAB_WORDS = frozenset(
+    [
+        "defaults",
+        "rw",
+        "auto",
+        "noauto",
+        "user",
+        "users",
+        "nouser",
+        "owner",
+        "group",
+        "_netdev",
+        "nofail",
+        "exec",
+        "noexec",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+    ]
+)
+
+
 @dataclass
 class MountOptions:
     sync: bool = False
@@ -60,7 +83,7 @@ class MountOptions:
                     raise UsageError(f"-o {key}= needs a number of seconds") from None
             elif key in ("node", "alias"):
                 rest[key] = value
-            elif key in ("defaults", "rw", "auto", "noauto", "user", "nouser", "_netdev", "nofail"):
+            elif key in FSTAB_WORDS:
                 continue  # fstab words the kernel or mount(8) handle
             else:
                 raise UsageError(f"unknown mount option {key!r}")
@@ -90,6 +113,7 @@ class MountDaemon:
         self.flushed = 0
         self._kicked = trio.Event()
         self._capacity = (1 << 40, 1 << 40)
+        self._terminated = False
 
     # -- the queue in the background -------------------------------------------
     def kick(self) -> None:
@@ -196,7 +220,8 @@ class MountDaemon:
                     nursery.cancel_scope.cancel()
             finally:
                 sd_notify("STOPPING=1")
-                pyfuse3.close(unmount=not unmounted)
+                # A signal ends main() with the filesystem still mounted.
+                pyfuse3.close(unmount=self._terminated or not unmounted)
                 await self._drain()
                 lock.close()
 
@@ -218,6 +243,7 @@ class MountDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
                 log.info("unmounting %s", self.mountpoint)
+                self._terminated = True
                 pyfuse3.terminate()
                 return
 

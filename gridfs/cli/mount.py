@@ -74,7 +74,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             stream=sys.stderr,
             format="%(asctime)s gridfs-mount %(levelname)s %(name)s: %(message)s",
         )
-        daemon = MountDaemon(node, args.tree, mountpoint, options)
+        daemon = MountDaemon(node, rest.get("alias") or args.tree, mountpoint, options)
         trio.run(daemon.run)
         return 0
     log_path = node.path / "mount.log"
