@@ -24,19 +24,22 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Write to a temporary file beside ``dest``; on success fsync and rename it
-    into place, on any error remove it so nothing is left at ``dest``."""
+def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside ``dest``; on success rename it into
+    place (after an fsync when ``durable``), on any error remove it so nothing
+    is left at ``dest``."""
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode & ~_umask())
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        if durable:
+            fsync_dir(dest.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

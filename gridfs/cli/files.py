@@ -91,6 +91,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         trio.run(main, sys.stdout.buffer)
         sys.stdout.buffer.flush()
     else:
-        with atomic_output(args.output) as f:
+        # Like cp or curl, no fsync: a download can always be done again.
+        with atomic_output(args.output, durable=False) as f:
             trio.run(main, f)
     return 0

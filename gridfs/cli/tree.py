@@ -417,7 +417,7 @@ async def _fetch(
     if entry.kind == "symlink":
         os.symlink(entry.target, target)
     elif entry.kind == "file":
-        with atomic_output(target, entry.mode) as f:
+        with atomic_output(target, entry.mode, durable=False) as f:
             await download(grid, entry, f)
         os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
     else:
