@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import msgpack
+import trio
 
 from .caps import LiteralCap
 from .dirnode import (
@@ -228,6 +229,8 @@ class Batch:
         self.dirs: dict[Path, Directory] = {}
         self.dirty: set[Path] = set()
         self.inline: dict[Path, int] = {}
+        self.overflow: set[Path] = set()
+        """inline files that do not fit their directory's budget: uploaded on write"""
         """bytes of inline files in each loaded directory"""
         self.now = time.time_ns()
 
@@ -310,8 +313,7 @@ class Batch:
                 DIR_INLINE_BUDGET - self.inline[parent] + (current.inline_size if current else 0)
             )
             if change.entry.inline_size > budget:  # the directory is full: upload it
-                cap = await self.tree.store.put_bytes(change.entry.data)
-                change = Put(change.path, change.entry.with_(cap=cap, data=None), change.base)
+                self.overflow.add(change.path)  # (at write time, many at once)
         self.set(parent, name, change.entry)
 
     async def delete(self, change: Delete) -> None:
@@ -376,8 +378,29 @@ class Batch:
         )
         self.dirty.add(path[:-1])
 
+    async def upload_overflow(self, concurrency: int = 8) -> None:
+        """Give the inline files over their directory's budget their own caps."""
+        limiter = trio.Semaphore(concurrency)
+
+        async def one(path: Path) -> None:
+            d = self.dirs.get(path[:-1])
+            entry = d.get(path[-1]) if d is not None else None
+            if entry is None or entry.data is None:
+                return  # replaced or removed since
+            async with limiter:
+                cap = await self.tree.store.put_bytes(entry.data)
+            current = self.dirs[path[:-1]].get(path[-1])
+            if current == entry:
+                self.set(path[:-1], path[-1], entry.with_(cap=cap, data=None))
+
+        async with trio.open_nursery() as nursery:
+            for path in sorted(self.overflow):
+                nursery.start_soon(one, path)
+        self.overflow.clear()
+
     async def write(self) -> str:
         """Write every changed directory, deepest first; return the root's cap."""
+        await self.upload_overflow()
         while self.dirty:
             path = max(self.dirty, key=len)
             cap = await self._write_dir(path)

@@ -153,3 +153,24 @@ async def test_ten_thousand_entries_list_fast_from_cold_cache() -> None:
     elapsed = time.perf_counter() - start
     assert len(listing) == 10000
     print(f"10,000 entries listed in {elapsed * 1000:.0f} ms (in-memory store)")
+
+
+async def test_inline_files_beyond_the_directory_budget_get_their_own_caps() -> None:
+    from gridfs.dirnode import DIR_INLINE_BUDGET
+
+    store = MemStore()
+    tree = Tree(store)
+    blob = b"x" * 4096
+    changes = [
+        Put(p(f"/small/f{i:03}"), Entry("file", "", 4096, 0o644, 1, 1, data=blob[:-3] + b"%03d" % i))
+        for i in range(300)
+    ]
+    await tree.commit(changes)
+    listing = await tree.listdir(p("/small"))
+    inline = [n for n in listing if listing.entries[n].data is not None]
+    uploaded = [n for n in listing if listing.entries[n].data is None]
+    assert sum(len(listing.entries[n].data or b"") for n in inline) <= DIR_INLINE_BUDGET
+    assert len(uploaded) == 300 - len(inline) > 0
+    for name in uploaded[:5]:
+        e = listing.entries[name]
+        assert await store.get_bytes(e.cap) == blob[:-3] + name[1:].encode()
