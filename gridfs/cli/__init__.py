@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
-from . import debug, files, grid, mount, nodes, tree
+from . import check, debug, files, grid, mount, nodes, tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.register(sub)
     tree.register(sub)
     mount.register(sub)
+    check.register(sub)
     debug.register(sub)
     return parser
 

@@ -164,6 +164,11 @@ class Downloader:
             raise CorruptShareError(source.sharenum, "server returned a short or malformed read")
         return data
 
+    async def wait_located(self) -> None:
+        """Wait until every server has answered (or timed out) about its shares."""
+        while self._locating:
+            await self._changed.wait()
+
     # -- segments -----------------------------------------------------------
     async def segment(self, j: int) -> DecodedSegment:
         """Fetch, verify and decode segment j."""
