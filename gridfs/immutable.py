@@ -278,6 +278,10 @@ class FileDecoder:
             raise CorruptShareError(sharenum, "share chain is incomplete")
         self._block_roots[sharenum] = root
 
+    def verified_root(self, sharenum: int) -> bytes | None:
+        """The block tree root of a share whose blocks verified, if any did."""
+        return self._block_roots.get(sharenum)
+
     def decode_segment(self, j: int, blocks: Sequence[VerifiedBlock]) -> DecodedSegment:
         """Decode segment j from k verified blocks, check it, then decrypt it."""
         g = self._geometry()
@@ -308,3 +312,67 @@ class FileDecoder:
         else:
             data = ciphertext
         return DecodedSegment(j, data, bad)
+
+
+class ShareRegenerator:
+    """Re-creates missing shares from a file's verified ciphertext, without
+    its key: what a repairer holding only the verify cap can do.
+
+    Feed every segment's ciphertext in any order; :meth:`finish` then checks
+    the rebuilt trees against the extension block's roots (so a repair can
+    never publish shares that disagree with the cap) and returns each new
+    share's head and record proofs."""
+
+    def __init__(self, decoder: FileDecoder, missing: Sequence[int]) -> None:
+        if decoder.ueb is None or decoder.geometry is None:
+            raise GridError("no verified share to repair from")
+        self.decoder = decoder
+        self.ueb = decoder.ueb
+        self.geometry = decoder.geometry
+        self.missing = sorted(missing)
+        self._codec = Encoder(self.ueb.params)
+        nseg = self.geometry.num_segments
+        self._ct_hashes: list[bytes | None] = [None] * nseg
+        self._block_hashes: dict[int, list[bytes | None]] = {i: [None] * nseg for i in self.missing}
+
+    def blocks(self, j: int, ciphertext: bytes) -> dict[int, bytes]:
+        """The missing shares' blocks of segment j."""
+        self._ct_hashes[j] = segment_hash(ciphertext)
+        blocks = self._codec.encode(ciphertext, self.missing)
+        for i, block in zip(self.missing, blocks, strict=True):
+            self._block_hashes[i][j] = block_hash(block)
+        return dict(zip(self.missing, blocks, strict=True))
+
+    def finish(self) -> dict[int, tuple[bytes, list[bytes]]]:
+        """share number → (head, [record proofs for each segment])."""
+        n, nseg = self.ueb.params.n, self.geometry.num_segments
+        if any(h is None for h in self._ct_hashes):
+            raise GridError("finish() before every segment was regenerated")
+        ct_tree = hashtree.build(self._ct_hashes)  # type: ignore[arg-type]
+        if ct_tree[0] != self.ueb.ciphertext_root:
+            raise IntegrityError("regenerated ciphertext does not match the extension block")
+        trees = {i: hashtree.build(h) for i, h in self._block_hashes.items()}  # type: ignore[arg-type]
+        roots = []
+        for i in range(n):
+            root = trees[i][0] if i in trees else self.decoder.verified_root(i)
+            if root is None:
+                raise GridError(f"share {i} is neither verified nor being regenerated")
+            roots.append(root)
+        share_tree = hashtree.build(roots)
+        if share_tree[0] != self.ueb.share_root:
+            raise IntegrityError("regenerated shares do not match the extension block")
+        out = {}
+        for i in self.missing:
+            head = (
+                ShareHeader(i, self.decoder.storage_index, self.geometry).pack()
+                + self.ueb.pack()
+                + b"".join(hashtree.proof(share_tree, n, i))
+            )
+            proofs = [
+                pack_record(
+                    hashtree.proof(trees[i], nseg, j), hashtree.proof(ct_tree, nseg, j), b""
+                )
+                for j in range(nseg)
+            ]
+            out[i] = (head, proofs)
+        return out

@@ -76,3 +76,57 @@ async def test_literal_caps_are_always_healthy(tmp_path: Path) -> None:
         ):
             result = await check_file(broker, parse("gridfs:lit:nbswy3dp"))
     assert result.healthy and result.good_shares == 1
+
+
+async def test_repair_after_four_of_fourteen_servers_died(tmp_path: Path, secret: bytes) -> None:
+    """The issue's scenario: check says 6 of 10, repair brings 10 good shares
+    back on live servers, and the file reads with the original 4 still dead."""
+    from gridfs.client.repair import repair_file
+
+    from .gridutil import download_bytes
+
+    data = os.urandom(700_000)
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid", servers=14) as grid:
+            async with open_broker(grid.addresses) as broker:
+                report = await upload_bytes(broker, data, tmp_path, PARAMS, secret)
+            cap = report.cap
+            assert isinstance(cap, ReadCap)
+            si = cap.storage_index
+            holders = [node for node in grid.nodes if node.shares(si)]
+            assert len(holders) == 10
+            for node in holders[:4]:
+                await node.kill()
+            async with open_broker(grid.addresses, call_timeout=5) as broker:
+                assert (await check_file(broker, cap)).good_shares == 6
+                repaired = await repair_file(broker, cap.verify_cap())  # no key needed
+                assert repaired.good_shares == 10
+                after = await check_file(broker, cap, verify=True)
+                assert after.healthy and after.good_shares == 10 and not after.corrupt
+                assert await download_bytes(broker, cap) == data
+            live = [node for node in grid.nodes if node.running]
+            assert sorted(n for node in live for n in node.shares(si)) == list(range(10))
+
+
+async def test_repair_replaces_a_corrupt_share(tmp_path: Path, secret: bytes) -> None:
+    from gridfs.client.repair import repair_file
+
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_grid(tmp_path / "grid", servers=11) as grid,
+            open_broker(grid.addresses) as broker,
+        ):
+            cap = await upload(broker, tmp_path, 300_000, secret)
+            holder = grid.holder(cap.storage_index, 2)
+            path = holder.share_dir(cap.storage_index) / "2"
+            data = bytearray(path.read_bytes())
+            data[-100] ^= 0xFF
+            path.write_bytes(bytes(data))
+            assert (await check_file(broker, cap)).healthy  # only verify sees it
+            assert not (await check_file(broker, cap, verify=True)).healthy
+            repaired = await repair_file(broker, cap)
+            assert repaired.good_shares == 10
+            after = await check_file(broker, cap, verify=True)
+            assert after.good_shares == 10
+            assert [n for _, n, _ in after.corrupt] == [2]  # the bad copy is still reported
+            assert any(holder.where not in s for s in after.good[2])

@@ -6,9 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from ..caps import parse
+from ..caps import LiteralCap, parse
 from ..client.check import CheckResult, check_file
 from ..client.grid import GridClient
+from ..client.repair import repair_file
 from ..client.session import TreeSession, load_aliases, split_grid_path
 from ..dirnode import Entry
 from ..errors import UsageError
@@ -21,6 +22,11 @@ def register(sub: Any) -> None:
     c = sub.add_parser("check", help="check the health of a file (or a whole tree with -r)")
     c.add_argument("target", metavar="ALIAS:/path|CAP")
     c.add_argument("--verify", action="store_true", help="fetch and verify every block")
+    c.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify, then re-create missing or corrupt shares on other servers (up to n)",
+    )
     c.add_argument("--json", action="store_true", help="print one JSON object per file")
     c.add_argument("-r", "--recursive", action="store_true", help="walk a whole tree")
     add_node_option(c)
@@ -41,7 +47,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if parsed is None:
             if args.recursive:
                 raise UsageError("check -r needs a tree path (ALIAS:/path)")
-            result = await check_file(grid.broker, parse(args.target), args.verify)
+            result = await examine(grid, parse(args.target), args)
             report(args.target, result, args.json)
             return 0 if result.healthy else 1
         session = TreeSession(grid, parsed[0])
@@ -56,7 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     counts["healthy"] += 1  # kept inside its directory, or no data
                     bar(1)
                     continue
-                result = await check_file(grid.broker, parse(e.cap), args.verify)
+                result = await examine(grid, parse(e.cap), args)
                 key = (
                     "healthy"
                     if result.healthy
@@ -74,6 +80,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0 if counts["healthy"] == len(targets) else 1
 
     return run_with_grid(args, main)
+
+
+async def examine(grid: GridClient, cap: Any, args: argparse.Namespace) -> CheckResult:
+    if args.repair and not isinstance(cap, LiteralCap):
+        return await repair_file(grid.broker, cap)
+    return await check_file(grid.broker, cap, args.verify)
 
 
 def report(path: str, result: CheckResult, as_json: bool) -> None:

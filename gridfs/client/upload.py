@@ -330,7 +330,7 @@ class _Upload:
             chunks += [
                 (g.record_span(j)[0], finished.record_proofs(num, j)) for j in range(g.num_segments)
             ]
-            for batch in _batches(chunks):
+            for batch in write_batches(chunks):
                 await self._write(bucket, batch)
             if bucket.error:
                 return
@@ -354,7 +354,7 @@ class _Upload:
                         )
 
 
-def _batches(chunks: list[tuple[int, bytes]]) -> list[list[list[object]]]:
+def write_batches(chunks: list[tuple[int, bytes]]) -> list[list[list[object]]]:
     """Group (offset, data) chunks into write requests within the wire limits."""
     out: list[list[list[object]]] = []
     batch: list[list[object]] = []
