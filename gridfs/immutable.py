@@ -16,7 +16,7 @@ or servers) and hand them in, so the same logic serves every transport.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import hashtree
@@ -376,3 +376,23 @@ class ShareRegenerator:
             ]
             out[i] = (head, proofs)
         return out
+
+
+def verify_share(cap: VerifyCap, read: Callable[[int, int], bytes]) -> int:
+    """Check one share on its own against a verify cap: its head and every
+    block with its hash chain.  ``read(offset, length)`` gives the share's bytes.
+    Returns the share number; raises CorruptShareError (or ForeignShareError).
+    What a server runs before it believes a corruption report."""
+    decoder = FileDecoder(cap)
+    header = read(0, HEADER.size)
+    try:
+        length = FileDecoder.head_length(header)
+    except FormatError as e:
+        raise CorruptShareError(-1, str(e)) from None
+    num = decoder.accept_head(read(0, length))
+    geometry = decoder.geometry
+    assert geometry is not None
+    for j in range(geometry.num_segments):
+        offset, size = geometry.record_span(j)
+        decoder.verify_record(num, j, read(offset, size))
+    return num

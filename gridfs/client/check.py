@@ -9,18 +9,21 @@ if the checks pass; servers' own claims count for nothing.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from ..caps import LiteralCap, ReadCap, VerifyCap, b32encode
-from ..errors import GridError
+from ..errors import GridError, IntegrityError
 from ..immutable import FileDecoder
 from .broker import Server, StorageBroker
 from .download import READ_TIMEOUT, Source, open_downloader
 
 CHECK_TIMEOUT = 15.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,10 +110,22 @@ def _problem(text: str) -> tuple[str, int, str]:
     return server.removeprefix("server "), num, why
 
 
+async def _report(source: Source, verify_cap: str, si: bytes) -> None:
+    """Tell the server its share failed verification (it checks for itself)."""
+    with contextlib.suppress(GridError, trio.TooSlowError), trio.fail_after(CHECK_TIMEOUT):
+        reply = await source.server.call(
+            "report_corrupt",
+            {"si": si, "sharenum": source.sharenum, "verify_cap": verify_cap},
+        )
+        log.info("%s: share %d quarantined: %s", source.server.name, source.sharenum, reply)
+
+
 async def _verify_all(
     decoder: FileDecoder, sources: dict[int, list[Source]], result: CheckResult
 ) -> None:
-    """Fetch and verify every record of every share copy."""
+    """Fetch and verify every record of every share copy; report corrupt ones."""
+    verify_cap = decoder.cap.verify_cap() if isinstance(decoder.cap, ReadCap) else decoder.cap
+    cap_text = verify_cap.to_string()
     geometry = decoder.geometry
     if geometry is None:
         return
@@ -136,6 +151,8 @@ async def _verify_all(
                 await trio.to_thread.run_sync(decoder.verify_record, source.sharenum, j, data)
         except (GridError, trio.TooSlowError) as e:
             result.corrupt.append((source.server.name, source.sharenum, str(e) or "timed out"))
+            if isinstance(e, IntegrityError):
+                await _report(source, cap_text, decoder.storage_index)
             return
         result.good.setdefault(source.sharenum, []).append(source.server.name)
 

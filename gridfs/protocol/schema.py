@@ -124,6 +124,7 @@ REQUESTS: dict[str, dict[str, Check]] = {
     "put_share": {"si": SI, "sharenum": sharenum, "data": binary(most=MAX_WRITE)},
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
+    "report_corrupt": {"si": SI, "sharenum": sharenum, "verify_cap": text(400)},
     "read": {"si": SI, "sharenum": sharenum, "offset": u64, "length": read_length},
     "slot_read": {"si": SI},
     "slot_write": {

@@ -13,7 +13,10 @@ from typing import Any
 
 import trio
 
-from ..errors import GridError
+from ..caps import LiteralCap, ReadCap
+from ..caps import parse as parse_cap
+from ..errors import FormatError, GridError, IntegrityError, UsageError
+from ..immutable import ForeignShareError, verify_share
 from ..protocol.schema import MAX_OPEN_BUCKETS
 from .slots import SlotStore, StaleVersionError
 from .store import BucketWriter, ShareStore
@@ -138,6 +141,33 @@ class StorageSession:
         bucket = self.buckets.pop((si, sharenum), None)
         if bucket is not None:
             bucket.abort()
+
+    async def rpc_report_corrupt(self, si: bytes, sharenum: int, verify_cap: str) -> dict[str, Any]:
+        """A client says this share failed verification.  Believe it only
+        after verifying the share ourselves with the verify cap it sends; then
+        quarantine it so it is never served again."""
+        cap = parse_cap(verify_cap)
+        if isinstance(cap, LiteralCap) or cap.storage_index != si:
+            raise UsageError("the verify cap is not for this storage index")
+        vcap = cap.verify_cap() if isinstance(cap, ReadCap) else cap
+
+        def check() -> str | None:
+            def read(offset: int, length: int) -> bytes:
+                return self.store.read(si, sharenum, offset, length)
+
+            try:
+                if verify_share(vcap, read) != sharenum:
+                    return "the share claims another share number"
+            except (IntegrityError, FormatError, ForeignShareError) as e:
+                return str(e)
+            return None
+
+        reason = await trio.to_thread.run_sync(check)
+        if reason is None:
+            return {"quarantined": False, "reason": ""}
+        self.store.quarantine(si, sharenum)
+        log.warning("quarantined share %d of %s: %s", sharenum, si.hex(), reason)
+        return {"quarantined": True, "reason": reason}
 
     async def rpc_get_buckets(self, si: bytes) -> list[list[int]]:
         return [[num, size] for num, size in sorted(self.store.shares(si).items())]

@@ -179,6 +179,25 @@ class ShareStore:
             finally:
                 os.close(fd)
 
+    def quarantine(self, storage_index: bytes, sharenum: int) -> Path:
+        """Move a share that failed verification out of service (kept for a
+        human to look at, never served again)."""
+        path = self._share_path(storage_index, sharenum)
+        qdir = self.root / "quarantine"
+        with self._lock, _disk_errors("quarantine"):
+            qdir.mkdir(exist_ok=True)
+            dest = qdir / f"{b32encode(storage_index)}.{sharenum}.{time.time_ns()}"
+            try:
+                size = path.stat().st_size
+                os.rename(path, dest)
+            except FileNotFoundError:
+                raise NoSuchShareError(f"no share {sharenum} here") from None
+            if self._used is not None:
+                self._used -= size
+            _rmdir_quiet(path.parent)
+            fsync_dir(qdir)
+        return dest
+
     def delete_share(self, storage_index: bytes, sharenum: int) -> None:
         """Remove a closed share (garbage collection, quarantine)."""
         path = self._share_path(storage_index, sharenum)
