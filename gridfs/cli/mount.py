@@ -39,7 +39,13 @@ def register(sub: Any) -> None:
     u = sub.add_parser("umount", help="unmount (drains or persists the queue)")
     u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     u.set_defaults(func=cmd_umount)
-    s = sub.add_parser("status", help="mounts of this node: queue backlog, errors, memory")
+    s = sub.add_parser("status", help="servers, queue backlog, and this node's mounts")
+    s.add_argument(
+        "--no-servers",
+        dest="servers",
+        action="store_false",
+        help="do not contact the grid (local state only)",
+    )
     add_node_option(s)
     s.set_defaults(func=cmd_status)
     h = sub.add_parser("install-mount-helper", help=f"install {HELPER_PATH} for mount -t gridfs")
@@ -154,6 +160,9 @@ def _alive(sock: Path) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
     node.config()
+    if args.servers:
+        show_servers(node)
+    show_queues(node)
     if not running_mounts(node):
         print(f"no mount of {node.path} is running")
         return 0
@@ -173,6 +182,45 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  failing: {failed}")
         print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
     return 0
+
+
+def show_servers(node: NodeDir) -> None:
+    """Every known server with its announced and current capacity."""
+    from ..client.grid import open_grid
+
+    async def main() -> list[tuple[str, dict[str, int] | str, bool]]:
+        async with open_grid(node) as grid:
+            await grid.wait_for_servers()
+            stats = await grid.broker.stats()
+            return [
+                (s.name, stats.get(s.node_id, "?"), s.connected)
+                for s in sorted(grid.broker.servers.values(), key=lambda s: s.name)
+            ]
+
+    rows = trio.run(main)
+    print(f"{len(rows)} storage servers known:")
+    for name, st, connected in rows:
+        if isinstance(st, dict):
+            used, avail = st.get("used", 0) >> 20, st.get("available", 0) >> 20
+            print(f"  {name:40} connected  used {used} MiB, available {avail} MiB")
+        else:
+            print(f"  {name:40} {'connected' if connected else 'unreachable'}: {st}")
+
+
+def show_queues(node: NodeDir) -> None:
+    """The work-queue backlog of each tree (read straight from the journals)."""
+    import sqlite3
+
+    for db in sorted((node.path / "queues").glob("*/queue.sqlite")):
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            pending, failing = con.execute(
+                "SELECT COUNT(*), COUNT(last_error) FROM steps"
+            ).fetchone()
+        finally:
+            con.close()
+        note = f" ({failing} failing; see `gridfs queue`)" if failing else ""
+        print(f"queue {db.parent.name[:8]}: {pending} pending steps{note}")
 
 
 HELPER = """#!/bin/sh
