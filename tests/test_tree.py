@@ -162,7 +162,9 @@ async def test_inline_files_beyond_the_directory_budget_get_their_own_caps() -> 
     tree = Tree(store)
     blob = b"x" * 4096
     changes = [
-        Put(p(f"/small/f{i:03}"), Entry("file", "", 4096, 0o644, 1, 1, data=blob[:-3] + b"%03d" % i))
+        Put(
+            p(f"/small/f{i:03}"), Entry("file", "", 4096, 0o644, 1, 1, data=blob[:-3] + b"%03d" % i)
+        )
         for i in range(300)
     ]
     await tree.commit(changes)
