@@ -247,19 +247,30 @@ async def download(grid: GridClient, entry: Entry, out: Any) -> None:
 
 # -- changing -------------------------------------------------------------
 def cmd_mkdir(args: argparse.Namespace) -> int:
-    async def main(grid: GridClient) -> None:
-        aliases = load_aliases(grid.node)
-        sessions: dict[str, TreeSession] = {}
-        for text in args.paths:
-            alias, path = grid_path(text, aliases)
-            session = sessions.setdefault(alias, TreeSession(grid, alias))
-            session.check_writable()
-            session.queue.add_file(None, path, new_dir_entry())
-        for session in sessions.values():
-            await flush(session)
+    async def mkdir(session: TreeSession, text: str, path: str) -> None:
+        session.queue.add_file(None, path, new_dir_entry())
 
-    run_with_grid(args, main)
+    run_with_grid(args, lambda grid: change_paths(grid, args.paths, mkdir))
     return 0
+
+
+async def change_paths(
+    grid: GridClient,
+    texts: list[str],
+    step: Callable[[TreeSession, str, str], Awaitable[None]],
+) -> None:
+    """Queue ``step`` for each ALIAS:PATH (trees opened once, writable), then
+    run each tree's queue."""
+    aliases = load_aliases(grid.node)
+    sessions: dict[str, TreeSession] = {}
+    for text in texts:
+        alias, path = grid_path(text, aliases)
+        if alias not in sessions:
+            sessions[alias] = TreeSession(grid, alias)
+            sessions[alias].check_writable()
+        await step(sessions[alias], text, path)
+    for session in sessions.values():
+        await flush(session)
 
 
 def cmd_mv(args: argparse.Namespace) -> int:
@@ -285,23 +296,15 @@ def cmd_mv(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    async def main(grid: GridClient) -> None:
-        aliases = load_aliases(grid.node)
-        sessions: dict[str, TreeSession] = {}
-        for text in args.paths:
-            alias, path = grid_path(text, aliases)
-            session = sessions.setdefault(alias, TreeSession(grid, alias))
-            session.check_writable()
-            entry = await session.lookup(path)
-            if not split_path(path):
-                raise UsageError("refusing to remove the root directory")
-            if entry.is_dir and not args.recursive:
-                raise UsageError(f"{text}: is a directory (use rm -r)")
-            session.queue.add_deletepath(path, base=entry.cap)
-        for session in sessions.values():
-            await flush(session)
+    async def rm(session: TreeSession, text: str, path: str) -> None:
+        entry = await session.lookup(path)
+        if not split_path(path):
+            raise UsageError("refusing to remove the root directory")
+        if entry.is_dir and not args.recursive:
+            raise UsageError(f"{text}: is a directory (use rm -r)")
+        session.queue.add_deletepath(path, base=entry.cap)
 
-    run_with_grid(args, main)
+    run_with_grid(args, lambda grid: change_paths(grid, args.paths, rm))
     return 0
 
 
