@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,15 +225,14 @@ class _Upload:
         return placed
 
     async def _allocate(self, num: int, server: Server) -> Bucket | None:
-        reply = await server.call(
-            "allocate_buckets",
-            {"si": self.si, "sharenums": [num], "share_size": self.geometry.share_size},
-        )
-        if num in reply.get("already", []):
-            return Bucket(num, server, existing=True)
-        if num in reply.get("allocated", []):
-            return Bucket(num, server)
-        return None  # someone else is writing that share there right now
+        args = {"si": self.si, "sharenums": [num], "share_size": self.geometry.share_size}
+        async for _ in _while_busy():
+            reply = await server.call("allocate_buckets", args)
+            if num in reply.get("already", []):
+                return Bucket(num, server, existing=True)
+            if num in reply.get("allocated", []):
+                return Bucket(num, server)
+        return None
 
     async def run_small(self, data: bytes) -> UploadReport:
         """A file whose shares fit in one request: encode it whole, then one
@@ -245,11 +244,12 @@ class _Upload:
         finished, shares = encoded
 
         async def put(num: int, server: Server) -> Bucket | None:
-            reply = await server.call(
-                "put_share", {"si": self.si, "sharenum": num, "data": shares[num]}
-            )
-            if reply.get("stored") or reply.get("already"):
-                return Bucket(num, server, existing=bool(reply.get("already")))
+            async for _ in _while_busy():
+                reply = await server.call(
+                    "put_share", {"si": self.si, "sharenum": num, "data": shares[num]}
+                )
+                if reply.get("stored") or reply.get("already"):
+                    return Bucket(num, server, existing=bool(reply.get("already")))
             return None
 
         buckets = await self.place(list(range(self.params.n)), set(), put)
@@ -352,6 +352,19 @@ class _Upload:
                         await bucket.server.call(
                             "abort", {"si": self.si, "sharenum": bucket.sharenum}, timeout=2
                         )
+
+
+async def _while_busy(patience: float = 30.0) -> AsyncIterator[None]:
+    """Attempts at a share the server says someone else is writing right now
+    (often the same file uploaded twice at once: convergent encryption); once
+    that upload closes, the server answers "already"."""
+    deadline = trio.current_time() + patience
+    delay = 0.05
+    yield
+    while trio.current_time() < deadline:
+        await trio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+        yield
 
 
 def write_batches(chunks: list[tuple[int, bytes]]) -> list[list[list[object]]]:
