@@ -150,12 +150,20 @@ class OpenFile:
     size: int = 0
     unlinked: bool = False
     reader: CapReader | None = None
+    mtime_set: bool = False
+    """mtime was set explicitly (utime) after the last write: commit keeps it"""
+    pinned: int | None = None
+    """fd of the queue's tempfile holding the bytes, opened while the file is
+    open: readable even after the queue uploads and removes it"""
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     def close(self) -> None:
         if self.staging is not None:
             os.close(self.staging)
             self.staging = None
+        if self.pinned is not None:
+            os.close(self.pinned)
+            self.pinned = None
         if self.reader is not None:
             self.reader.close()
             self.reader = None

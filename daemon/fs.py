@@ -22,11 +22,12 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
+from gridfs.caps import ReadCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
 from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir
-from gridfs.tree import Delete, Move, NotFoundError, Put, new_dir_entry
+from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
 from .files import CapReader, OpenFile, SegmentCache, content_source
 from .view import View
@@ -204,13 +205,66 @@ class GridOperations(pyfuse3.Operations):
         text = "/" + "/".join(path)
         if entry.cap.startswith("local:"):
             box = entry.cap.split(":", 2)[1]
-            return lambda: self.queue.add_addpath(box, text, entry.with_(cap=""))
+
+            def enqueue() -> Any:  # decided under the view lock, with the step added
+                filled = self.queue.read_box(box)
+                if filled is not None:  # uploaded: the box may be cleaned up any time
+                    return self.queue.add_file(None, text, entry.with_(cap=filled.decode()))
+                if not self._uploading(box):  # a path step on it could never run
+                    raise pyfuse3.FUSEError(errno.EAGAIN)
+                return self.queue.add_addpath(box, text, entry.with_(cap=""))
+
+            return enqueue
         if entry.cap.startswith("pending:"):
             raise pyfuse3.FUSEError(errno.EAGAIN)  # rare: wait for the flush
         return lambda: self.queue.add_file(None, text, entry)
 
     async def put_entry(self, path: Path_, entry: Entry) -> None:
+        if entry.is_dir:
+            # The view's cap of a directory may be stale (committed since, or
+            # changed by another writer); put with the empty cap, a directory
+            # that exists keeps its contents and takes only the attributes.
+            entry = entry.with_(cap=empty_dir_cap(), size=0)
+        elif entry.cap.startswith("local:"):
+            box = entry.cap.split(":", 2)[1]
+            if self.queue.read_box(box) is None and not self._uploading(box):
+                entry = await self._settled(path, entry)  # uploaded and cleaned up
         await self.change(self.queued(path, entry), Put(path, entry))
+
+    def _uploading(self, box: str) -> bool:
+        return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.queue.pending())
+
+    async def _settled(self, path: Path_, entry: Entry) -> Entry:
+        """``entry``, whose ``local:`` upload the queue has finished and cleaned
+        up since the view was built, with the cap the tree holds for it now."""
+        await self.view.rebuild()
+        fresh = await self.view.lookup(path)
+        if (
+            fresh is None
+            or fresh.cap.startswith("local:")
+            or (fresh.size, fresh.mtime_ns) != (entry.size, entry.mtime_ns)
+        ):
+            raise GridError(f"the queued upload of /{'/'.join(path)} is gone")
+        return entry.with_(cap=fresh.cap, data=fresh.data)
+
+    async def source(self, of: OpenFile) -> bytes | Path | ReadCap:
+        """Where the bytes of ``of`` are (see :func:`content_source`).  The
+        queue's tempfile of an open file is kept open, so that it stays
+        readable after the queue uploaded and removed it (also unlinked)."""
+        if of.pinned is not None:
+            return Path(f"/proc/self/fd/{of.pinned}")
+        get = self.view.overlay.get_bytes
+        try:
+            source = await content_source(self.session, of.entry, get)
+        except GridError:
+            if not of.entry.cap.startswith("local:") or of.unlinked:
+                raise
+            of.entry = await self._settled(of.path, of.entry)
+            source = await content_source(self.session, of.entry, get)
+        if isinstance(source, Path):  # (no checkpoint since it was found)
+            of.pinned = os.open(source, os.O_RDONLY)
+            return Path(f"/proc/self/fd/{of.pinned}")
+        return source
 
     async def _child(self, parent_inode: int, name: bytes) -> tuple[Path_, Entry | None]:
         path = (*self.inodes.path(parent_inode), fuse_name(name))
@@ -345,6 +399,7 @@ class GridOperations(pyfuse3.Operations):
                     os.ftruncate(of.staging, attr.st_size)
                     of.size, of.dirty = attr.st_size, True
                     of.entry = of.entry.with_(**changes)
+                    of.mtime_set = fields.update_mtime
                 if not of.handles:
                     await self.commit(of)
             finally:
@@ -354,6 +409,7 @@ class GridOperations(pyfuse3.Operations):
             current = self.open_files.get(inode)
             if current is not None:
                 current.entry = current.entry.with_(**changes)
+                current.mtime_set = current.mtime_set or fields.update_mtime
             if not (current is not None and current.unlinked):
                 entry = entry.with_(**changes)
                 await self.put_entry(path, entry)
@@ -415,6 +471,8 @@ class GridOperations(pyfuse3.Operations):
         of = await self.open_for(inode, entry)
         of.handles += 1
         try:
+            if of.staging is None and of.entry.cap.startswith("local:"):
+                await self.source(of)  # pins the queue's tempfile while open
             if flags & os.O_TRUNC:
                 async with of.lock:
                     await self.stage(of, keep=False)
@@ -472,7 +530,7 @@ class GridOperations(pyfuse3.Operations):
         of.size = os.fstat(fd).st_size
 
     async def _fill(self, of: OpenFile, fd: int) -> None:
-        source = await content_source(self.session, of.entry, self.view.overlay.get_bytes)
+        source = await self.source(of)
         if isinstance(source, bytes):
             os.pwrite(fd, source, 0)
         elif isinstance(source, Path):
@@ -496,7 +554,7 @@ class GridOperations(pyfuse3.Operations):
             return os.pread(of.staging, size, off)
         if of.entry.kind != "file":
             raise pyfuse3.FUSEError(errno.EINVAL)
-        source = await content_source(self.session, of.entry, self.view.overlay.get_bytes)
+        source = await self.source(of)
         if isinstance(source, bytes):
             return source[off : off + size]
         if isinstance(source, Path):
@@ -515,7 +573,7 @@ class GridOperations(pyfuse3.Operations):
             assert of.staging is not None
             os.pwrite(of.staging, buf, off)
             of.size = max(of.size, off + len(buf))
-            of.dirty = True
+            of.dirty, of.mtime_set = True, False
         return len(buf)
 
     async def commit(self, of: OpenFile) -> None:
@@ -527,7 +585,8 @@ class GridOperations(pyfuse3.Operations):
             if of.unlinked:
                 return
             now = time.time_ns()
-            entry = of.entry.with_(size=of.size, mtime_ns=now, ctime_ns=now, cap="", data=None)
+            mtime = of.entry.mtime_ns if of.mtime_set else now  # tar: futimens, then close
+            entry = of.entry.with_(size=of.size, mtime_ns=mtime, ctime_ns=now, cap="", data=None)
             text = "/" + "/".join(of.path)
             if of.size <= INLINE_MAX and of.size <= DIR_INLINE_BUDGET:
                 entry = entry.with_(data=os.pread(of.staging, of.size, 0))

@@ -121,7 +121,8 @@ class MountDaemon:
 
     async def flush_queue(self) -> None:
         assert self.session is not None and self.view is not None
-        await self.session.queue.flush(self.session)
+        async with self.view.flushing:
+            await self.session.queue.flush(self.session)
         self.flushed += 1
         self.last_error = None
         await self.view.rebuild()

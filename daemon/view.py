@@ -26,6 +26,8 @@ class View:
         self.session = session
         self.lock = trio.Lock()
         """Held while the view changes: a change is queued and applied as one."""
+        self.flushing = trio.Lock()
+        """Held while the queue is flushed (by the daemon) and while the view is rebuilt."""
         self.overlay = OverlayStore(session.store)
         self.batch: Batch | None = None
         self.seq = -1
@@ -33,16 +35,22 @@ class View:
 
     async def rebuild(self) -> bool:
         """Re-read the root and re-apply what is still queued; True if the
-        committed tree changed."""
-        async with self.lock:
+        committed tree changed.
+
+        The root is read before taking the lock, so that a slow or stalled grid
+        does not hold up local changes; holding ``flushing`` meanwhile keeps a
+        flush from publishing a root and dropping its steps from the queue in
+        between (the view would lose them until the next rebuild)."""
+        async with self.flushing:
             seq, root = await self.session.tree.root()
-            overlay = Tree(self.overlay, self.session.tree.cache)
-            batch = Batch(overlay, root)
-            for change in self.session.queue.pending_changes():
-                await batch.apply(change)
-            changed = seq != self.seq
-            self.batch, self.seq = batch, seq
-            return changed
+            async with self.lock:
+                overlay = Tree(self.overlay, self.session.tree.cache)
+                batch = Batch(overlay, root)
+                for change in self.session.queue.pending_changes():
+                    await batch.apply(change)
+                changed = seq != self.seq
+                self.batch, self.seq = batch, seq
+                return changed
 
     async def dir(self, path: Path) -> Directory | None:
         assert self.batch is not None

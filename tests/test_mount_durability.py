@@ -1,0 +1,305 @@
+"""What a mount keeps: across remounts, kill -9, -o sync, dead servers, other writers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.mountutil")
+from .mountutil import (  # noqa: E402
+    GRIDFS,
+    Grid,
+    Mount,
+    gridfs,
+    is_mounted,
+    mounted,
+    outside,
+    pid_alive,
+    run,
+    wait_dead,
+    wait_for,
+)
+
+pytest_plugins = ["tests.mountutil"]
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+def populate(root: Path) -> dict[str, bytes]:
+    """Files of every size class, in nested directories; their contents by path."""
+    files = {
+        "empty": b"",
+        "tiny": b"x",
+        "inline.txt": os.urandom(10_000),
+        "a/b/c/deep": os.urandom(30_000),
+        "a/big": os.urandom(2_500_000),
+        "a/b/other": b"other",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    os.symlink("a/big", root / "link")
+    (root / "emptydir").mkdir()
+    os.chmod(root / "a" / "b" / "other", 0o600)
+    os.utime(root / "tiny", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    return files
+
+
+def check(root: Path, files: dict[str, bytes], extra: tuple[str, ...] = ()) -> None:
+    for rel, data in files.items():
+        assert (root / rel).read_bytes() == data, rel
+    assert os.readlink(root / "link") == "a/big"
+    assert os.listdir(root / "emptydir") == []
+    assert (root / "a" / "b" / "other").stat().st_mode & 0o777 == 0o600
+    assert (root / "tiny").stat().st_mtime_ns == 1_500_000_000_000_000_000
+    names = ["a", "empty", "emptydir", "inline.txt", "link", "tiny", *extra]
+    assert sorted(os.listdir(root)) == sorted(names)
+
+
+def listing(root: Path) -> list[tuple[str, int, int]]:
+    """Names, modes and sizes (of files; a directory's size means nothing)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            size = 0 if os.path.isdir(p) and not os.path.islink(p) else st.st_size
+            out.append((str(p.relative_to(root)), st.st_mode, size))
+    return sorted(out)
+
+
+def test_remount_shows_everything(fresh_mount: Mount) -> None:
+    files = populate(fresh_mount.mountpoint)
+    before = listing(fresh_mount.mountpoint)
+    fresh_mount.remount()  # unmounting drains the queue
+    assert fresh_mount.queue_length() == 0
+    assert listing(fresh_mount.mountpoint) == before
+    check(fresh_mount.mountpoint, files)
+
+
+def test_kill9_after_fsync_then_remount(fresh_mount: Mount) -> None:
+    mp = fresh_mount.mountpoint
+    (mp / "dir").mkdir()
+    data = {"dir/big": os.urandom(3_000_000), "dir/small": b"small and synced", "top": b"t"}
+    for rel, content in data.items():
+        fd = os.open(mp / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dfd = os.open(mp / "dir", os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    fresh_mount.kill9()  # at once: the uploads have not finished
+    assert fresh_mount.queue_length() > 0
+    fresh_mount.mount()  # resumes the queue
+    for rel, content in data.items():
+        assert (mp / rel).read_bytes() == content, rel
+    assert sorted(os.listdir(mp)) == ["dir", "top"]
+    wait_for(lambda: fresh_mount.queue_length() == 0, timeout=60, what="the queue to drain")
+    assert "queue: 0 pending steps" in fresh_mount.status()
+    fresh_mount.remount()
+    for rel, content in data.items():
+        assert (mp / rel).read_bytes() == content, rel
+
+
+def test_sync_option_fsync_waits_for_the_grid(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    with mounted(mount_node, tmp_path / "mnt", "sync,refresh=1") as m:
+        big = os.urandom(2_000_000)
+        with open(m.mountpoint / "f", "wb") as f:
+            f.write(big)
+            f.flush()
+            os.fsync(f.fileno())
+            # still open, and already on the grid: the queue is empty and
+            # another client reads it
+            assert m.queue_length() == 0
+            assert outside(mount_grid, mount_node, "cat", "t:/f") == big
+        (m.mountpoint / "d").mkdir()
+        with open(m.mountpoint / "d" / "small", "wb") as f:
+            f.write(b"small")
+            os.fsync(f.fileno())
+            assert m.queue_length() == 0
+            assert outside(mount_grid, mount_node, "ls", "t:/d").split() == [b"small"]
+
+
+def test_reads_survive_two_dead_servers(mount_grid: Grid, fresh_mount: Mount) -> None:
+    files = populate(fresh_mount.mountpoint)
+    fresh_mount.flush()
+    assert len(mount_grid.storage_pids()) == 5
+    try:
+        mount_grid.kill_servers(4, 5)
+        assert len(mount_grid.storage_pids()) == 3
+        fresh_mount.remount()  # an empty cache: every byte comes from the 3 servers left
+        check(fresh_mount.mountpoint, files)
+        # and writing still works (happy = 3)
+        more = os.urandom(1_500_000)
+        (fresh_mount.mountpoint / "written-while-degraded").write_bytes(more)
+        fresh_mount.flush()
+        fresh_mount.remount()
+        assert (fresh_mount.mountpoint / "written-while-degraded").read_bytes() == more
+    finally:
+        mount_grid.start()  # restarts the two dead servers on their old directories
+    assert len(mount_grid.storage_pids()) == 5
+    check(fresh_mount.mountpoint, files, extra=("written-while-degraded",))
+
+
+def test_busy_mount_while_servers_die(mount_grid: Grid, fresh_mount: Mount) -> None:
+    """Servers die while the mount is reading and writing."""
+    mp = fresh_mount.mountpoint
+    old = os.urandom(4_000_000)
+    (mp / "old").write_bytes(old)
+    fresh_mount.flush()
+    fresh_mount.remount()
+    try:
+        with open(mp / "old", "rb") as f:
+            first = f.read(1_000_000)
+            mount_grid.kill_servers(1, 2)
+            rest = f.read()
+        assert first + rest == old
+        new = os.urandom(2_000_000)
+        (mp / "new").write_bytes(new)
+        fresh_mount.flush()
+        assert (mp / "new").read_bytes() == new
+    finally:
+        mount_grid.start()
+    assert len(mount_grid.storage_pids()) == 5
+
+
+def test_another_writers_changes_show_up(mount_grid: Grid, fresh_mount: Mount) -> None:
+    mp = fresh_mount.mountpoint
+    (mp / "d").mkdir()
+    (mp / "d" / "mine").write_bytes(b"mine")
+    fresh_mount.flush()
+    local = fresh_mount.node.parent / "theirs.txt"
+    local.write_bytes(b"written by another client")
+    outside(mount_grid, fresh_mount.node, "cp", str(local), "t:/d/theirs")
+    wait_for(
+        lambda: sorted(os.listdir(mp / "d")) == ["mine", "theirs"],
+        timeout=15,
+        what="the other client's file in the mount (refresh=1)",
+    )
+    assert (mp / "d" / "theirs").read_bytes() == b"written by another client"
+
+
+def test_directory_attributes_keep_another_writers_files(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    """chmod/utime/xattr of a directory must not put back the directory's
+    contents as this mount last saw them."""
+    with mounted(mount_node, tmp_path / "mnt", "refresh=1000") as m:
+        d = m.mountpoint / "d"
+        d.mkdir()
+        (d / "mine").write_bytes(b"mine")
+        m.flush()
+        local = tmp_path / "theirs.txt"
+        local.write_bytes(b"theirs")
+        outside(mount_grid, mount_node, "cp", str(local), "t:/d/theirs")
+        os.chmod(d, 0o700)
+        os.utime(d, ns=(1_000_000_000, 2_000_000_000))
+        os.setxattr(d, "user.tag", b"x")
+        m.flush()
+        names = outside(mount_grid, mount_node, "ls", "-l", "t:/d").decode()
+        assert sorted(line.split()[-1] for line in names.splitlines()) == ["mine", "theirs"]
+        assert sorted(os.listdir(d)) == ["mine", "theirs"]
+        assert d.stat().st_mode & 0o777 == 0o700
+        assert d.stat().st_mtime_ns == 2_000_000_000
+        assert os.getxattr(d, "user.tag") == b"x"
+
+
+def test_chmod_of_a_renamed_directory(mount_grid: Grid, fresh_mount: Mount) -> None:
+    """A directory renamed with changes inside it not yet uploaded takes chmod
+    and utime at once (no EAGAIN), and all of it reaches the grid."""
+    mp = fresh_mount.mountpoint
+    servers = mount_grid.storage_pids()
+    for pid in servers.values():  # nothing is uploaded meanwhile
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        (mp / "src").mkdir()
+        for i in range(40):
+            (mp / "src" / f"f{i:02d}").write_bytes(os.urandom(2000))
+        os.rename(mp / "src", mp / "dst")
+        os.chmod(mp / "dst", 0o750)
+        os.utime(mp / "dst", ns=(3_000_000_000, 4_000_000_000))
+    finally:
+        for pid in servers.values():
+            os.kill(pid, signal.SIGCONT)
+    fresh_mount.remount()
+    assert len(os.listdir(mp / "dst")) == 40
+    assert (mp / "dst").stat().st_mode & 0o777 == 0o750
+    assert (mp / "dst").stat().st_mtime_ns == 4_000_000_000
+    assert not (mp / "src").exists()
+
+
+def test_identical_files_upload_together(mount_grid: Grid, fresh_mount: Mount) -> None:
+    data = os.urandom(200_000)
+    servers = mount_grid.storage_pids()
+    for pid in servers.values():  # the uploads start together when the grid wakes up
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(4):  # cp x y; cp x z; ...: the same convergent storage index
+            (fresh_mount.mountpoint / f"copy{i}").write_bytes(data)
+        time.sleep(1)
+    finally:
+        for pid in servers.values():
+            os.kill(pid, signal.SIGCONT)
+    flushed = gridfs("queue", "flush", "--node", fresh_mount.node, check=False)
+    assert "upload failed" not in fresh_mount.log()
+    assert flushed.returncode == 0, flushed.stderr
+
+
+def test_mount_helper(mount_node: Path, tmp_path: Path) -> None:
+    helper = Path("/sbin/mount.gridfs")
+    first = gridfs("install-mount-helper", "--path", helper).stdout
+    assert re.search(r"(installed|is up to date)", first), first
+    second = gridfs("install-mount-helper", "--path", helper).stdout
+    assert "up to date" in second
+    assert os.access(helper, os.X_OK)
+    mp = tmp_path / "viahelper"
+    mp.mkdir()
+    m = Mount(mp, mount_node)
+    try:
+        run(["mount", "-t", "gridfs", "grid", str(mp), "-o", f"node={mount_node},refresh=2"])
+        assert is_mounted(mp)
+        status = gridfs("status", "--node", mount_node).stdout
+        pid = re.search(r"pid (\d+)", status)
+        assert pid, status
+        m.adopt(int(pid.group(1)))
+        assert str(mp) in status
+        (mp / "hello").write_bytes(b"via mount -t gridfs")
+        assert (mp / "hello").read_bytes() == b"via mount -t gridfs"
+        run(["umount", str(mp)])
+        assert not is_mounted(mp)
+        assert wait_dead(int(pid.group(1)), 60)
+    finally:
+        m.unmount()
+    with mounted(mount_node, mp) as again:
+        assert (again.mountpoint / "hello").read_bytes() == b"via mount -t gridfs"
+
+
+def test_second_mount_of_the_same_tree_is_refused(fresh_mount: Mount, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = subprocess.run(
+        [GRIDFS, "mount", str(other), "--node", str(fresh_mount.node)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        assert proc.returncode != 0
+        assert "mounted elsewhere" in proc.stderr + proc.stdout
+        assert not is_mounted(other)
+    finally:
+        if is_mounted(other):
+            subprocess.run(["fusermount3", "-u", "-z", str(other)], timeout=30)
+    assert fresh_mount.pid is not None and pid_alive(fresh_mount.pid)
+    (fresh_mount.mountpoint / "still").write_bytes(b"fine")
+    assert (fresh_mount.mountpoint / "still").read_bytes() == b"fine"
