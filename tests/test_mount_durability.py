@@ -239,6 +239,8 @@ def test_chmod_of_a_renamed_directory(mount_grid: Grid, fresh_mount: Mount) -> N
 
 
 def test_identical_files_upload_together(mount_grid: Grid, fresh_mount: Mount) -> None:
+    """Copies of one file queued together share one convergent storage index:
+    their uploads run at once and must not count each other as refusals."""
     data = os.urandom(200_000)
     servers = mount_grid.storage_pids()
     for pid in servers.values():  # the uploads start together when the grid wakes up
