@@ -219,4 +219,9 @@ class NodeDir:
             return None
         except PermissionError:
             pass
+        try:  # a killed node not yet reaped by its parent is not running
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        except (OSError, IndexError):
+            pass
         return pid
