@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 pytest.register_assert_rewrite("tests.mountutil")
-from .mountutil import Mount  # noqa: E402
+from .mountutil import Mount, gridfs  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -202,7 +203,16 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
             """Now and then, let the grid catch up: later reads and partial
             writes then start from uploaded content."""
             if dice == 0:
-                mount.flush()  # (identical files among them: one convergent upload)
+                # Retried: `gridfs queue flush` through the control socket has
+                # been seen to fail with "connection closed" under load (an
+                # open bug, noted in the issue); the tree must match anyway.
+                for _ in range(3):
+                    proc = gridfs("queue", "flush", "--node", mount.node, check=False)
+                    if proc.returncode == 0:
+                        break
+                    time.sleep(2)
+                assert proc.returncode == 0, proc.stderr
+                assert mount.queue_length() == 0
 
         @invariant()
         def trees_match(self) -> None:
