@@ -6,6 +6,7 @@ A node directory looks like::
     private/node.key     Ed25519 node key, mode 0600
     private/node.crt     self-signed certificate for that key
     private/convergence  client convergence secret, mode 0600
+    private/lease        client lease secret (renew/cancel secrets derive from it)
     node.url             the node's address, written once it listens
     node.pid             pid of the running node
     node.log             its log
@@ -75,10 +76,16 @@ class NodeConfig:
     reserved_space: int = 1 << 30
     max_share_size: int = 1 << 40
     idle_timeout: float = 300.0
+    lease_duration: float = 31 * 24 * 3600.0
+    expire_interval: float = 60.0
     k: int = DEFAULT_K
     happy: int = DEFAULT_HAPPY
     n: int = DEFAULT_N
     segment_size: int = DEFAULT_SEGMENT_SIZE
+    renew_interval: float = 24 * 3600.0
+    check_interval: float = 24 * 3600.0
+    check_rate: float = 5.0
+    repair_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,6 +95,11 @@ class NodeConfig:
             raise ParamsError(f"happy must be between k={self.k} and n={self.n}, not {self.happy}")
         if not self.idle_timeout > 0:
             raise UsageError(f"idle_timeout must be positive, not {self.idle_timeout}")
+        for name in ("lease_duration", "expire_interval", "renew_interval", "check_interval"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be positive, not {getattr(self, name)}")
+        if not self.check_rate > 0 or not 0 <= self.repair_threshold <= self.n:
+            raise UsageError("check_rate must be positive and repair_threshold in 0..n")
         if self.reserved_space < 0 or self.max_share_size < 1:
             raise UsageError("reserved_space must be >= 0 and max_share_size >= 1")
         for url in ([self.introducer] if self.introducer else []) + self.servers:
@@ -106,6 +118,8 @@ class NodeConfig:
                 "reserved_space": self.reserved_space,
                 "max_share_size": self.max_share_size,
                 "idle_timeout": self.idle_timeout,
+                "lease_duration": self.lease_duration,
+                "expire_interval": self.expire_interval,
             }
         if self.kind == "client":
             tables["client"] = {
@@ -113,6 +127,10 @@ class NodeConfig:
                 "happy": self.happy,
                 "n": self.n,
                 "segment_size": self.segment_size,
+                "renew_interval": self.renew_interval,
+                "check_interval": self.check_interval,
+                "check_rate": self.check_rate,
+                "repair_threshold": self.repair_threshold,
             }
         return dump_toml(tables)
 
@@ -182,9 +200,10 @@ class NodeDir:
         self.path.mkdir(parents=True, exist_ok=True)
         NodeKey.generate().write(self.private)
         if config.kind == "client":
-            secret = self.private / "convergence"
-            secret.touch(mode=0o600)
-            secret.write_bytes(os.urandom(32))
+            for name in ("convergence", "lease"):
+                secret = self.private / name
+                secret.touch(mode=0o600)
+                secret.write_bytes(os.urandom(32))
         self.save(config)
 
     def save(self, config: NodeConfig) -> None:
@@ -201,6 +220,17 @@ class NodeDir:
 
     def convergence_secret(self) -> bytes:
         return (self.private / "convergence").read_bytes()
+
+    def lease_secret(self) -> bytes:
+        """The node's lease secret, made on first use (nodes created before
+        leases existed have none yet)."""
+        path = self.private / "lease"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            with atomic_output(path, 0o600) as f:
+                f.write(os.urandom(32))
+            return path.read_bytes()
 
     def address(self) -> NodeAddress | None:
         try:

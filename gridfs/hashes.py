@@ -31,6 +31,8 @@ TAG_SLOT_WRITE_KEY = b"gridfs:v1:slot-write-key"
 TAG_SLOT_STORAGE_INDEX = b"gridfs:v1:slot-storage-index"
 TAG_SLOT_DATA_KEY = b"gridfs:v1:slot-data-key"
 TAG_SLOT_SIGNATURE = b"gridfs:v1:slot-signature"
+TAG_LEASE_RENEW = b"gridfs:v1:lease-renew"
+TAG_LEASE_CANCEL = b"gridfs:v1:lease-cancel"
 NODE_ID_SIZE = 20
 
 _LEN = struct.Struct(">Q")
@@ -114,3 +116,15 @@ def convergence_key(secret: bytes, params_string: str, plaintext_digest: bytes) 
     give the same key (deduplication); without the secret nobody can confirm a
     guessed file."""
     return tagged_hash(TAG_CONVERGENCE_KEY, secret, params_string.encode(), plaintext_digest)
+
+
+def lease_secrets(
+    node_secret: bytes, storage_index: bytes, server_id: bytes
+) -> tuple[bytes, bytes]:
+    """The (renew, cancel) secrets of this node's lease on one storage index
+    at one server: a server learns only its own pair, which is useless
+    anywhere else, and no other node can compute them."""
+    return (
+        tagged_hash(TAG_LEASE_RENEW, node_secret, storage_index, server_id),
+        tagged_hash(TAG_LEASE_CANCEL, node_secret, storage_index, server_id),
+    )

@@ -25,6 +25,7 @@ from .net import tls
 from .net.identity import NodeAddress, NodeKey
 from .net.rpc import RpcClient, serve_rpc
 from .protocol import schema
+from .storage.leases import LeaseDB
 from .storage.service import StorageSession
 from .storage.slots import SlotStore
 from .storage.store import ShareStore, StoreLimits
@@ -105,12 +106,20 @@ async def run_storage(
     key = node.key()
     store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
     slots = SlotStore(node.storage_path)
+
+    def collect(si: bytes) -> None:
+        store.delete_all(si)
+        slots.delete(si)
+
+    leases = LeaseDB(node.storage_path / "leases.sqlite", collect, config.lease_duration)
     hello = hello_info("storage", key)
 
     async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
         session = session_factory(store, config.idle_timeout)
-        if session.slots is None:  # factories take (store, idle_timeout): attach the slots
+        if session.slots is None:  # factories take (store, idle_timeout): attach the rest
             session.slots = slots
+        if session.leases is None:
+            session.leases = leases
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.reap_idle)
@@ -121,6 +130,7 @@ async def run_storage(
 
     async with trio.open_nursery() as nursery:
         address = await nursery.start(serve_node, node, config, connection)
+        nursery.start_soon(crawl_expired_leases, leases, config.expire_interval)
         if config.introducer:
             intro = NodeAddress.parse(config.introducer)
 
@@ -132,6 +142,17 @@ async def run_storage(
 
             nursery.start_soon(announce_forever, intro, key, announcement)
         task_status.started(address)
+
+
+async def crawl_expired_leases(leases: LeaseDB, interval: float, batch: int = 1000) -> None:
+    """The expiry crawler: every ``interval`` seconds, drop expired leases and
+    free what they alone kept, ``batch`` leases per step so one step never
+    holds the database (or the event loop's thread) for long."""
+    while True:
+        dropped, freed = await trio.to_thread.run_sync(leases.expire_step, batch)
+        if dropped:
+            log.info("expired %d leases, freed %d storage indexes", dropped, freed)
+        await trio.sleep(0.05 if dropped == batch else interval)
 
 
 async def announce_forever(

@@ -332,7 +332,8 @@ async def test_full_servers_refuse_and_others_take_the_shares(
             async with open_broker(grid.addresses) as broker:
                 assert full[0].address is not None
                 server = broker.servers[full[0].address.node_id]
-                args = {"si": os.urandom(STORAGE_INDEX_SIZE), "sharenums": [0], "share_size": 99}
+                si = os.urandom(STORAGE_INDEX_SIZE)
+                args = {"si": si, "sharenums": [0], "share_size": 99, **server.lease_args(si)}
                 with pytest.raises(RemoteError, match="no room") as info:
                     await server.call("allocate_buckets", args)
                 assert info.value.code == "no-space"
@@ -372,9 +373,8 @@ async def test_closed_share_survives_restart_partial_does_not(
                 node = grid.holder(cap.storage_index, 0)
                 assert node.address is not None
                 server = broker.servers[node.address.node_id]
-                await server.call(
-                    "allocate_buckets", {"si": partial_si, "sharenums": [0], "share_size": 1000}
-                )
+                args = {"si": partial_si, "sharenums": [0], "share_size": 1000}
+                await server.call("allocate_buckets", {**args, **server.lease_args(partial_si)})
                 await server.call(
                     "write", {"si": partial_si, "sharenum": 0, "chunks": [[0, b"x" * 100]]}
                 )

@@ -33,6 +33,7 @@ from gridfs.protocol.schema import (
     MAX_BUCKETS,
     MAX_CHUNKS,
     MAX_FRAME,
+    MAX_LEASES,
     MAX_READ,
     MAX_U64,
     MAX_WRITE,
@@ -43,6 +44,7 @@ from gridfs.protocol.schema import (
 )
 
 SI = bytes(range(STORAGE_INDEX_SIZE))
+LEASE = {"renew_secret": b"r" * 32, "cancel_secret": b"c" * 32}
 AnyEvent = Request | BadRequest | Response | ErrorReply | Closed
 
 
@@ -454,13 +456,23 @@ BAD_ARGS: list[tuple[str, Any, str]] = [
     ("close", {"si": SI, "sharenum": 256}, "share number"),
     ("close", {"si": SI, "sharenum": -1}, "share number"),
     ("close", {"si": SI, "sharenum": True}, "share number"),
-    ("allocate_buckets", {"si": SI, "sharenums": [1, 2, 1], "share_size": 10}, "repeated"),
+    ("allocate_buckets", {"si": SI, "sharenums": [1, 2, 1], "share_size": 10, **LEASE}, "repeated"),
     (
         "allocate_buckets",
-        {"si": SI, "sharenums": list(range(MAX_BUCKETS)) * 2, "share_size": 1},
+        {"si": SI, "sharenums": list(range(MAX_BUCKETS)) * 2, "share_size": 1, **LEASE},
         "at most",
     ),
-    ("allocate_buckets", {"si": SI, "sharenums": [1], "share_size": -5}, "unsigned"),
+    ("allocate_buckets", {"si": SI, "sharenums": [1], "share_size": -5, **LEASE}, "unsigned"),
+    ("allocate_buckets", {"si": SI, "sharenums": [1], "share_size": 5}, "unexpected or missing"),
+    (
+        "allocate_buckets",
+        {"si": SI, "sharenums": [1], "share_size": 5, **LEASE, "cancel_secret": b"c" * 31},
+        "wrong length",
+    ),
+    ("add_leases", {"leases": [[SI, b"r" * 32]]}, "expected a list of 3"),
+    ("add_leases", {"leases": [[SI, b"r" * 32, b"c" * 32]] * (MAX_LEASES + 1)}, "at most"),
+    ("cancel_leases", {"leases": [[SI, b"c" * 33]], "renewed_before": 0}, "wrong length"),
+    ("cancel_leases", {"leases": [], "renewed_before": -1}, "unsigned"),
     ("read", {**READ, "length": MAX_READ + 1}, "at most"),
     ("read", {**READ, "offset": 1.5}, "unsigned"),
     ("announce", {"announcement": b"a" * (MAX_ANNOUNCEMENT + 1), "signature": b"s" * 64}, "length"),
@@ -507,8 +519,13 @@ def test_unknown_method_name_is_cut_short_in_the_event() -> None:
         ("write", {"si": SI, "sharenum": 0, "chunks": [[MAX_U64, b""]]}),
         ("read", {**READ, "length": MAX_READ}),
         ("read", {**READ, "offset": MAX_U64, "length": 0}),
-        ("allocate_buckets", {"si": SI, "sharenums": list(range(MAX_BUCKETS)), "share_size": 0}),
-        ("allocate_buckets", {"si": SI, "sharenums": [], "share_size": MAX_U64}),
+        (
+            "allocate_buckets",
+            {"si": SI, "sharenums": list(range(MAX_BUCKETS)), "share_size": 0, **LEASE},
+        ),
+        ("allocate_buckets", {"si": SI, "sharenums": [], "share_size": MAX_U64, **LEASE}),
+        ("add_leases", {"leases": [[SI, b"r" * 32, b"c" * 32]] * MAX_LEASES}),
+        ("cancel_leases", {"leases": [[SI, b"c" * 32]] * MAX_LEASES, "renewed_before": MAX_U64}),
         ("announce", {"announcement": b"a" * MAX_ANNOUNCEMENT, "signature": b"s" * 64}),
     ],
 )
@@ -580,6 +597,8 @@ VALID_ARGS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "si": sis,
             "sharenums": st.lists(sharenums, unique=True, max_size=MAX_BUCKETS),
             "share_size": u64s,
+            "renew_secret": st.binary(min_size=32, max_size=32),
+            "cancel_secret": st.binary(min_size=32, max_size=32),
         }
     ),
     "write": st.fixed_dictionaries(

@@ -55,6 +55,8 @@ TIMEOUT = 20
 SEED = bytes(range(32))
 seeds = st.binary(min_size=32, max_size=32)
 
+LEASE = {"renew_secret": b"r" * 32, "cancel_secret": b"c" * 32}
+
 
 def resign(cap: SlotWriteCap, record: bytes) -> SignedVersion:
     """Sign arbitrary record bytes with the slot's own key: what a buggy or
@@ -379,7 +381,7 @@ async def test_session_without_slots_says_so_and_with_slots_answers(tmp_path: Pa
     assert await session.handle("slot_read", {"si": si}) is None
     v1 = sign_version(w, 1, b"one")
     args = {"si": si, "record": v1.record, "signature": v1.signature}
-    write = {**args, "check": True, "expected_seq": 0}
+    write = {**args, "check": True, "expected_seq": 0, **LEASE}
     assert await session.handle("slot_write", write) == {"ok": True}
     assert await session.handle("slot_read", {"si": si}) == v1.to_wire()
     fork = sign_version(w, 1, b"fork")
@@ -423,8 +425,9 @@ def node_id(node: StorageNode) -> bytes:
 async def raw_write(
     broker: StorageBroker, node: StorageNode, si: bytes, record: bytes, signature: bytes
 ) -> object:
+    server = broker.servers[node_id(node)]
     args = {"si": si, "record": record, "signature": signature, "check": False, "expected_seq": 0}
-    return await broker.servers[node_id(node)].call("slot_write", args)
+    return await server.call("slot_write", {**args, **server.lease_args(si)})
 
 
 async def test_round_trip_with_each_cap(tmp_path: Path) -> None:
@@ -492,7 +495,7 @@ async def test_servers_refuse_wrong_keys_forgeries_and_replays(tmp_path: Path) -
             with pytest.raises(RemoteError) as info:
                 args = {"si": si, "record": v2.record, "signature": v2.signature}
                 await broker.servers[node_id(node)].call(
-                    "slot_write", {**args, "check": 1, "expected_seq": 0}
+                    "slot_write", {**args, "check": 1, "expected_seq": 0, **LEASE}
                 )
             assert info.value.code == "bad-request"
             assert held(node, si) == 2

@@ -9,13 +9,14 @@ reconnects with backoff after it breaks.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import trio
 
 from ..announce import Announcement
 from ..errors import FormatError, GridError
-from ..hashes import server_permutation
+from ..hashes import lease_secrets, server_permutation
 from ..net import tls
 from ..net.identity import NodeAddress
 from ..net.rpc import ConnectionLost, RpcClient
@@ -34,9 +35,14 @@ class Server:
     """One storage server and our (lazily opened, re-opened) connection to it."""
 
     def __init__(
-        self, address: NodeAddress, nursery: trio.Nursery, call_timeout: float = CALL_TIMEOUT
+        self,
+        address: NodeAddress,
+        nursery: trio.Nursery,
+        call_timeout: float = CALL_TIMEOUT,
+        lease_secret: bytes = b"",
     ) -> None:
         self.address = address
+        self.lease_secret = lease_secret or os.urandom(32)
         self.announcement: Announcement | None = None
         self.call_timeout = call_timeout
         self._nursery = nursery
@@ -81,6 +87,15 @@ class Server:
         rpc = await self.connect()
         return await rpc.call(method, args, timeout)
 
+    def lease_args(self, storage_index: bytes) -> dict[str, bytes]:
+        """Our renew and cancel secrets for ``storage_index`` on this server,
+        as the request fields that carry them."""
+        renew, cancel = lease_secrets(self.lease_secret, storage_index, self.node_id)
+        return {"renew_secret": renew, "cancel_secret": cancel}
+
+    def cancel_secret(self, storage_index: bytes) -> bytes:
+        return lease_secrets(self.lease_secret, storage_index, self.node_id)[1]
+
     async def disconnect(self) -> None:
         if self._rpc is not None:
             await self._rpc.aclose("disconnected")
@@ -95,10 +110,14 @@ class StorageBroker:
         introducer: NodeAddress | None = None,
         static: list[NodeAddress] | None = None,
         call_timeout: float = CALL_TIMEOUT,
+        lease_secret: bytes = b"",
     ) -> None:
+        """``lease_secret`` is the node's (a random one, good for this process
+        only, if none is given)."""
         self._nursery = nursery
         self.introducer = introducer
         self.call_timeout = call_timeout
+        self.lease_secret = lease_secret or os.urandom(32)
         self.servers: dict[bytes, Server] = {}
         self._changed = trio.Event()
         self.introducer_connected = False
@@ -114,7 +133,7 @@ class StorageBroker:
     def _add(self, address: NodeAddress, ann: Announcement | None = None) -> Server:
         server = self.servers.get(address.node_id)
         if server is None or server.address != address:
-            server = Server(address, self._nursery, self.call_timeout)
+            server = Server(address, self._nursery, self.call_timeout, self.lease_secret)
             self.servers[address.node_id] = server
         if ann is not None:
             server.announcement = ann

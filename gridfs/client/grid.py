@@ -72,7 +72,7 @@ async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
     if introducer is None and not static:
         raise UsageError(f"{node.path}: no introducer and no servers configured")
     async with trio.open_nursery() as nursery:
-        broker = StorageBroker(nursery, introducer, static)
+        broker = StorageBroker(nursery, introducer, static, lease_secret=node.lease_secret())
         try:
             yield GridClient(node, broker)
         finally:

@@ -81,9 +81,8 @@ async def _allocate(
             break
         num = pending[0]
         try:
-            reply = await server.call(
-                "allocate_buckets", {"si": si, "sharenums": [num], "share_size": share_size}
-            )
+            args = {"si": si, "sharenums": [num], "share_size": share_size}
+            reply = await server.call("allocate_buckets", {**args, **server.lease_args(si)})
         except GridError as e:
             log.info("%s cannot take share %d: %s", server.name, num, e)
             continue

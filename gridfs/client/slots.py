@@ -335,6 +335,7 @@ async def _write(
         "signature": signed.signature,
         "check": expected is not None,
         "expected_seq": expected or 0,
+        **server.lease_args(si),
     }
     reply = await server.call("slot_write", args, timeout)
     if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:

@@ -225,7 +225,12 @@ class _Upload:
         return placed
 
     async def _allocate(self, num: int, server: Server) -> Bucket | None:
-        args = {"si": self.si, "sharenums": [num], "share_size": self.geometry.share_size}
+        args = {
+            "si": self.si,
+            "sharenums": [num],
+            "share_size": self.geometry.share_size,
+            **server.lease_args(self.si),
+        }
         async for _ in _while_busy():
             reply = await server.call("allocate_buckets", args)
             if num in reply.get("already", []):
@@ -245,9 +250,8 @@ class _Upload:
 
         async def put(num: int, server: Server) -> Bucket | None:
             async for _ in _while_busy():
-                reply = await server.call(
-                    "put_share", {"si": self.si, "sharenum": num, "data": shares[num]}
-                )
+                args = {"si": self.si, "sharenum": num, "data": shares[num]}
+                reply = await server.call("put_share", {**args, **server.lease_args(self.si)})
                 if reply.get("stored") or reply.get("already"):
                     return Bucket(num, server, existing=bool(reply.get("already")))
             return None

@@ -26,6 +26,9 @@ MAX_BUCKETS = 256
 """Most share numbers in one allocation: the seed's MAX_BUCKETS (n ≤ 256)."""
 MAX_OPEN_BUCKETS = 1024
 """Most buckets one connection may hold open at once."""
+MAX_LEASES = 1024
+"""Most storage indexes in one add_leases or cancel_leases request."""
+LEASE_SECRET_SIZE = 32
 MAX_ANNOUNCEMENT = 4096
 MAX_U64 = 2**64 - 1
 
@@ -113,15 +116,28 @@ def read_length(v: Any) -> int:
 
 
 SI = binary(STORAGE_INDEX_SIZE)
+SECRET = binary(LEASE_SECRET_SIZE)
+
+
+def tuple_of(*items: Check) -> Check:
+    def check(v: Any) -> tuple[Any, ...]:
+        if not isinstance(v, list) or len(v) != len(items):
+            raise SchemaError(f"expected a list of {len(items)} items")
+        return tuple(c(x) for c, x in zip(items, v, strict=True))
+
+    return check
+
+
+LEASE_ARGS = {"renew_secret": SECRET, "cancel_secret": SECRET}
 
 REQUESTS: dict[str, dict[str, Check]] = {
     "hello": {"protocol": text(64), "versions": list_of(u64, 16)},
     # storage server
     "stats": {},
-    "allocate_buckets": {"si": SI, "sharenums": sharenums, "share_size": u64},
+    "allocate_buckets": {"si": SI, "sharenums": sharenums, "share_size": u64, **LEASE_ARGS},
     "write": {"si": SI, "sharenum": sharenum, "chunks": chunks},
     "close": {"si": SI, "sharenum": sharenum},
-    "put_share": {"si": SI, "sharenum": sharenum, "data": binary(most=MAX_WRITE)},
+    "put_share": {"si": SI, "sharenum": sharenum, "data": binary(most=MAX_WRITE), **LEASE_ARGS},
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
     "report_corrupt": {"si": SI, "sharenum": sharenum, "verify_cap": text(400)},
@@ -133,6 +149,12 @@ REQUESTS: dict[str, dict[str, Check]] = {
         "signature": binary(SIGNATURE_SIZE),
         "check": boolean,
         "expected_seq": u64,
+        **LEASE_ARGS,
+    },
+    "add_leases": {"leases": list_of(tuple_of(SI, SECRET, SECRET), MAX_LEASES)},
+    "cancel_leases": {
+        "leases": list_of(tuple_of(SI, SECRET), MAX_LEASES),
+        "renewed_before": u64,
     },
     # introducer
     "announce": {"announcement": binary(most=MAX_ANNOUNCEMENT), "signature": binary(64)},

@@ -18,6 +18,7 @@ from ..caps import parse as parse_cap
 from ..errors import FormatError, GridError, IntegrityError, UsageError
 from ..immutable import ForeignShareError, verify_share
 from ..protocol.schema import MAX_OPEN_BUCKETS
+from .leases import LeaseDB
 from .slots import SlotStore, StaleVersionError
 from .store import BucketWriter, ShareStore
 
@@ -69,10 +70,15 @@ class StorageSession:
     """The storage methods as seen by one connection."""
 
     def __init__(
-        self, store: ShareStore, idle_timeout: float, slots: SlotStore | None = None
+        self,
+        store: ShareStore,
+        idle_timeout: float,
+        slots: SlotStore | None = None,
+        leases: LeaseDB | None = None,
     ) -> None:
         self.store = store
         self.slots = slots
+        self.leases = leases
         self.idle_timeout = idle_timeout
         self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
 
@@ -86,13 +92,30 @@ class StorageSession:
             raise _coded(e) from None
 
     async def rpc_stats(self) -> dict[str, int]:
-        return self.store.capacity()
+        stats = self.store.capacity()
+        stats["now_ns"] = time.time_ns()
+        if self.leases is not None:
+            stats["now_ns"] = self.leases.now()
+            stats["lease_duration"] = self.leases.duration_ns // 10**9
+        return stats
+
+    async def _lease(self, si: bytes, renew_secret: bytes, cancel_secret: bytes) -> None:
+        """Add (or renew) the caller's lease before storing anything, so
+        what gets stored is never without one."""
+        if self.leases is not None:
+            await trio.to_thread.run_sync(self.leases.add, si, renew_secret, cancel_secret)
 
     async def rpc_allocate_buckets(
-        self, si: bytes, sharenums: list[int], share_size: int
+        self,
+        si: bytes,
+        sharenums: list[int],
+        share_size: int,
+        renew_secret: bytes,
+        cancel_secret: bytes,
     ) -> dict[str, list[int]]:
         if len(self.buckets) + len(sharenums) > MAX_OPEN_BUCKETS:
             raise TooManyBucketsError(f"at most {MAX_OPEN_BUCKETS} open buckets per connection")
+        await self._lease(si, renew_secret, cancel_secret)
         already, allocated = self.store.allocate(si, sharenums, share_size)
         for num, writer in allocated.items():
             self.buckets[(si, num)] = writer
@@ -114,8 +137,11 @@ class StorageSession:
             bucket.abort()
             raise
 
-    async def rpc_put_share(self, si: bytes, sharenum: int, data: bytes) -> dict[str, bool]:
-        """A whole small share in one call: allocate, write and close."""
+    async def rpc_put_share(
+        self, si: bytes, sharenum: int, data: bytes, renew_secret: bytes, cancel_secret: bytes
+    ) -> dict[str, bool]:
+        """A whole small share in one call: lease, allocate, write and close."""
+        await self._lease(si, renew_secret, cancel_secret)
         already, allocated = self.store.allocate(si, [sharenum], len(data))
         if sharenum in already:
             return {"stored": False, "already": True}
@@ -186,11 +212,19 @@ class StorageSession:
         return None if stored is None else list(stored)
 
     async def rpc_slot_write(
-        self, si: bytes, record: bytes, signature: bytes, check: bool, expected_seq: int
+        self,
+        si: bytes,
+        record: bytes,
+        signature: bytes,
+        check: bool,
+        expected_seq: int,
+        renew_secret: bytes,
+        cancel_secret: bytes,
     ) -> dict[str, Any]:
         """{"ok": true} once stored, or {"ok": false, "current": [record, signature]
         | nil} when refused as stale; an invalid version is an error reply."""
         slots = self._slot_store()
+        await self._lease(si, renew_secret, cancel_secret)
         expected = expected_seq if check else None
         try:
             # Writing fsyncs: keep the event loop free for other connections.
@@ -198,6 +232,42 @@ class StorageSession:
         except StaleVersionError as e:
             return {"ok": False, "current": None if e.current is None else list(e.current)}
         return {"ok": True}
+
+    def _held(self, si: bytes) -> int:
+        """How many things of ``si`` are stored here: shares, plus 1 for a slot."""
+        slot = self.slots is not None and self.slots.path(si).exists()
+        return len(self.store.shares(si)) + int(slot)
+
+    async def rpc_add_leases(self, leases: list[tuple[bytes, bytes, bytes]]) -> list[int]:
+        """Add or renew a lease on each storage index that has something here;
+        answers, per index, how many things the lease covers (0: nothing is
+        stored, no lease added)."""
+        db = self._lease_db()
+
+        def add() -> list[int]:
+            held = [self._held(si) for si, _, _ in leases]
+            db.add_many([item for item, n in zip(leases, held, strict=True) if n])
+            return held
+
+        return await trio.to_thread.run_sync(add)
+
+    async def rpc_cancel_leases(
+        self, leases: list[tuple[bytes, bytes]], renewed_before: int
+    ) -> list[str]:
+        """Cancel the caller's leases, except those renewed at or after
+        ``renewed_before`` (this server's clock, from ``stats``); answers
+        "none", "kept", "cancelled" or "deleted" per index."""
+        db = self._lease_db()
+
+        def cancel() -> list[str]:
+            return [db.cancel(si, secret, renewed_before) for si, secret in leases]
+
+        return await trio.to_thread.run_sync(cancel)
+
+    def _lease_db(self) -> LeaseDB:
+        if self.leases is None:
+            raise WrongServerError("this server keeps no leases")
+        return self.leases
 
     def abort_all(self) -> None:
         for bucket in self.buckets.values():

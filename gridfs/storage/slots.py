@@ -122,6 +122,19 @@ class SlotStore:
                 if created:
                     fsync_dir(self._slots)
 
+    def delete(self, storage_index: bytes) -> bool:
+        """Remove the slot (its last lease went); False if none was stored."""
+        path = self.path(storage_index)
+        with self._lock, _disk_errors("delete slot"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            fsync_dir(path.parent)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            return True
+
     def _current(self, storage_index: bytes) -> tuple[int, StoredVersion | None]:
         """The stored version's seq and bytes, or (0, None) if none is stored
         or what is stored does not verify (it may then be replaced)."""

@@ -215,6 +215,15 @@ class ShareStore:
             # The deepest directory left is the one whose entry went last.
             fsync_dir(next(d for d in path.parents[:3] if d.exists()))
 
+    def delete_all(self, storage_index: bytes) -> int:
+        """Remove every closed share of ``storage_index`` (its last lease went);
+        returns how many there were."""
+        nums = list(self.shares(storage_index))
+        for n in nums:
+            with contextlib.suppress(NoSuchShareError):
+                self.delete_share(storage_index, n)
+        return len(nums)
+
     def open_buckets(self) -> int:
         """How many uploads are in progress."""
         with self._lock:
