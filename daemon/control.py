@@ -51,7 +51,7 @@ async def serve_control(daemon: Any, node: NodeDir) -> None:
         if method == "ctl_status":
             return daemon.status()
         if method == "ctl_flush":
-            await daemon.wait_synced()
+            await daemon.flush_queue()
             return daemon.status()
         if method == "ctl_memory":
             return memory_usage()

@@ -114,6 +114,10 @@ class Inodes:
         self.by_path.pop(path, None)
 
 
+DIR_SIZE = 4096
+"""What stat reports as a directory's size (as ext4 does for a small one)."""
+
+
 class GridOperations(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -149,6 +153,10 @@ class GridOperations(pyfuse3.Operations):
         size = of.size if of is not None and of.staging is not None else entry.size
         if entry.kind == "symlink":
             size = len(entry.target.encode())
+        elif entry.is_dir:
+            # Not the entry count: that changes when queued changes are
+            # committed, and tar or rsync would see the directory "change".
+            size = DIR_SIZE
         a.st_size = size
         a.st_blksize = 128 * 1024
         a.st_blocks = (size + 511) // 512

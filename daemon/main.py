@@ -23,9 +23,12 @@ import pyfuse3
 import trio
 
 from gridfs.client.grid import open_grid
+from gridfs.client.keeper import load_record
+from gridfs.client.maintain import maintain_forever
 from gridfs.client.session import TreeSession
 from gridfs.config import NodeDir
 from gridfs.errors import GridError, UsageError
+from gridfs.workqueue import CLEANUP, PATH
 
 from .control import serve_control
 from .fs import GridOperations
@@ -65,6 +68,8 @@ class MountOptions:
     refresh: float = 10.0
     """seconds between checks for other writers' changes"""
     drain_timeout: float = 60.0
+    maintain: bool = True
+    """renew leases and check/repair in the background (``-o nomaintain``: off)"""
 
     @classmethod
     def parse(cls, text: str) -> tuple[MountOptions, dict[str, str]]:
@@ -76,6 +81,8 @@ class MountOptions:
                 opts.sync = True
             elif key == "allow_other":
                 opts.allow_other = True
+            elif key == "nomaintain":
+                opts.maintain = False
             elif key in ("refresh", "drain_timeout"):
                 try:
                     setattr(opts, key, float(value))
@@ -119,17 +126,20 @@ class MountDaemon:
     def kick(self) -> None:
         self._kicked.set()
 
-    async def flush_queue(self) -> None:
+    async def flush_queue(self, through: int = CLEANUP) -> None:
         assert self.session is not None and self.view is not None
         async with self.view.flushing:
-            await self.session.queue.flush(self.session)
+            await self.session.queue.flush(self.session, through=through)
         self.flushed += 1
         self.last_error = None
         await self.view.rebuild()
 
     async def wait_synced(self) -> None:
-        """For -o sync and gridfs queue flush: return once the grid has everything."""
-        await self.flush_queue()
+        """For -o sync and gridfs queue flush: return once the grid has every
+        change (giving up old leases can wait for the background flush)."""
+        await self.flush_queue(through=PATH)
+        if len(self.session.queue):  # type: ignore[union-attr]
+            self.kick()
 
     async def flusher(self) -> None:
         backoff = 1.0
@@ -186,6 +196,7 @@ class MountDaemon:
             "last_error": self.last_error or "",
             "servers": len(self.session.grid.broker.servers),
             "flushes": self.flushed,
+            "maintenance": load_record(self.node),
         }
 
     # -- running ----------------------------------------------------------------
@@ -209,6 +220,8 @@ class MountDaemon:
                     nursery.start_soon(self.flusher)
                     nursery.start_soon(self.refresher)
                     nursery.start_soon(self.capacity_poller)
+                    if self.options.maintain:
+                        nursery.start_soon(maintain_forever, grid)
                     nursery.start_soon(serve_control, self, self.node)
                     nursery.start_soon(self._signals)
                     if len(self.session.queue):

@@ -200,13 +200,19 @@ class Tree:
     async def commit(self, changes: Sequence[Change]) -> tuple[int, str]:
         """Apply ``changes`` and publish the new root once; retry on conflict.
         Returns (seq, root cap); publishes nothing if nothing changed."""
+        seq, root_cap, _ = await self.commit_from(changes)
+        return seq, root_cap
+
+    async def commit_from(self, changes: Sequence[Change]) -> tuple[int, str, str]:
+        """:meth:`commit`, also returning the root cap the changes replaced
+        (what the new root no longer references can then be unlinked)."""
         for _ in range(MAX_RETRIES):
             seq, root_cap = await self.root()
             new_cap = await self.apply(root_cap, changes)
             if new_cap == root_cap:
-                return seq, root_cap
+                return seq, root_cap, root_cap
             try:
-                return await self.store.publish_root(pack_root(new_cap), seq), new_cap
+                return await self.store.publish_root(pack_root(new_cap), seq), new_cap, root_cap
             except SlotConflictError:
                 continue
         raise SlotConflictError(f"gave up after {MAX_RETRIES} conflicting updates of the root")

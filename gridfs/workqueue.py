@@ -8,7 +8,15 @@ any instant and running the queue again ends in the same state.
 Steps run by section, in the seed's order: uploads, then retains, then path
 changes, then unlinks, then cleanup of tempfiles and boxes.  All pending path
 changes run as one batch: one new chain of directories and one root publish.
-When the queue is empty, ``tempfiles/`` and ``boxes/`` are emptied.
+The commit replaces its path steps by one ``unlink_commit`` step (in the same
+transaction): give up the leases on what the old root referenced and the new
+one does not, and on files uploaded by the batch that it did not link.  All
+pending unlinks run as one batch too.  When the queue is empty,
+``tempfiles/`` and ``boxes/`` are emptied.
+
+The ``retained`` table holds caps uploaded and not yet linked into the tree
+(from ``retain_uri_from_box``) and caps retained with ``retain_ssk``; the
+commit that links a file removes it from there.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -45,6 +54,7 @@ SECTIONS = {
     "move": PATH,
     "unlink_uri": UNLINK,
     "unlink_ssk": UNLINK,
+    "unlink_commit": UNLINK,
     "delete_tempfile": CLEANUP,
     "delete_box": CLEANUP,
 }
@@ -89,6 +99,7 @@ class Step:
             "retain_ssk": lambda: f"retain {a['cap'][:40]}",
             "unlink_uri": lambda: f"unlink {a['uri'][:40]}",
             "unlink_ssk": lambda: f"unlink {a['cap'][:40]}",
+            "unlink_commit": lambda: f"unlink what a commit dropped ({len(a['caps'])} files)",
             "delete_tempfile": lambda: f"delete tempfile {a['name']}",
             "delete_box": lambda: f"delete box {a['name']}",
         }[self.kind]()
@@ -102,7 +113,14 @@ class Executor(Protocol):
 
     async def upload(self, path: Path) -> str: ...
 
-    async def unlink(self, cap: str) -> None: ...
+    async def dropped(self, old: str, new: str) -> set[str]:
+        """Caps the root directory ``old`` references and ``new`` does not."""
+
+    async def unlink(self, caps: list[str]) -> None:
+        """Give up this node's leases on ``caps``, except on what is still referenced."""
+
+    def writing(self) -> AbstractAsyncContextManager[None]:
+        """Held while uploads and commits run (see gridfs.client.keeper)."""
 
 
 def _checkpoint() -> None:
@@ -264,27 +282,50 @@ class WorkQueue:
         executor: Executor,
         concurrency: int = 8,
         progress: Callable[[Step], None] | None = None,
+        through: int = CLEANUP,
     ) -> None:
-        """Run every step to the end.  A failing step stays queued (with its
-        error recorded) and the first failure is raised as QueueError."""
+        """Run every step to the end (or every step up to section ``through``:
+        PATH is enough for the grid to hold every change).  A failing step
+        stays queued (with its error recorded) and the first failure is
+        raised as QueueError."""
         async with self._lock:
             while True:
                 steps = self.pending()
-                if not steps:
-                    self._empty_dirs()
+                if not steps or steps[0].section > through:
+                    if not steps:
+                        self._empty_dirs()
                     return
-                section = steps[0].section
-                batch = [s for s in steps if s.section == section]
-                _checkpoint()
-                if section == UPLOAD:
-                    await self._run_uploads(executor, batch, concurrency, progress)
-                elif section == PATH:
-                    await self._run_paths(executor, batch, progress)
-                else:
-                    for step in batch:
-                        await self._run_one(executor, step)
-                        if progress:
-                            progress(step)
+                if steps[0].section > PATH:
+                    await self._run_section(executor, steps, concurrency, progress)
+                    continue
+                # Uploads, retains and the commit: all under the writers' lock,
+                # so an unlink's fence sees every cap stored here recorded.
+                async with executor.writing():
+                    while steps and steps[0].section <= min(PATH, through):
+                        await self._run_section(executor, steps, concurrency, progress)
+                        steps = self.pending()
+
+    async def _run_section(
+        self,
+        executor: Executor,
+        steps: list[Step],
+        concurrency: int,
+        progress: Callable[[Step], None] | None,
+    ) -> None:
+        section = steps[0].section
+        batch = [s for s in steps if s.section == section]
+        _checkpoint()
+        if section == UPLOAD:
+            await self._run_uploads(executor, batch, concurrency, progress)
+        elif section == PATH:
+            await self._run_paths(executor, batch, progress)
+        elif section == UNLINK:
+            await self._run_unlinks(executor, batch, progress)
+        else:
+            for step in batch:
+                await self._run_one(executor, step)
+                if progress:
+                    progress(step)
 
     async def _run_uploads(
         self,
@@ -335,10 +376,6 @@ class WorkQueue:
                     self.db.execute(
                         "INSERT OR IGNORE INTO retained VALUES (?, ?)", (cap, time.time_ns())
                     )
-            elif step.kind in ("unlink_uri", "unlink_ssk"):
-                cap = a["uri"] if step.kind == "unlink_uri" else a["cap"]
-                await executor.unlink(cap)
-                self.db.execute("DELETE FROM retained WHERE cap = ?", (cap,))
             elif step.kind == "delete_tempfile":
                 with contextlib.suppress(FileNotFoundError):
                     (self.tempfiles / a["name"]).unlink()
@@ -377,7 +414,48 @@ class WorkQueue:
         if any(c is None for c in changes):
             raise QueueError("a path step refers to a box that was never filled")
         try:
-            await executor.tree.commit([c for c in changes if c is not None])
+            _, new, old = await executor.tree.commit_from([c for c in changes if c is not None])
+        except GridError as e:
+            self._record_failure(steps, str(e))
+            raise
+        _checkpoint()
+        put = sorted({c.entry.cap for c in changes if isinstance(c, Put) and c.entry.cap})
+        with self.transaction():
+            self.db.executemany("DELETE FROM steps WHERE id = ?", [(s.id,) for s in steps])
+            self.db.executemany("DELETE FROM retained WHERE cap = ?", [(c,) for c in put])
+            if old != new or put:
+                self._add("unlink_commit", old=old, new=new, caps=put)
+        _checkpoint()
+        if progress:
+            for s in steps:
+                progress(s)
+
+    async def _run_unlinks(
+        self, executor: Executor, steps: list[Step], progress: Callable[[Step], None] | None
+    ) -> None:
+        try:
+            # First turn each commit's (old, new) pair into the caps it dropped,
+            # durably: once leases are given up, the old directories may be gone.
+            for i, s in enumerate(steps):
+                if s.kind == "unlink_commit" and s.args["old"] != s.args["new"]:
+                    dropped = await executor.dropped(s.args["old"], s.args["new"])
+                    args = {**s.args, "old": s.args["new"]}
+                    args["caps"] = sorted(set(s.args["caps"]) | dropped)
+                    self.db.execute(
+                        "UPDATE steps SET args = ? WHERE id = ?", (msgpack.packb(args), s.id)
+                    )
+                    steps[i] = Step(s.id, s.kind, args, s.attempts, s.last_error)
+                    _checkpoint()
+            caps: list[str] = []
+            for s in steps:
+                if s.kind == "unlink_commit":
+                    caps += s.args["caps"]
+                else:
+                    cap = s.args["uri"] if s.kind == "unlink_uri" else s.args["cap"]
+                    # It stops being retained first: the walk must not find it there.
+                    self.db.execute("DELETE FROM retained WHERE cap = ?", (cap,))
+                    caps.append(cap)
+            await executor.unlink(caps)
         except GridError as e:
             self._record_failure(steps, str(e))
             raise

@@ -2,6 +2,8 @@
 
 Crash injection against a real grid lives in test_queue_crash.py."""
 
+import contextlib
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ class FakeExecutor:
         self.tree = Tree(self.store)
         self.uploads: list[Path] = []
         self.unlinked: list[str] = []
+        self.diffs: list[tuple[str, str]] = []
         self.fail_uploads = False
 
     async def upload(self, path: Path) -> str:
@@ -29,8 +32,15 @@ class FakeExecutor:
         self.uploads.append(path)
         return await self.store.put_bytes(path.read_bytes() + b"." * 100)
 
-    async def unlink(self, cap: str) -> None:
-        self.unlinked.append(cap)
+    async def dropped(self, old: str, new: str) -> set[str]:
+        self.diffs.append((old, new))
+        return {old}
+
+    async def unlink(self, caps: list[str]) -> None:
+        self.unlinked += caps
+
+    def writing(self) -> AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # type: ignore[return-value]
 
 
 def entry(size: int = 0) -> Entry:
@@ -58,7 +68,13 @@ async def test_steps_run_in_section_order_and_the_queue_empties(tmp_path: Path) 
     assert list(await ex.tree.listdir(("docs",))) == ["a.txt", "b.txt"]
     assert ex.store.publishes == 1  # both paths in one batch
     assert list(q.tempfiles.iterdir()) == [] and list(q.boxes.iterdir()) == []
-    assert len(q.retained()) == 2 and ex.unlinked == ["gridfs:lit:aa"]
+    # Linked files leave the retained table; the commit's unlink step names
+    # the old and new roots and the files it linked (spared by the keeper's walk).
+    assert q.retained() == []
+    assert ex.unlinked[0] == "gridfs:lit:aa"
+    assert len(ex.diffs) == 1
+    linked = {e.cap for e in (await ex.tree.listdir(("docs",))).entries.values()}
+    assert set(ex.unlinked[1:]) == linked | {ex.diffs[0][0]}
 
 
 async def test_a_thousand_files_publish_the_root_once(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
-from . import check, debug, files, grid, mount, nodes, tree
+from . import check, debug, files, grid, leases, mount, nodes, tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     tree.register(sub)
     mount.register(sub)
     check.register(sub)
+    leases.register(sub)
     debug.register(sub)
     return parser
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import trio
 
-from ..caps import parse_read_cap
+from ..caps import LiteralCap, parse_read_cap
 from ..client.grid import open_grid
+from ..client.keeper import RetainedSet, lease_lock
 from ..config import NodeDir, resolve_node_dir
 from ..errors import UsageError
 from ..fileutil import atomic_output
@@ -32,6 +33,13 @@ def add_node_option(p: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     put = sub.add_parser("put", help="upload a file; print its read cap")
     put.add_argument("file", metavar="FILE|-", help="file to upload, or - for stdin")
+    put.add_argument(
+        "--no-retain",
+        dest="retain",
+        action="store_false",
+        help="do not add the cap to the retained set (its leases then run out unless "
+        "a tree links it or someone retains it)",
+    )
     add_node_option(put)
     put.set_defaults(func=cmd_put)
     get = sub.add_parser("get", help="download a file by its read cap")
@@ -53,19 +61,28 @@ def cmd_put(args: argparse.Namespace) -> int:
         with tempfile.NamedTemporaryFile(prefix="put-", dir=node.path) as spool:
             shutil.copyfileobj(sys.stdin.buffer, spool)
             spool.flush()
-            return _put(node, Path(spool.name))
+            return _put(node, Path(spool.name), args.retain)
     path = Path(args.file)
     if not path.is_file():
         raise UsageError(f"{path} is not a regular file")
-    return _put(node, path)
+    return _put(node, path, args.retain)
 
 
-def _put(node: NodeDir, path: Path) -> int:
+def _put(node: NodeDir, path: Path, retain: bool) -> int:
     async def main() -> str:
         async with open_grid(node) as grid:
-            with progress_bar(os.stat(path).st_size, "put") as bar:
-                report = await grid.put(path, bar)
-            return report.cap.to_string()
+            # Held until the cap is retained: an unlink's fence must see it.
+            async with lease_lock(node):
+                with progress_bar(os.stat(path).st_size, "put") as bar:
+                    report = await grid.put(path, bar)
+                cap = report.cap.to_string()
+                if retain and not isinstance(report.cap, LiteralCap):
+                    retained = RetainedSet(node)
+                    try:
+                        retained.add([cap])
+                    finally:
+                        retained.close()
+            return cap
 
     print(trio.run(main))
     return 0

@@ -87,14 +87,14 @@ class Server:
         rpc = await self.connect()
         return await rpc.call(method, args, timeout)
 
-    def lease_args(self, storage_index: bytes) -> dict[str, bytes]:
-        """Our renew and cancel secrets for ``storage_index`` on this server,
-        as the request fields that carry them."""
-        renew, cancel = lease_secrets(self.lease_secret, storage_index, self.node_id)
-        return {"renew_secret": renew, "cancel_secret": cancel}
+    def lease_secrets(self, storage_index: bytes) -> tuple[bytes, bytes]:
+        """Our (renew, cancel) secrets for ``storage_index`` on this server."""
+        return lease_secrets(self.lease_secret, storage_index, self.node_id)
 
-    def cancel_secret(self, storage_index: bytes) -> bytes:
-        return lease_secrets(self.lease_secret, storage_index, self.node_id)[1]
+    def lease_args(self, storage_index: bytes) -> dict[str, bytes]:
+        """The same, as the request fields that carry them."""
+        renew, cancel = self.lease_secrets(storage_index)
+        return {"renew_secret": renew, "cancel_secret": cancel}
 
     async def disconnect(self) -> None:
         if self._rpc is not None:

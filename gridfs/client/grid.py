@@ -27,6 +27,8 @@ class GridClient:
         config = node.config()
         self.params = UploadParams(config.k, config.happy, config.n, config.segment_size)
         self.secret = node.convergence_secret()
+        self.keeper: object | None = None
+        """The node's lease keeper, made on first use (gridfs.client.keeper)."""
 
     async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
         """Give the introducer a moment to tell us about servers: its first list,

@@ -10,6 +10,7 @@ by ``gridfs queue flush``).
 from __future__ import annotations
 
 import re
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from ..caps import b32encode
@@ -18,10 +19,12 @@ from ..dirnode import Directory, Entry, split_path
 from ..errors import UsageError
 from ..fileutil import atomic_output
 from ..mutable import SlotCap, SlotReadCap, SlotWriteCap, parse_slot_cap
+from ..reach import dropped_caps
 from ..tree import Tree, empty_dir_cap, pack_root
 from ..workqueue import WorkQueue
 from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
+from .keeper import get_keeper, lease_lock
 from .slots import create_slot
 
 ALIAS_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -90,6 +93,7 @@ class TreeSession:
             raise UsageError(f"alias {alias}: holds a verify cap, which cannot read")
         self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret)
         self.tree = Tree(self.store)
+        get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
         self.queue = WorkQueue(qdir)
 
@@ -106,9 +110,14 @@ class TreeSession:
         report = await self.grid.put(path)
         return report.cap.to_string()
 
-    async def unlink(self, cap: str) -> None:
-        """Leases and their cancellation are not implemented yet: nothing to tell
-        the servers; the cap simply leaves the retained set."""
+    async def dropped(self, old: str, new: str) -> set[str]:
+        return await dropped_caps(self.tree, old, new)
+
+    async def unlink(self, caps: list[str]) -> None:
+        await get_keeper(self.grid).unlink(caps)
+
+    def writing(self) -> AbstractAsyncContextManager[None]:
+        return lease_lock(self.grid.node)
 
     async def view_root(self) -> tuple[Tree, str]:
         """The committed tree with the queued changes laid over it."""

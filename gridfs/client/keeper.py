@@ -1,0 +1,240 @@
+"""What a client node keeps on the grid, and keeping it there.
+
+A node keeps everything reachable from its *roots* and its *retained set*:
+
+* every tree it has an alias for: the root slot, and every directory and file
+  beneath the root (directories are immutable files of their own);
+* the node's retained set, ``private/retained.sqlite`` (``gridfs retain``,
+  and every ``gridfs put``): a file cap keeps that file, a tree's slot cap
+  keeps the whole tree;
+* what its work queues hold between an upload and its linking into the tree
+  (the queues' ``retained`` tables and filled boxes).
+
+:meth:`Keeper.renew_all` renews this node's leases on all of it;
+:meth:`Keeper.unlink` gives up this node's leases on caps that were dropped
+(by a commit, or by ``gridfs unlink``) once a fresh walk shows that nothing
+the node keeps still references them.  Other nodes' leases are theirs: a
+deduplicated file stays as long as anyone holds a lease on it.
+
+Uploads and commits hold the node's lease lock (``private/lease.lock``)
+shared from the moment they store anything until the cap is recorded in one
+of the places above; an unlink takes it exclusively only while it reads the
+servers' clocks (the fence, see :mod:`gridfs.client.leases`).  So every cap
+stored before the fence is visible to the walk, and every lease renewed
+after it is spared by the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..config import NodeDir
+from ..errors import GridError
+from ..fileutil import atomic_output
+from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
+from ..reach import storage_index_of, subtree_caps
+from ..tree import Tree
+from .grid import GridClient
+from .gridstore import GridStore
+from .leases import CancelReport, RenewReport, cancel, renew, take_fences
+
+log = logging.getLogger(__name__)
+
+
+class RetainedSet:
+    """The node's retained caps, in SQLite (``private/retained.sqlite``)."""
+
+    def __init__(self, node: NodeDir) -> None:
+        node.private.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(node.private / "retained.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS retained (cap TEXT PRIMARY KEY, added_ns INTEGER NOT NULL)"
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, caps: Iterable[str]) -> None:
+        now = time.time_ns()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO retained VALUES (?, ?)", [(c, now) for c in caps]
+            )
+
+    def remove(self, caps: Iterable[str]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("DELETE FROM retained WHERE cap = ?", [(c,) for c in caps])
+
+    def caps(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT cap FROM retained ORDER BY added_ns, cap")]
+
+
+@contextlib.asynccontextmanager
+async def lease_lock(node: NodeDir, exclusive: bool = False) -> AsyncIterator[None]:
+    """The node's lease lock (a flock on ``private/lease.lock``), shared by
+    writers, exclusive while an unlink takes its fence."""
+    node.private.mkdir(parents=True, exist_ok=True)
+    fd = os.open(node.private / "lease.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        while True:
+            try:
+                fcntl.flock(fd, op)
+                break
+            except BlockingIOError:
+                await trio.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def queued_caps(node: NodeDir) -> set[str]:
+    """Caps the node's work queues hold between upload and linking."""
+    out: set[str] = set()
+    for qdir in sorted((node.path / "queues").glob("*")):
+        db_path = qdir / "queue.sqlite"
+        if db_path.exists():
+            db = sqlite3.connect(db_path, timeout=30.0)
+            try:
+                out |= {r[0] for r in db.execute("SELECT cap FROM retained")}
+            finally:
+                db.close()
+        for box in (qdir / "boxes").glob("*"):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                if text := box.read_text():
+                    out.add(text)
+    return out
+
+
+class Keeper:
+    """Renews and gives up one client node's leases (see the module doc)."""
+
+    def __init__(self, grid: GridClient) -> None:
+        self.grid = grid
+        self.node = grid.node
+        self.trees: dict[str, Tree] = {}
+        """One Tree (with its directory cache) per root cap, kept across walks."""
+
+    def share_tree(self, root_cap: str, tree: Tree) -> None:
+        """Let walks use ``tree`` (and its cache) for the tree at ``root_cap``."""
+        self.trees[root_cap] = tree
+
+    def tree(self, root_cap: str) -> Tree:
+        if root_cap not in self.trees:
+            cap = parse_slot_cap(root_cap)
+            if not isinstance(cap, SlotWriteCap | SlotReadCap):
+                raise GridError(f"cannot read the tree of a verify cap {root_cap[:40]}")
+            store = GridStore(self.grid.broker, cap, self.grid.params, self.grid.secret)
+            self.trees[root_cap] = Tree(store)
+        return self.trees[root_cap]
+
+    async def tree_caps(self, root_cap: str) -> set[str]:
+        """A tree's root slot cap and every cap beneath its root directory."""
+        tree = self.tree(root_cap)
+        seq, root = await tree.root()
+        found = {root_cap}
+        if seq:
+            found |= await subtree_caps(tree, root)
+        return found
+
+    async def reachable(self) -> set[str]:
+        """Every cap this node keeps.  Raises if any root cannot be walked:
+        nothing may be given up on a partial picture."""
+        from .session import load_aliases  # session imports this module
+
+        roots = set(load_aliases(self.node).values())
+        retained = RetainedSet(self.node)
+        try:
+            kept = set(retained.caps())
+        finally:
+            retained.close()
+        kept |= await trio.to_thread.run_sync(queued_caps, self.node)
+        for cap in sorted(kept):
+            if cap.startswith(("gridfs:ssk:", "gridfs:ssk-ro:")):
+                roots.add(cap)
+        found = set(kept)
+        for root in sorted(roots):
+            found |= await self.tree_caps(root)
+        return found
+
+    async def renew_all(self) -> RenewReport:
+        """Renew this node's lease on everything it keeps, at every server."""
+        caps = await self.reachable()
+        report = await renew(self.grid.broker, filter(None, map(storage_index_of, caps)))
+        record(self.node, "renew", _renew_summary(report))
+        return report
+
+    async def unlink(self, caps: Iterable[str]) -> CancelReport:
+        """Give up this node's leases on ``caps``, except on what the node
+        still keeps."""
+        dropped = set(caps)
+        sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
+        if not sis:
+            return CancelReport()
+        async with lease_lock(self.node, exclusive=True):
+            fences = await take_fences(self.grid.broker)
+        keep = {storage_index_of(c) for c in await self.reachable()}
+        report = await cancel(self.grid.broker, sis - keep, fences)
+        log.info(
+            "unlinked %d objects: %d leases given up, %d freed, %d kept",
+            len(sis - keep),
+            report.cancelled,
+            report.freed,
+            report.kept,
+        )
+        record(self.node, "unlink", {"objects": len(sis - keep), "freed": report.freed})
+        return report
+
+
+def get_keeper(grid: GridClient) -> Keeper:
+    """The grid client's one Keeper (so every walk shares the tree caches)."""
+    if grid.keeper is None:
+        grid.keeper = Keeper(grid)
+    assert isinstance(grid.keeper, Keeper)
+    return grid.keeper
+
+
+def _renew_summary(r: RenewReport) -> dict[str, Any]:
+    return {
+        "objects": r.objects,
+        "servers": r.servers,
+        "leases": r.leases,
+        "unheld": len(r.unheld),
+        "failures": r.failures[:5],
+    }
+
+
+def maintenance_path(node: NodeDir) -> Path:
+    return node.path / "maintenance.json"
+
+
+def load_record(node: NodeDir) -> dict[str, Any]:
+    """The last result of each maintenance task (renew, unlink, check)."""
+    try:
+        data = json.loads(maintenance_path(node).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record(node: NodeDir, task: str, result: dict[str, Any]) -> None:
+    """Remember a maintenance result (for ``gridfs status`` and scheduling)."""
+    data = load_record(node)
+    data[task] = {"at": time.time(), **result}
+    with contextlib.suppress(OSError), atomic_output(maintenance_path(node), durable=False) as f:
+        f.write(json.dumps(data, indent=1).encode())

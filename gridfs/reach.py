@@ -1,0 +1,81 @@
+"""What a directory tree references: every cap beneath a directory, and what
+one version of a tree references that the next one does not.
+
+Leases are renewed on the first (everything reachable) and given up on the
+second (what a commit dropped), after checking that nothing else the node
+keeps still references it.  Directories are immutable files, so an unchanged
+subtree has the same cap in both versions and the difference walk never
+enters it: its cost follows the size of the change, not of the tree.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .caps import LiteralCap, ReadCap, VerifyCap
+from .caps import parse as parse_cap
+from .errors import CapError
+from .mutable import parse_slot_cap
+from .tree import Tree
+
+WALK_CONCURRENCY = 8
+
+
+def storage_index_of(cap: str) -> bytes | None:
+    """The storage index a cap names on the servers, or None (a literal or
+    local cap, or no cap at all: nothing is stored for it)."""
+    if not cap.startswith("gridfs:") or cap.startswith("gridfs:lit:"):
+        return None
+    try:
+        parsed = parse_cap(cap)
+    except CapError:
+        try:
+            return parse_slot_cap(cap).storage_index
+        except CapError:
+            return None
+    if isinstance(parsed, ReadCap | VerifyCap):
+        return parsed.storage_index
+    assert isinstance(parsed, LiteralCap)
+    return None
+
+
+async def subtree_caps(tree: Tree, dir_cap: str) -> set[str]:
+    """``dir_cap`` and every cap beneath it (directories fetched a few at a time)."""
+    found: set[str] = set()
+    limiter = trio.Semaphore(WALK_CONCURRENCY)
+
+    async def visit(cap: str, nursery: trio.Nursery) -> None:
+        async with limiter:
+            d = await tree.load_dir(cap)
+        for entry in d.entries.values():
+            if not entry.cap or entry.cap in found:
+                continue
+            found.add(entry.cap)
+            if entry.is_dir:
+                nursery.start_soon(visit, entry.cap, nursery)
+
+    found.add(dir_cap)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(visit, dir_cap, nursery)
+    return found
+
+
+async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:
+    """Caps the directory ``old`` references (itself included) that ``new``
+    does not reference at the same place.  A cap dropped here may still be
+    referenced elsewhere; callers check that before giving anything up."""
+    if old == new:
+        return set()
+    out = {old}
+    before, after = await tree.load_dir(old), await tree.load_dir(new)
+    for name, entry in before.entries.items():
+        now = after.get(name)
+        if not entry.cap or (now is not None and now.cap == entry.cap):
+            continue
+        if not entry.is_dir:
+            out.add(entry.cap)
+        elif now is not None and now.is_dir and now.cap:
+            out |= await dropped_caps(tree, entry.cap, now.cap)
+        else:
+            out |= await subtree_caps(tree, entry.cap)
+    return out
