@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from gridfs.caps import parse_read_cap
+from gridfs.client.keeper import RetainedSet, lease_lock
 from gridfs.config import NodeDir
 from gridfs.errors import UsageError
 from gridfs.fileutil import atomic_output
@@ -56,7 +57,14 @@ async def serve_control(daemon: Any, node: NodeDir) -> None:
         if method == "ctl_memory":
             return memory_usage()
         if method == "ctl_upload":
-            report = await daemon.session.grid.put(Path(args["path"]))
+            grid = daemon.session.grid
+            async with lease_lock(grid.node):  # retained before any unlink's fence
+                report = await grid.put(Path(args["path"]))
+                retained = RetainedSet(grid.node)
+                try:
+                    retained.add([report.cap.to_string()])
+                finally:
+                    retained.close()
             return report.cap.to_string()
         if method == "ctl_download":
             cap = parse_read_cap(args["cap"])

@@ -22,6 +22,7 @@ import trio
 from gridfs.caps import LiteralCap, ReadCap, parse_read_cap
 from gridfs.client.download import Downloader, open_downloader
 from gridfs.client.session import TreeSession
+from gridfs.client.transfers import Transfer
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
 
@@ -66,6 +67,8 @@ class CapReader:
         self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
         self._fetching: dict[int, trio.Event] = {}
         self._last = -2
+        self._transfer = Transfer("download", self.key[:40], cap.size)
+        """Counted in the client's transfers while the downloader is open."""
 
     async def _dl(self, nursery: trio.Nursery) -> Downloader:
         if self._downloader is None:
@@ -81,6 +84,9 @@ class CapReader:
 
             self._release = ready
             await nursery.start(hold)
+            self._transfer = self.session.grid.transfers.start(
+                "download", self.key[:40], self.cap.size
+            )
         assert self._downloader is not None
         return self._downloader
 
@@ -96,6 +102,7 @@ class CapReader:
         done = self._fetching[j] = trio.Event()
         try:
             decoded = await (await self._dl(nursery)).segment(j)
+            self._transfer.add(len(decoded.data))
             self.cache.put((self.key, j), decoded.data)
             return decoded.data
         finally:
@@ -131,6 +138,7 @@ class CapReader:
         if self._downloader is not None:
             self._release.set()
             self._downloader = None
+            self.session.grid.transfers.finish(self._transfer)
 
 
 @dataclass

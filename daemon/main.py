@@ -197,6 +197,7 @@ class MountDaemon:
             "servers": len(self.session.grid.broker.servers),
             "flushes": self.flushed,
             "maintenance": load_record(self.node),
+            "transfers": self.session.grid.transfers.snapshot(),
         }
 
     # -- running ----------------------------------------------------------------

@@ -365,6 +365,11 @@ class WorkQueue:
                         source = self.tempfiles / source
                     cap = await executor.upload(source)
                     _checkpoint()
+                    # Retained before the box is filled: an unlink elsewhere
+                    # in this node must see the cap from the moment it exists.
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO retained VALUES (?, ?)", (cap, time.time_ns())
+                    )
                     self._fill_box(a["box"], cap.encode())
             elif step.kind in ("retain_uri_from_box", "retain_ssk"):
                 cap = (

@@ -101,6 +101,11 @@ class StorageNode:
     def all_shares(self) -> list[Path]:
         return sorted(p for p in (self.dir.storage_path / "shares").rglob("*") if p.is_file())
 
+    def has_slot(self, si: bytes) -> bool:
+        """Whether the slot ``si`` is stored here (read directly: works while stopped)."""
+        name = b32encode(si)
+        return (self.dir.storage_path / "slots" / name[:2] / name).exists()
+
     def incoming(self) -> list[Path]:
         """Files of uploads in progress."""
         root = self.dir.storage_path / "incoming"
@@ -184,12 +189,16 @@ class Grid:
         self.root = root
         self.nodes: list[StorageNode] = []
 
-    async def add_servers(self, count: int, reserved_space: int = 0) -> list[StorageNode]:
+    async def add_servers(
+        self, count: int, reserved_space: int = 0, **settings: Any
+    ) -> list[StorageNode]:
+        """``settings`` are more NodeConfig fields (e.g. ``lease_duration``)."""
         added = []
         for _ in range(count):
             i = len(self.nodes)
             node_dir = NodeDir(self.root / f"s{i}")
-            node_dir.create(NodeConfig("storage", f"s{i}", reserved_space=reserved_space))
+            config = NodeConfig("storage", f"s{i}", reserved_space=reserved_space, **settings)
+            node_dir.create(config)
             node = StorageNode(self, i, node_dir)
             self.nodes.append(node)
             await node.start()
@@ -226,11 +235,14 @@ class Grid:
 
 
 @contextlib.asynccontextmanager
-async def open_grid(root: Path, servers: int = 10, reserved_space: int = 0) -> AsyncIterator[Grid]:
-    """A grid of ``servers`` storage servers; all of them stop on exit."""
+async def open_grid(
+    root: Path, servers: int = 10, reserved_space: int = 0, **settings: Any
+) -> AsyncIterator[Grid]:
+    """A grid of ``servers`` storage servers; all of them stop on exit.
+    ``settings`` are more NodeConfig fields for every server."""
     async with trio.open_nursery() as nursery:
         grid = Grid(nursery, root)
-        await grid.add_servers(servers, reserved_space)
+        await grid.add_servers(servers, reserved_space, **settings)
         try:
             yield grid
         finally:

@@ -6,7 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from ..caps import LiteralCap
 from ..caps import parse as parse_cap
 from ..client.grid import GridClient
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
@@ -66,9 +65,11 @@ def cmd_retain(args: argparse.Namespace) -> int:
                 await grid.wait_for_servers()
                 sis = [si for c in found if (si := storage_index_of(c)) is not None]
                 report = await renew(grid.broker, sis)
+                held = report.objects - len(report.unheld)
                 print(
-                    f"retained {len(caps)} caps: leases renewed on {report.objects} objects "
+                    f"retained {len(caps)} caps: leases renewed on {held} objects "
                     f"at {report.servers} servers"
+                    + (f"; {len(report.unheld)} held by no server" if report.unheld else "")
                 )
             if args.list or not caps:
                 for cap in retained.caps():
@@ -85,23 +86,24 @@ def cmd_unlink(args: argparse.Namespace) -> int:
 
     async def main(grid: GridClient) -> int:
         keeper = get_keeper(grid)
-        retained = RetainedSet(grid.node)
-        try:
-            retained.remove(caps)
-        finally:
-            retained.close()
         await grid.wait_for_servers()
         dropped: set[str] = set()
         for cap in caps:
             if cap.startswith(("gridfs:ssk:", "gridfs:ssk-ro:")):
                 dropped |= await keeper.tree_caps(cap)
-            elif not isinstance(parse_cap(cap), LiteralCap):
-                dropped.add(cap)
+            else:
+                dropped.add(cap)  # a file, or a slot's verify cap (the slot alone)
+        retained = RetainedSet(grid.node)
+        try:
+            retained.remove(caps)
+        finally:
+            retained.close()
         report = await keeper.unlink(dropped)
-        still = len(dropped) - report.objects
+        objects = sum(storage_index_of(c) is not None for c in dropped)
+        still = objects - report.objects
         print(
             f"unlinked {len(caps)} caps: gave up {report.cancelled} leases at "
-            f"{report.servers} servers, {report.freed} shares/slots freed"
+            f"{report.servers} servers; {report.freed} server copies freed"
             + (f"; {still} objects still referenced here, kept" if still else "")
         )
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
 from ..errors import GridError, UsageError
 from ..net.rpc import RpcClient
@@ -46,6 +48,7 @@ def register(sub: Any) -> None:
         action="store_false",
         help="do not contact the grid (local state only)",
     )
+    s.add_argument("--json", action="store_true", help="print one JSON object")
     add_node_option(s)
     s.set_defaults(func=cmd_status)
     h = sub.add_parser("install-mount-helper", help=f"install {HELPER_PATH} for mount -t gridfs")
@@ -160,19 +163,38 @@ def _alive(sock: Path) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
     node.config()
-    if args.servers:
-        show_servers(node)
-    show_queues(node)
-    if not running_mounts(node):
-        print(f"no mount of {node.path} is running")
-        return 0
+    servers = server_rows(node) if args.servers else []
+    queues = queue_backlog(node)
 
     async def main() -> list[tuple[dict[str, Any], dict[str, int]]]:
         status = await control_call(node, "ctl_status")
         memory = await control_call(node, "ctl_memory")
         return list(zip(status, memory, strict=False))
 
-    for st, mem in trio.run(main):
+    mounts = trio.run(main) if running_mounts(node) else []
+    maintenance = load_record(node)
+    if args.json:
+        out = {
+            "servers": [
+                {"name": name, "connected": connected, **(st if isinstance(st, dict) else {})}
+                | ({} if isinstance(st, dict) else {"error": st})
+                for name, st, connected in servers
+            ],
+            "queues": [{"queue": q, "pending": p, "failing": f} for q, p, f in queues],
+            "mounts": [{**st, "memory": mem} for st, mem in mounts],
+            "maintenance": maintenance,
+        }
+        print(json.dumps(out))
+        return 0
+    if args.servers:
+        show_servers(servers)
+    for name, pending, failing in queues:
+        note = f" ({failing} failing; see `gridfs queue`)" if failing else ""
+        print(f"queue {name[:8]}: {pending} pending steps{note}")
+    show_maintenance(maintenance)
+    if not mounts:
+        print(f"no mount of {node.path} is running")
+    for st, mem in mounts:
         print(f"{st['mountpoint']}: tree {st['tree']}, pid {st['pid']}, {st['servers']} servers")
         print(
             f"  queue: {st['queue']} pending steps"
@@ -180,12 +202,56 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for failed in st["failed_steps"]:
             print(f"  failing: {failed}")
+        show_transfers(st.get("transfers", {}))
         print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
     return 0
 
 
-def show_servers(node: NodeDir) -> None:
-    """Every known server with its announced and current capacity."""
+def show_maintenance(record: dict[str, Any]) -> None:
+    """The last lease renewal, unlink and background check, as the daemon left them."""
+    now = time.time()
+
+    def ago(entry: dict[str, Any]) -> str:
+        return f"{max(0, now - float(entry.get('at', now))) / 3600:.1f} h ago"
+
+    if "renew" in record:
+        r = record["renew"]
+        print(
+            f"leases renewed {ago(r)}: {r.get('leases', 0)} leases on {r.get('objects', 0)} "
+            f"objects at {r.get('servers', 0)} servers"
+            + (f", {r['unheld']} objects held by no server" if r.get("unheld") else "")
+        )
+    if "unlink" in record:
+        u = record["unlink"]
+        print(f"last unlink {ago(u)}: {u.get('objects', 0)} objects, {u.get('freed', 0)} freed")
+    if "check" in record:
+        c = record["check"]
+        print(
+            f"background check {ago(c)}: {c.get('files', 0)} files, {c.get('healthy', 0)} "
+            f"healthy, {c.get('repaired', 0)} repaired, {c.get('unrecoverable', 0)} "
+            f"unrecoverable, {c.get('failed', 0)} failed"
+        )
+
+
+def show_transfers(transfers: dict[str, Any]) -> None:
+    for t in transfers.get("active", []):
+        pct = 100 * t["done"] // t["size"] if t["size"] else 100
+        print(
+            f"  {t['kind']} {t['name']}: {pct}% of {t['size'] >> 10} KiB "
+            f"at {t['rate'] / 1e6:.1f} MB/s"
+        )
+    recent = transfers.get("recent", [])
+    if recent:
+        t = recent[0]
+        print(
+            f"  last {t['kind']}: {t['name']} {t['size'] >> 10} KiB at {t['rate'] / 1e6:.1f} MB/s"
+            f"  (totals: up {transfers.get('uploaded_bytes', 0) >> 20} MiB, "
+            f"down {transfers.get('downloaded_bytes', 0) >> 20} MiB)"
+        )
+
+
+def server_rows(node: NodeDir) -> list[tuple[str, dict[str, int] | str, bool]]:
+    """Every known server with its current capacity (or why it has none)."""
     from ..client.grid import open_grid
 
     async def main() -> list[tuple[str, dict[str, int] | str, bool]]:
@@ -197,7 +263,10 @@ def show_servers(node: NodeDir) -> None:
                 for s in sorted(grid.broker.servers.values(), key=lambda s: s.name)
             ]
 
-    rows = trio.run(main)
+    return trio.run(main)
+
+
+def show_servers(rows: list[tuple[str, dict[str, int] | str, bool]]) -> None:
     print(f"{len(rows)} storage servers known:")
     for name, st, connected in rows:
         if isinstance(st, dict):
@@ -207,10 +276,11 @@ def show_servers(node: NodeDir) -> None:
             print(f"  {name:40} {'connected' if connected else 'unreachable'}: {st}")
 
 
-def show_queues(node: NodeDir) -> None:
-    """The work-queue backlog of each tree (read straight from the journals)."""
+def queue_backlog(node: NodeDir) -> list[tuple[str, int, int]]:
+    """(queue, pending steps, failing steps) of each tree, read from the journals."""
     import sqlite3
 
+    out = []
     for db in sorted((node.path / "queues").glob("*/queue.sqlite")):
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
@@ -219,8 +289,8 @@ def show_queues(node: NodeDir) -> None:
             ).fetchone()
         finally:
             con.close()
-        note = f" ({failing} failing; see `gridfs queue`)" if failing else ""
-        print(f"queue {db.parent.name[:8]}: {pending} pending steps{note}")
+        out.append((db.parent.name, int(pending), int(failing)))
+    return out
 
 
 HELPER = """#!/bin/sh

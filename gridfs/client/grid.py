@@ -15,6 +15,7 @@ from ..errors import UsageError
 from ..net.identity import NodeAddress
 from .broker import StorageBroker
 from .download import Downloader, open_downloader
+from .transfers import Transfers
 from .upload import Progress, UploadParams, UploadReport, upload_file
 
 SERVER_WAIT = 10.0
@@ -29,6 +30,7 @@ class GridClient:
         self.secret = node.convergence_secret()
         self.keeper: object | None = None
         """The node's lease keeper, made on first use (gridfs.client.keeper)."""
+        self.transfers = Transfers()
 
     async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
         """Give the introducer a moment to tell us about servers: its first list,
@@ -39,9 +41,20 @@ class GridClient:
         return await self.broker.wait_for_servers(count or self.params.n, min(timeout, 2.0))
 
     async def put(self, path: Path, progress: Progress | None = None) -> UploadReport:
-        if path.stat().st_size > LITERAL_MAX:  # literal files need no server
+        size = path.stat().st_size
+        if size > LITERAL_MAX:  # literal files need no server
             await self.wait_for_servers(self.params.happy)
-        return await upload_file(self.broker, path, self.params, self.secret, progress)
+        transfer = self.transfers.start("upload", path.name, size)
+
+        def counted(n: int) -> None:
+            transfer.add(n)
+            if progress is not None:
+                progress(n)
+
+        try:
+            return await upload_file(self.broker, path, self.params, self.secret, counted)
+        finally:
+            self.transfers.finish(transfer)
 
     async def get(
         self,

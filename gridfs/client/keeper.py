@@ -8,7 +8,7 @@ A node keeps everything reachable from its *roots* and its *retained set*:
   and every ``gridfs put``): a file cap keeps that file, a tree's slot cap
   keeps the whole tree;
 * what its work queues hold between an upload and its linking into the tree
-  (the queues' ``retained`` tables and filled boxes).
+  (the queues' ``retained`` tables, which an upload step fills before its box).
 
 :meth:`Keeper.renew_all` renews this node's leases on all of it;
 :meth:`Keeper.unlink` gives up this node's leases on caps that were dropped
@@ -44,10 +44,11 @@ from ..errors import GridError
 from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
-from ..tree import Tree
+from ..tree import Tree, unpack_root
 from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
+from .slots import read_slot
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +85,36 @@ class RetainedSet:
         return [r[0] for r in self.db.execute("SELECT cap FROM retained ORDER BY added_ns, cap")]
 
 
+FENCE_PATIENCE = 10.0
+"""Seconds an unlink waits for the node's uploads to pause before giving up
+(it is retried later; uploads never wait for unlinks)."""
+
+
+class LeaseLockBusy(GridError):
+    """Uploads of this node kept running; the unlink will be retried."""
+
+
 @contextlib.asynccontextmanager
-async def lease_lock(node: NodeDir, exclusive: bool = False) -> AsyncIterator[None]:
+async def lease_lock(
+    node: NodeDir, exclusive: bool = False, patience: float | None = None
+) -> AsyncIterator[None]:
     """The node's lease lock (a flock on ``private/lease.lock``), shared by
-    writers, exclusive while an unlink takes its fence."""
+    writers, exclusive while an unlink takes its fence.  ``patience``: give
+    up with LeaseLockBusy after that many seconds."""
     node.private.mkdir(parents=True, exist_ok=True)
     fd = os.open(node.private / "lease.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         op = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = None if patience is None else trio.current_time() + patience
         while True:
             try:
                 fcntl.flock(fd, op)
                 break
             except BlockingIOError:
+                if deadline is not None and trio.current_time() > deadline:
+                    raise LeaseLockBusy(
+                        "this node's uploads did not pause; giving up leases later"
+                    ) from None
                 await trio.sleep(0.02)
         yield
     finally:
@@ -104,7 +122,8 @@ async def lease_lock(node: NodeDir, exclusive: bool = False) -> AsyncIterator[No
 
 
 def queued_caps(node: NodeDir) -> set[str]:
-    """Caps the node's work queues hold between upload and linking."""
+    """Caps the node's work queues hold between upload and linking (an
+    upload step fills its box and the retained table in one transaction)."""
     out: set[str] = set()
     for qdir in sorted((node.path / "queues").glob("*")):
         db_path = qdir / "queue.sqlite"
@@ -114,10 +133,6 @@ def queued_caps(node: NodeDir) -> set[str]:
                 out |= {r[0] for r in db.execute("SELECT cap FROM retained")}
             finally:
                 db.close()
-        for box in (qdir / "boxes").glob("*"):
-            with contextlib.suppress(OSError, UnicodeDecodeError):
-                if text := box.read_text():
-                    out.add(text)
     return out
 
 
@@ -129,6 +144,8 @@ class Keeper:
         self.node = grid.node
         self.trees: dict[str, Tree] = {}
         """One Tree (with its directory cache) per root cap, kept across walks."""
+        self.unwalkable: list[str] = []
+        """Trees the last lenient walk could not read (and why)."""
 
     def share_tree(self, root_cap: str, tree: Tree) -> None:
         """Let walks use ``tree`` (and its cache) for the tree at ``root_cap``."""
@@ -143,18 +160,34 @@ class Keeper:
             self.trees[root_cap] = Tree(store)
         return self.trees[root_cap]
 
-    async def tree_caps(self, root_cap: str) -> set[str]:
-        """A tree's root slot cap and every cap beneath its root directory."""
-        tree = self.tree(root_cap)
-        seq, root = await tree.root()
-        found = {root_cap}
-        if seq:
-            found |= await subtree_caps(tree, root)
-        return found
+    async def tree_caps(self, root_cap: str, strict: bool = True) -> set[str]:
+        """A tree's root slot cap and every cap beneath its newest root.
 
-    async def reachable(self) -> set[str]:
-        """Every cap this node keeps.  Raises if any root cannot be walked:
-        nothing may be given up on a partial picture."""
+        ``strict`` (for unlinks) insists on being sure the version walked is
+        the newest: the slot must be found, and enough servers must answer
+        that any version published to ``happy`` of them was seen."""
+        cap = parse_slot_cap(root_cap)
+        if not isinstance(cap, SlotWriteCap | SlotReadCap):
+            return {root_cap}  # a verify cap keeps the slot; it cannot see inside
+        broker = self.grid.broker
+        await broker.ready(10.0)
+        known = len(broker.servers)
+        read = await read_slot(broker, cap, max(known, self.grid.params.n))
+        answered = sum(len(ids) for ids in read.servers.values())
+        need = known - self.grid.params.happy + 1
+        if strict and answered < need:
+            raise GridError(
+                f"only {answered} of {known} servers answered for a tree's root "
+                f"({need} needed to be sure of its newest version)"
+            )
+        root = unpack_root(read.plaintext or b"")
+        return {root_cap} | await subtree_caps(self.tree(root_cap), root)
+
+    async def reachable(self, strict: bool = True) -> set[str]:
+        """Every cap this node keeps.  ``strict`` (for unlinks): raise if any
+        root cannot be walked, since nothing may be given up on a partial
+        picture; otherwise (for renewals) walk what can be walked and log
+        the rest."""
         from .session import load_aliases  # session imports this module
 
         roots = set(load_aliases(self.node).values())
@@ -165,16 +198,24 @@ class Keeper:
             retained.close()
         kept |= await trio.to_thread.run_sync(queued_caps, self.node)
         for cap in sorted(kept):
-            if cap.startswith(("gridfs:ssk:", "gridfs:ssk-ro:")):
+            if cap.startswith("gridfs:ssk"):
                 roots.add(cap)
         found = set(kept)
+        self.unwalkable = []
         for root in sorted(roots):
-            found |= await self.tree_caps(root)
+            try:
+                found |= await self.tree_caps(root, strict)
+            except GridError as e:
+                if strict:
+                    raise
+                found.add(root)
+                self.unwalkable.append(f"{root[:30]}...: {e}")
+                log.warning("cannot walk the tree %s...: %s", root[:30], e)
         return found
 
     async def renew_all(self) -> RenewReport:
         """Renew this node's lease on everything it keeps, at every server."""
-        caps = await self.reachable()
+        caps = await self.reachable(strict=False)
         report = await renew(self.grid.broker, filter(None, map(storage_index_of, caps)))
         record(self.node, "renew", _renew_summary(report))
         return report
@@ -186,7 +227,7 @@ class Keeper:
         sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
         if not sis:
             return CancelReport()
-        async with lease_lock(self.node, exclusive=True):
+        async with lease_lock(self.node, exclusive=True, patience=FENCE_PATIENCE):
             fences = await take_fences(self.grid.broker)
         keep = {storage_index_of(c) for c in await self.reachable()}
         report = await cancel(self.grid.broker, sis - keep, fences)

@@ -4,7 +4,8 @@ Each request goes to every known server in batches of ``MAX_LEASES``, each
 carrying that server's own secrets (:meth:`Server.lease_args`).  A server
 that cannot be reached is skipped: its leases run out on their own.
 
-Giving up leases takes a *fence* first: each server's clock (``stats``),
+Giving up leases takes a *fence* first: each server's lease generation
+(``lease_fence`` from ``stats``),
 read while no upload of this node is between storing and recording a cap
 (see :mod:`gridfs.client.keeper`).  A cancel then spares any lease renewed at
 or after the fence, so an upload racing with the unlink of the same
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 30.0
 
 Fences = dict[bytes, int]
-"""Server node id -> that server's clock (ns) when the fence was taken."""
+"""Server node id -> that server's lease generation when the fence was taken."""
 
 
 @dataclass
@@ -93,7 +94,7 @@ async def renew(broker: StorageBroker, storage_indexes: Iterable[bytes]) -> Rene
 
 
 async def take_fences(broker: StorageBroker) -> Fences:
-    """Every reachable server's clock, now."""
+    """Every reachable server's lease fence, now."""
     fences: Fences = {}
 
     async def one(server: Server) -> None:
@@ -102,9 +103,9 @@ async def take_fences(broker: StorageBroker) -> Fences:
         except GridError as e:
             log.info("no fence from %s: %s", server.name, e)
             return
-        now = stats.get("now_ns") if isinstance(stats, dict) else None
-        if isinstance(now, int):
-            fences[server.node_id] = now
+        fence = stats.get("lease_fence") if isinstance(stats, dict) else None
+        if isinstance(fence, int):
+            fences[server.node_id] = fence
 
     async with trio.open_nursery() as nursery:
         for server in list(broker.servers.values()):

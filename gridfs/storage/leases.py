@@ -8,6 +8,11 @@ its database lets anyone renew or cancel a lease.  Clients derive both
 secrets per node, per file and per server (see :mod:`gridfs.hashes`), so a
 server cannot use what one client sent it against another server.
 
+Every add or renewal also takes the next value of a counter kept in the
+database (the *generation*): a client's fence is that counter, read from
+``stats`` as ``lease_fence``, so "renewed after the fence" never depends on
+the clock.
+
 When the last lease of a storage index is cancelled or expires, the index
 goes into the ``garbage`` table in the same transaction, and its shares and
 slot are deleted afterwards; a crash in between is finished when the store
@@ -40,11 +45,14 @@ CREATE TABLE IF NOT EXISTS leases (
     cancel_hash BLOB NOT NULL,
     renewed_ns INTEGER NOT NULL,
     expires_ns INTEGER NOT NULL,
+    renewed_gen INTEGER NOT NULL,
     PRIMARY KEY (si, renew_hash)
 );
 CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_ns);
 CREATE INDEX IF NOT EXISTS leases_cancel ON leases (si, cancel_hash);
 CREATE TABLE IF NOT EXISTS garbage (si BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('generation', 0);
 """
 
 NONE = "none"
@@ -114,31 +122,54 @@ class LeaseDB:
         the lease was made with."""
         return self.add_many([(si, renew_secret, cancel_secret)])[0]
 
-    def add_many(self, items: list[tuple[bytes, bytes, bytes]]) -> list[int]:
+    def add_many(
+        self,
+        items: list[tuple[bytes, bytes, bytes]],
+        held: Callable[[bytes], int] | None = None,
+    ) -> list[int]:
+        """Add or renew many leases in one transaction.  With ``held``, only
+        on storage indexes for which it answers more than 0 (asked under
+        the lock, so a collection cannot slip in between); returns its
+        answers then, else every lease's expiry."""
         now = self._clock()
         expires = now + self.duration_ns
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            for si, renew, cancel in items:
+            answers = [held(si) for si, _, _ in items] if held else [expires] * len(items)
+            gen = self._generation() + 1
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (gen,))
+            for (si, renew, cancel), answer in zip(items, answers, strict=True):
+                if not answer:
+                    continue
                 self.db.execute(
-                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?) ON CONFLICT (si, renew_hash) "
+                    "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (si, renew_hash) "
                     "DO UPDATE SET renewed_ns = excluded.renewed_ns, "
-                    "expires_ns = excluded.expires_ns",
-                    (si, secret_hash(renew), secret_hash(cancel), now, expires),
+                    "expires_ns = excluded.expires_ns, renewed_gen = excluded.renewed_gen",
+                    (si, secret_hash(renew), secret_hash(cancel), now, expires, gen),
                 )
                 self.db.execute("DELETE FROM garbage WHERE si = ?", (si,))
-        return [expires] * len(items)
+        return answers
+
+    def fence(self) -> int:
+        """The generation the next add or renewal will get: a lease renewed
+        after this call has ``renewed_gen >= fence()``."""
+        with self._lock:
+            return self._generation() + 1
+
+    def _generation(self) -> int:
+        (gen,) = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(gen)
 
     def cancel(self, si: bytes, cancel_secret: bytes, renewed_before: int | None = None) -> str:
         """Cancel the lease this cancel secret made, unless it was renewed at
-        or after ``renewed_before`` (this server's clock, ns).  Frees the
-        storage if it was the last lease.  Returns NONE, KEPT, CANCELLED or
-        DELETED."""
+        or after the fence ``renewed_before`` (a :meth:`fence` value).  Frees
+        the storage if it was the last lease.  Returns NONE, KEPT, CANCELLED
+        or DELETED."""
         with self._lock:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
                 row = self.db.execute(
-                    "SELECT renew_hash, renewed_ns FROM leases WHERE si = ? AND cancel_hash = ?",
+                    "SELECT renew_hash, renewed_gen FROM leases WHERE si = ? AND cancel_hash = ?",
                     (si, secret_hash(cancel_secret)),
                 ).fetchone()
                 if row is None:

@@ -97,6 +97,7 @@ class StorageSession:
         if self.leases is not None:
             stats["now_ns"] = self.leases.now()
             stats["lease_duration"] = self.leases.duration_ns // 10**9
+            stats["lease_fence"] = self.leases.fence()
         return stats
 
     async def _lease(self, si: bytes, renew_secret: bytes, cancel_secret: bytes) -> None:
@@ -244,18 +245,13 @@ class StorageSession:
         stored, no lease added)."""
         db = self._lease_db()
 
-        def add() -> list[int]:
-            held = [self._held(si) for si, _, _ in leases]
-            db.add_many([item for item, n in zip(leases, held, strict=True) if n])
-            return held
-
-        return await trio.to_thread.run_sync(add)
+        return await trio.to_thread.run_sync(db.add_many, leases, self._held)
 
     async def rpc_cancel_leases(
         self, leases: list[tuple[bytes, bytes]], renewed_before: int
     ) -> list[str]:
-        """Cancel the caller's leases, except those renewed at or after
-        ``renewed_before`` (this server's clock, from ``stats``); answers
+        """Cancel the caller's leases, except those renewed at or after the
+        fence ``renewed_before`` (``lease_fence`` from ``stats``); answers
         "none", "kept", "cancelled" or "deleted" per index."""
         db = self._lease_db()
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import errno as _errno
 import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +322,7 @@ class BucketWriter:
             fd = os.open(self._path, os.O_WRONLY)
             try:
                 _pwrite_full(fd, data, offset)
+                start_writeback(fd, offset, len(data))
             finally:
                 os.close(fd)
         self._add_interval(i, offset, end)
@@ -427,6 +429,29 @@ def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without
+    waiting (Linux sync_file_range): the fsync at close then finds little
+    left to do, instead of the whole share at once."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _unlink_quiet(path: Path) -> None:

@@ -1,0 +1,138 @@
+"""``gridfs retain``, ``gridfs unlink``, ``gridfs renew`` and ``put``'s retaining,
+run as real commands against a local grid of real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gridfs.caps import ReadCap, b32encode, parse_read_cap
+from gridfs.mutable import parse_slot_cap
+
+from .test_cli_grid import gridfs, ok, one_clean_error_line
+
+SERVERS = 5
+SERVER_IDS = range(1, SERVERS + 1)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A grid of 5 servers whose client puts one share on each (k=3, n=5)."""
+    root = tmp_path_factory.mktemp("cli-leases") / "grid"
+    try:
+        args = ["--servers", str(SERVERS), "--happy", str(SERVERS), "--n", str(SERVERS)]
+        out = ok(gridfs("grid", "start", str(root), *args))
+        assert f"{SERVERS} storage servers" in out
+        yield root
+    finally:
+        if root.exists():
+            gridfs("grid", "stop", str(root))
+
+
+def shares_on_disk(grid: Path, cap: str) -> int:
+    """How many share files of the file ``cap`` the servers' storage directories hold."""
+    read_cap = parse_read_cap(cap)
+    assert isinstance(read_cap, ReadCap)
+    name = b32encode(read_cap.storage_index)
+    dirs = [grid / f"storage-{i}" / "storage" / "shares" / name[:2] / name for i in SERVER_IDS]
+    return sum(len(list(d.iterdir())) for d in dirs if d.exists())
+
+
+def slots_on_disk(grid: Path, cap: str) -> int:
+    name = b32encode(parse_slot_cap(cap).storage_index)
+    paths = [grid / f"storage-{i}" / "storage" / "slots" / name[:2] / name for i in SERVER_IDS]
+    return sum(p.exists() for p in paths)
+
+
+def retained(client: Path) -> list[str]:
+    return ok(gridfs("retain", "--list", node=client)).split()
+
+
+def make_file(tmp_path: Path, name: str, size: int = 120_000) -> Path:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def test_put_retains_unless_told_not_to(grid: Path, tmp_path: Path) -> None:
+    client = grid / "client"
+    kept = ok(gridfs("put", str(make_file(tmp_path, "kept.bin")), node=client)).strip()
+    loose = ok(
+        gridfs("put", "--no-retain", str(make_file(tmp_path, "loose.bin")), node=client)
+    ).strip()
+    assert shares_on_disk(grid, kept) == shares_on_disk(grid, loose) == SERVERS
+    listed = retained(client)
+    assert kept in listed and loose not in listed
+    assert ok(gridfs("retain", node=client)).split() == listed  # no caps: list
+
+
+def test_renew_json_reports_every_server(grid: Path, tmp_path: Path) -> None:
+    client = grid / "client"
+    ok(gridfs("put", str(make_file(tmp_path, "renewed.bin")), node=client))
+    proc = gridfs("renew", "--json", node=client)
+    out = ok(proc)
+    assert out.count("\n") == 1
+    report = json.loads(out)
+    assert report["servers"] == SERVERS and report["failures"] == []
+    # At least the tree's slot and the retained file; each is held by every server.
+    assert report["objects"] >= 2 and report["unheld"] == []
+    assert report["leases"] == SERVERS * report["objects"]
+    plain = ok(gridfs("renew", node=client))
+    assert f"at {SERVERS} servers" in plain
+
+
+def test_unlink_of_a_put_file_frees_its_shares(grid: Path, tmp_path: Path) -> None:
+    client = grid / "client"
+    cap = ok(gridfs("put", str(make_file(tmp_path, "doomed.bin")), node=client)).strip()
+    assert shares_on_disk(grid, cap) == SERVERS
+    out = ok(gridfs("unlink", cap, node=client))
+    assert out.count("\n") == 1 and "freed" in out, out
+    assert re.search(rf"\b{SERVERS} server copies freed", out), out
+    assert shares_on_disk(grid, cap) == 0
+    assert cap not in retained(client)
+    proc = gridfs("get", cap, "-o", str(tmp_path / "out"), node=client)
+    assert proc.returncode != 0
+    one_clean_error_line(proc)
+
+
+def test_unlink_of_a_malformed_cap_is_a_clean_error(grid: Path) -> None:
+    proc = gridfs("unlink", "not-a-cap", node=grid / "client")
+    assert proc.returncode != 0 and proc.stdout == b""
+    one_clean_error_line(proc)
+
+
+def test_retain_a_tree_and_unlink_what_it_still_references(grid: Path, tmp_path: Path) -> None:
+    client = grid / "client"
+    src = make_file(tmp_path, "linked.bin", 150_000)
+    ok(gridfs("cp", str(src), "grid:/linked.bin", node=client))
+    aliases = dict(
+        line.split(": ", 1) for line in ok(gridfs("alias", "list", node=client)).splitlines()
+    )
+    tree_cap = aliases["grid"]
+    assert slots_on_disk(grid, tree_cap) == SERVERS
+
+    out = ok(gridfs("retain", tree_cap, node=client))
+    # The slot, the root directory and the file.
+    assert f"retained 1 caps: leases renewed on 3 objects at {SERVERS} servers" in out, out
+    assert tree_cap in retained(client)
+
+    # The same bytes put again have the same cap: unlinking it gives up nothing
+    # while the tree links it.
+    cap = ok(gridfs("put", str(src), node=client)).strip()
+    assert shares_on_disk(grid, cap) == SERVERS
+    out = ok(gridfs("unlink", cap, node=client))
+    assert "1 objects still referenced here, kept" in out, out
+    assert shares_on_disk(grid, cap) == SERVERS
+    catted = gridfs("cat", "grid:/linked.bin", node=client)
+    assert catted.returncode == 0 and catted.stdout == src.read_bytes()
+
+    # Removing it from the tree frees it.
+    ok(gridfs("rm", "grid:/linked.bin", node=client))
+    assert shares_on_disk(grid, cap) == 0
+    assert slots_on_disk(grid, tree_cap) == SERVERS
+    assert tree_cap in retained(client)
