@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -305,3 +306,43 @@ def test_second_mount_of_the_same_tree_is_refused(fresh_mount: Mount, tmp_path: 
     assert fresh_mount.pid is not None and pid_alive(fresh_mount.pid)
     (fresh_mount.mountpoint / "still").write_bytes(b"fine")
     assert (fresh_mount.mountpoint / "still").read_bytes() == b"fine"
+
+
+def share_sizes(grid: Grid) -> dict[str, int]:
+    """Storage index directory → total bytes of its shares, over every server."""
+    out: dict[str, int] = {}
+    for d in grid.dir.glob("storage-*/storage/shares/*/*"):
+        out[d.name] = out.get(d.name, 0) + sum(p.stat().st_size for p in d.iterdir())
+    return out
+
+
+def test_rm_through_the_mount_frees_the_shares(mount_grid: Grid, fresh_mount: Mount) -> None:
+    mp = fresh_mount.mountpoint
+    before = share_sizes(mount_grid)
+    (mp / "doomed.bin").write_bytes(os.urandom(600_000))
+    (mp / "kept.bin").write_bytes(os.urandom(600_000))
+    fresh_mount.flush()
+    big = {si for si, size in share_sizes(mount_grid).items() if si not in before and size > 1e6}
+    assert len(big) == 2, big  # the two files (directories are small)
+    os.unlink(mp / "doomed.bin")
+    fresh_mount.flush()  # runs the unlink step too
+    after = share_sizes(mount_grid)
+    assert len(big - set(after)) == 1  # one file's shares are gone from every server...
+    assert (mp / "kept.bin").stat().st_size == 600_000  # ...the other's stay
+    fresh_mount.remount()
+    assert sorted(os.listdir(mp)) == ["kept.bin"]
+    assert len((mp / "kept.bin").read_bytes()) == 600_000
+
+
+def test_the_mount_renews_the_nodes_leases(mount_grid: Grid, fresh_mount: Mount) -> None:
+    (fresh_mount.mountpoint / "f").write_bytes(os.urandom(100_000))
+    fresh_mount.flush()
+    # A node with no maintenance record renews (and checks) as soon as it mounts.
+    wait_for(
+        lambda: "leases renewed" in gridfs("status", "--node", fresh_mount.node).stdout,
+        timeout=60,
+        what="a lease renewal",
+    )
+    record = json.loads((fresh_mount.node / "maintenance.json").read_text())
+    assert record["renew"]["servers"] == len(mount_grid.storage_pids())
+    assert record["renew"]["leases"] > 0 and record["renew"]["unheld"] == 0
