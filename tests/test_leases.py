@@ -32,6 +32,7 @@ from gridfs.errors import GridError, unwrap
 from gridfs.hashes import lease_secrets
 from gridfs.reach import storage_index_of
 from gridfs.storage.leases import CANCELLED, DELETED, KEPT, NONE, LeaseDB, secret_hash
+from gridfs.workqueue import PATH
 
 from .gridutil import Grid, download_bytes, open_broker, open_grid, upload_bytes, write_temp
 
@@ -423,6 +424,30 @@ async def test_unlink_frees_what_the_tree_dropped(tmp_path: Path) -> None:
                 assert isinstance(g, ReadCap)
                 async with open_broker(grid.addresses) as cold:
                     assert await download_bytes(cold, g) == g_data
+                session.queue.close()
+
+
+async def test_a_file_put_and_deleted_in_one_batch_is_unlinked(tmp_path: Path) -> None:
+    async with open_grid(tmp_path / "grid", servers=SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                root = await create_root(client)
+                add_alias(client.node, "grid", root.to_string())
+                session = TreeSession(client, "grid")
+                data = os.urandom(90_000)
+                session.queue.add_file(
+                    write_temp(tmp_path / "src", data), "/t.bin", file_entry(len(data))
+                )
+                session.queue.add_deletepath("/t.bin")
+                await session.queue.flush(session, through=PATH)  # uploaded, then dropped
+                assert session.queue.retained() == []  # the commit took it out
+                (step,) = [st for st in session.queue.pending() if st.kind == "unlink_commit"]
+                (cap,) = step.args["caps"]
+                si = storage_index_of(cap)
+                assert si is not None and held(grid, si) == 5
+                await flush(session)  # the unlink step
+                assert held(grid, si) == 0  # the temporary file's shares are gone
+                assert (await session.listdir("/")).entries == {}
                 session.queue.close()
 
 
