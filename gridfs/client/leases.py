@@ -15,8 +15,9 @@ or after the fence, so an upload racing with the unlink of the same
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -57,9 +58,39 @@ class CancelReport:
     failures: list[str] = field(default_factory=list)
 
 
-def _batches(items: list[bytes]) -> Iterable[list[bytes]]:
+async def _on_servers(
+    servers: Iterable[Server],
+    job: Callable[[Server], Awaitable[None]],
+    report: RenewReport | CancelReport,
+) -> None:
+    """Run ``job`` on every server at once; count those that succeed and
+    note the others' failures (their leases simply run out)."""
+
+    async def one(server: Server) -> None:
+        try:
+            await job(server)
+        except GridError as e:
+            report.failures.append(f"{server.name}: {e}")
+            return
+        report.servers += 1
+
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            nursery.start_soon(one, server)
+
+
+async def _call_batched(
+    server: Server, method: str, items: list[list[Any]], extra: dict[str, Any]
+) -> list[Any]:
+    """One lease request per batch of items; the answers, one per item."""
+    answers: list[Any] = []
     for i in range(0, len(items), MAX_LEASES):
-        yield items[i : i + MAX_LEASES]
+        batch = items[i : i + MAX_LEASES]
+        reply = await server.call(method, {"leases": batch, **extra}, TIMEOUT)
+        if not isinstance(reply, list) or len(reply) != len(batch):
+            raise GridError(f"malformed {method} answer")
+        answers += reply
+    return answers
 
 
 async def renew(broker: StorageBroker, storage_indexes: Iterable[bytes]) -> RenewReport:
@@ -69,26 +100,16 @@ async def renew(broker: StorageBroker, storage_indexes: Iterable[bytes]) -> Rene
     report = RenewReport(objects=len(sis))
     held: set[bytes] = set()
 
-    async def one(server: Server) -> None:
-        try:
-            for batch in _batches(sis):
-                leases = [[si, *server.lease_secrets(si)] for si in batch]
-                counts = await server.call("add_leases", {"leases": leases}, TIMEOUT)
-                if not isinstance(counts, list) or len(counts) != len(batch):
-                    raise GridError("malformed add_leases answer")
-                for si, n in zip(batch, counts, strict=True):
-                    if isinstance(n, int) and n > 0:
-                        report.leases += 1
-                        held.add(si)
-        except GridError as e:
-            report.failures.append(f"{server.name}: {e}")
-            return
-        report.servers += 1
+    async def job(server: Server) -> None:
+        leases = [[si, *server.lease_secrets(si)] for si in sis]
+        counts = await _call_batched(server, "add_leases", leases, {})
+        for si, n in zip(sis, counts, strict=True):
+            if isinstance(n, int) and n > 0:
+                report.leases += 1
+                held.add(si)
 
     if sis:
-        async with trio.open_nursery() as nursery:
-            for server in list(broker.servers.values()):
-                nursery.start_soon(one, server)
+        await _on_servers(list(broker.servers.values()), job, report)
     report.unheld = [si for si in sis if si not in held]
     return report
 
@@ -120,26 +141,15 @@ async def cancel(
     sis = sorted(set(storage_indexes))
     report = CancelReport(objects=len(sis))
 
-    async def one(server: Server, fence: int) -> None:
-        try:
-            for batch in _batches(sis):
-                leases = [[si, server.lease_secrets(si)[1]] for si in batch]
-                args = {"leases": leases, "renewed_before": fence}
-                answers = await server.call("cancel_leases", args, TIMEOUT)
-                if not isinstance(answers, list) or len(answers) != len(batch):
-                    raise GridError("malformed cancel_leases answer")
-                report.cancelled += sum(a in ("cancelled", "deleted") for a in answers)
-                report.freed += answers.count("deleted")
-                report.kept += answers.count("kept")
-        except GridError as e:
-            report.failures.append(f"{server.name}: {e}")
-            return
-        report.servers += 1
+    async def job(server: Server) -> None:
+        leases = [[si, server.lease_secrets(si)[1]] for si in sis]
+        fence = {"renewed_before": fences[server.node_id]}
+        answers = await _call_batched(server, "cancel_leases", leases, fence)
+        report.cancelled += sum(a in ("cancelled", "deleted") for a in answers)
+        report.freed += answers.count("deleted")
+        report.kept += answers.count("kept")
 
     if sis:
-        async with trio.open_nursery() as nursery:
-            for node_id, fence in fences.items():
-                server = broker.servers.get(node_id)
-                if server is not None:
-                    nursery.start_soon(one, server, fence)
+        fenced = [broker.servers[i] for i in fences if i in broker.servers]
+        await _on_servers(fenced, job, report)
     return report
