@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +140,41 @@ def test_retain_a_tree_and_unlink_what_it_still_references(grid: Path, tmp_path:
     assert shares_on_disk(grid, cap) == 0
     assert slots_on_disk(grid, tree_cap) == SERVERS
     assert tree_cap in retained(client)
+
+
+def test_status_json_and_the_web_page_show_the_grid_map(grid: Path, tmp_path: Path) -> None:
+    client = grid / "client"
+    ok(gridfs("put", str(make_file(tmp_path, "mapped.bin")), node=client))
+    ok(gridfs("renew", node=client))
+    on_disk = sum(1 for p in grid.glob("storage-*/storage/shares/*/*/*") if p.is_file())
+    status = json.loads(ok(gridfs("status", "--json", node=client)))
+    assert len(status["servers"]) == SERVERS
+    assert sum(s["shares"] for s in status["servers"]) == on_disk
+    assert all(s["connected"] and s["available"] > 0 for s in status["servers"])
+    assert status["maintenance"]["renew"]["servers"] == SERVERS
+    assert status["mounts"] == []
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gridfs", "web", "--port", "0", "--node", str(client)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line
+        base = f"http://127.0.0.1:{m.group(1)}"
+        with urllib.request.urlopen(base + "/status.json", timeout=30) as r:
+            served = json.loads(r.read())
+        assert [s["name"] for s in served["servers"]] == [s["name"] for s in status["servers"]]
+        with urllib.request.urlopen(base + "/", timeout=30) as r:
+            page = r.read().decode()
+        assert f"Grid map ({SERVERS} servers)" in page and "renew" in page
+        assert "gridfs:chk:" not in page and "gridfs:ssk" not in page  # no cap, ever
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + "/private/lease", timeout=30)
+        assert info.value.code == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
-from . import check, debug, files, grid, leases, mount, nodes, tree
+from . import check, debug, files, grid, leases, mount, nodes, tree, web
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.register(sub)
     check.register(sub)
     leases.register(sub)
+    web.register(sub)
     debug.register(sub)
     return parser
 

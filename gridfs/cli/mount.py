@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ..client.grid import GridClient, open_grid
 from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
 from ..errors import GridError, UsageError
@@ -160,41 +161,53 @@ def _alive(sock: Path) -> bool:
         return True
 
 
+async def gather_status(node: NodeDir, grid: GridClient | None) -> dict[str, Any]:
+    """Everything ``gridfs status`` shows, as one JSON-able map: the servers
+    (when ``grid`` is given), queue backlogs, running mounts, maintenance."""
+    servers: list[dict[str, Any]] = []
+    if grid is not None:
+        await grid.wait_for_servers()
+        stats = await grid.broker.stats()
+        for s in sorted(grid.broker.servers.values(), key=lambda s: s.name):
+            st = stats.get(s.node_id, "?")
+            row: dict[str, Any] = {"name": s.name, "connected": s.connected}
+            servers.append(row | (st if isinstance(st, dict) else {"error": st}))
+    mounts = []
+    if running_mounts(node):
+        status = await control_call(node, "ctl_status")
+        memory = await control_call(node, "ctl_memory")
+        mounts = [{**st, "memory": mem} for st, mem in zip(status, memory, strict=False)]
+    return {
+        "servers": servers,
+        "queues": [{"queue": q, "pending": p, "failing": f} for q, p, f in queue_backlog(node)],
+        "mounts": mounts,
+        "maintenance": load_record(node),
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
     node.config()
-    servers = server_rows(node) if args.servers else []
-    queues = queue_backlog(node)
 
-    async def main() -> list[tuple[dict[str, Any], dict[str, int]]]:
-        status = await control_call(node, "ctl_status")
-        memory = await control_call(node, "ctl_memory")
-        return list(zip(status, memory, strict=False))
+    async def main() -> dict[str, Any]:
+        if not args.servers:
+            return await gather_status(node, None)
+        async with open_grid(node) as grid:
+            return await gather_status(node, grid)
 
-    mounts = trio.run(main) if running_mounts(node) else []
-    maintenance = load_record(node)
+    status = trio.run(main)
     if args.json:
-        out = {
-            "servers": [
-                {"name": name, "connected": connected, **(st if isinstance(st, dict) else {})}
-                | ({} if isinstance(st, dict) else {"error": st})
-                for name, st, connected in servers
-            ],
-            "queues": [{"queue": q, "pending": p, "failing": f} for q, p, f in queues],
-            "mounts": [{**st, "memory": mem} for st, mem in mounts],
-            "maintenance": maintenance,
-        }
-        print(json.dumps(out))
+        print(json.dumps(status))
         return 0
     if args.servers:
-        show_servers(servers)
-    for name, pending, failing in queues:
-        note = f" ({failing} failing; see `gridfs queue`)" if failing else ""
-        print(f"queue {name[:8]}: {pending} pending steps{note}")
-    show_maintenance(maintenance)
-    if not mounts:
+        show_servers(status["servers"])
+    for q in status["queues"]:
+        note = f" ({q['failing']} failing; see `gridfs queue`)" if q["failing"] else ""
+        print(f"queue {q['queue'][:8]}: {q['pending']} pending steps{note}")
+    show_maintenance(status["maintenance"])
+    if not status["mounts"]:
         print(f"no mount of {node.path} is running")
-    for st, mem in mounts:
+    for st in status["mounts"]:
         print(f"{st['mountpoint']}: tree {st['tree']}, pid {st['pid']}, {st['servers']} servers")
         print(
             f"  queue: {st['queue']} pending steps"
@@ -203,6 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for failed in st["failed_steps"]:
             print(f"  failing: {failed}")
         show_transfers(st.get("transfers", {}))
+        mem = st["memory"]
         print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
     return 0
 
@@ -250,30 +264,18 @@ def show_transfers(transfers: dict[str, Any]) -> None:
         )
 
 
-def server_rows(node: NodeDir) -> list[tuple[str, dict[str, int] | str, bool]]:
-    """Every known server with its current capacity (or why it has none)."""
-    from ..client.grid import open_grid
-
-    async def main() -> list[tuple[str, dict[str, int] | str, bool]]:
-        async with open_grid(node) as grid:
-            await grid.wait_for_servers()
-            stats = await grid.broker.stats()
-            return [
-                (s.name, stats.get(s.node_id, "?"), s.connected)
-                for s in sorted(grid.broker.servers.values(), key=lambda s: s.name)
-            ]
-
-    return trio.run(main)
-
-
-def show_servers(rows: list[tuple[str, dict[str, int] | str, bool]]) -> None:
+def show_servers(rows: list[dict[str, Any]]) -> None:
     print(f"{len(rows)} storage servers known:")
-    for name, st, connected in rows:
-        if isinstance(st, dict):
+    for st in rows:
+        if "error" not in st:
             used, avail = st.get("used", 0) >> 20, st.get("available", 0) >> 20
-            print(f"  {name:40} connected  used {used} MiB, available {avail} MiB")
+            print(
+                f"  {st['name']:40} connected  {st.get('shares', 0)} shares, "
+                f"used {used} MiB, available {avail} MiB"
+            )
         else:
-            print(f"  {name:40} {'connected' if connected else 'unreachable'}: {st}")
+            state = "connected" if st["connected"] else "unreachable"
+            print(f"  {st['name']:40} {state}: {st['error']}")
 
 
 def queue_backlog(node: NodeDir) -> list[tuple[str, int, int]]:

@@ -99,6 +99,7 @@ class ShareStore:
         self._lock = threading.Lock()
         self._open: dict[tuple[bytes, int], BucketWriter] = {}
         self._used: int | None = None  # computed on first use, then kept up to date
+        self._count = 0  # closed shares, likewise
         self._shares.mkdir(parents=True, exist_ok=True)
         if self._incoming.exists():
             shutil.rmtree(self._incoming)  # partial shares are never kept
@@ -109,8 +110,9 @@ class ShareStore:
         with self._lock:
             st, free = self._free_locked()
             if self._used is None:
-                self._used = sum(f.stat().st_size for f in self._shares.glob("*/*/*"))
-            used = self._used
+                sizes = [f.stat().st_size for f in self._shares.glob("*/*/*")]
+                self._used, self._count = sum(sizes), len(sizes)
+            used, count = self._used, self._count
         return {
             "total": st.f_blocks * st.f_frsize,
             "free": max(0, free),
@@ -118,6 +120,7 @@ class ShareStore:
             "available": max(0, free - self.limits.reserved_space),
             "max_share_size": self.limits.max_share_size,
             "used": used,
+            "shares": count,
         }
 
     def allocate(
@@ -195,6 +198,7 @@ class ShareStore:
                 raise NoSuchShareError(f"no share {sharenum} here") from None
             if self._used is not None:
                 self._used -= size
+                self._count -= 1
             _rmdir_quiet(path.parent)
             fsync_dir(qdir)
         return dest
@@ -210,6 +214,7 @@ class ShareStore:
                 raise NoSuchShareError(f"no share {sharenum} here") from None
             if self._used is not None:
                 self._used -= size
+                self._count -= 1
             _rmdir_quiet(path.parent)
             _rmdir_quiet(path.parent.parent)
         with _disk_errors("delete"):
@@ -269,6 +274,7 @@ class ShareStore:
             del self._open[bucket.storage_index, bucket.sharenum]
             if self._used is not None:
                 self._used += bucket.share_size
+                self._count += 1
             _rmdir_quiet(bucket._path.parent)
         return final, sync
 

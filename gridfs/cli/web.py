@@ -1,0 +1,148 @@
+"""``gridfs web``: ``gridfs status`` as a small local web page (and JSON).
+
+``GET /`` is a page that refreshes itself every few seconds: the grid map
+(each server with its shares, use and free space), queue backlogs, the
+node's last lease renewal, unlink and check, and each mount's transfers.
+``GET /status.json`` is the same as ``gridfs status --json``.  It listens on
+loopback by default and serves nothing else: no cap ever appears on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+from typing import Any
+
+import trio
+
+from ..client.grid import GridClient, open_grid
+from ..config import NodeDir, resolve_node_dir
+from .files import add_node_option
+from .mount import gather_status
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 8192
+REFRESH = 5
+
+
+def register(sub: Any) -> None:
+    w = sub.add_parser("web", help="serve gridfs status as a local web page (and JSON)")
+    w.add_argument("--port", type=int, default=3456, help="default: 3456")
+    w.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    add_node_option(w)
+    w.set_defaults(func=cmd_web)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    node = NodeDir(resolve_node_dir(args.node))
+    node.config()
+
+    async def main() -> None:
+        async with open_grid(node) as grid:
+            listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+            port = listeners[0].socket.getsockname()[1]
+            print(f"serving http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+            async def handler(stream: trio.SocketStream) -> None:
+                await serve(stream, node, grid)
+
+            await trio.serve_listeners(handler, listeners)
+
+    trio.run(main)
+    return 0
+
+
+async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> None:
+    """Answer one HTTP/1.0-style request, then close."""
+    try:
+        with trio.move_on_after(10):
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                request += chunk
+            line = request.split(b"\r\n", 1)[0].decode("latin-1")
+            method, _, rest = line.partition(" ")
+            path = rest.split(" ", 1)[0]
+            if method != "GET":
+                await respond(stream, 405, "text/plain", b"only GET\n")
+            elif path == "/status.json":
+                body = json.dumps(await gather_status(node, grid)).encode()
+                await respond(stream, 200, "application/json", body)
+            elif path == "/":
+                page = render(await gather_status(node, grid))
+                await respond(stream, 200, "text/html; charset=utf-8", page.encode())
+            else:
+                await respond(stream, 404, "text/plain", b"not found\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def respond(stream: trio.abc.Stream, status: int, kind: str, body: bytes) -> None:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
+        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + body)
+
+
+def _mib(n: Any) -> str:
+    return f"{int(n or 0) / 2**20:,.0f} MiB"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status page: plain HTML tables, no script."""
+    e = html.escape
+    rows = []
+    for s in status["servers"]:
+        if "error" in s:
+            rows.append(f"<tr><td>{e(s['name'])}</td><td colspan=4>{e(str(s['error']))}</td></tr>")
+            continue
+        total = int(s.get("total", 0)) or 1
+        bar = min(100, 100 * int(s.get("used", 0)) // total)
+        rows.append(
+            f"<tr><td>{e(s['name'])}</td><td>{s.get('shares', 0)}</td>"
+            f"<td>{_mib(s.get('used'))}</td><td>{_mib(s.get('available'))}</td>"
+            f"<td><div class=bar><div style='width:{bar}%'></div></div></td></tr>"
+        )
+    queues = "".join(
+        f"<li>queue {e(q['queue'][:8])}: {q['pending']} pending, {q['failing']} failing</li>"
+        for q in status["queues"]
+    )
+    upkeep = "".join(
+        f"<li>{e(task)}: "
+        + ", ".join(f"{e(k)} {e(str(v))}" for k, v in sorted(r.items()) if k != "at")
+        + "</li>"
+        for task, r in sorted(status["maintenance"].items())
+    )
+    transfers = []
+    for m in status["mounts"]:
+        t = m.get("transfers", {})
+        for x in t.get("active", []) + t.get("recent", []):
+            state = "running" if x in t.get("active", []) else "done"
+            transfers.append(
+                f"<tr><td>{e(m['mountpoint'])}</td><td>{e(x['kind'])}</td>"
+                f"<td>{e(x['name'])}</td><td>{x['done'] >> 10} / {x['size'] >> 10} KiB</td>"
+                f"<td>{x['rate'] / 1e6:.1f} MB/s</td><td>{state}</td></tr>"
+            )
+    return f"""<!doctype html>
+<html><head><meta charset=utf-8><meta http-equiv=refresh content={REFRESH}>
+<title>gridfs status</title>
+<style>body{{font:14px sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}
+.bar{{width:120px;height:10px;background:#ddd}}.bar div{{height:10px;background:#48c}}</style>
+</head><body><h1>gridfs</h1>
+<h2>Grid map ({len(status["servers"])} servers)</h2>
+<table><tr><th>server</th><th>shares</th><th>used</th><th>available</th><th>use</th></tr>
+{"".join(rows)}</table>
+<h2>Work queues</h2><ul>{queues or "<li>none</li>"}</ul>
+<h2>Maintenance</h2><ul>{upkeep or "<li>nothing recorded yet</li>"}</ul>
+<h2>Transfers ({len(status["mounts"])} mounts)</h2>
+<table><tr><th>mount</th><th>kind</th><th>file</th><th>progress</th><th>rate</th><th></th></tr>
+{"".join(transfers)}</table>
+</body></html>
+"""
