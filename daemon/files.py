@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from gridfs.caps import LiteralCap, ReadCap, parse_read_cap
+from gridfs.caps import LiteralCap, ReadCap, b32encode, parse_read_cap
 from gridfs.client.download import Downloader, open_downloader
 from gridfs.client.session import TreeSession
 from gridfs.client.transfers import Transfer
@@ -67,7 +67,9 @@ class CapReader:
         self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
         self._fetching: dict[int, trio.Event] = {}
         self._last = -2
-        self._transfer = Transfer("download", self.key[:40], cap.size)
+        # Named by storage index: the cap holds the read key, which no status may show.
+        self._name = "si:" + b32encode(cap.storage_index)[:16]
+        self._transfer = Transfer("download", self._name, cap.size)
         """Counted in the client's transfers while the downloader is open."""
 
     async def _dl(self, nursery: trio.Nursery) -> Downloader:
@@ -85,7 +87,7 @@ class CapReader:
             self._release = ready
             await nursery.start(hold)
             self._transfer = self.session.grid.transfers.start(
-                "download", self.key[:40], self.cap.size
+                "download", self._name, self.cap.size
             )
         assert self._downloader is not None
         return self._downloader
