@@ -1,0 +1,159 @@
+"""The mount's segment cache: decoded, verified segments, in memory and on disk.
+
+Reads fetch whole segments (verified against the cap before they get here),
+so the cache holds segments by (cap, segment index).  A small in-memory LRU
+sits in front of a bounded directory, ``NODE/cache/segments/``, that
+survives remounts: one file per segment, named by a hash of the cap (the cap
+itself, which holds the read key, never appears in a file name), holding the
+SHA-256 of the data and the data.  A file that is torn, truncated or altered
+fails that check and counts as a miss.  The least recently used files are
+deleted to stay under ``max_bytes``.
+
+The directory is as private as the staging files of the mount (mode 0700,
+inside the node directory): it holds plaintext, like them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+MEMORY_BYTES = 64 << 20
+DISK_BYTES = 1 << 30
+_DIGEST = 32
+
+
+class SegmentCache:
+    """Decoded segments by (cap, index): memory first, then disk."""
+
+    def __init__(
+        self,
+        directory: Path | None = None,
+        max_bytes: int = DISK_BYTES,
+        memory_bytes: int = MEMORY_BYTES,
+    ) -> None:
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[Key, bytes] = OrderedDict()
+        self._memory_size = 0
+        self.directory = directory if max_bytes > 0 else None
+        self.max_bytes = max_bytes
+        self._files: OrderedDict[str, int] = OrderedDict()
+        """On-disk entries, least recently used first: file name → size."""
+        self._disk_size = 0
+        self.hits = {"memory": 0, "disk": 0, "miss": 0}
+        if self.directory is not None:
+            self._open_directory(self.directory)
+
+    def _open_directory(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        entries = []
+        for e in os.scandir(directory):
+            if e.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)  # a write a crash interrupted
+                continue
+            st = e.stat()
+            entries.append((st.st_mtime_ns, e.name, st.st_size))
+        for _, name, size in sorted(entries):
+            self._files[name] = size
+            self._disk_size += size
+        self._evict()
+
+    @staticmethod
+    def _name(key: Key) -> str:
+        cap, index = key
+        return f"{hashlib.sha256(cap.encode()).hexdigest()[:40]}.{index}"
+
+    def get(self, key: Key) -> bytes | None:
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.hits["memory"] += 1
+            return data
+        data = self._read_disk(key)
+        if data is None:
+            self.hits["miss"] += 1
+            return None
+        self.hits["disk"] += 1
+        self._remember(key, data)
+        return data
+
+    def put(self, key: Key, data: bytes) -> None:
+        if key in self._memory:
+            return
+        self._remember(key, data)
+        self._write_disk(key, data)
+
+    def _remember(self, key: Key, data: bytes) -> None:
+        self._memory[key] = data
+        self._memory_size += len(data)
+        while self._memory_size > self.memory_bytes and self._memory:
+            _, old = self._memory.popitem(last=False)
+            self._memory_size -= len(old)
+
+    def _read_disk(self, key: Key) -> bytes | None:
+        if self.directory is None:
+            return None
+        name = self._name(key)
+        if name not in self._files:
+            return None
+        try:
+            blob = (self.directory / name).read_bytes()
+        except OSError:
+            self._forget(name)
+            return None
+        digest, data = blob[:_DIGEST], blob[_DIGEST:]
+        if hashlib.sha256(data).digest() != digest:
+            log.warning("cache file %s is damaged; fetching the segment again", name)
+            self._drop(name)
+            return None
+        self._files.move_to_end(name)
+        return data
+
+    def _write_disk(self, key: Key, data: bytes) -> None:
+        if self.directory is None or len(data) + _DIGEST > self.max_bytes:
+            return
+        name = self._name(key)
+        if name in self._files:
+            return
+        tmp = self.directory / f"{name}.tmp"
+        try:
+            # No fsync: a cache entry lost in a crash is fetched again, and a
+            # torn one fails its digest.
+            with open(tmp, "wb") as f:
+                f.write(hashlib.sha256(data).digest())
+                f.write(data)
+            os.replace(tmp, self.directory / name)
+        except OSError as e:
+            log.warning("cannot write the segment cache: %s", e)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        self._files[name] = len(data) + _DIGEST
+        self._disk_size += len(data) + _DIGEST
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._disk_size > self.max_bytes and self._files:
+            self._drop(next(iter(self._files)))
+
+    def _drop(self, name: str) -> None:
+        assert self.directory is not None
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / name)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        size = self._files.pop(name, 0)
+        self._disk_size -= size
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk_size
