@@ -90,7 +90,7 @@ class RpcClient:
                     await self.wait_closed()
                     nursery.cancel_scope.cancel()
         finally:
-            await self.aclose("connection closed")
+            await self.aclose("connection closed by this client")
         if error is not None:
             raise error
 
@@ -99,7 +99,7 @@ class RpcClient:
 
     async def _read_loop(self) -> None:
         """Deliver answers to waiting calls; on any failure close the client."""
-        reason = "connection closed"
+        reason = "connection closed (reading answers was cancelled)"
         try:
             while True:
                 event = self._conn.next_event()
