@@ -644,8 +644,11 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         key = name.decode("utf-8", "replace")
-        if not key.startswith(XATTR_PREFIX):  # security.*, system.*: asked on every ls -l
-            raise pyfuse3.FUSEError(errno.ENODATA)
+        if not key.startswith(XATTR_PREFIX):
+            # security.*, system.* (ACLs): not supported.  ENOTSUP rather than
+            # ENODATA: ls -l asks for security.selinux and the ACL of every
+            # entry, and stops asking on this filesystem after one ENOTSUP.
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         value = (await self.entry_of(inode)).xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
