@@ -1,8 +1,9 @@
 """Open files: local staging for writes, verified segment reads for the rest.
 
 One :class:`OpenFile` per inode, shared by all its handles, so a write through
-one descriptor is seen by reads through another.  Writes go to a sparse
-staging file in the queue's ``tempfiles/``; ``flush``/``fsync`` hand it to the
+one descriptor is seen by reads through another.  Writes go to a memory buffer
+while the file is small enough to live inside its directory, else to a sparse
+staging file in the mount's ``staging/``; ``flush``/``fsync`` hand it to the
 work queue (journaled, uploaded in the background).  Reads of a file not
 being written fetch only the segments they touch, through a bounded cache,
 and read ahead when access is sequential.
@@ -153,6 +154,9 @@ class OpenFile:
     handles: int = 0
     staging: int | None = None
     """fd of the staging file, when the file is being written"""
+    buffer: bytearray | None = None
+    """instead of a staging file: the bytes of a file being written while they
+    fit inside its directory (at most INLINE_MAX), in memory"""
     staging_name: str | None = None
     handed_over: bool = False
     """the staging file now belongs to the queue: copy it before writing again"""
@@ -167,7 +171,13 @@ class OpenFile:
     open: readable even after the queue uploads and removes it"""
     lock: trio.Lock = field(default_factory=trio.Lock)
 
+    @property
+    def staged(self) -> bool:
+        """Being written: the bytes are in the buffer or the staging file."""
+        return self.buffer is not None or self.staging is not None
+
     def close(self) -> None:
+        self.buffer = None
         if self.staging is not None:
             os.close(self.staging)
             self.staging = None

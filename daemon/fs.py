@@ -150,7 +150,7 @@ class GridOperations(pyfuse3.Operations):
         a.st_nlink = 2 if entry.is_dir else 1
         a.st_uid, a.st_gid = self.uid, self.gid
         of = self.open_files.get(ino)
-        size = of.size if of is not None and of.staging is not None else entry.size
+        size = of.size if of is not None and of.staged else entry.size
         if entry.kind == "symlink":
             size = len(entry.target.encode())
         elif entry.is_dir:
@@ -403,9 +403,8 @@ class GridOperations(pyfuse3.Operations):
             try:
                 async with of.lock:
                     await self.stage(of, keep=attr.st_size > 0)
-                    assert of.staging is not None
-                    os.ftruncate(of.staging, attr.st_size)
-                    of.size, of.dirty = attr.st_size, True
+                    self._truncate(of, attr.st_size)
+                    of.dirty = True
                     of.entry = of.entry.with_(**changes)
                     of.mtime_set = fields.update_mtime
                 if not of.handles:
@@ -461,6 +460,9 @@ class GridOperations(pyfuse3.Operations):
 
     async def drop_if_unused(self, of: OpenFile) -> None:
         if of.handles == 0 and not of.dirty:
+            if of.staging is not None and not of.handed_over and of.staging_name is not None:
+                # committed inline (or unlinked): the queue never needs it
+                (self.staging_dir / of.staging_name).unlink(missing_ok=True)
             of.close()
             if self.open_files.get(of.ino) is of:
                 del self.open_files[of.ino]
@@ -479,14 +481,13 @@ class GridOperations(pyfuse3.Operations):
         of = await self.open_for(inode, entry)
         of.handles += 1
         try:
-            if of.staging is None and of.entry.cap.startswith("local:"):
+            if not of.staged and of.entry.cap.startswith("local:"):
                 await self.source(of)  # pins the queue's tempfile while open
             if flags & os.O_TRUNC:
                 async with of.lock:
                     await self.stage(of, keep=False)
-                    assert of.staging is not None
-                    os.ftruncate(of.staging, 0)
-                    of.size, of.dirty = 0, True
+                    self._truncate(of, 0)
+                    of.dirty = True
         except BaseException:
             of.handles -= 1
             await self.drop_if_unused(of)
@@ -517,10 +518,65 @@ class GridOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=self._new_fh(ino)), self.attrs(ino, entry)
 
     async def stage(self, of: OpenFile, keep: bool) -> None:
-        """Make sure ``of`` has a private staging file (holding its current
-        bytes when ``keep``) before it is written."""
-        if of.staging is not None and not of.handed_over:
+        """Make sure ``of`` has a private buffer or staging file (holding its
+        current bytes when ``keep``) before it is written."""
+        if of.buffer is not None or (of.staging is not None and not of.handed_over):
             return
+        if not keep or (of.staging is None and of.entry.size <= INLINE_MAX):
+            if keep and of.entry.size:
+                source = await self.source(of)
+                if not isinstance(source, bytes):
+                    source = await self._read_small(of, source)
+                of.buffer = bytearray(source[: of.entry.size])
+            else:
+                of.buffer = bytearray()
+            if of.staging is not None:  # handed over: the queue's now
+                os.close(of.staging)
+                of.staging, of.staging_name = None, None
+            of.handed_over = False
+            of.size = len(of.buffer)
+            return
+        await self._stage_file(of, keep)
+
+    async def _read_small(self, of: OpenFile, source: Path | ReadCap) -> bytes:
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                return f.read(INLINE_MAX + 1)
+        assert self.nursery is not None
+        reader = CapReader(self.session, source, self.cache)
+        try:
+            return await reader.read(0, source.size, self.nursery)
+        finally:
+            reader.close()
+
+    def _truncate(self, of: OpenFile, size: int) -> None:
+        """Set the size of a staged file."""
+        if of.buffer is not None and size > INLINE_MAX:
+            self._spill(of)
+        if of.buffer is not None:
+            if size < len(of.buffer):
+                del of.buffer[size:]
+            else:
+                of.buffer.extend(bytes(size - len(of.buffer)))
+        else:
+            assert of.staging is not None
+            os.ftruncate(of.staging, size)
+        of.size = size
+
+    def _spill(self, of: OpenFile) -> None:
+        """Move the buffer of ``of``, about to grow past INLINE_MAX, to a staging file."""
+        assert of.buffer is not None and of.staging is None
+        name = uuid.uuid4().hex
+        fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.pwrite(fd, of.buffer, 0)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.staging_dir / name)
+            raise
+        of.staging, of.staging_name, of.handed_over, of.buffer = fd, name, False, None
+
+    async def _stage_file(self, of: OpenFile, keep: bool) -> None:
         name = uuid.uuid4().hex
         fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -558,6 +614,8 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self.open_files[self.handles[fh]]
+        if of.buffer is not None:
+            return bytes(of.buffer[off : off + size])
         if of.staging is not None:
             return os.pread(of.staging, size, off)
         if of.entry.kind != "file":
@@ -578,16 +636,24 @@ class GridOperations(pyfuse3.Operations):
         of = self.open_files[self.handles[fh]]
         async with of.lock:
             await self.stage(of, keep=True)
-            assert of.staging is not None
-            os.pwrite(of.staging, buf, off)
-            of.size = max(of.size, off + len(buf))
+            end = off + len(buf)
+            if of.buffer is not None and end > INLINE_MAX:
+                self._spill(of)
+            if of.buffer is not None:
+                if off > len(of.buffer):  # a hole
+                    of.buffer.extend(bytes(off - len(of.buffer)))
+                of.buffer[off:end] = buf
+            else:
+                assert of.staging is not None
+                os.pwrite(of.staging, buf, off)
+            of.size = max(of.size, end)
             of.dirty, of.mtime_set = True, False
         return len(buf)
 
     async def commit(self, of: OpenFile) -> None:
         """Hand a dirty file to the work queue: durable when this returns."""
         async with of.lock:
-            if not of.dirty or of.staging is None:
+            if not of.dirty or not of.staged:
                 return
             of.dirty = False
             if of.unlinked:
@@ -597,11 +663,17 @@ class GridOperations(pyfuse3.Operations):
             entry = of.entry.with_(size=of.size, mtime_ns=mtime, ctime_ns=now, cap="", data=None)
             text = "/" + "/".join(of.path)
             if of.size <= INLINE_MAX and of.size <= DIR_INLINE_BUDGET:
-                entry = entry.with_(data=os.pread(of.staging, of.size, 0))
+                if of.buffer is not None:
+                    data = bytes(of.buffer)
+                else:
+                    assert of.staging is not None
+                    data = os.pread(of.staging, of.size, 0)
+                entry = entry.with_(data=data)
                 await self.change(
                     lambda: self.queue.add_file(None, text, entry), Put(of.path, entry)
                 )
             else:
+                assert of.staging is not None, "a buffer never holds more than INLINE_MAX"
                 await trio.to_thread.run_sync(os.fsync, of.staging)
                 name = of.staging_name
                 assert name is not None

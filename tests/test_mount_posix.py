@@ -125,6 +125,50 @@ def test_truncate_up_and_down(mount_dir: Path, shared_mount: Mount) -> None:
     assert f.read_bytes() == big[:1_500_000] + b"\0" * 100_000
 
 
+def test_small_files_grow_and_shrink_across_the_inline_limit(
+    mount_dir: Path, shared_mount: Mount
+) -> None:
+    """Files of at most 16 KiB are written in memory (no staging file); one
+    that grows past that moves to a staging file, and back into its
+    directory when it shrinks again."""
+    limit = 16 * 1024
+    f = mount_dir / "f"
+    with open(f, "w+b", buffering=0) as g:
+        g.write(b"a" * 100)
+        os.pwrite(g.fileno(), b"b", 1000)  # a hole in the buffer
+        assert os.pread(g.fileno(), 2000, 0) == b"a" * 100 + b"\0" * 900 + b"b"
+        os.pwrite(g.fileno(), b"c" * 10, limit - 5)  # past the limit: staged to a file
+        assert os.fstat(g.fileno()).st_size == limit + 5
+        g.truncate(50)
+        assert os.pread(g.fileno(), 100, 0) == b"a" * 50
+        g.truncate(limit + 1)
+        os.fsync(g.fileno())
+        assert f.stat().st_size == limit + 1
+    assert f.read_bytes() == b"a" * 50 + b"\0" * (limit + 1 - 50)
+    os.truncate(f, 3)
+    assert f.read_bytes() == b"aaa"
+    with open(f, "r+b") as g:  # small again: written in memory, keeping the bytes
+        g.seek(1)
+        g.write(b"XY")
+    assert f.read_bytes() == b"aXY"
+    # small files that did not fit their directory have caps of their own
+    d = mount_dir / "full"
+    d.mkdir()
+    blobs = {f"b{i:02d}": os.urandom(15 * 1024) for i in range(80)}
+    for name, data in blobs.items():
+        (d / name).write_bytes(data)
+    shared_mount.flush()
+    for name, data in blobs.items():
+        with open(d / name, "r+b") as g:
+            g.seek(10)
+            g.write(b"!")
+        assert (d / name).read_bytes() == data[:10] + b"!" + data[11:], name
+    assert f.read_bytes() == b"aXY"
+    # once closed, nothing is left in the mount's staging directory
+    staging = list(shared_mount.node.glob("queues/*/staging/*"))
+    assert staging == []
+
+
 def test_chmod_utime_chown(mount_dir: Path) -> None:
     f = mount_dir / "f"
     f.write_bytes(b"x")
