@@ -35,6 +35,10 @@ from .fs import GridOperations
 from .view import View
 
 log = logging.getLogger(__name__)
+BATCH_QUIET = 0.2
+"""The background flush waits until changes stop coming for this many seconds..."""
+BATCH_MAX = 2.0
+"""...but no longer than this after the first change it will carry."""
 
 
 FSTAB_WORDS = frozenset(
@@ -141,12 +145,24 @@ class MountDaemon:
         if len(self.session.queue):  # type: ignore[union-attr]
             self.kick()
 
+    async def gather(self) -> None:
+        """Wait for a change, then for the burst it starts to end: until no
+        change came for BATCH_QUIET seconds, at most BATCH_MAX after the first.
+        One flush then commits the burst as one batch (each commit rewrites
+        the directories it touches and the root)."""
+        await self._kicked.wait()
+        deadline = trio.current_time() + BATCH_MAX
+        while True:
+            self._kicked = trio.Event()
+            with trio.move_on_at(min(deadline, trio.current_time() + BATCH_QUIET)):
+                await self._kicked.wait()
+            if not self._kicked.is_set() or trio.current_time() >= deadline:
+                return
+
     async def flusher(self) -> None:
         backoff = 1.0
         while True:
-            await self._kicked.wait()
-            self._kicked = trio.Event()
-            await trio.sleep(0.2)  # let a burst of changes gather into one batch
+            await self.gather()
             try:
                 await self.flush_queue()
                 backoff = 1.0
