@@ -208,8 +208,9 @@ class GridOperations(pyfuse3.Operations):
             await self.view.apply(change)
         self.daemon.kick()
 
-    def queued(self, path: Path_, entry: Entry) -> Callable[[], Any]:
-        """The queue step that stores ``entry`` (as the view holds it) at ``path``."""
+    def queued(self, path: Path_, entry: Entry, sync: bool = True) -> Callable[[], Any]:
+        """The queue step that stores ``entry`` (as the view holds it) at ``path``
+        (``sync``: see WorkQueue.transaction)."""
         text = "/" + "/".join(path)
         if entry.cap.startswith("local:"):
             box = entry.cap.split(":", 2)[1]
@@ -225,9 +226,9 @@ class GridOperations(pyfuse3.Operations):
             return enqueue
         if entry.cap.startswith("pending:"):
             raise pyfuse3.FUSEError(errno.EAGAIN)  # rare: wait for the flush
-        return lambda: self.queue.add_file(None, text, entry)
+        return lambda: self.queue.add_file(None, text, entry, sync=sync)
 
-    async def put_entry(self, path: Path_, entry: Entry) -> None:
+    async def put_entry(self, path: Path_, entry: Entry, sync: bool = True) -> None:
         if entry.is_dir:
             # The view's cap of a directory may be stale (committed since, or
             # changed by another writer); put with the empty cap, a directory
@@ -237,7 +238,7 @@ class GridOperations(pyfuse3.Operations):
             box = entry.cap.split(":", 2)[1]
             if self.queue.read_box(box) is None and not self._uploading(box):
                 entry = await self._settled(path, entry)  # uploaded and cleaned up
-        await self.change(self.queued(path, entry), Put(path, entry))
+        await self.change(self.queued(path, entry, sync), Put(path, entry))
 
     def _uploading(self, box: str) -> bool:
         return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.queue.pending())
@@ -447,8 +448,11 @@ class GridOperations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
+    @errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.daemon.wait_synced() if self.sync else None
+        self.queue.sync()
+        if self.sync:
+            await self.daemon.wait_synced()
 
     # -- files ------------------------------------------------------------------
     async def open_for(self, ino: int, entry: Entry) -> OpenFile:
@@ -505,7 +509,9 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         now = time.time_ns()
         entry = Entry("file", "", 0, mode & 0o7777, now, now, data=b"")
-        await self.put_entry(path, entry)
+        # Not fsynced: close() after writing, fsync() of the file or of its
+        # directory (or any synced change) makes it durable; one fsync a file.
+        await self.put_entry(path, entry, sync=False)
         ino = self.inodes.get(path)
         old = self.open_files.get(ino)
         if old is not None:
@@ -699,6 +705,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.commit(self.open_files[self.handles[fh]])
+        self.queue.sync()  # e.g. a new file never written: its creation
 
     @errors_to_errno
     async def release(self, fh: int) -> None:

@@ -287,6 +287,7 @@ class MountDaemon:
                 await self.session.queue.flush(self.session)
             except GridError as e:
                 log.error("could not finish the queue: %s", e)
+        self.session.queue.sync()
         left = len(self.session.queue)
         if left:
             log.warning(

@@ -148,6 +148,8 @@ class WorkQueue:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._lock = trio.Lock()
+        self.unsynced = False
+        """Steps were committed with ``sync=False`` since the last fsync of the journal."""
 
     def close(self) -> None:
         self.db.close()
@@ -216,11 +218,17 @@ class WorkQueue:
         return self._add("delete_box", name=name)
 
     def add_file(
-        self, source: Path | None, path: str, entry: Entry, base: str | None = None
+        self,
+        source: Path | None,
+        path: str,
+        entry: Entry,
+        base: str | None = None,
+        sync: bool = True,
     ) -> str | None:
         """The usual sequence for one file: upload it into a box, add the path,
-        retain, and clean up, all in one transaction; returns the box."""
-        with self.transaction():
+        retain, and clean up, all in one transaction; returns the box.  With
+        ``sync=False`` see :meth:`transaction`."""
+        with self.transaction(sync):
             if source is None:  # the entry already carries its cap or its data
                 self.add_addpath(None, path, entry, base)
                 return None
@@ -234,14 +242,39 @@ class WorkQueue:
             return box
 
     @contextlib.contextmanager
-    def transaction(self) -> Any:
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, sync: bool = True) -> Any:
+        """One transaction.  With ``sync=False`` its commit is not fsynced:
+        it survives the process being killed, but not a power loss until the
+        next synced commit or :meth:`sync` (both fsync the journal, which
+        holds it)."""
+        if not sync:
+            self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            if not sync:
+                self.db.execute("PRAGMA synchronous=FULL")
+        self.unsynced = not sync
+
+    def sync(self) -> None:
+        """Make the steps committed with ``sync=False`` durable."""
+        if not self.unsynced:
+            return
+        # In WAL mode a commit is a frame appended to the -wal file; a synced
+        # commit fsyncs that file, a checkpoint fsyncs the database first.
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(self.directory / "queue.sqlite-wal", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.unsynced = False
 
     # -- reading ------------------------------------------------------------
     def pending(self) -> list[Step]:

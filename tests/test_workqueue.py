@@ -135,3 +135,35 @@ async def test_pending_changes_show_queued_paths(tmp_path: Path) -> None:
     q.add_move("/a", "/b")
     changes = q.pending_changes()
     assert [type(c).__name__ for c in changes] == ["Put", "Delete", "Move"]
+
+
+def test_unsynced_commit_survives_a_killed_process_and_sync_restores_full(
+    tmp_path: Path,
+) -> None:
+    """A step committed with sync=False (the mount's file creation) is not
+    fsynced, but is in the journal for the next open even if the process dies
+    at once; the next synced commit or sync() covers it."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:  # the child: commit without fsync, then die without closing
+        try:
+            q = WorkQueue(tmp_path / "q")
+            q.add_file(None, "/new", entry(), sync=False)
+            assert q.unsynced
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    q = WorkQueue(tmp_path / "q")
+    assert [s.args["path"] for s in q.pending()] == ["/new"]
+    assert q.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    q.add_file(None, "/a", entry(), sync=False)
+    assert q.unsynced
+    assert q.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # back to FULL
+    q.sync()
+    assert not q.unsynced
+    q.add_file(None, "/b", entry(), sync=False)
+    q.add_file(None, "/c", entry())  # a synced commit fsyncs the journal with /b in it
+    assert not q.unsynced
+    assert [s.args["path"] for s in q.pending()] == ["/new", "/a", "/b", "/c"]
