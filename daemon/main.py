@@ -179,7 +179,7 @@ class MountDaemon:
         while True:
             await trio.sleep(self.options.refresh)
             try:
-                if await self.view.rebuild():
+                if await self.view.rebuild(if_changed=True):
                     log.info("the tree changed elsewhere; view rebuilt")
             except GridError as e:
                 log.warning("could not re-read the root: %s", e)

@@ -33,9 +33,12 @@ class View:
         self.seq = -1
         self.root_entry = Entry("dir", "", 0, DEFAULT_DIR_MODE, time.time_ns(), time.time_ns())
 
-    async def rebuild(self) -> bool:
+    async def rebuild(self, if_changed: bool = False) -> bool:
         """Re-read the root and re-apply what is still queued; True if the
-        committed tree changed.
+        committed tree changed.  With ``if_changed`` (a poll for other
+        writers' changes), only if the root is not the one the view is built
+        on: the view then already is that root with the queued changes
+        applied as they were queued, and re-applying a long queue is costly.
 
         The root is read before taking the lock, so that a slow or stalled grid
         does not hold up local changes; holding ``flushing`` meanwhile keeps a
@@ -44,6 +47,9 @@ class View:
         async with self.flushing:
             seq, root = await self.session.tree.root()
             async with self.lock:
+                same = self.batch is not None and (seq, root) == (self.seq, self.batch.root_cap)
+                if if_changed and same:
+                    return False
                 overlay = Tree(self.overlay, self.session.tree.cache)
                 batch = Batch(overlay, root)
                 for change in self.session.queue.pending_changes():
