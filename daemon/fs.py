@@ -139,6 +139,12 @@ class GridOperations(pyfuse3.Operations):
         shutil.rmtree(self.staging_dir, ignore_errors=True)  # never acknowledged: discard
         self.staging_dir.mkdir(mode=0o700)
         self.nursery: trio.Nursery | None = None
+        self.initialized = trio.Event()
+        """Set once the kernel's INIT has been handled (its reply goes out
+        before any other task runs)."""
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- attributes ---------------------------------------------------------
     def attrs(self, ino: int, entry: Entry) -> pyfuse3.EntryAttributes:

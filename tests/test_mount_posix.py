@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("tests.mountutil")
-from .mountutil import Grid, Mount, mounted, outside  # noqa: E402
+from .mountutil import Grid, Mount, mounted, outside, wait_for  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -463,6 +463,17 @@ def test_statfs(mount_dir: Path) -> None:
     assert 0 < s.f_bavail <= s.f_blocks
     assert s.f_bsize > 0
     assert s.f_namemax == 255
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a mount's readahead")
+def test_kernel_readahead_is_one_mebibyte(shared_mount: Mount) -> None:
+    """Set after INIT (whose reply resets it): sequential reads come to the
+    daemon as 1 MiB requests instead of 128 KiB."""
+    target = str(shared_mount.mountpoint.absolute())
+    with open("/proc/self/mountinfo") as f:
+        devices = [line.split()[2] for line in f if line.split()[4] == target]
+    knob = Path("/sys/class/bdi") / devices[-1] / "read_ahead_kb"
+    wait_for(lambda: knob.read_text().strip() == "1024", timeout=10, what="read_ahead_kb 1024")
 
 
 def test_sqlite_module_in_the_mount(mount_dir: Path) -> None:
