@@ -233,6 +233,10 @@ class Batch:
         self.tree = tree
         self.root_cap = root_cap
         self.dirs: dict[Path, Directory] = {}
+        self.entries: dict[Path, dict[str, Entry]] = {}
+        """The entries of the directories this batch changed, which it alone
+        holds (``dirs[path].entries``): changed in place, so that a change
+        costs the same in a directory of 10 or 100,000 entries"""
         self.dirty: set[Path] = set()
         self.inline: dict[Path, int] = {}
         self.overflow: set[Path] = set()
@@ -264,9 +268,22 @@ class Batch:
         self.inline[path] = sum(e.inline_size for e in d.entries.values())
         return d
 
+    def _own(self, path: Path) -> dict[str, Entry]:
+        """The entries of the directory at ``path``, to change in place (a
+        copy the first time: the loaded directory may be shared)."""
+        entries = self.entries.get(path)
+        if entries is None:
+            entries = self.entries[path] = dict(self.dirs[path].entries)
+            self.dirs[path] = Directory(entries)
+        return entries
+
     def set(self, parent: Path, name: str, entry: Entry | None) -> None:
-        old = self.dirs[parent].get(name)
-        self.dirs[parent] = self.dirs[parent].with_entry(name, entry)
+        entries = self._own(parent)
+        old = entries.get(name)
+        if entry is None:
+            entries.pop(name, None)
+        else:
+            entries[check_name(name)] = entry
         self.inline[parent] += (entry.inline_size if entry else 0) - (old.inline_size if old else 0)
         self.dirty.add(parent)
         same_dir = entry is not None and old is not None and entry.is_dir and entry.cap == old.cap
@@ -275,6 +292,7 @@ class Batch:
             child = (*parent, name)
             for p in [p for p in self.dirs if p[: len(child)] == child]:
                 del self.dirs[p]
+                self.entries.pop(p, None)
                 self.dirty.discard(p)
 
     async def apply(self, change: Change) -> None:
@@ -371,17 +389,16 @@ class Batch:
     async def _write_dir(self, path: Path) -> str:
         data = self.dirs[path].pack()
         cap = await self.tree.store.put_bytes(data)
+        self.entries.pop(path, None)  # shared from now on: copied before any change
         self.tree.cache.put(cap, self.dirs[path])
         self.dirty.discard(path)
         return cap
 
     def _link(self, path: Path, cap: str) -> None:
-        parent = self.dirs[path[:-1]]
-        entry = parent.get(path[-1])
+        entries = self._own(path[:-1])
+        entry = entries.get(path[-1])
         assert entry is not None
-        self.dirs[path[:-1]] = parent.with_entry(
-            path[-1], entry.with_(cap=cap, size=len(self.dirs[path]))
-        )
+        entries[path[-1]] = entry.with_(cap=cap, size=len(self.dirs[path]))
         self.dirty.add(path[:-1])
 
     async def upload_overflow(self, concurrency: int = 8) -> None:
