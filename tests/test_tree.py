@@ -176,3 +176,25 @@ async def test_inline_files_beyond_the_directory_budget_get_their_own_caps() -> 
     for name in uploaded[:5]:
         e = listing.entries[name]
         assert await store.get_bytes(e.cap) == blob[:-3] + name[1:].encode()
+
+
+async def test_batches_never_change_directories_they_share() -> None:
+    """A batch changes its own copy of a directory in place; the loaded (and
+    cached) directories, and what it wrote, stay as they were."""
+    from gridfs.tree import Batch
+
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/d/a"), f("gridfs:lit:aa"))])
+    cached = await tree.listdir(p("/d"))
+    root = (await tree.root())[1]
+    batch = Batch(tree, root)
+    await batch.apply(Put(p("/d/b"), f("gridfs:lit:bb")))
+    await batch.apply(Delete(p("/d/a")))
+    assert list(cached) == ["a"]
+    assert list(await batch.dir(p("/d"), create=False) or []) == ["b"]
+    written = await batch.write()
+    assert list(await tree.listdir(p("/d"), written)) == ["b"]
+    await batch.apply(Put(p("/d/c"), f("gridfs:lit:cc")))  # after the write: copied again
+    assert list(await tree.listdir(p("/d"), written)) == ["b"]
+    assert list(await tree.listdir(p("/d"), await batch.write())) == ["b", "c"]
+    assert list(await tree.listdir(p("/d"), root)) == ["a"]
