@@ -35,6 +35,7 @@ INLINE_MAX = 16 * 1024
 DIR_INLINE_BUDGET = 1024 * 1024
 """At most this many bytes of inline files per directory, so that rewriting a
 directory for one change stays cheap; beyond it files get their own upload."""
+_S_IFMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
@@ -102,8 +103,7 @@ class Entry:
 
     @property
     def st_mode(self) -> int:
-        kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}[self.kind]
-        return kind | (self.mode & 0o7777)
+        return _S_IFMT[self.kind] | (self.mode & 0o7777)
 
     def to_wire(self, name: str) -> list[Any]:
         return [
