@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,33 +26,13 @@ from gridfs.client.transfers import Transfer
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
 
+from .segcache import SegmentCache
+
 log = logging.getLogger(__name__)
+SEGMENT_SIZE_KEY = -1
+"""The cache entry (cap, -1) holds a file's segment size (8 bytes, big-endian)."""
 READAHEAD = 4
 """Segments fetched ahead of a sequential reader."""
-
-
-class SegmentCache:
-    """Decoded segments by (cap, index), least recently used evicted first."""
-
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._size = 0
-
-    def get(self, key: tuple[str, int]) -> bytes | None:
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
-
-    def put(self, key: tuple[str, int], data: bytes) -> None:
-        if key in self._items:
-            return
-        self._items[key] = data
-        self._size += len(data)
-        while self._size > self.max_bytes and self._items:
-            _, old = self._items.popitem(last=False)
-            self._size -= len(old)
 
 
 class CapReader:
@@ -116,13 +95,12 @@ class CapReader:
         end = min(self.cap.size, offset + size)
         if offset >= end:
             return b""
-        seg = (await self._dl(nursery)).decoder.geometry
-        assert seg is not None
-        segsize = seg.params.segment_size
+        segsize = await self._segment_size(nursery)
+        num_segments = -(-self.cap.size // segsize)
         first, last = offset // segsize, (end - 1) // segsize
         if first in (self._last, self._last + 1):  # sequential: read ahead
-            for j in range(last + 1, min(last + 1 + READAHEAD, seg.num_segments)):
-                if self.cache.get((self.key, j)) is None and j not in self._fetching:
+            for j in range(last + 1, min(last + 1 + READAHEAD, num_segments)):
+                if (self.key, j) not in self.cache and j not in self._fetching:
                     nursery.start_soon(self._prefetch, j, nursery)
         self._last = last
         parts = []
@@ -132,6 +110,18 @@ class CapReader:
             hi = min(end, (j + 1) * segsize) - j * segsize
             parts.append(data[lo:hi])
         return b"".join(parts)
+
+    async def _segment_size(self, nursery: trio.Nursery) -> int:
+        """From the cache when it has the file (a read then needs no server),
+        else from the file's verified extension block."""
+        known = self.cache.get((self.key, SEGMENT_SIZE_KEY))
+        if known is not None:
+            return int.from_bytes(known, "big")
+        geometry = (await self._dl(nursery)).decoder.geometry
+        assert geometry is not None
+        size = geometry.params.segment_size
+        self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
+        return size
 
     async def _prefetch(self, j: int, nursery: trio.Nursery) -> None:
         with contextlib.suppress(GridError):

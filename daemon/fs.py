@@ -29,7 +29,8 @@ from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
-from .files import CapReader, OpenFile, SegmentCache, content_source
+from .files import CapReader, OpenFile, content_source
+from .segcache import SegmentCache
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,9 @@ class GridOperations(pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}
         self._next_fh = 1
-        self.cache = SegmentCache()
+        self.cache = SegmentCache(
+            session.grid.node.path / "cache" / "segments", daemon.options.cache_size
+        )
         self.uid, self.gid = os.getuid(), os.getgid()
         self.staging_dir = self.queue.directory / "staging"
         """Files being written; the queue never sees (or cleans) them until handed over."""

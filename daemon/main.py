@@ -9,6 +9,7 @@ flush``.  After ``kill -9`` the next mount resumes the queue.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from gridfs.cli.util import parse_size
 from gridfs.client.grid import open_grid
 from gridfs.client.keeper import load_record
 from gridfs.client.maintain import maintain_forever
@@ -76,6 +78,8 @@ class MountOptions:
     drain_timeout: float = 60.0
     maintain: bool = True
     """renew leases and check/repair in the background (``-o nomaintain``: off)"""
+    cache_size: int = 1 << 30
+    """bytes of decoded segments kept on disk in NODE/cache/segments (0: none)"""
 
     @classmethod
     def parse(cls, text: str) -> tuple[MountOptions, dict[str, str]]:
@@ -89,6 +93,13 @@ class MountOptions:
                 opts.allow_other = True
             elif key == "nomaintain":
                 opts.maintain = False
+            elif key == "cache_size":
+                try:
+                    opts.cache_size = parse_size(value)
+                except argparse.ArgumentTypeError:
+                    raise UsageError(
+                        f"-o cache_size= needs a size (e.g. 512M), not {value!r}"
+                    ) from None
             elif key in ("refresh", "drain_timeout"):
                 try:
                     setattr(opts, key, float(value))

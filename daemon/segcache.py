@@ -71,6 +71,12 @@ class SegmentCache:
         cap, index = key
         return f"{hashlib.sha256(cap.encode()).hexdigest()[:40]}.{index}"
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is cached (without reading it)."""
+        if key in self._memory:
+            return True
+        return isinstance(key, tuple) and self._name(key) in self._files
+
     def get(self, key: Key) -> bytes | None:
         data = self._memory.get(key)
         if data is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -138,6 +139,7 @@ def test_reads_survive_two_dead_servers(mount_grid: Grid, fresh_mount: Mount) ->
     try:
         mount_grid.kill_servers(4, 5)
         assert len(mount_grid.storage_pids()) == 3
+        shutil.rmtree(fresh_mount.node / "cache", ignore_errors=True)
         fresh_mount.remount()  # an empty cache: every byte comes from the 3 servers left
         check(fresh_mount.mountpoint, files)
         # and writing still works (happy = 3)
@@ -346,3 +348,22 @@ def test_the_mount_renews_the_nodes_leases(mount_grid: Grid, fresh_mount: Mount)
     record = json.loads((fresh_mount.node / "maintenance.json").read_text())
     assert record["renew"]["servers"] == len(mount_grid.storage_pids())
     assert record["renew"]["leases"] > 0 and record["renew"]["unheld"] == 0
+
+
+def test_read_segments_are_cached_on_disk_across_remounts(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    mp = fresh_mount.mountpoint
+    before = share_sizes(mount_grid)
+    data = os.urandom(3_000_000)
+    (mp / "cached.bin").write_bytes(data)
+    fresh_mount.flush()
+    (si,) = [s for s, size in share_sizes(mount_grid).items() if s not in before and size > 1e6]
+    fresh_mount.remount()
+    assert (mp / "cached.bin").read_bytes() == data  # fetched from the grid, and cached
+    cache = fresh_mount.node / "cache" / "segments"
+    assert sum(p.stat().st_size for p in cache.iterdir()) >= len(data)
+    fresh_mount.remount()
+    for d in mount_grid.dir.glob(f"storage-*/storage/shares/*/{si}"):
+        shutil.rmtree(d)  # the file is gone from the grid: only the cache can answer
+    assert (mp / "cached.bin").read_bytes() == data
