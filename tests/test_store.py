@@ -317,18 +317,24 @@ def test_capacity(tmp_path: Path) -> None:
     limits = StoreLimits(reserved_space=12345, max_share_size=1 << 30)
     store = ShareStore(tmp_path, limits)
     cap = store.capacity()
-    assert set(cap) == {"total", "free", "reserved", "available", "max_share_size", "used"}
+    assert set(cap) == {
+        "total", "free", "reserved", "available", "max_share_size", "used", "shares"
+    }  # fmt: skip
     assert cap["reserved"] == 12345 and cap["max_share_size"] == 1 << 30
     assert cap["total"] >= cap["free"] > 0
     assert cap["available"] == max(0, cap["free"] - 12345)
-    assert cap["used"] == 0
+    assert cap["used"] == 0 and cap["shares"] == 0
     si, shares = make_file()
     _, buckets = store.allocate(si, [0, 1], len(shares[0]))
     for num, bucket in buckets.items():
         upload(bucket, shares[num])
     assert store.capacity()["used"] == 2 * len(shares[0])
+    assert store.capacity()["shares"] == 2
     # A fresh store finds the same by walking the disk.
-    assert ShareStore(tmp_path, limits).capacity()["used"] == 2 * len(shares[0])
+    fresh = ShareStore(tmp_path, limits).capacity()
+    assert fresh["used"] == 2 * len(shares[0]) and fresh["shares"] == 2
+    store.delete_share(si, 0)
+    assert store.capacity()["shares"] == 1
 
 
 def test_delete_share(store: ShareStore, tmp_path: Path) -> None:
