@@ -283,6 +283,8 @@ def test_killed_at_each_checkpoint_then_flushed(grid: Path, tmp_path: Path) -> N
     left = [k for k in outcome.values() if k]
     assert any("addpath" in k and "upload_chk" not in k for k in left), outcome
     assert any("addpath" not in k for k in left), outcome
+    # ...including kills inside the unlink section (after the commit, before its leases go).
+    assert any("unlink_commit" in k for k in left), outcome
 
 
 def test_killed_at_random_instants_then_flushed(grid: Path, tmp_path: Path) -> None:
