@@ -252,6 +252,11 @@ class Mount:
         assert m, out
         return int(m.group(1))
 
+    def pending_kinds(self) -> set[str]:
+        """The kinds of this node's pending queue steps."""
+        out = gridfs("queue", "--node", self.node).stdout
+        return set(re.findall(r"^\S+: +\d+ (\S+)", out, re.M))
+
     def flush(self, timeout: float = 90) -> None:
         gridfs("queue", "flush", "--node", self.node, timeout=timeout)
         assert self.queue_length() == 0
