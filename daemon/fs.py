@@ -4,6 +4,10 @@ What a file *is* lives in :mod:`daemon.view` (the tree), :mod:`daemon.files`
 (open files) and the work queue; this module only translates.  Every handler
 goes through :func:`errors_to_errno`, so a bug in one answers EIO and is
 logged instead of taking the mount down.
+
+It is longer than our other modules because pyfuse3 wants every request
+handler as a method of one Operations class; each handler stays a few lines
+of translation, and splitting the class would only scatter that table.
 """
 
 from __future__ import annotations
