@@ -10,7 +10,6 @@ from ..caps import parse as parse_cap
 from ..client.grid import GridClient
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
 from ..client.leases import renew
-from ..errors import CapError
 from ..mutable import parse_slot_cap
 from ..reach import storage_index_of
 from .files import add_node_option
@@ -40,12 +39,10 @@ def register(sub: Any) -> None:
 
 
 def checked_cap(text: str) -> str:
-    """A cap's canonical spelling, or a one-line CapError."""
-    try:
-        parsed = parse_cap(text)
-    except CapError:
+    """A cap's canonical spelling, or a one-line CapError naming what is wrong."""
+    if text.strip().startswith("gridfs:ssk"):
         return parse_slot_cap(text).to_string()
-    return parsed.to_string()
+    return parse_cap(text).to_string()
 
 
 def cmd_retain(args: argparse.Namespace) -> int:

@@ -29,10 +29,17 @@ REFRESH = 5
 
 def register(sub: Any) -> None:
     w = sub.add_parser("web", help="serve gridfs status as a local web page (and JSON)")
-    w.add_argument("--port", type=int, default=3456, help="default: 3456")
+    w.add_argument("--port", type=tcp_port, default=3456, help="default: 3456 (0: any free port)")
     w.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     add_node_option(w)
     w.set_defaults(func=cmd_web)
+
+
+def tcp_port(text: str) -> int:
+    """A TCP port number (0 picks a free one); anything else is a usage error."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r} (0 to 65535)")
+    return int(text)
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -44,6 +51,7 @@ def cmd_web(args: argparse.Namespace) -> int:
             listeners = await trio.open_tcp_listeners(args.port, host=args.host)
             port = listeners[0].socket.getsockname()[1]
             print(f"serving http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+
             async def handler(stream: trio.SocketStream) -> None:
                 await serve(stream, node, grid)
 

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -16,6 +17,9 @@ from ..net.identity import NodeAddress
 from .broker import StorageBroker
 from .download import Downloader, open_downloader
 from .transfers import Transfers
+
+if TYPE_CHECKING:
+    from .keeper import Keeper  # which imports this module
 from .upload import Progress, UploadParams, UploadReport, upload_file
 
 SERVER_WAIT = 10.0
@@ -28,7 +32,7 @@ class GridClient:
         config = node.config()
         self.params = UploadParams(config.k, config.happy, config.n, config.segment_size)
         self.secret = node.convergence_secret()
-        self.keeper: object | None = None
+        self.keeper: Keeper | None = None
         """The node's lease keeper, made on first use (gridfs.client.keeper)."""
         self.transfers = Transfers()
 

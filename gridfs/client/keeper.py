@@ -246,7 +246,6 @@ def get_keeper(grid: GridClient) -> Keeper:
     """The grid client's one Keeper (so every walk shares the tree caches)."""
     if grid.keeper is None:
         grid.keeper = Keeper(grid)
-    assert isinstance(grid.keeper, Keeper)
     return grid.keeper
 
 

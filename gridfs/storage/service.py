@@ -93,9 +93,8 @@ class StorageSession:
 
     async def rpc_stats(self) -> dict[str, int]:
         stats = self.store.capacity()
-        stats["now_ns"] = time.time_ns()
+        stats["now_ns"] = time.time_ns() if self.leases is None else self.leases.now()
         if self.leases is not None:
-            stats["now_ns"] = self.leases.now()
             stats["lease_duration"] = self.leases.duration_ns // 10**9
             stats["lease_fence"] = self.leases.fence()
         return stats

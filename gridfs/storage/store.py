@@ -191,14 +191,7 @@ class ShareStore:
         with self._lock, _disk_errors("quarantine"):
             qdir.mkdir(exist_ok=True)
             dest = qdir / f"{b32encode(storage_index)}.{sharenum}.{time.time_ns()}"
-            try:
-                size = path.stat().st_size
-                os.rename(path, dest)
-            except FileNotFoundError:
-                raise NoSuchShareError(f"no share {sharenum} here") from None
-            if self._used is not None:
-                self._used -= size
-                self._count -= 1
+            self._take_out_locked(path, sharenum, lambda p: os.rename(p, dest))
             _rmdir_quiet(path.parent)
             fsync_dir(qdir)
         return dest
@@ -207,19 +200,24 @@ class ShareStore:
         """Remove a closed share (garbage collection, quarantine)."""
         path = self._share_path(storage_index, sharenum)
         with self._lock, _disk_errors("delete"):
-            try:
-                size = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                raise NoSuchShareError(f"no share {sharenum} here") from None
-            if self._used is not None:
-                self._used -= size
-                self._count -= 1
+            self._take_out_locked(path, sharenum, Path.unlink)
             _rmdir_quiet(path.parent)
             _rmdir_quiet(path.parent.parent)
         with _disk_errors("delete"):
             # The deepest directory left is the one whose entry went last.
             fsync_dir(next(d for d in path.parents[:3] if d.exists()))
+
+    def _take_out_locked(self, path: Path, sharenum: int, remove: Callable[[Path], object]) -> None:
+        """Remove a closed share's file from shares/ (``remove`` deletes or
+        moves it) and take it out of the use figures; the lock is held."""
+        try:
+            size = path.stat().st_size
+            remove(path)
+        except FileNotFoundError:
+            raise NoSuchShareError(f"no share {sharenum} here") from None
+        if self._used is not None:
+            self._used -= size
+            self._count -= 1
 
     def delete_all(self, storage_index: bytes) -> int:
         """Remove every closed share of ``storage_index`` (its last lease went);
