@@ -313,10 +313,14 @@ class MountDaemon:
         if not len(self.session.queue):
             return
         with trio.move_on_after(self.options.drain_timeout):
-            try:
-                await self.session.queue.flush(self.session)
-            except GridError as e:
-                log.error("could not finish the queue: %s", e)
+            pause = 0.5
+            while len(self.session.queue):
+                try:
+                    await self.session.queue.flush(self.session)
+                except GridError as e:  # a server away for a moment: try again
+                    log.warning("could not finish the queue yet: %s", e)
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, 8.0)
         self.session.queue.sync()
         left = len(self.session.queue)
         if left:

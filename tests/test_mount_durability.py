@@ -79,7 +79,7 @@ def test_remount_shows_everything(fresh_mount: Mount) -> None:
     files = populate(fresh_mount.mountpoint)
     before = listing(fresh_mount.mountpoint)
     fresh_mount.remount()  # unmounting drains the queue
-    assert fresh_mount.queue_length() == 0
+    assert fresh_mount.queue_length() == 0, fresh_mount.log()
     assert listing(fresh_mount.mountpoint) == before
     check(fresh_mount.mountpoint, files)
 

@@ -290,6 +290,80 @@ async def test_server_closing_fails_pending_calls() -> None:
                 await pair.client.call("stats", {})
 
 
+class TricklingStream(trio.abc.Stream):
+    """A client stream whose sends go out 4 KiB at a time, 1 ms apart (a slow
+    link), so that a caller can be cancelled in the middle of a frame."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 4096):
+            await self.inner.send_all(view[start : start + 4096])
+            await trio.sleep(0.001)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_caller_cancelled_mid_send_leaves_the_connection_usable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Cancelling a call while its request is half sent must not garble the
+    stream: the frame goes out whole and later calls on it still work."""
+    writes: list[int] = []
+
+    async def handler(method: str, args: dict[str, Any]) -> Any:
+        if method == "write":
+            writes.append(len(args["chunks"][0][1]))
+        return "fine"
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rpc, server_stream, handler, lambda: HELLO_INFO)
+        client = RpcClient(TricklingStream(client_stream))
+        await nursery.start(client.run)
+        big = {"si": SI, "sharenum": 0, "chunks": [[0, b"x" * 200_000]]}
+        with trio.move_on_after(0.010) as scope:  # about 40 KiB of 200 KiB sent
+            await client.call("write", big)
+        assert scope.cancelled_caught
+        with trio.fail_after(10):
+            assert await client.call("stats", {}) == "fine"
+        assert not client.closed
+        assert writes == [200_000]  # the cancelled request arrived whole
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_takes_nothing_in_loses_the_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    client = RpcClient(client_stream, default_timeout=5)
+
+    async def hello_then_deaf() -> None:
+        conn = Connection(Role.SERVER)
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(await server_stream.receive_some(65536))
+        assert isinstance(event, Request) and event.method == "hello"
+        await server_stream.send_all(conn.send_response(event.id, HELLO_INFO))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hello_then_deaf)
+        await nursery.start(client.run)
+        with trio.fail_after(60), pytest.raises(ConnectionLost, match="could not send"):
+            await client.call("write", {"si": SI, "sharenum": 0, "chunks": [[0, b"x" * 100]]})
+        assert client.closed
+        nursery.cancel_scope.cancel()
+
+
 class BrokenStream(trio.abc.Stream):
     """A stream whose peer vanished: every operation fails like a reset TCP link."""
 

@@ -130,19 +130,17 @@ class RpcClient:
         if self._closed is not None:
             raise ConnectionLost(self._closed)
         rid, data = self._conn.send_request(method, args)
+        limit = self.default_timeout if timeout is None else timeout
+        deadline = limit if limit > 0 else math.inf
         slot = self._slots[rid] = _Slot()
         try:
             async with self._send_lock:
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                await self._send_whole(data, deadline)
+            with trio.move_on_after(deadline):
+                await slot.event.wait()
+        finally:
             self._slots.pop(rid, None)
-            await self.aclose(f"connection lost: {e}")
-            raise ConnectionLost(f"connection lost: {e}") from None
-        limit = self.default_timeout if timeout is None else timeout
-        with trio.move_on_after(limit if limit > 0 else math.inf):
-            await slot.event.wait()
         if slot.outcome is None:
-            self._slots.pop(rid, None)
             if self._closed is not None:
                 raise ConnectionLost(self._closed)
             # A peer that stays silent this long is treated as gone.
@@ -151,6 +149,26 @@ class RpcClient:
         if isinstance(slot.outcome, ErrorReply):
             raise RemoteError(slot.outcome.code, slot.outcome.message)
         return slot.outcome.result
+
+    async def _send_whole(self, data: bytes, deadline: float) -> None:
+        """Send one frame, all of it: a frame cut short by a cancelled caller
+        would garble the stream for every other call on it (and leave a TLS
+        stream broken), so the send is shielded; a peer that takes in nothing
+        for ``deadline`` seconds loses the connection instead."""
+        problem = ""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(deadline) as sending:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    problem = f"connection lost: {e}"
+            if sending.cancelled_caught:
+                problem = f"could not send a request within {deadline:g}s"
+            if problem:
+                await self.aclose(problem)
+        if problem:
+            raise ConnectionLost(problem)
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def aclose(self, reason: str = "closed") -> None:
         if self._closed is None:
