@@ -75,7 +75,8 @@ class Server:
                 stream = await tls.connect(self.address, CONNECT_TIMEOUT)
                 rpc = RpcClient(stream, self.call_timeout)
                 await self._nursery.start(rpc.run)
-            except (GridError, OSError, trio.TooSlowError) as e:
+            except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+                # (BrokenResourceError: the server went away during the handshake)
                 self._failures += 1
                 self._retry_at = now + min(0.5 * 2 ** (self._failures - 1), 30.0)
                 raise ServerUnavailable(f"{self.name}: {e}") from None
@@ -154,7 +155,8 @@ class StorageBroker:
                         reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT})
                         version = self._apply(reply)
                         self.introduced.set()
-            except (GridError, OSError, trio.TooSlowError) as e:
+            except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+                # (BrokenResourceError: the server went away during the handshake)
                 log.info("introducer %s: %s", introducer, e)
             self.introducer_connected, version = False, 0
             await trio.sleep(backoff)
