@@ -12,6 +12,7 @@ and read ahead when access is sequential.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import trio
 
-from gridfs.caps import LiteralCap, ReadCap, b32encode, parse_read_cap
+from gridfs.caps import LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
 from gridfs.client.download import Downloader, open_downloader
 from gridfs.client.session import TreeSession
 from gridfs.client.transfers import Transfer
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
+from gridfs.pack import open_slice
 
 from .segcache import SegmentCache
 
@@ -36,12 +38,16 @@ READAHEAD = 4
 
 
 class CapReader:
-    """Random-access reads of one immutable file, segment by segment."""
+    """Random-access reads of one immutable file, segment by segment (a file
+    in a pack: its range of the pack, whose segments its neighbours share)."""
 
-    def __init__(self, session: TreeSession, cap: ReadCap, cache: SegmentCache) -> None:
+    def __init__(self, session: TreeSession, cap: ReadCap | SliceCap, cache: SegmentCache) -> None:
         self.session = session
-        self.cap = cap
-        self.key = cap.to_string()
+        self.slice = cap if isinstance(cap, SliceCap) else None
+        self.cap = cap.pack if isinstance(cap, SliceCap) else cap
+        """the stored file read"""
+        self.size = cap.size
+        self.key = self.cap.to_string()
         self.cache = cache
         self._downloader: Downloader | None = None
         self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
@@ -92,9 +98,16 @@ class CapReader:
             self._fetching.pop(j, None)
 
     async def read(self, offset: int, size: int, nursery: trio.Nursery) -> bytes:
-        end = min(self.cap.size, offset + size)
+        end = min(self.size, offset + size)
         if offset >= end:
             return b""
+        if self.slice is None:
+            return await self._read(offset, end, nursery)
+        base = self.slice.offset
+        return open_slice(self.slice, offset, await self._read(base + offset, base + end, nursery))
+
+    async def _read(self, offset: int, end: int, nursery: trio.Nursery) -> bytes:
+        """Bytes [offset, end) of the stored file."""
         segsize = await self._segment_size(nursery)
         num_segments = -(-self.cap.size // segsize)
         first, last = offset // segsize, (end - 1) // segsize
@@ -179,7 +192,9 @@ class OpenFile:
             self.reader = None
 
 
-async def content_source(session: TreeSession, entry: Entry, overlay_get) -> bytes | Path | ReadCap:  # type: ignore[no-untyped-def]
+async def content_source(
+    session: TreeSession, entry: Entry, overlay_get: Callable[[str], Awaitable[bytes]]
+) -> bytes | Path | ReadCap | SliceCap:
     """Where a file's bytes are: inline bytes, a local tempfile, or a cap."""
     if entry.data is not None:
         return entry.data

@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from gridfs.caps import ReadCap
+from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
 from gridfs.errors import GridError, UsageError
@@ -269,7 +269,7 @@ class GridOperations(pyfuse3.Operations):
             raise GridError(f"the queued upload of /{'/'.join(path)} is gone")
         return entry.with_(cap=fresh.cap, data=fresh.data)
 
-    async def source(self, of: OpenFile) -> bytes | Path | ReadCap:
+    async def source(self, of: OpenFile) -> bytes | Path | ReadCap | SliceCap:
         """Where the bytes of ``of`` are (see :func:`content_source`).  The
         queue's tempfile of an open file is kept open, so that it stays
         readable after the queue uploaded and removed it (also unlinked)."""
@@ -557,7 +557,7 @@ class GridOperations(pyfuse3.Operations):
             return
         await self._stage_file(of, keep)
 
-    async def _read_small(self, of: OpenFile, source: Path | ReadCap) -> bytes:
+    async def _read_small(self, of: OpenFile, source: Path | ReadCap | SliceCap) -> bytes:
         if isinstance(source, Path):
             with open(source, "rb") as f:
                 return f.read(INLINE_MAX + 1)

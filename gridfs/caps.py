@@ -4,11 +4,15 @@
 ``gridfs:lit:DATA``     the file's bytes themselves (files ≤ LITERAL_MAX)
 ``gridfs:chk:KEY:UEB:K:N:SIZE``         read cap: decrypt and verify
 ``gridfs:chk-verify:SI:UEB:K:N:SIZE``   verify cap: check shares, cannot read
+``gridfs:slice:FKEY:OFFSET:LENGTH:KEY:UEB:K:N:SIZE``  one file in a pack
 =====================  ==================================================
 
 KEY is the 32-byte AES key, UEB the 32-byte hash of the extension block, SI
 the 16-byte storage index; binary fields are lowercase RFC 4648 base32
-without padding.  Parsing is strict: one spelling per cap, or :class:`CapError`.
+without padding.  A slice cap names LENGTH bytes at OFFSET of the pack whose
+read cap follows, and FKEY, the key of that file alone (see
+:mod:`gridfs.pack`).  Parsing is strict: one spelling per cap, or
+:class:`CapError`.
 """
 
 from __future__ import annotations
@@ -118,11 +122,47 @@ class ReadCap:
         )
 
 
-ImmutableCap = LiteralCap | ReadCap | VerifyCap
+@dataclass(frozen=True)
+class SliceCap:
+    """Reads one small file kept in a pack: where it lies in the pack and
+    the key of that file alone.  The pack's own read cap only opens the other
+    files' ciphertext, so a slice cap grants this file and nothing beside it."""
+
+    key: bytes
+    offset: int
+    length: int
+    pack: ReadCap
+
+    def __post_init__(self) -> None:
+        if len(self.key) != KEY_SIZE:
+            raise CapError("key must be 32 bytes")
+        if self.offset < 0 or self.length < 0 or self.offset + self.length > self.pack.size:
+            raise CapError("slice lies outside its pack")
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    @property
+    def storage_index(self) -> bytes:
+        return self.pack.storage_index
+
+    def verify_cap(self) -> VerifyCap:
+        return self.pack.verify_cap()
+
+    def to_string(self) -> str:
+        pack = self.pack.to_string().removeprefix("gridfs:chk:")
+        return f"gridfs:slice:{b32encode(self.key)}:{self.offset}:{self.length}:{pack}"
+
+
+ImmutableCap = LiteralCap | ReadCap | VerifyCap | SliceCap
+FileCap = LiteralCap | ReadCap | SliceCap
+"""What reads a file's bytes."""
 
 _INT = r"(0|[1-9][0-9]{0,19})"
 _LIT_RE = re.compile(r"gridfs:lit:([a-z2-7]*)")
 _CHK_RE = re.compile(rf"gridfs:(chk|chk-verify):([a-z2-7]+):([a-z2-7]+):{_INT}:{_INT}:{_INT}")
+_SLICE_RE = re.compile(rf"gridfs:slice:([a-z2-7]+):{_INT}:{_INT}:(.*)")
 
 
 def parse(text: str) -> ImmutableCap:
@@ -137,6 +177,14 @@ def parse(text: str) -> ImmutableCap:
         if len(data) > LITERAL_MAX:
             raise CapError(f"literal cap holds more than {LITERAL_MAX} bytes")
         return LiteralCap(data)
+    m = _SLICE_RE.fullmatch(stripped)
+    if m is not None:
+        try:
+            pack = parse("gridfs:chk:" + m[4])
+        except CapError as e:
+            raise CapError(f"bad pack in slice cap: {e}") from None
+        assert isinstance(pack, ReadCap)
+        return SliceCap(b32decode(m[1], KEY_SIZE, "slice key"), int(m[2]), int(m[3]), pack)
     m = _CHK_RE.fullmatch(stripped)
     if m is None:
         raise CapError(f"not a gridfs cap: {shown!r}")
@@ -149,11 +197,24 @@ def parse(text: str) -> ImmutableCap:
     )
 
 
-def parse_read_cap(text: str) -> LiteralCap | ReadCap:
+def parse_read_cap(text: str) -> FileCap:
     cap = parse(text)
     if isinstance(cap, VerifyCap):
         raise CapError("a verify cap cannot read a file; a read cap (gridfs:chk:...) is needed")
     return cap
+
+
+def stored_cap(text: str) -> str:
+    """The cap of what is stored for ``text``: a slice's pack, else itself
+    (leases, checks and repairs are per stored object)."""
+    if text.startswith("gridfs:slice:"):
+        try:
+            cap = parse(text)
+        except CapError:
+            return text
+        if isinstance(cap, SliceCap):
+            return cap.pack.to_string()
+    return text
 
 
 def _check_common(ueb_hash: bytes, k: int, n: int, size: int) -> None:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .caps import LITERAL_MAX, LiteralCap, ReadCap, b32encode, parse_read_cap
+from .caps import LITERAL_MAX, LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
 from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from .crypto import random_key
 from .errors import CorruptShareError, FormatError, GridError, NotEnoughSharesError, UsageError
@@ -166,6 +166,11 @@ def decode_to(
     fewer than k good shares nothing is left at ``out``.
     """
     cap = parse_read_cap(cap_text)
+    if isinstance(cap, SliceCap):
+        raise UsageError(
+            "a slice cap names a file inside a pack, not shares of its own:"
+            " `gridfs get` reads it from the grid"
+        )
     if isinstance(cap, LiteralCap):
         with atomic_output(out) as f:
             f.write(cap.data)

@@ -6,13 +6,14 @@ second (what a commit dropped), after checking that nothing else the node
 keeps still references it.  Directories are immutable files, so an unchanged
 subtree has the same cap in both versions and the difference walk never
 enters it: its cost follows the size of the change, not of the tree.
+Both name stored objects: a file kept in a pack is named by the pack's cap.
 """
 
 from __future__ import annotations
 
 import trio
 
-from .caps import LiteralCap, ReadCap, VerifyCap
+from .caps import LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
 from .caps import parse as parse_cap
 from .errors import CapError
 from .mutable import parse_slot_cap
@@ -33,7 +34,7 @@ def storage_index_of(cap: str) -> bytes | None:
             return parse_slot_cap(cap).storage_index
         except CapError:
             return None
-    if isinstance(parsed, ReadCap | VerifyCap):
+    if isinstance(parsed, ReadCap | VerifyCap | SliceCap):
         return parsed.storage_index
     assert isinstance(parsed, LiteralCap)
     return None
@@ -48,9 +49,9 @@ async def subtree_caps(tree: Tree, dir_cap: str) -> set[str]:
         async with limiter:
             d = await tree.load_dir(cap)
         for entry in d.entries.values():
-            if not entry.cap or entry.cap in found:
+            if not entry.cap or (stored := stored_cap(entry.cap)) in found:
                 continue
-            found.add(entry.cap)
+            found.add(stored)
             if entry.is_dir:
                 nursery.start_soon(visit, entry.cap, nursery)
 
@@ -73,7 +74,7 @@ async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:
         if not entry.cap or (now is not None and now.cap == entry.cap):
             continue
         if not entry.is_dir:
-            out.add(entry.cap)
+            out.add(stored_cap(entry.cap))
         elif now is not None and now.is_dir and now.cap:
             out |= await dropped_caps(tree, entry.cap, now.cap)
         else:

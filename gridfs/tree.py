@@ -21,7 +21,8 @@ from typing import Protocol
 import msgpack
 import trio
 
-from .caps import LiteralCap
+from .caps import LITERAL_MAX, LiteralCap, ReadCap
+from .caps import parse as parse_cap
 from .dirnode import (
     DEFAULT_DIR_MODE,
     DIR_INLINE_BUDGET,
@@ -32,6 +33,7 @@ from .dirnode import (
     join_path,
 )
 from .errors import FormatError, GridError, UsageError
+from .pack import build_pack, group_for_packs
 
 MAX_RETRIES = 20
 
@@ -401,25 +403,38 @@ class Batch:
         entries[path[-1]] = entry.with_(cap=cap, size=len(self.dirs[path]))
         self.dirty.add(path[:-1])
 
-    async def upload_overflow(self, concurrency: int = 8) -> None:
-        """Give the inline files over their directory's budget their own caps."""
-        limiter = trio.Semaphore(concurrency)
-
-        async def one(path: Path) -> None:
+    async def upload_overflow(self, concurrency: int = 4) -> None:
+        """Store the inline files over their directory's budget on their own:
+        together in packs (each file under its own key, see
+        :mod:`gridfs.pack`), a lone one as a file of its own."""
+        members: list[tuple[Path, Entry]] = []
+        for path in sorted(self.overflow):
             d = self.dirs.get(path[:-1])
             entry = d.get(path[-1]) if d is not None else None
-            if entry is None or entry.data is None:
-                return  # replaced or removed since
-            async with limiter:
-                cap = await self.tree.store.put_bytes(entry.data)
-            current = self.dirs[path[:-1]].get(path[-1])
-            if current == entry:
-                self.set(path[:-1], path[-1], entry.with_(cap=cap, data=None))
-
-        async with trio.open_nursery() as nursery:
-            for path in sorted(self.overflow):
-                nursery.start_soon(one, path)
+            if entry is not None and entry.data is not None:  # not replaced or removed since
+                members.append((path, entry))
         self.overflow.clear()
+        limiter = trio.Semaphore(concurrency)
+
+        async def store(group: list[tuple[Path, Entry]]) -> None:
+            bodies = [entry.data or b"" for _, entry in group]
+            async with limiter:
+                if len(group) == 1 or sum(map(len, bodies)) <= LITERAL_MAX:
+                    caps = [await self.tree.store.put_bytes(body) for body in bodies]
+                else:
+                    data, places = build_pack(bodies)
+                    pack = parse_cap(await self.tree.store.put_bytes(data))
+                    assert isinstance(pack, ReadCap), "a pack is never a literal"
+                    caps = [place.slice_of(pack).to_string() for place in places]
+            for (path, entry), cap in zip(group, caps, strict=True):
+                current = self.dirs[path[:-1]].get(path[-1])
+                if current == entry:
+                    self.set(path[:-1], path[-1], entry.with_(cap=cap, data=None))
+
+        groups = group_for_packs([e.inline_size for _, e in members])
+        async with trio.open_nursery() as nursery:
+            for indexes in groups:
+                nursery.start_soon(store, [members[i] for i in indexes])
 
     async def write(self) -> str:
         """Write every changed directory, deepest first; return the root's cap."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from gridfs.caps import LITERAL_MAX, LiteralCap
+from gridfs.caps import LITERAL_MAX, LiteralCap, ReadCap, SliceCap, parse
+from gridfs.pack import open_slice
 from gridfs.tree import SlotConflictError
 
 
@@ -20,17 +21,19 @@ class MemStore:
         if len(data) <= LITERAL_MAX:
             return LiteralCap(data).to_string()
         self.puts += 1
-        cap = "mem:" + hashlib.sha256(data).hexdigest()
+        # A well-formed read cap (key and hash made up from the content).
+        key, ueb = hashlib.sha256(data).digest(), hashlib.sha256(b"ueb" + data).digest()
+        cap = ReadCap(key, ueb, 3, 10, len(data)).to_string()
         self.blobs[cap] = data
         return cap
 
     async def get_bytes(self, cap: str) -> bytes:
-        if cap.startswith("gridfs:lit:"):
-            from gridfs.caps import parse
-
-            lit = parse(cap)
-            assert isinstance(lit, LiteralCap)
-            return lit.data
+        parsed = parse(cap)
+        if isinstance(parsed, LiteralCap):
+            return parsed.data
+        if isinstance(parsed, SliceCap):
+            pack = self.blobs[parsed.pack.to_string()]
+            return open_slice(parsed, 0, pack[parsed.offset : parsed.offset + parsed.length])
         return self.blobs[cap]
 
     async def read_root(self) -> tuple[int, bytes]:

@@ -178,3 +178,31 @@ def test_status_json_and_the_web_page_show_the_grid_map(grid: Path, tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_small_files_copied_in_are_packed_checked_and_freed(grid: Path, tmp_path: Path) -> None:
+    """`cp -r` of 90 files of 15 KiB: the directory keeps 1 MiB of them, the
+    other 22 share one pack.  `cat` reads them back, `check -r` checks the pack
+    once for all of them, and `rm -r` frees it."""
+    client = grid / "client"
+    src = tmp_path / "smalls"
+    src.mkdir()
+    files = {f"f{i:02}": os.urandom(15 * 1024) for i in range(90)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    before = share_dirs(grid)
+    ok(gridfs("cp", "-r", str(src), "grid:/smalls", node=client))
+    new = share_dirs(grid) - before
+    assert len(new) <= 3, new  # the pack, the directory and the root: no file alone
+    for name in ("f00", "f68", "f89"):  # inline, then packed ones
+        catted = gridfs("cat", f"grid:/smalls/{name}", node=client)
+        assert catted.returncode == 0 and catted.stdout == files[name], name
+    out = ok(gridfs("check", "-r", "grid:/smalls", node=client))
+    assert "91 objects checked: 91 healthy" in out, out
+    ok(gridfs("rm", "-r", "grid:/smalls", node=client))
+    assert not new & share_dirs(grid)
+
+
+def share_dirs(grid: Path) -> set[str]:
+    """Storage indexes with shares on any server."""
+    return {d.name for d in grid.glob("storage-*/storage/shares/*/*")}

@@ -368,3 +368,39 @@ def test_read_segments_are_cached_on_disk_across_remounts(
     for d in mount_grid.dir.glob(f"storage-*/storage/shares/*/{si}"):
         shutil.rmtree(d)  # the file is gone from the grid: only the cache can answer
     assert (mp / "cached.bin").read_bytes() == data
+
+
+def test_small_files_over_the_directory_budget_share_a_pack(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    """300 files of 12 KiB: the directory keeps 1 MiB of them inside itself,
+    the rest go to the grid together in one pack (not one upload each); the
+    pack lives while any of its files does."""
+    mp = fresh_mount.mountpoint
+    (mp / "many").mkdir()
+    fresh_mount.flush()
+    before = share_sizes(mount_grid)
+    files = {f"f{i:03}": os.urandom(12 * 1024) for i in range(300)}
+    for name, data in files.items():
+        (mp / "many" / name).write_bytes(data)
+    fresh_mount.flush()
+    new = {si: size for si, size in share_sizes(mount_grid).items() if si not in before}
+    # The pack (215 files, more bytes than them), the directory (1 MiB of
+    # inline files, 3-of-5: its shares hold less), the root; no file alone.
+    packs = {si for si, size in new.items() if size > 215 * 12 * 1024}
+    assert len(packs) == 1 and len(new) <= 3, new
+    fresh_mount.remount()  # nothing in memory: every read goes to the grid
+    for name, data in files.items():
+        assert (mp / "many" / name).read_bytes() == data, name
+    packed = sorted(files)[-50:]  # (inline files are kept in name order, the rest packed)
+    for name in sorted(files):
+        if name not in packed[:3]:
+            os.unlink(mp / "many" / name)
+    fresh_mount.flush()
+    assert packs <= set(share_sizes(mount_grid))  # three of its files are left
+    for name in packed[:3]:
+        assert (mp / "many" / name).read_bytes() == files[name]
+    for name in packed[:3]:
+        os.unlink(mp / "many" / name)
+    fresh_mount.flush()
+    assert not packs & set(share_sizes(mount_grid))  # the last one gone: so is the pack

@@ -2,6 +2,8 @@ import time
 
 import pytest
 
+from gridfs.caps import ReadCap, SliceCap
+from gridfs.caps import parse as parse_cap
 from gridfs.dirnode import Entry, check_name, split_path
 from gridfs.errors import UsageError
 from gridfs.tree import Delete, Move, NotFoundError, Put, Tree, new_dir_entry
@@ -155,7 +157,7 @@ async def test_ten_thousand_entries_list_fast_from_cold_cache() -> None:
     print(f"10,000 entries listed in {elapsed * 1000:.0f} ms (in-memory store)")
 
 
-async def test_inline_files_beyond_the_directory_budget_get_their_own_caps() -> None:
+async def test_inline_files_beyond_the_directory_budget_are_packed() -> None:
     from gridfs.dirnode import DIR_INLINE_BUDGET
 
     store = MemStore()
@@ -173,9 +175,28 @@ async def test_inline_files_beyond_the_directory_budget_get_their_own_caps() -> 
     uploaded = [n for n in listing if listing.entries[n].data is None]
     assert sum(len(listing.entries[n].data or b"") for n in inline) <= DIR_INLINE_BUDGET
     assert len(uploaded) == 300 - len(inline) > 0
-    for name in uploaded[:5]:
+    caps = [parse_cap(listing.entries[n].cap) for n in uploaded]
+    assert all(isinstance(c, SliceCap) for c in caps)
+    assert len({c.pack for c in caps}) == 1  # type: ignore[union-attr]
+    assert store.puts == 3  # the pack, the directory and the root directory
+    for name in uploaded:
         e = listing.entries[name]
         assert await store.get_bytes(e.cap) == blob[:-3] + name[1:].encode()
+
+
+async def test_a_lone_overflowing_file_gets_a_cap_of_its_own() -> None:
+    from gridfs.dirnode import INLINE_MAX
+
+    store = MemStore()
+    tree = Tree(store)
+    data = [bytes([i]) * INLINE_MAX for i in range(70)]  # 64 fit in 1 MiB, 6 do not
+    await tree.commit(
+        [Put(p(f"/d/f{i:02}"), Entry("file", "", INLINE_MAX, data=data[i])) for i in range(64)]
+    )
+    await tree.commit([Put(p("/d/late"), Entry("file", "", INLINE_MAX, data=data[69]))])
+    entry = (await tree.listdir(p("/d"))).entries["late"]
+    assert entry.data is None and isinstance(parse_cap(entry.cap), ReadCap)
+    assert await store.get_bytes(entry.cap) == data[69]
 
 
 async def test_batches_never_change_directories_they_share() -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..caps import LiteralCap, parse
+from ..caps import LiteralCap, parse, stored_cap
 from ..client.check import CheckResult, check_file
 from ..client.grid import GridClient
 from ..client.repair import repair_file
@@ -56,13 +56,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.recursive:
             targets = await walk(session, parsed[1], entry)
         counts = {"healthy": 0, "unhealthy": 0, "unrecoverable": 0}
+        results: dict[str, CheckResult] = {}
         with progress_bar(len(targets) if len(targets) > 20 else 0, "check", unit="files") as bar:
             for path, e in targets:
                 if e.data is not None or e.kind == "symlink" or not e.cap:
                     counts["healthy"] += 1  # kept inside its directory, or no data
                     bar(1)
                     continue
-                result = await examine(grid, parse(e.cap), args)
+                stored = stored_cap(e.cap)
+                if stored not in results:  # the files of one pack share its check
+                    results[stored] = await examine(grid, parse(stored), args)
+                result = results[stored]
                 key = (
                     "healthy"
                     if result.healthy

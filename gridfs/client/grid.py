@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..caps import LITERAL_MAX, LiteralCap, ReadCap, VerifyCap
+from ..caps import LITERAL_MAX, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
 from ..config import NodeDir
 from ..errors import UsageError
 from ..net.identity import NodeAddress
+from ..pack import open_slice
 from .broker import StorageBroker
 from .download import Downloader, open_downloader
 from .transfers import Transfers
@@ -62,12 +63,23 @@ class GridClient:
 
     async def get(
         self,
-        cap: LiteralCap | ReadCap,
+        cap: FileCap,
         write: Callable[[bytes], Awaitable[None]],
         offset: int = 0,
         length: int | None = None,
     ) -> list[str]:
         """Stream a file (or a range of it) to ``write``; return problems seen."""
+        if isinstance(cap, SliceCap):  # its range of the pack, opened with its key
+            end = cap.size if length is None else min(cap.size, offset + length)
+            at = offset
+
+            async def opened(data: bytes) -> None:
+                nonlocal at
+                plain = open_slice(cap, at, data)
+                at += len(data)
+                await write(plain)
+
+            return await self.get(cap.pack, opened, cap.offset + offset, max(0, end - offset))
         if isinstance(cap, LiteralCap):
             end = cap.size if length is None else offset + length
             await write(cap.data[offset:end])

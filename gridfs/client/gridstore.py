@@ -7,8 +7,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..caps import LITERAL_MAX, LiteralCap, parse_read_cap
+from ..caps import LITERAL_MAX, LiteralCap, SliceCap, parse_read_cap
 from ..mutable import SlotReadCap, SlotWriteCap
+from ..pack import open_slice
 from ..tree import SlotConflictError, Store
 from .broker import StorageBroker
 from .download import open_downloader
@@ -36,6 +37,9 @@ async def download_bytes(broker: StorageBroker, cap_text: str) -> bytes:
     cap = parse_read_cap(cap_text)
     if isinstance(cap, LiteralCap):
         return cap.data
+    if isinstance(cap, SliceCap):
+        async with open_downloader(broker, cap.pack) as downloader:
+            return open_slice(cap, 0, await downloader.read(cap.offset, cap.length))
     async with open_downloader(broker, cap) as downloader:
         return await downloader.read(0, cap.size)
 

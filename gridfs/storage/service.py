@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from ..caps import LiteralCap, ReadCap
+from ..caps import LiteralCap, ReadCap, SliceCap
 from ..caps import parse as parse_cap
 from ..errors import FormatError, GridError, IntegrityError, UsageError
 from ..immutable import ForeignShareError, verify_share
@@ -175,7 +175,7 @@ class StorageSession:
         cap = parse_cap(verify_cap)
         if isinstance(cap, LiteralCap) or cap.storage_index != si:
             raise UsageError("the verify cap is not for this storage index")
-        vcap = cap.verify_cap() if isinstance(cap, ReadCap) else cap
+        vcap = cap.verify_cap() if isinstance(cap, ReadCap | SliceCap) else cap
 
         def check() -> str | None:
             def read(offset: int, length: int) -> bytes:
