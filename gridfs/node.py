@@ -178,7 +178,8 @@ async def announce_forever(
                 nursery.start_soon(refresh)
                 await rpc.wait_closed()
                 nursery.cancel_scope.cancel()
-        except (GridError, OSError) as e:
+        except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            # (TooSlowError: no handshake in time; BrokenResourceError: reset during it)
             log.info("introducer %s: %s", introducer, e)
         await trio.sleep(backoff)
         backoff = min(backoff * 2, 10.0)
