@@ -1,0 +1,202 @@
+"""TLS streams made with gridfs.net.tls, over real loopback TCP: a read takes
+in every record already received (not one per call), and nothing else about
+the stream changes: byte order and limits, EOF, a peer hanging up mid-record,
+cancellation, full-duplex use."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from gridfs.net import tls
+from gridfs.net.identity import NodeAddress, NodeKey
+
+Pair = tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]
+
+
+@pytest.fixture
+def server_ctx(tmp_path: Path) -> tuple[ssl.SSLContext, bytes]:
+    key = NodeKey.generate()
+    key_path, cert_path = key.write(tmp_path / "node")
+    return tls.server_context(cert_path, key_path), key.node_id
+
+
+async def listen() -> trio.SocketListener:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    return listeners[0]
+
+
+@asynccontextmanager
+async def tls_pair(server_ctx: tuple[ssl.SSLContext, bytes]) -> AsyncIterator[Pair]:
+    """(client, server) ends of one handshaken TLS connection, as node.py and
+    tls.connect make them."""
+    ctx, node_id = server_ctx
+    listener = await listen()
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            result: list[trio.SSLStream[trio.SocketStream]] = []
+
+            async def connect() -> None:
+                result.append(await tls.connect(NodeAddress(node_id, "127.0.0.1", port)))
+
+            nursery.start_soon(connect)
+            server = trio.SSLStream(await listener.accept(), ctx, server_side=True)
+            await server.do_handshake()
+    await listener.aclose()
+    client = result[0]
+    try:
+        yield client, server
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+
+
+async def settle(stream: trio.SSLStream[trio.SocketStream], expected: int) -> None:
+    """Wait until ``expected`` bytes are queued on ``stream``'s socket, unread."""
+    sock = stream.transport_stream.socket
+    with trio.fail_after(5):
+        while len(await sock.recv(expected + 1, socket.MSG_PEEK)) < expected:
+            await trio.sleep(0.001)
+
+
+@pytest.mark.parametrize("direction", ["to server", "to client"])
+async def test_records_already_received_come_in_one_read(
+    server_ctx: tuple[ssl.SSLContext, bytes], direction: str
+) -> None:
+    async with tls_pair(server_ctx) as (client, server):
+        sender, receiver = (client, server) if direction == "to server" else (server, client)
+        # The server's first write also carries its session tickets: have it done.
+        await sender.send_all(b"!")
+        assert await receiver.receive_some(100) == b"!"
+        pieces = [os.urandom(1000) for _ in range(10)]
+        for piece in pieces:  # ten sends: ten TLS records
+            await sender.send_all(piece)
+        await settle(receiver, 10 * (1000 + 22))
+        assert await receiver.receive_some(1 << 20) == b"".join(pieces)
+
+
+async def test_a_read_stops_at_max_bytes_and_keeps_the_rest_in_order(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    async with tls_pair(server_ctx) as (client, server):
+        pieces = [os.urandom(1000) for _ in range(10)]
+        for piece in pieces:
+            await client.send_all(piece)
+        await settle(server, 10 * (1000 + 22))
+        first = await server.receive_some(2500)
+        assert first == b"".join(pieces)[:2500]
+        rest = await server.receive_some(1 << 20)
+        assert first + rest == b"".join(pieces)
+
+
+async def test_large_payloads_round_trip_full_duplex(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    """Both ends send 8 MiB while reading in another task: every byte arrives, in order."""
+    upload, download = os.urandom(8 << 20), os.urandom(8 << 20)
+    got: dict[str, bytearray] = {"client": bytearray(), "server": bytearray()}
+
+    async def read_all(stream: trio.SSLStream[trio.SocketStream], into: bytearray) -> None:
+        while len(into) < len(upload):
+            data = await stream.receive_some(256 * 1024)
+            assert data, "early EOF"
+            into += data
+
+    async def send_in_frames(stream: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(data), 1 << 20):
+            await stream.send_all(view[start : start + (1 << 20)])
+
+    async with tls_pair(server_ctx) as (client, server):
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all, server, got["server"])
+                nursery.start_soon(read_all, client, got["client"])
+                nursery.start_soon(send_in_frames, client, upload)
+                nursery.start_soon(send_in_frames, server, download)
+    assert got["server"] == upload
+    assert got["client"] == download
+
+
+async def test_close_notify_is_eof_after_the_data(server_ctx: tuple[ssl.SSLContext, bytes]) -> None:
+    async with tls_pair(server_ctx) as (client, server):
+        await client.send_all(b"a" * 3000)
+        await client.send_all(b"b" * 3000)
+        await client.aclose()
+        received = bytearray()
+        with trio.fail_after(5):
+            while data := await server.receive_some(1 << 20):
+                received += data
+        assert received == b"a" * 3000 + b"b" * 3000
+        assert await server.receive_some(1 << 20) == b""
+
+
+@pytest.mark.parametrize("damage", ["hang up mid-record", "corrupt a record"])
+async def test_a_broken_record_breaks_the_stream_after_the_good_ones(
+    server_ctx: tuple[ssl.SSLContext, bytes], damage: str
+) -> None:
+    """Records whole and sound before the damage are delivered (even when the
+    bad one was already received with them); then the error the RPC loops
+    expect (BrokenResourceError), not a silent EOF or lost data."""
+    ctx = server_ctx[0]
+    listener = await listen()
+    port = listener.socket.getsockname()[1]
+    with trio.fail_after(10):
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        # The client speaks TLS by hand, so it can cut a record short.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = tls.client_context().wrap_bio(incoming, outgoing)
+        server = trio.SSLStream(await listener.accept(), ctx, server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await tcp.send_all(outgoing.read())
+                    incoming.write(await tcp.receive_some())
+            await tcp.send_all(outgoing.read())
+        for letter in b"xyz":
+            obj.write(bytes([letter]) * 1000)
+        wire = bytearray(outgoing.read())
+        if damage == "hang up mid-record":
+            await tcp.send_all(wire[:-10])  # the third record loses its tail
+            await tcp.aclose()
+        else:
+            wire[-10] ^= 1  # the third record fails its authentication
+            await tcp.send_all(wire)
+            await settle(server, len(wire))
+        received = bytearray()
+        with pytest.raises(trio.BrokenResourceError):
+            while True:
+                data = await server.receive_some(1 << 20)
+                assert data, "a cut record must not look like a clean EOF"
+                received += data
+        assert received == b"x" * 1000 + b"y" * 1000
+        await trio.aclose_forcefully(server)
+        await trio.aclose_forcefully(tcp)
+    await listener.aclose()
+
+
+async def test_a_cancelled_receive_leaves_the_stream_usable(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    async with tls_pair(server_ctx) as (client, server):
+        with trio.move_on_after(0.05) as waiting:
+            await server.receive_some(1 << 20)
+        assert waiting.cancelled_caught
+        await client.send_all(b"after")
+        with trio.fail_after(5):
+            assert await server.receive_some(1 << 20) == b"after"
+        await server.send_all(b"back")
+        with trio.fail_after(5):
+            assert await client.receive_some(1 << 20) == b"back"
