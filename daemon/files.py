@@ -12,9 +12,9 @@ and read ahead when access is sequential.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 

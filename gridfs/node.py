@@ -58,7 +58,7 @@ def hello_info(kind: str, key: NodeKey) -> dict[str, Any]:
 async def serve_node(
     node: NodeDir,
     config: NodeConfig,
-    connection: Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]],
+    connection: Callable[[tls.TlsStream], Awaitable[None]],
     *,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -74,7 +74,7 @@ async def serve_node(
     node.url_path.write_text(str(address) + "\n")
 
     async def handle(tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, ctx, server_side=True)
+        stream = tls.server_side(tcp, ctx)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
@@ -114,7 +114,7 @@ async def run_storage(
     leases = LeaseDB(node.storage_path / "leases.sqlite", collect, config.lease_duration)
     hello = hello_info("storage", key)
 
-    async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def connection(stream: tls.TlsStream) -> None:
         session = session_factory(store, config.idle_timeout)
         if session.slots is None:  # factories take (store, idle_timeout): attach the rest
             session.slots = slots
@@ -192,7 +192,7 @@ async def run_introducer(
     state = IntroducerState()
     hello = hello_info("introducer", node.key())
 
-    async def connection(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def connection(stream: tls.TlsStream) -> None:
         session = IntroducerSession(state)
         try:
             await serve_rpc(stream, session.handle, lambda: hello)

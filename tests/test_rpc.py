@@ -443,7 +443,7 @@ async def test_server_breaking_the_protocol_fails_pending_calls(garbage: bytes) 
 # == (b) a real storage node over TLS ==============================================
 
 
-def local_port(stream: trio.SSLStream[trio.SocketStream] | trio.SocketStream) -> int:
+def local_port(stream: tls.TlsStream | trio.SocketStream) -> int:
     tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
     port: int = tcp.socket.getsockname()[1]
     return port
@@ -506,9 +506,7 @@ async def storage_server(
     """Run a real storage node, recording how each of its connections ends."""
     server: StorageServer | None = None
 
-    async def recording_serve_rpc(
-        stream: trio.SSLStream[trio.SocketStream], *args: Any, **kwargs: Any
-    ) -> None:
+    async def recording_serve_rpc(stream: tls.TlsStream, *args: Any, **kwargs: Any) -> None:
         assert server is not None
         port = stream.transport_stream.socket.getpeername()[1]
         try:

@@ -18,7 +18,7 @@ import trio
 from gridfs.net import tls
 from gridfs.net.identity import NodeAddress, NodeKey
 
-Pair = tuple[trio.SSLStream[trio.SocketStream], trio.SSLStream[trio.SocketStream]]
+Pair = tuple[tls.TlsStream, tls.TlsStream]
 
 
 @pytest.fixture
@@ -42,13 +42,13 @@ async def tls_pair(server_ctx: tuple[ssl.SSLContext, bytes]) -> AsyncIterator[Pa
     port = listener.socket.getsockname()[1]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            result: list[trio.SSLStream[trio.SocketStream]] = []
+            result: list[tls.TlsStream] = []
 
             async def connect() -> None:
                 result.append(await tls.connect(NodeAddress(node_id, "127.0.0.1", port)))
 
             nursery.start_soon(connect)
-            server = trio.SSLStream(await listener.accept(), ctx, server_side=True)
+            server = tls.server_side(await listener.accept(), ctx)
             await server.do_handshake()
     await listener.aclose()
     client = result[0]
@@ -59,7 +59,7 @@ async def tls_pair(server_ctx: tuple[ssl.SSLContext, bytes]) -> AsyncIterator[Pa
         await trio.aclose_forcefully(server)
 
 
-async def settle(stream: trio.SSLStream[trio.SocketStream], expected: int) -> None:
+async def settle(stream: tls.TlsStream, expected: int) -> None:
     """Wait until ``expected`` bytes are queued on ``stream``'s socket, unread."""
     sock = stream.transport_stream.socket
     with trio.fail_after(5):
@@ -104,13 +104,13 @@ async def test_large_payloads_round_trip_full_duplex(
     upload, download = os.urandom(8 << 20), os.urandom(8 << 20)
     got: dict[str, bytearray] = {"client": bytearray(), "server": bytearray()}
 
-    async def read_all(stream: trio.SSLStream[trio.SocketStream], into: bytearray) -> None:
+    async def read_all(stream: tls.TlsStream, into: bytearray) -> None:
         while len(into) < len(upload):
             data = await stream.receive_some(256 * 1024)
             assert data, "early EOF"
             into += data
 
-    async def send_in_frames(stream: trio.SSLStream[trio.SocketStream], data: bytes) -> None:
+    async def send_in_frames(stream: tls.TlsStream, data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(data), 1 << 20):
             await stream.send_all(view[start : start + (1 << 20)])
@@ -154,7 +154,7 @@ async def test_a_broken_record_breaks_the_stream_after_the_good_ones(
         # The client speaks TLS by hand, so it can cut a record short.
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = tls.client_context().wrap_bio(incoming, outgoing)
-        server = trio.SSLStream(await listener.accept(), ctx, server_side=True)
+        server = tls.server_side(await listener.accept(), ctx)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.do_handshake)
             while True:
@@ -200,3 +200,26 @@ async def test_a_cancelled_receive_leaves_the_stream_usable(
         await server.send_all(b"back")
         with trio.fail_after(5):
             assert await client.receive_some(1 << 20) == b"back"
+
+
+async def test_the_tcp_layer_reads_up_to_256_kib_at_a_time() -> None:
+    """SSLStream refills with a default-sized receive; trio's default is 64 KiB,
+    ours 256 KiB, so a 1 MiB request costs 4 trips through the loop, not 16."""
+    listener = await listen()
+    with trio.fail_after(10):
+        client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        server = tls.LargeReads(await listener.accept())
+        data = os.urandom(600_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, data)
+            while len(await server.socket.recv(100_000, socket.MSG_PEEK)) < 100_000:
+                await trio.sleep(0.001)
+            first = await server.receive_some()
+            assert 64 * 1024 < len(first) <= tls.SOCKET_RECEIVE_SIZE
+            got = bytearray(first)
+            while len(got) < len(data):
+                got += await server.receive_some()
+        assert bytes(got) == data
+        await client.aclose()
+        await server.aclose()
+        await listener.aclose()
