@@ -19,7 +19,7 @@ import trio
 from . import __version__
 from .announce import Announcement
 from .config import NodeConfig, NodeDir
-from .errors import GridError
+from .errors import GridError, unwrap
 from .introducer import IntroducerSession, IntroducerState
 from .net import tls
 from .net.identity import NodeAddress, NodeKey
@@ -178,9 +178,10 @@ async def announce_forever(
                 nursery.start_soon(refresh)
                 await rpc.wait_closed()
                 nursery.cancel_scope.cancel()
-        except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-            # (TooSlowError: no handshake in time; BrokenResourceError: reset during it)
-            log.info("introducer %s: %s", introducer, e)
+        except* (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
+            # except*: a connection lost inside the nursery comes as a group.
+            # (TooSlowError: no handshake in time; BrokenResourceError: reset during it.)
+            log.info("introducer %s: %s", introducer, unwrap(group))
         await trio.sleep(backoff)
         backoff = min(backoff * 2, 10.0)
 

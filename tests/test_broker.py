@@ -3,16 +3,22 @@ servers (ServerUnavailable) and a storage server's to the introducer (retried)."
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from gridfs.announce import Announcement
 from gridfs.client.broker import Server, ServerUnavailable, StorageBroker
+from gridfs.net import tls
 from gridfs.net.identity import NodeAddress, NodeKey
-from gridfs.node import announce_forever
+from gridfs.net.rpc import serve_rpc
+from gridfs.node import announce_forever, hello_info
 
 
 class Resetter:
@@ -78,3 +84,55 @@ async def test_an_introducer_reset_during_the_handshake_is_retried(resetter: Res
                 await trio.sleep(0.05)
         assert not broker.introducer_connected
         nursery.cancel_scope.cancel()
+
+
+class DyingIntroducer:
+    """A TLS node that answers hello, then drops the connection in the middle
+    of the next call (an introducer restarting)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.key = NodeKey.generate()
+        key_path, cert_path = self.key.write(tmp_path / "introducer")
+        self.ctx = tls.server_context(cert_path, key_path)
+        self.accepted = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[NodeAddress]) -> None:
+        async def handle(tcp: trio.SocketStream) -> None:
+            stream = tls.server_side(tcp, self.ctx)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.do_handshake()
+                self.accepted += 1
+
+                async def handler(method: str, args: dict[str, Any]) -> Any:
+                    await trio.aclose_forcefully(stream)
+                    await trio.sleep_forever()
+
+                await serve_rpc(stream, handler, lambda: hello_info("introducer", self.key))
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(NodeAddress(self.key.node_id, "127.0.0.1", port))
+        await trio.serve_listeners(handle, listeners)
+
+
+@pytest.mark.parametrize("who", ["client", "storage server"])
+async def test_an_introducer_dying_mid_call_is_reconnected_to(who: str, tmp_path: Path) -> None:
+    """The connection lost inside the call's nursery arrives as an exception
+    group; it must be retried like any lost connection, not end the task
+    (it took the client's broker, or the storage server, down)."""
+    introducer = DyingIntroducer(tmp_path)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(introducer.serve)
+        if who == "client":
+            StorageBroker(nursery, introducer=address)
+        else:
+            nursery.start_soon(announce_forever, address, NodeKey.generate(), announcement)
+        with trio.fail_after(15):
+            while introducer.accepted < 3:  # came back twice (backoff 0.5 s, 1 s)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+def announcement() -> Announcement:
+    key = NodeKey.generate()
+    return Announcement(NodeAddress(key.node_id, "127.0.0.1", 1), key.public_bytes, "", {}, 1)

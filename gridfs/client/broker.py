@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from ..announce import Announcement
-from ..errors import FormatError, GridError
+from ..errors import FormatError, GridError, unwrap
 from ..hashes import lease_secrets, server_permutation
 from ..net import tls
 from ..net.identity import NodeAddress
@@ -155,9 +155,10 @@ class StorageBroker:
                         reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT})
                         version = self._apply(reply)
                         self.introduced.set()
-            except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-                # (BrokenResourceError: the server went away during the handshake)
-                log.info("introducer %s: %s", introducer, e)
+            except* (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
+                # except*: a connection lost inside the nursery comes as a group.
+                # (BrokenResourceError: it went away during the handshake.)
+                log.info("introducer %s: %s", introducer, unwrap(group))
             self.introducer_connected, version = False, 0
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
