@@ -7,7 +7,9 @@ message on one line and exits with its ``exit_code``, the mount maps it to its
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
+from collections.abc import Iterator
 
 
 class GridError(Exception):
@@ -79,6 +81,19 @@ def unwrap(exc: BaseException) -> BaseException:
                 return leaf
         return leaves[0] if leaves else exc
     return exc
+
+
+@contextlib.contextmanager
+def plain_grid_errors() -> Iterator[None]:
+    """Raise a nursery's exception group made only of GridErrors as its first
+    one, so that callers can catch GridError (any other group passes)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if leaves and all(isinstance(e, GridError) for e in leaves):
+            raise leaves[0] from group
+        raise
 
 
 def _leaves(exc: BaseExceptionGroup[BaseException]):  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ files removed from a live pack is only given back when the last one goes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from .caps import ReadCap, SliceCap
@@ -58,6 +59,15 @@ def group_for_packs(sizes: list[int], limit: int = PACK_MAX) -> list[list[int]]:
         groups[-1].append(i)
         total += size
     return groups
+
+
+def pack_digest(bodies: list[bytes]) -> bytes:
+    """Names a group of files (their bytes, in order) to find its pack again."""
+    h = hashlib.sha256()
+    for body in bodies:
+        h.update(len(body).to_bytes(8, "big"))
+        h.update(body)
+    return h.digest()
 
 
 def open_slice(cap: SliceCap, at: int, ciphertext: bytes) -> bytes:

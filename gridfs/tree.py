@@ -32,10 +32,11 @@ from .dirnode import (
     check_name,
     join_path,
 )
-from .errors import FormatError, GridError, UsageError
-from .pack import build_pack, group_for_packs
+from .errors import FormatError, GridError, UsageError, plain_grid_errors
+from .pack import build_pack, group_for_packs, pack_digest
 
 MAX_RETRIES = 20
+PACKS_REMEMBERED = 64
 
 
 class SlotConflictError(GridError):
@@ -164,6 +165,10 @@ class Tree:
     def __init__(self, store: Store, cache: DirCache | None = None) -> None:
         self.store = store
         self.cache = cache or DirCache()
+        self.packs: OrderedDict[bytes, list[str]] = OrderedDict()
+        """Slice caps of the packs stored lately, by a digest of their files:
+        a commit retried after a conflict reuses its pack (file keys are
+        random, so building it again would store another one)."""
 
     async def load_dir(self, cap: str) -> Directory:
         d = self.cache.get(cap)
@@ -208,15 +213,17 @@ class Tree:
     async def commit_from(self, changes: Sequence[Change]) -> tuple[int, str, str]:
         """:meth:`commit`, also returning the root cap the changes replaced
         (what the new root no longer references can then be unlinked)."""
-        for _ in range(MAX_RETRIES):
-            seq, root_cap = await self.root()
-            new_cap = await self.apply(root_cap, changes)
-            if new_cap == root_cap:
-                return seq, root_cap, root_cap
-            try:
-                return await self.store.publish_root(pack_root(new_cap), seq), new_cap, root_cap
-            except SlotConflictError:
-                continue
+        with plain_grid_errors():
+            for _ in range(MAX_RETRIES):
+                seq, root_cap = await self.root()
+                new_cap = await self.apply(root_cap, changes)
+                if new_cap == root_cap:
+                    return seq, root_cap, root_cap
+                try:
+                    seq = await self.store.publish_root(pack_root(new_cap), seq)
+                    return seq, new_cap, root_cap
+                except SlotConflictError:
+                    continue
         raise SlotConflictError(f"gave up after {MAX_RETRIES} conflicting updates of the root")
 
     async def apply(self, root_cap: str, changes: Sequence[Change]) -> str:
@@ -418,14 +425,20 @@ class Batch:
 
         async def store(group: list[tuple[Path, Entry]]) -> None:
             bodies = [entry.data or b"" for _, entry in group]
+            digest = pack_digest(bodies)
             async with limiter:
                 if len(group) == 1 or sum(map(len, bodies)) <= LITERAL_MAX:
                     caps = [await self.tree.store.put_bytes(body) for body in bodies]
+                elif digest in self.tree.packs:
+                    caps = self.tree.packs[digest]
                 else:
                     data, places = build_pack(bodies)
                     pack = parse_cap(await self.tree.store.put_bytes(data))
                     assert isinstance(pack, ReadCap), "a pack is never a literal"
                     caps = [place.slice_of(pack).to_string() for place in places]
+                    self.tree.packs[digest] = caps
+                    while len(self.tree.packs) > PACKS_REMEMBERED:
+                        self.tree.packs.popitem(last=False)
             for (path, entry), cap in zip(group, caps, strict=True):
                 current = self.dirs[path[:-1]].get(path[-1])
                 if current == entry:

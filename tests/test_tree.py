@@ -4,9 +4,9 @@ import pytest
 
 from gridfs.caps import ReadCap, SliceCap
 from gridfs.caps import parse as parse_cap
-from gridfs.dirnode import Entry, check_name, split_path
-from gridfs.errors import UsageError
-from gridfs.tree import Delete, Move, NotFoundError, Put, Tree, new_dir_entry
+from gridfs.dirnode import INLINE_MAX, Entry, check_name, split_path
+from gridfs.errors import GridError, UsageError
+from gridfs.tree import Delete, Move, NotFoundError, Put, SlotConflictError, Tree, new_dir_entry
 
 from .memstore import MemStore
 
@@ -219,3 +219,52 @@ async def test_batches_never_change_directories_they_share() -> None:
     assert list(await tree.listdir(p("/d"), written)) == ["b"]
     assert list(await tree.listdir(p("/d"), await batch.write())) == ["b", "c"]
     assert list(await tree.listdir(p("/d"), root)) == ["a"]
+
+
+async def test_a_failed_pack_upload_fails_the_commit_with_one_grid_error() -> None:
+    """Uploads run in a nursery; what reaches the caller (the work queue,
+    which records it and retries) must be a GridError, not an exception group."""
+
+    class Refusing(MemStore):
+        async def put_bytes(self, data: bytes) -> str:
+            if len(data) == 12 * INLINE_MAX:  # the pack (6 files of each directory)
+                raise GridError("no servers")
+            return await super().put_bytes(data)
+
+    tree = Tree(Refusing())
+    data = [bytes([i]) * INLINE_MAX for i in range(70)]
+    changes = [
+        Put(p(f"/d/f{i:02}"), Entry("file", "", INLINE_MAX, data=d)) for i, d in enumerate(data)
+    ]
+    changes += [
+        Put(p(f"/e/f{i:02}"), Entry("file", "", INLINE_MAX, data=d)) for i, d in enumerate(data)
+    ]
+    with pytest.raises(GridError, match="no servers"):
+        await tree.commit(changes)
+
+
+async def test_a_commit_retried_after_a_conflict_stores_its_pack_once() -> None:
+    """Packed files get random keys, so building the pack again on each retry
+    would leave a new unreferenced pack behind every time."""
+
+    class Conflicting(MemStore):
+        conflicts = 3
+
+        async def publish_root(self, payload: bytes, expected_seq: int) -> int:
+            if self.conflicts:
+                self.conflicts -= 1
+                raise SlotConflictError("another writer was first")
+            return await super().publish_root(payload, expected_seq)
+
+    store = Conflicting()
+    files = [b"x" * 4093 + b"%03d" % i for i in range(300)]
+    await Tree(store).commit(
+        [Put(p(f"/small/f{i:03}"), Entry("file", "", 4096, data=d)) for i, d in enumerate(files)]
+    )
+    assert store.conflicts == 0
+    packs = [d for d in store.blobs.values() if len(d) == 300 * 4096 - 1024 * 1024]
+    assert len(packs) == 1
+    listing = await Tree(store).listdir(p("/small"))
+    for i, data in enumerate(files):
+        entry = listing.entries[f"f{i:03}"]
+        assert (entry.data if entry.data is not None else await store.get_bytes(entry.cap)) == data

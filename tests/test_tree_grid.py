@@ -458,7 +458,7 @@ async def test_packed_files_read_back_from_the_grid_and_corruption_is_caught(env
                 for name, cap in slices.items():
                     try:
                         data = await download_bytes(broker, cap.to_string())
-                    except* GridError:  # (from inside the downloader's nursery)
+                    except GridError:  # one plain error, not a nursery's group
                         failed += 1
                     else:
                         assert data == files[name], name

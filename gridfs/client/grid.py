@@ -12,7 +12,7 @@ import trio
 
 from ..caps import LITERAL_MAX, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
 from ..config import NodeDir
-from ..errors import UsageError
+from ..errors import UsageError, plain_grid_errors
 from ..net.identity import NodeAddress
 from ..pack import open_slice
 from .broker import StorageBroker
@@ -85,9 +85,10 @@ class GridClient:
             await write(cap.data[offset:end])
             return []
         await self.wait_for_servers(cap.k, timeout=SERVER_WAIT)
-        async with open_downloader(self.broker, cap) as downloader:
-            await downloader.stream(write, offset, length)
-            return downloader.problems
+        with plain_grid_errors():
+            async with open_downloader(self.broker, cap) as downloader:
+                await downloader.stream(write, offset, length)
+                return downloader.problems
 
     def downloader(self, cap: ReadCap | VerifyCap) -> AbstractAsyncContextManager[Downloader]:
         return open_downloader(self.broker, cap)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..caps import LITERAL_MAX, LiteralCap, SliceCap, parse_read_cap
+from ..errors import plain_grid_errors
 from ..mutable import SlotReadCap, SlotWriteCap
 from ..pack import open_slice
 from ..tree import SlotConflictError, Store
@@ -37,11 +38,12 @@ async def download_bytes(broker: StorageBroker, cap_text: str) -> bytes:
     cap = parse_read_cap(cap_text)
     if isinstance(cap, LiteralCap):
         return cap.data
-    if isinstance(cap, SliceCap):
-        async with open_downloader(broker, cap.pack) as downloader:
-            return open_slice(cap, 0, await downloader.read(cap.offset, cap.length))
-    async with open_downloader(broker, cap) as downloader:
-        return await downloader.read(0, cap.size)
+    with plain_grid_errors():
+        if isinstance(cap, SliceCap):
+            async with open_downloader(broker, cap.pack) as downloader:
+                return open_slice(cap, 0, await downloader.read(cap.offset, cap.length))
+        async with open_downloader(broker, cap) as downloader:
+            return await downloader.read(0, cap.size)
 
 
 class GridStore:

@@ -28,7 +28,7 @@ import trio
 from ..aio import in_thread, ordered_tasks
 from ..caps import LITERAL_MAX, LiteralCap, ReadCap
 from ..codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
-from ..errors import GridError
+from ..errors import GridError, plain_grid_errors
 from ..immutable import FileEncoder, FinishedFile, encode_shares
 from ..offline import file_key
 from ..protocol.schema import MAX_CHUNKS, MAX_WRITE
@@ -110,12 +110,13 @@ async def upload_file(
             f"shares could be placed on only {len(broker.servers)} distinct servers, "
             f"{params.happy} needed ({len(broker.servers)} servers known)"
         )
-    if encoder.geometry.share_size <= SMALL_SHARE:
+    with plain_grid_errors():
+        if encoder.geometry.share_size <= SMALL_SHARE:
+            with open(path, "rb") as f:
+                data = f.read()
+            return await _Upload(broker, -1, encoder, params, progress).run_small(data)
         with open(path, "rb") as f:
-            data = f.read()
-        return await _Upload(broker, -1, encoder, params, progress).run_small(data)
-    with open(path, "rb") as f:
-        return await _Upload(broker, f.fileno(), encoder, params, progress).run()
+            return await _Upload(broker, f.fileno(), encoder, params, progress).run()
 
 
 class _Upload:
