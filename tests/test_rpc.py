@@ -291,16 +291,17 @@ async def test_server_closing_fails_pending_calls() -> None:
 
 
 class TricklingStream(trio.abc.Stream):
-    """A client stream whose sends go out 4 KiB at a time, 1 ms apart (a slow
-    link), so that a caller can be cancelled in the middle of a frame."""
+    """A client stream whose sends go out ``step`` bytes at a time, 1 ms apart
+    (a slow link), so that a caller can be cancelled in the middle of a frame."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream, step: int = 4096) -> None:
         self.inner = inner
+        self.step = step
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
-        for start in range(0, len(view), 4096):
-            await self.inner.send_all(view[start : start + 4096])
+        for start in range(0, len(view), self.step):
+            await self.inner.send_all(view[start : start + self.step])
             await trio.sleep(0.001)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -361,6 +362,27 @@ async def test_a_peer_that_takes_nothing_in_loses_the_connection(
         with trio.fail_after(60), pytest.raises(ConnectionLost, match="could not send"):
             await client.call("write", {"si": SI, "sharenum": 0, "chunks": [[0, b"x" * 100]]})
         assert client.closed
+        assert trio.current_time() == pytest.approx(5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_peer_that_keeps_taking_pieces_keeps_the_connection(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The call's timeout bounds each piece of a request, not the whole: 1 MB
+    at 64 KiB a millisecond takes 16 ms, longer than the 10 ms timeout."""
+
+    async def handler(method: str, args: dict[str, Any]) -> Any:
+        return "fine"
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rpc, server_stream, handler, lambda: HELLO_INFO)
+        client = RpcClient(TricklingStream(client_stream, step=65536), default_timeout=0.010)
+        await nursery.start(client.run)
+        chunks = [[i * 250_000, b"x" * 250_000] for i in range(4)]
+        assert await client.call("write", {"si": SI, "sharenum": 0, "chunks": chunks}) == "fine"
+        assert not client.closed
         nursery.cancel_scope.cancel()
 
 

@@ -30,6 +30,10 @@ from ..protocol.connection import (
 
 log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
+SEND_PIECE = 256 * 1024
+"""A request is sent in pieces of this size, each within the call's patience."""
+SEND_PATIENCE = 60.0
+"""Patience for a piece of a call that has no timeout."""
 
 
 class ConnectionLost(GridError):
@@ -135,7 +139,7 @@ class RpcClient:
         slot = self._slots[rid] = _Slot()
         try:
             async with self._send_lock:
-                await self._send_whole(data, deadline)
+                await self._send_whole(data, limit if limit > 0 else SEND_PATIENCE)
             with trio.move_on_after(deadline):
                 await slot.event.wait()
         finally:
@@ -150,22 +154,28 @@ class RpcClient:
             raise RemoteError(slot.outcome.code, slot.outcome.message)
         return slot.outcome.result
 
-    async def _send_whole(self, data: bytes, deadline: float) -> None:
+    async def _send_whole(self, data: bytes, patience: float) -> None:
         """Send one frame, all of it: a frame cut short by a cancelled caller
         would garble the stream for every other call on it (and leave a TLS
         stream broken), so the send is shielded; a peer that takes in nothing
-        for ``deadline`` seconds loses the connection instead."""
+        for ``patience`` seconds loses the connection instead (a slow one
+        that keeps taking pieces does not)."""
         problem = ""
+        view = memoryview(data)
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(deadline) as sending:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    problem = f"connection lost: {e}"
-            if sending.cancelled_caught:
-                problem = f"could not send a request within {deadline:g}s"
-            if problem:
-                await self.aclose(problem)
+            for start in range(0, len(view), SEND_PIECE):
+                with trio.move_on_after(patience) as sending:
+                    try:
+                        await self.stream.send_all(view[start : start + SEND_PIECE])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                        problem = f"connection lost: {e}"
+                if sending.cancelled_caught:
+                    problem = (
+                        f"could not send a request: the peer took nothing in for {patience:g}s"
+                    )
+                if problem:
+                    await self.aclose(problem)
+                    break
         if problem:
             raise ConnectionLost(problem)
         await trio.lowlevel.checkpoint_if_cancelled()
