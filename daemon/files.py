@@ -55,7 +55,7 @@ class CapReader:
         self._last = -2
         # Named by storage index: the cap holds the read key, which no status may show.
         self._name = "si:" + b32encode(cap.storage_index)[:16]
-        self._transfer = Transfer("download", self._name, cap.size)
+        self._transfer = Transfer("download", self._name, self.cap.size)
         """Counted in the client's transfers while the downloader is open."""
 
     async def _dl(self, nursery: trio.Nursery) -> Downloader:
@@ -109,7 +109,8 @@ class CapReader:
     async def _read(self, offset: int, end: int, nursery: trio.Nursery) -> bytes:
         """Bytes [offset, end) of the stored file."""
         segsize = await self._segment_size(nursery)
-        num_segments = -(-self.cap.size // segsize)
+        stop = self.slice.offset + self.slice.length if self.slice else self.cap.size
+        num_segments = -(-stop // segsize)  # (no further: the rest are a slice's neighbours)
         first, last = offset // segsize, (end - 1) // segsize
         if first in (self._last, self._last + 1):  # sequential: read ahead
             for j in range(last + 1, min(last + 1 + READAHEAD, num_segments)):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gridfs.caps import ReadCap, b32encode, parse_read_cap
+from gridfs.caps import ReadCap, SliceCap, b32encode, parse_read_cap
 from gridfs.client.broker import Server, StorageBroker
 from gridfs.client.check import check_file
 from gridfs.client.grid import GridClient
@@ -610,14 +610,18 @@ async def test_unlink_refuses_when_no_server_answering_holds_the_root_slot(
             assert {node.index: node.shares(f_si) for node in live} == before
 
 
-async def test_background_check_repairs_a_kept_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kept_as", ["file cap", "slice cap"])
+async def test_background_check_repairs_a_kept_file(kept_as: str, tmp_path: Path) -> None:
+    """A file kept by its cap, or by a slice of it (a file in a pack: the pack
+    is what is checked and repaired)."""
     data = os.urandom(400_000)
     async with open_grid(tmp_path / "grid", servers=14) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid, k=3, happy=7, n=10) as client:
                 cap = await put_bytes(client, data, tmp_path / "tmp")
+                kept = cap if kept_as == "file cap" else SliceCap(bytes(32), 10, 1000, cap)
                 retained = RetainedSet(client.node)
-                retained.add([cap.to_string()])
+                retained.add([kept.to_string()])
                 retained.close()
             si = cap.storage_index
             holders = [node for node in grid.nodes if node.shares(si)]

@@ -96,7 +96,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         finally:
             retained.close()
         report = await keeper.unlink(dropped)
-        objects = sum(storage_index_of(c) is not None for c in dropped)
+        objects = len({si for c in dropped if (si := storage_index_of(c)) is not None})
         still = objects - report.objects
         print(
             f"unlinked {len(caps)} caps: gave up {report.cancelled} leases at "

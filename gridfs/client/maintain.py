@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import trio
 
-from ..caps import ReadCap
+from ..caps import ReadCap, stored_cap
 from ..caps import parse as parse_cap
 from ..errors import CapError, GridError
 from .check import check_file
@@ -64,7 +64,7 @@ async def check_and_repair(grid: GridClient) -> dict[str, int]:
     counts = {"files": 0, "healthy": 0, "repaired": 0, "unrecoverable": 0, "failed": 0}
     for text in caps:
         try:
-            cap = parse_cap(text)
+            cap = parse_cap(stored_cap(text))  # a retained slice: its pack
         except CapError:
             continue  # a tree's slot: its versions are written to every server
         if not isinstance(cap, ReadCap):
