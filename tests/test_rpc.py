@@ -369,8 +369,8 @@ async def test_a_peer_that_takes_nothing_in_loses_the_connection(
 async def test_a_slow_peer_that_keeps_taking_pieces_keeps_the_connection(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """The call's timeout bounds each piece of a request, not the whole: 1 MB
-    at 64 KiB a millisecond takes 16 ms, longer than the 10 ms timeout."""
+    """The call's timeout bounds each piece of a request, not the whole: 4 MB
+    at 256 KiB a millisecond takes 16 ms, longer than the 10 ms timeout."""
 
     async def handler(method: str, args: dict[str, Any]) -> Any:
         return "fine"
@@ -378,9 +378,9 @@ async def test_a_slow_peer_that_keeps_taking_pieces_keeps_the_connection(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_rpc, server_stream, handler, lambda: HELLO_INFO)
-        client = RpcClient(TricklingStream(client_stream, step=65536), default_timeout=0.010)
+        client = RpcClient(TricklingStream(client_stream, step=262144), default_timeout=0.010)
         await nursery.start(client.run)
-        chunks = [[i * 250_000, b"x" * 250_000] for i in range(4)]
+        chunks = [[i * 1_000_000, b"x" * 1_000_000] for i in range(4)]
         assert await client.call("write", {"si": SI, "sharenum": 0, "chunks": chunks}) == "fine"
         assert not client.closed
         nursery.cancel_scope.cancel()
