@@ -36,7 +36,6 @@ from .errors import FormatError, GridError, UsageError, plain_grid_errors
 from .pack import build_pack, group_for_packs, pack_digest
 
 MAX_RETRIES = 20
-PACKS_REMEMBERED = 64
 
 
 class SlotConflictError(GridError):
@@ -165,10 +164,6 @@ class Tree:
     def __init__(self, store: Store, cache: DirCache | None = None) -> None:
         self.store = store
         self.cache = cache or DirCache()
-        self.packs: OrderedDict[bytes, list[str]] = OrderedDict()
-        """Slice caps of the packs stored lately, by a digest of their files:
-        a commit retried after a conflict reuses its pack (file keys are
-        random, so building it again would store another one)."""
 
     async def load_dir(self, cap: str) -> Directory:
         d = self.cache.get(cap)
@@ -213,10 +208,15 @@ class Tree:
     async def commit_from(self, changes: Sequence[Change]) -> tuple[int, str, str]:
         """:meth:`commit`, also returning the root cap the changes replaced
         (what the new root no longer references can then be unlinked)."""
+        # The packs stored by this commit, by a digest of their files: a retry
+        # after a conflict reuses them (file keys are random, so building them
+        # again would leave orphans).  Never kept beyond this commit: a later
+        # one may find them unlinked.
+        packs: dict[bytes, list[str]] = {}
         with plain_grid_errors():
             for _ in range(MAX_RETRIES):
                 seq, root_cap = await self.root()
-                new_cap = await self.apply(root_cap, changes)
+                new_cap = await self.apply(root_cap, changes, packs)
                 if new_cap == root_cap:
                     return seq, root_cap, root_cap
                 try:
@@ -226,9 +226,12 @@ class Tree:
                     continue
         raise SlotConflictError(f"gave up after {MAX_RETRIES} conflicting updates of the root")
 
-    async def apply(self, root_cap: str, changes: Sequence[Change]) -> str:
-        """The root cap after ``changes``: every touched directory written once."""
-        batch = Batch(self, root_cap)
+    async def apply(
+        self, root_cap: str, changes: Sequence[Change], packs: dict[bytes, list[str]] | None = None
+    ) -> str:
+        """The root cap after ``changes``: every touched directory written once
+        (``packs``: see :meth:`Batch.upload_overflow`)."""
+        batch = Batch(self, root_cap, {} if packs is None else packs)
         for change in changes:
             await batch.apply(change)
         return await batch.write()
@@ -238,9 +241,13 @@ class Batch:
     """Directories being changed by one commit, by path (the mount keeps one
     open as its live view: changes are applied in memory, never written)."""
 
-    def __init__(self, tree: Tree, root_cap: str) -> None:
+    def __init__(
+        self, tree: Tree, root_cap: str, packs: dict[bytes, list[str]] | None = None
+    ) -> None:
         self.tree = tree
         self.root_cap = root_cap
+        self.packs: dict[bytes, list[str]] = {} if packs is None else packs
+        """slice caps of the packs stored for this commit, by pack_digest"""
         self.dirs: dict[Path, Directory] = {}
         self.entries: dict[Path, dict[str, Entry]] = {}
         """The entries of the directories this batch changed, which it alone
@@ -429,16 +436,14 @@ class Batch:
             async with limiter:
                 if len(group) == 1 or sum(map(len, bodies)) <= LITERAL_MAX:
                     caps = [await self.tree.store.put_bytes(body) for body in bodies]
-                elif digest in self.tree.packs:
-                    caps = self.tree.packs[digest]
+                elif digest in self.packs:  # stored by an earlier try of this commit
+                    caps = self.packs[digest]
                 else:
                     data, places = build_pack(bodies)
                     pack = parse_cap(await self.tree.store.put_bytes(data))
                     assert isinstance(pack, ReadCap), "a pack is never a literal"
                     caps = [place.slice_of(pack).to_string() for place in places]
-                    self.tree.packs[digest] = caps
-                    while len(self.tree.packs) > PACKS_REMEMBERED:
-                        self.tree.packs.popitem(last=False)
+                    self.packs[digest] = caps
             for (path, entry), cap in zip(group, caps, strict=True):
                 current = self.dirs[path[:-1]].get(path[-1])
                 if current == entry:

@@ -268,3 +268,23 @@ async def test_a_commit_retried_after_a_conflict_stores_its_pack_once() -> None:
     for i, data in enumerate(files):
         entry = listing.entries[f"f{i:03}"]
         assert (entry.data if entry.data is not None else await store.get_bytes(entry.cap)) == data
+
+
+async def test_a_later_commit_never_reuses_an_earlier_commits_pack() -> None:
+    """The same files put again after being removed get a new pack: the old
+    one may have been unlinked (freed on the servers) in between."""
+    store = MemStore()
+    tree = Tree(store)
+    files = [b"y" * 4093 + b"%03d" % i for i in range(300)]
+    puts = [Put(p(f"/s/f{i:03}"), Entry("file", "", 4096, data=d)) for i, d in enumerate(files)]
+
+    async def pack_of_f299() -> str:
+        cap = parse_cap((await tree.listdir(p("/s"))).entries["f299"].cap)
+        assert isinstance(cap, SliceCap)
+        return cap.pack.to_string()
+
+    await tree.commit(puts)
+    first = await pack_of_f299()
+    await tree.commit([Delete(p(f"/s/f{i:03}")) for i in range(300)])
+    await tree.commit(puts)
+    assert await pack_of_f299() != first
