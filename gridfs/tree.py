@@ -227,14 +227,21 @@ class Tree:
         raise SlotConflictError(f"gave up after {MAX_RETRIES} conflicting updates of the root")
 
     async def apply(
-        self, root_cap: str, changes: Sequence[Change], packs: dict[bytes, list[str]] | None = None
+        self,
+        root_cap: str,
+        changes: Sequence[Change],
+        packs: dict[bytes, list[str]] | None = None,
+        *,
+        view: bool = False,
     ) -> str:
         """The root cap after ``changes``: every touched directory written once
-        (``packs``: see :meth:`Batch.upload_overflow`)."""
-        batch = Batch(self, root_cap, {} if packs is None else packs)
+        (``packs``: see :meth:`Batch.upload_overflow`).  A ``view`` (the queued
+        changes over the committed tree, never published) keeps every small
+        file inside its directory: nothing is stored for it."""
+        batch = Batch(self, root_cap, packs)
         for change in changes:
             await batch.apply(change)
-        return await batch.write()
+        return await batch.write(store_overflow=not view)
 
 
 class Batch:
@@ -255,9 +262,9 @@ class Batch:
         costs the same in a directory of 10 or 100,000 entries"""
         self.dirty: set[Path] = set()
         self.inline: dict[Path, int] = {}
-        self.overflow: set[Path] = set()
-        """inline files that do not fit their directory's budget: uploaded on write"""
         """bytes of inline files in each loaded directory"""
+        self.overflow: set[Path] = set()
+        """inline files that do not fit their directory's budget: stored on write"""
         self.now = time.time_ns()
 
     async def dir(self, path: Path, create: bool) -> Directory | None:
@@ -431,12 +438,11 @@ class Batch:
         limiter = trio.Semaphore(concurrency)
 
         async def store(group: list[tuple[Path, Entry]]) -> None:
-            bodies = [entry.data or b"" for _, entry in group]
-            digest = pack_digest(bodies)
+            bodies = [entry.data for _, entry in group if entry.data is not None]
             async with limiter:
                 if len(group) == 1 or sum(map(len, bodies)) <= LITERAL_MAX:
                     caps = [await self.tree.store.put_bytes(body) for body in bodies]
-                elif digest in self.packs:  # stored by an earlier try of this commit
+                elif (digest := pack_digest(bodies)) in self.packs:  # an earlier try's
                     caps = self.packs[digest]
                 else:
                     data, places = build_pack(bodies)
@@ -454,9 +460,11 @@ class Batch:
             for indexes in groups:
                 nursery.start_soon(store, [members[i] for i in indexes])
 
-    async def write(self) -> str:
-        """Write every changed directory, deepest first; return the root's cap."""
-        await self.upload_overflow()
+    async def write(self, store_overflow: bool = True) -> str:
+        """Write every changed directory, deepest first; return the root's cap
+        (first storing the small files over their directories' budget)."""
+        if store_overflow:
+            await self.upload_overflow()
         while self.dirty:
             path = max(self.dirty, key=len)
             cap = await self._write_dir(path)

@@ -6,7 +6,16 @@ from gridfs.caps import ReadCap, SliceCap
 from gridfs.caps import parse as parse_cap
 from gridfs.dirnode import INLINE_MAX, Entry, check_name, split_path
 from gridfs.errors import GridError, UsageError
-from gridfs.tree import Delete, Move, NotFoundError, Put, SlotConflictError, Tree, new_dir_entry
+from gridfs.tree import (
+    Delete,
+    Move,
+    NotFoundError,
+    Put,
+    SlotConflictError,
+    Tree,
+    empty_dir_cap,
+    new_dir_entry,
+)
 
 from .memstore import MemStore
 
@@ -288,3 +297,21 @@ async def test_a_later_commit_never_reuses_an_earlier_commits_pack() -> None:
     await tree.commit([Delete(p(f"/s/f{i:03}")) for i in range(300)])
     await tree.commit(puts)
     assert await pack_of_f299() != first
+
+
+async def test_a_view_of_queued_changes_keeps_overflowing_files_inline() -> None:
+    """The queued changes laid over the committed tree (`gridfs ls` while
+    changes wait) store nothing: files over a directory's inline budget stay
+    inline there instead of going to a pack the overlay cannot name."""
+    from gridfs.client.gridstore import OverlayStore
+
+    base = MemStore()
+    data = [bytes([i]) * INLINE_MAX for i in range(80)]
+    changes = [
+        Put(p(f"/d/f{i:02}"), Entry("file", "", INLINE_MAX, data=d)) for i, d in enumerate(data)
+    ]
+    view = Tree(OverlayStore(base))
+    root = await view.apply(empty_dir_cap(), changes, view=True)
+    listing = await view.listdir(p("/d"), root)
+    assert [listing.entries[f"f{i:02}"].data for i in range(80)] == data
+    assert base.puts == 0

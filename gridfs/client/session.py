@@ -126,7 +126,7 @@ class TreeSession:
         if not changes:
             return self.tree, root
         overlay = Tree(OverlayStore(self.store), self.tree.cache)
-        return overlay, await overlay.apply(root, changes)
+        return overlay, await overlay.apply(root, changes, view=True)
 
     async def lookup(self, path: str) -> Entry:
         tree, root = await self.view_root()
