@@ -178,9 +178,7 @@ async def announce_forever(
                 nursery.start_soon(refresh)
                 await rpc.wait_closed()
                 nursery.cancel_scope.cancel()
-        except* (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
-            # except*: a connection lost inside the nursery comes as a group.
-            # (TooSlowError: no handshake in time; BrokenResourceError: reset during it.)
+        except* GridError as group:  # (lost inside the nursery: as a group)
             log.info("introducer %s: %s", introducer, unwrap(group))
         await trio.sleep(backoff)
         backoff = min(backoff * 2, 10.0)

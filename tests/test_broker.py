@@ -136,3 +136,17 @@ async def test_an_introducer_dying_mid_call_is_reconnected_to(who: str, tmp_path
 def announcement() -> Announcement:
     key = NodeKey.generate()
     return Announcement(NodeAddress(key.node_id, "127.0.0.1", 1), key.public_bytes, "", {}, 1)
+
+
+async def test_tls_connect_failures_are_connect_errors(resetter: Resetter) -> None:
+    """Refused, reset during the handshake: both a GridError with the address."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = NodeAddress(bytes(20), "127.0.0.1", closed.getsockname()[1])
+    closed.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(resetter.serve)
+        for address in (refused, resetter.address):
+            with trio.fail_after(10), pytest.raises(tls.ConnectError, match=r"127\.0\.0\.1:"):
+                await tls.connect(address)
+        nursery.cancel_scope.cancel()

@@ -75,8 +75,7 @@ class Server:
                 stream = await tls.connect(self.address, CONNECT_TIMEOUT)
                 rpc = RpcClient(stream, self.call_timeout)
                 await self._nursery.start(rpc.run)
-            except (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
-                # (BrokenResourceError: the server went away during the handshake)
+            except GridError as e:
                 self._failures += 1
                 self._retry_at = now + min(0.5 * 2 ** (self._failures - 1), 30.0)
                 raise ServerUnavailable(f"{self.name}: {e}") from None
@@ -155,9 +154,7 @@ class StorageBroker:
                         reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT})
                         version = self._apply(reply)
                         self.introduced.set()
-            except* (GridError, OSError, trio.TooSlowError, trio.BrokenResourceError) as group:
-                # except*: a connection lost inside the nursery comes as a group.
-                # (BrokenResourceError: it went away during the handshake.)
+            except* GridError as group:  # (lost inside the nursery: as a group)
                 log.info("introducer %s: %s", introducer, unwrap(group))
             self.introducer_connected, version = False, 0
             await trio.sleep(backoff)

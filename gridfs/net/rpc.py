@@ -136,11 +136,12 @@ class RpcClient:
             raise ConnectionLost(self._closed)
         rid, data = self._conn.send_request(method, args)
         limit = self.default_timeout if timeout is None else timeout
-        deadline = limit if limit > 0 else math.inf
+        # (a limit of 0 or less: no timeout for the answer, SEND_PATIENCE per piece)
+        deadline, patience = (limit, limit) if limit > 0 else (math.inf, SEND_PATIENCE)
         slot = self._slots[rid] = _Slot()
         try:
             async with self._send_lock:
-                await self._send_whole(data, limit if limit > 0 else SEND_PATIENCE)
+                await self._send_whole(data, patience)
             with trio.move_on_after(deadline):
                 await slot.event.wait()
         finally:

@@ -16,6 +16,10 @@ class WrongNodeError(GridError):
     """The server presented a key other than the one its address names."""
 
 
+class ConnectError(GridError):
+    """No TLS connection could be made (refused, reset, timed out)."""
+
+
 class DrainingSSLObject(ssl.SSLObject):
     """An SSLObject whose ``read`` returns all the data already received, not
     just one TLS record.
@@ -117,17 +121,23 @@ def server_side(tcp: trio.SocketStream, ctx: ssl.SSLContext) -> TlsStream:
 
 
 async def connect(address: NodeAddress, timeout: float = 10.0) -> TlsStream:
-    """Open a TLS connection to ``address`` and check the server's key."""
-    with trio.fail_after(timeout):
-        tcp = await trio.open_tcp_stream(address.host, address.port)
-        stream = trio.SSLStream(LargeReads(tcp), _CLIENT_CTX, server_hostname=None)
-        try:
-            await stream.do_handshake()
-            der = stream.getpeercert(binary_form=True)
-            if der is None or node_id_from_certificate(der) != address.node_id:
-                where = f"{address.host}:{address.port}"
-                raise WrongNodeError(f"{where} is not node {address.short_id}")
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
+    """Open a TLS connection to ``address`` and check the server's key; any
+    failure is a GridError (ConnectError, WrongNodeError)."""
+    where = f"{address.host}:{address.port}"
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(address.host, address.port)
+            stream = trio.SSLStream(LargeReads(tcp), _CLIENT_CTX, server_hostname=None)
+            try:
+                await stream.do_handshake()
+                der = stream.getpeercert(binary_form=True)
+                if der is None or node_id_from_certificate(der) != address.node_id:
+                    raise WrongNodeError(f"{where} is not node {address.short_id}")
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+    except trio.TooSlowError:
+        raise ConnectError(f"{where}: no TLS connection within {timeout:g}s") from None
+    except (OSError, trio.BrokenResourceError) as e:  # refused; reset during the handshake
+        raise ConnectError(f"{where}: {e}") from None
     return stream
