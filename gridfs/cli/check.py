@@ -47,7 +47,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if parsed is None:
             if args.recursive:
                 raise UsageError("check -r needs a tree path (ALIAS:/path)")
-            result = await examine(grid, parse(args.target), args)
+            result = await examine(grid, parse(stored_cap(args.target)), args)
             report(args.target, result, args.json)
             return 0 if result.healthy else 1
         session = TreeSession(grid, parsed[0])

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ..caps import LiteralCap, ReadCap, SliceCap, VerifyCap, b32encode
+from ..caps import LiteralCap, ReadCap, VerifyCap, b32encode
 from ..errors import GridError, IntegrityError
 from ..immutable import FileDecoder
 from .broker import Server, StorageBroker
@@ -73,11 +73,10 @@ class CheckResult:
 
 
 async def check_file(
-    broker: StorageBroker, cap: LiteralCap | ReadCap | VerifyCap | SliceCap, verify: bool = False
+    broker: StorageBroker, cap: LiteralCap | ReadCap | VerifyCap, verify: bool = False
 ) -> CheckResult:
-    """Where the shares of ``cap`` are and which are good (a slice: its pack's)."""
-    if isinstance(cap, SliceCap):
-        cap = cap.pack
+    """Where the shares of ``cap`` are and which are good (for a slice, pass
+    its pack: caps.stored_cap)."""
     if isinstance(cap, LiteralCap):  # lives in the cap itself: always whole
         result = CheckResult(cap.to_string(), 1, 1, verified=verify)
         result.good[0] = ["(literal)"]

@@ -13,7 +13,7 @@ import logging
 
 import trio
 
-from ..caps import ReadCap, SliceCap, VerifyCap
+from ..caps import ReadCap, VerifyCap
 from ..errors import GridError, NotEnoughSharesError
 from ..immutable import ShareRegenerator
 from .broker import Server, StorageBroker
@@ -24,11 +24,8 @@ from .upload import write_batches
 log = logging.getLogger(__name__)
 
 
-async def repair_file(broker: StorageBroker, cap: ReadCap | VerifyCap | SliceCap) -> CheckResult:
-    """Bring the file back to n good shares if it can; return the check after
-    (a slice: its pack)."""
-    if isinstance(cap, SliceCap):
-        cap = cap.pack
+async def repair_file(broker: StorageBroker, cap: ReadCap | VerifyCap) -> CheckResult:
+    """Bring the file back to n good shares if it can; return the check after."""
     vcap = cap.verify_cap() if isinstance(cap, ReadCap) else cap
     before = CheckResult(cap.to_string(), cap.k, cap.n, verified=True)
     async with open_downloader(broker, vcap) as downloader:

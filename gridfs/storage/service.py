@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from ..caps import LiteralCap, ReadCap, SliceCap
+from ..caps import ReadCap, VerifyCap
 from ..caps import parse as parse_cap
 from ..errors import FormatError, GridError, IntegrityError, UsageError
 from ..immutable import ForeignShareError, verify_share
@@ -173,9 +173,9 @@ class StorageSession:
         after verifying the share ourselves with the verify cap it sends; then
         quarantine it so it is never served again."""
         cap = parse_cap(verify_cap)
-        if isinstance(cap, LiteralCap) or cap.storage_index != si:
+        if not isinstance(cap, ReadCap | VerifyCap) or cap.storage_index != si:
             raise UsageError("the verify cap is not for this storage index")
-        vcap = cap.verify_cap() if isinstance(cap, ReadCap | SliceCap) else cap
+        vcap = cap.verify_cap() if isinstance(cap, ReadCap) else cap
 
         def check() -> str | None:
             def read(offset: int, length: int) -> bytes:
