@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from gridfs.caps import ReadCap, b32encode, parse_read_cap
 from gridfs.mutable import parse_slot_cap
@@ -206,3 +208,36 @@ def test_small_files_copied_in_are_packed_checked_and_freed(grid: Path, tmp_path
 def share_dirs(grid: Path) -> set[str]:
     """Storage indexes with shares on any server."""
     return {d.name for d in grid.glob("storage-*/storage/shares/*/*")}
+
+
+async def test_the_web_page_answers_503_when_the_status_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A status that cannot be gathered (a mount's control socket failing)
+    is a 503 with the reason; the server goes on."""
+    from gridfs.cli import web
+    from gridfs.errors import GridError
+
+    async def failing(*args: object) -> dict[str, object]:
+        raise GridError("the mount's control socket closed")
+
+    monkeypatch.setattr(web, "gather_status", failing)
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"GET /status.json HTTP/1.0\r\n\r\n")
+    await web.serve(server, None, None)  # type: ignore[arg-type]
+    reply = b""
+    while chunk := await client.receive_some():
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert reply.endswith(b"status unavailable: the mount's control socket closed\n")
+
+
+@pytest.mark.parametrize("text", ["65536", "-1", "abc", "\u0663", "8o8o", ""])
+def test_web_port_must_be_an_ascii_number_up_to_65535(text: str) -> None:
+    import argparse
+
+    from gridfs.cli.web import tcp_port
+
+    with pytest.raises(argparse.ArgumentTypeError, match="not a port number"):
+        tcp_port(text)
+    assert tcp_port("0") == 0 and tcp_port("3456") == 3456

@@ -12,17 +12,16 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import logging
 from typing import Any
 
 import trio
 
 from ..client.grid import GridClient, open_grid
 from ..config import NodeDir, resolve_node_dir
+from ..errors import GridError, unwrap
 from .files import add_node_option
 from .mount import gather_status
 
-log = logging.getLogger(__name__)
 MAX_REQUEST = 8192
 REFRESH = 5
 
@@ -37,7 +36,7 @@ def register(sub: Any) -> None:
 
 def tcp_port(text: str) -> int:
     """A TCP port number (0 picks a free one); anything else is a usage error."""
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r} (0 to 65535)")
     return int(text)
 
@@ -62,7 +61,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> None:
-    """Answer one HTTP/1.0-style request, then close."""
+    """Answer one HTTP/1.0-style request, then close.  A status that cannot
+    be gathered (a mount's control socket failing, say) is a 503 with the
+    reason, never the end of the server."""
     try:
         with trio.move_on_after(10):
             request = b""
@@ -76,22 +77,31 @@ async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> Non
             path = rest.split(" ", 1)[0]
             if method != "GET":
                 await respond(stream, 405, "text/plain", b"only GET\n")
-            elif path == "/status.json":
-                body = json.dumps(await gather_status(node, grid)).encode()
-                await respond(stream, 200, "application/json", body)
-            elif path == "/":
-                page = render(await gather_status(node, grid))
-                await respond(stream, 200, "text/html; charset=utf-8", page.encode())
-            else:
+            elif path not in ("/", "/status.json"):
                 await respond(stream, 404, "text/plain", b"not found\n")
+            else:
+                try:
+                    status = await gather_status(node, grid)
+                except* GridError as group:
+                    reason = f"status unavailable: {unwrap(group)}\n".encode()
+                    await respond(stream, 503, "text/plain", reason)
+                else:
+                    if path == "/status.json":
+                        await respond(stream, 200, "application/json", json.dumps(status).encode())
+                    else:
+                        page = render(status).encode()
+                        await respond(stream, 200, "text/html; charset=utf-8", page)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
         await stream.aclose()
 
 
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
 async def respond(stream: trio.abc.Stream, status: int, kind: str, body: bytes) -> None:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[status]
+    reason = REASONS[status]
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
