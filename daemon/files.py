@@ -79,19 +79,19 @@ class CapReader:
         return self._downloader
 
     async def segment(self, j: int, nursery: trio.Nursery) -> bytes:
-        cached = self.cache.get((self.key, j))
+        cached = await self.cache.get((self.key, j))
         if cached is not None:
             return cached
         if j in self._fetching:
             await self._fetching[j].wait()
-            cached = self.cache.get((self.key, j))
+            cached = await self.cache.get((self.key, j))
             if cached is not None:
                 return cached
         done = self._fetching[j] = trio.Event()
         try:
             decoded = await (await self._dl(nursery)).segment(j)
             self._transfer.add(len(decoded.data))
-            self.cache.put((self.key, j), decoded.data)
+            await self.cache.put((self.key, j), decoded.data)
             return decoded.data
         finally:
             done.set()
@@ -128,13 +128,13 @@ class CapReader:
     async def _segment_size(self, nursery: trio.Nursery) -> int:
         """From the cache when it has the file (a read then needs no server),
         else from the file's verified extension block."""
-        known = self.cache.get((self.key, SEGMENT_SIZE_KEY))
+        known = await self.cache.get((self.key, SEGMENT_SIZE_KEY))
         if known is not None:
             return int.from_bytes(known, "big")
         geometry = (await self._dl(nursery)).decoder.geometry
         assert geometry is not None
         size = geometry.params.segment_size
-        self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
+        await self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
         return size
 
     async def _prefetch(self, j: int, nursery: trio.Nursery) -> None:

@@ -146,6 +146,7 @@ class GridOperations(pyfuse3.Operations):
         shutil.rmtree(self.staging_dir, ignore_errors=True)  # never acknowledged: discard
         self.staging_dir.mkdir(mode=0o700)
         self.nursery: trio.Nursery | None = None
+        self._sync_lock = trio.Lock()
         self.initialized = trio.Event()
         """Set once the kernel's INIT has been handled (its reply goes out
         before any other task runs)."""
@@ -463,9 +464,17 @@ class GridOperations(pyfuse3.Operations):
 
     @errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.queue.sync()
+        await self.sync_queue()
         if self.sync:
             await self.daemon.wait_synced()
+
+    async def sync_queue(self) -> None:
+        """Make the queued steps durable, fsyncing in a thread (the event loop
+        serves other requests meanwhile).  One at a time: a second caller
+        must not return while the first one's fsync is still running."""
+        async with self._sync_lock:
+            if self.queue.unsynced:
+                await trio.to_thread.run_sync(self.queue.sync)
 
     # -- files ------------------------------------------------------------------
     async def open_for(self, ino: int, entry: Entry) -> OpenFile:
@@ -718,7 +727,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.commit(self.open_files[self.handles[fh]])
-        self.queue.sync()  # e.g. a new file never written: its creation
+        await self.sync_queue()  # e.g. a new file never written: its creation
 
     @errors_to_errno
     async def release(self, fh: int) -> None:

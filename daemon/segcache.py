@@ -7,7 +7,9 @@ survives remounts: one file per segment, named by a hash of the cap (the cap
 itself, which holds the read key, never appears in a file name), holding the
 SHA-256 of the data and the data.  A file that is torn, truncated or altered
 fails that check and counts as a miss.  The least recently used files are
-deleted to stay under ``max_bytes``.
+deleted to stay under ``max_bytes``.  Files are read, hashed and written in
+a worker thread (a new segment is in memory at once, on disk a moment
+later), so the event loop that answers FUSE requests never waits on them.
 
 The directory is as private as the staging files of the mount (mode 0700,
 inside the node directory): it holds plaintext, like them.
@@ -21,6 +23,8 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
+
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +81,42 @@ class SegmentCache:
             return True
         return isinstance(key, tuple) and self._name(key) in self._files
 
-    def get(self, key: Key) -> bytes | None:
+    async def get(self, key: Key) -> bytes | None:
         data = self._memory.get(key)
         if data is not None:
             self._memory.move_to_end(key)
             self.hits["memory"] += 1
             return data
-        data = self._read_disk(key)
-        if data is None:
+        name = self._name(key)
+        if self.directory is None or name not in self._files:
             self.hits["miss"] += 1
             return None
+        # Reading and hashing a segment takes a thread, not the event loop
+        # (every FUSE request waits on it).
+        data = await trio.to_thread.run_sync(_read_checked, self.directory / name)
+        if data is None:
+            self._drop(name)
+            self.hits["miss"] += 1
+            return None
+        if name in self._files:
+            self._files.move_to_end(name)
         self.hits["disk"] += 1
         self._remember(key, data)
         return data
 
-    def put(self, key: Key, data: bytes) -> None:
+    async def put(self, key: Key, data: bytes) -> None:
         if key in self._memory:
             return
         self._remember(key, data)
-        self._write_disk(key, data)
+        name = self._name(key)
+        if self.directory is None or len(data) + _DIGEST > self.max_bytes or name in self._files:
+            return
+        if not await trio.to_thread.run_sync(_write_checked, self.directory, name, data):
+            return
+        if name not in self._files:  # (written twice at once: counted once)
+            self._files[name] = len(data) + _DIGEST
+            self._disk_size += len(data) + _DIGEST
+            self._evict()
 
     def _remember(self, key: Key, data: bytes) -> None:
         self._memory[key] = data
@@ -103,48 +124,6 @@ class SegmentCache:
         while self._memory_size > self.memory_bytes and self._memory:
             _, old = self._memory.popitem(last=False)
             self._memory_size -= len(old)
-
-    def _read_disk(self, key: Key) -> bytes | None:
-        if self.directory is None:
-            return None
-        name = self._name(key)
-        if name not in self._files:
-            return None
-        try:
-            blob = (self.directory / name).read_bytes()
-        except OSError:
-            self._forget(name)
-            return None
-        digest, data = blob[:_DIGEST], blob[_DIGEST:]
-        if hashlib.sha256(data).digest() != digest:
-            log.warning("cache file %s is damaged; fetching the segment again", name)
-            self._drop(name)
-            return None
-        self._files.move_to_end(name)
-        return data
-
-    def _write_disk(self, key: Key, data: bytes) -> None:
-        if self.directory is None or len(data) + _DIGEST > self.max_bytes:
-            return
-        name = self._name(key)
-        if name in self._files:
-            return
-        tmp = self.directory / f"{name}.tmp"
-        try:
-            # No fsync: a cache entry lost in a crash is fetched again, and a
-            # torn one fails its digest.
-            with open(tmp, "wb") as f:
-                f.write(hashlib.sha256(data).digest())
-                f.write(data)
-            os.replace(tmp, self.directory / name)
-        except OSError as e:
-            log.warning("cannot write the segment cache: %s", e)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return
-        self._files[name] = len(data) + _DIGEST
-        self._disk_size += len(data) + _DIGEST
-        self._evict()
 
     def _evict(self) -> None:
         while self._disk_size > self.max_bytes and self._files:
@@ -163,3 +142,34 @@ class SegmentCache:
     @property
     def disk_bytes(self) -> int:
         return self._disk_size
+
+
+def _read_checked(path: Path) -> bytes | None:
+    """A cache file's data, or None if it is gone, unreadable or damaged."""
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    digest, data = blob[:_DIGEST], blob[_DIGEST:]
+    if hashlib.sha256(data).digest() != digest:
+        log.warning("cache file %s is damaged; fetching the segment again", path.name)
+        return None
+    return data
+
+
+def _write_checked(directory: Path, name: str, data: bytes) -> bool:
+    """Write a cache file (its digest, then the data); False if it cannot be."""
+    tmp = directory / f"{name}.tmp"
+    try:
+        # No fsync: a cache entry lost in a crash is fetched again, and a
+        # torn one fails its digest.
+        with open(tmp, "wb") as f:
+            f.write(hashlib.sha256(data).digest())
+            f.write(data)
+        os.replace(tmp, directory / name)
+    except OSError as e:
+        log.warning("cannot write the segment cache: %s", e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True

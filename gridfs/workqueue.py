@@ -266,15 +266,21 @@ class WorkQueue:
         """Make the steps committed with ``sync=False`` durable."""
         if not self.unsynced:
             return
+        # Cleared first: a step committed during the fsync (the daemon runs
+        # this in a thread) sets it again.
+        self.unsynced = False
         # In WAL mode a commit is a frame appended to the -wal file; a synced
         # commit fsyncs that file, a checkpoint fsyncs the database first.
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(self.directory / "queue.sqlite-wal", os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self.unsynced = False
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(self.directory / "queue.sqlite-wal", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self.unsynced = True
+            raise
 
     # -- reading ------------------------------------------------------------
     def pending(self) -> list[Step]:

@@ -363,7 +363,12 @@ def test_read_segments_are_cached_on_disk_across_remounts(
     fresh_mount.remount()
     assert (mp / "cached.bin").read_bytes() == data  # fetched from the grid, and cached
     cache = fresh_mount.node / "cache" / "segments"
-    assert sum(p.stat().st_size for p in cache.iterdir()) >= len(data)
+
+    def cached() -> int:  # (written behind the read, in a thread)
+        return sum(p.stat().st_size for p in cache.iterdir() if not p.name.endswith(".tmp"))
+
+    wait_for(lambda: cached() >= len(data), timeout=10, what="the segments on disk")
+    assert cached() >= len(data)
     fresh_mount.remount()
     for d in mount_grid.dir.glob(f"storage-*/storage/shares/*/{si}"):
         shutil.rmtree(d)  # the file is gone from the grid: only the cache can answer

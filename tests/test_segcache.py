@@ -10,38 +10,38 @@ from gridfs_daemon.segcache import SegmentCache
 CAP = "gridfs:chk:" + "a" * 52 + ":" + "b" * 52 + ":3:10:5000000"
 
 
-def test_segments_come_back_from_memory_then_from_disk(tmp_path: Path) -> None:
+async def test_segments_come_back_from_memory_then_from_disk(tmp_path: Path) -> None:
     cache = SegmentCache(tmp_path / "c", max_bytes=10 << 20, memory_bytes=1 << 20)
     data = [os.urandom(300_000) for _ in range(6)]
     for j, d in enumerate(data):
-        cache.put((CAP, j), d)
-    assert cache.get((CAP, 5)) == data[5]
+        await cache.put((CAP, j), d)
+    assert await cache.get((CAP, 5)) == data[5]
     assert cache.hits["memory"] == 1
-    assert cache.get((CAP, 0)) == data[0]  # evicted from memory, found on disk
+    assert await cache.get((CAP, 0)) == data[0]  # evicted from memory, found on disk
     assert cache.hits["disk"] == 1
-    assert cache.get((CAP, 9)) is None and cache.hits["miss"] == 1
+    assert await cache.get((CAP, 9)) is None and cache.hits["miss"] == 1
     # The cap (it holds the read key) never appears in a file name.
     assert all(CAP[11:30] not in p.name for p in (tmp_path / "c").iterdir())
 
 
-def test_the_disk_cache_survives_a_restart_and_stays_bounded(tmp_path: Path) -> None:
+async def test_the_disk_cache_survives_a_restart_and_stays_bounded(tmp_path: Path) -> None:
     cache = SegmentCache(tmp_path / "c", max_bytes=1_000_000, memory_bytes=0)
     for j in range(10):
-        cache.put((CAP, j), bytes([j]) * 200_000)
+        await cache.put((CAP, j), bytes([j]) * 200_000)
     assert cache.disk_bytes <= 1_000_000
     on_disk = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
     assert on_disk == cache.disk_bytes
     again = SegmentCache(tmp_path / "c", max_bytes=1_000_000, memory_bytes=0)
-    assert again.get((CAP, 9)) == bytes([9]) * 200_000  # the newest survive
-    assert again.get((CAP, 0)) is None  # the oldest were evicted
+    assert await again.get((CAP, 9)) == bytes([9]) * 200_000  # the newest survive
+    assert await again.get((CAP, 0)) is None  # the oldest were evicted
     smaller = SegmentCache(tmp_path / "c", max_bytes=300_000, memory_bytes=0)
     assert smaller.disk_bytes <= 300_000  # a lower bound applies at once
 
 
-def test_a_damaged_or_torn_file_is_a_miss(tmp_path: Path) -> None:
+async def test_a_damaged_or_torn_file_is_a_miss(tmp_path: Path) -> None:
     cache = SegmentCache(tmp_path / "c", max_bytes=10 << 20, memory_bytes=0)
-    cache.put((CAP, 0), b"x" * 1000)
-    cache.put((CAP, 1), b"y" * 1000)
+    await cache.put((CAP, 0), b"x" * 1000)
+    await cache.put((CAP, 1), b"y" * 1000)
     files = sorted((tmp_path / "c").iterdir())
     blob = bytearray(files[0].read_bytes())
     blob[-1] ^= 1
@@ -49,12 +49,12 @@ def test_a_damaged_or_torn_file_is_a_miss(tmp_path: Path) -> None:
     files[1].write_bytes(files[1].read_bytes()[:500])
     (tmp_path / "c" / "leftover.tmp").write_bytes(b"half")
     again = SegmentCache(tmp_path / "c", max_bytes=10 << 20, memory_bytes=0)
-    assert again.get((CAP, 0)) is None and again.get((CAP, 1)) is None
+    assert await again.get((CAP, 0)) is None and await again.get((CAP, 1)) is None
     assert list((tmp_path / "c").iterdir()) == []  # damaged files and leftovers removed
 
 
-def test_size_zero_keeps_nothing_on_disk(tmp_path: Path) -> None:
+async def test_size_zero_keeps_nothing_on_disk(tmp_path: Path) -> None:
     cache = SegmentCache(tmp_path / "c", max_bytes=0)
-    cache.put((CAP, 0), b"z" * 100)
-    assert cache.get((CAP, 0)) == b"z" * 100  # memory only
+    await cache.put((CAP, 0), b"z" * 100)
+    assert await cache.get((CAP, 0)) == b"z" * 100  # memory only
     assert not (tmp_path / "c").exists()
