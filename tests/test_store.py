@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from gridfs.caps import b32encode
 from gridfs.codec import CodecParams
 from gridfs.errors import UsageError
+from gridfs.layout import Geometry, ShareHeader
 from gridfs.storage.store import (
     BadWriteError,
     BucketWriter,
@@ -397,3 +400,47 @@ def test_errors_are_store_errors_with_errnos() -> None:
     assert BadWriteError("x").errno == errno.EINVAL
     assert IncompleteShareError("x").errno == errno.EINVAL
     assert issubclass(NoSpaceError, StoreError) and issubclass(NoSuchShareError, StoreError)
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore over a shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
+        vec = ctypes.create_string_buffer(pages)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        if libc.mincore(address, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        count = sum(b & 1 for b in vec.raw)
+        del address  # (the buffer export must end before the mapping closes)
+    return count
+
+
+def _filesystem_type(path: Path) -> str:
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, fstype, *_ = line.split()
+        if str(path).startswith(where) and len(where) > len(best):
+            best, kind = where, fstype
+    return kind
+
+
+def test_closed_share_leaves_the_page_cache(store: ShareStore, tmp_path: Path) -> None:
+    """A share is written once: once on disk its pages are let go of, so
+    uploads do not fill the page cache (drop-behind)."""
+    if _filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a memory filesystem keeps its pages: they are the data")
+    geometry = Geometry(CodecParams(3, 10, 3 << 18), 48 * MiB)
+    si = bytes(range(16))
+    _, buckets = store.allocate(si, [0], geometry.share_size)
+    head = ShareHeader(0, si, geometry).pack()
+    data = head + random.Random(2).randbytes(geometry.share_size - len(head))
+    for off in range(0, len(data), MiB):
+        buckets[0].write(off, data[off : off + MiB])
+    buckets[0].close()
+    name = b32encode(si)
+    share = tmp_path / "shares" / name[:2] / name / "0"
+    assert _resident_pages(share) == 0
+    assert store.read(si, 0, 0, len(data)) == data  # and it reads back from disk
