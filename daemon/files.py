@@ -26,6 +26,7 @@ from gridfs.client.session import TreeSession
 from gridfs.client.transfers import Transfer
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
+from gridfs.hashes import PlaintextHasher
 from gridfs.pack import open_slice
 
 from .segcache import SegmentCache
@@ -173,12 +174,36 @@ class OpenFile:
     pinned: int | None = None
     """fd of the queue's tempfile holding the bytes, opened while the file is
     open: readable even after the queue uploads and removes it"""
+    hasher: PlaintextHasher | None = None
+    """the plaintext hash of bytes [0, hashed), fed by writes from an empty
+    file on, in order; None once a write or truncate breaks the sequence"""
+    hashed: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def staged(self) -> bool:
         """Being written: the bytes are in the buffer or the staging file."""
         return self.buffer is not None or self.staging is not None
+
+    def hash_write(self, offset: int, data: bytes) -> None:
+        """Feed a write to the plaintext hash: a file written from empty to
+        end in order has its convergent key's hash ready when committed,
+        and its upload skips a pass over the staging file."""
+        if self.size == 0:
+            self.hasher, self.hashed = PlaintextHasher(), 0
+        if self.hasher is None:
+            return
+        if offset == self.hashed:
+            self.hasher.update(data)
+            self.hashed += len(data)
+        else:
+            self.hasher = None
+
+    def plaintext_digest(self) -> bytes | None:
+        """The hash of the whole file, if :meth:`hash_write` saw all of it."""
+        if self.hasher is None or self.hashed != self.size:
+            return None
+        return self.hasher.digest()
 
     def close(self) -> None:
         self.buffer = None

@@ -30,7 +30,7 @@ from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
 from gridfs.errors import GridError, UsageError
-from gridfs.fileutil import fsync_dir
+from gridfs.fileutil import DROP_LAG, drop_cache, fsync_dir, start_writeback
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
 from .files import CapReader, OpenFile, content_source
@@ -550,6 +550,7 @@ class GridOperations(pyfuse3.Operations):
         current bytes when ``keep``) before it is written."""
         if of.buffer is not None or (of.staging is not None and not of.handed_over):
             return
+        of.hasher = None  # (restarted by a write to the file while empty)
         if not keep or (of.staging is None and of.entry.size <= INLINE_MAX):
             if keep and of.entry.size:
                 source = await self.source(of)
@@ -590,6 +591,8 @@ class GridOperations(pyfuse3.Operations):
             assert of.staging is not None
             os.ftruncate(of.staging, size)
         of.size = size
+        if size != of.hashed:
+            of.hasher = None
 
     def _spill(self, of: OpenFile) -> None:
         """Move the buffer of ``of``, about to grow past INLINE_MAX, to a staging file."""
@@ -665,6 +668,7 @@ class GridOperations(pyfuse3.Operations):
         async with of.lock:
             await self.stage(of, keep=True)
             end = off + len(buf)
+            of.hash_write(off, buf)
             if of.buffer is not None and end > INLINE_MAX:
                 self._spill(of)
             if of.buffer is not None:
@@ -674,6 +678,9 @@ class GridOperations(pyfuse3.Operations):
             else:
                 assert of.staging is not None
                 os.pwrite(of.staging, buf, off)
+                if off >= of.size:  # appending: staged once, read once by the upload
+                    start_writeback(of.staging, off, len(buf))
+                    drop_cache(of.staging, 0, off - DROP_LAG)
             of.size = max(of.size, end)
             of.dirty, of.mtime_set = True, False
         return len(buf)
@@ -709,6 +716,9 @@ class GridOperations(pyfuse3.Operations):
                 # tempfiles (the open descriptor keeps reading it).
                 os.rename(self.staging_dir / name, self.queue.tempfile_path(name))
                 fsync_dir(self.queue.tempfiles)
+                digest = of.plaintext_digest()
+                if digest is not None:
+                    self.session.digests[self.queue.tempfile_path(name)] = digest
                 async with self.view.lock:
                     box = self.queue.add_file(self.queue.tempfile_path(name), text, entry)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")

@@ -1,12 +1,14 @@
-"""Small durability primitives: atomic replace of a file, directory fsync."""
+"""Small durability primitives: atomic replace of a file, directory fsync;
+and the page-cache hints for bytes written or read once."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,3 +52,45 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now, without
+    waiting (Linux sync_file_range): a later fsync then finds little left
+    to do, instead of the whole file at once."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+DROP_LAG = 8 * 1024 * 1024
+"""How far behind the newest write pages are let go of: by then the
+writeback started for them has (nearly always) finished."""
+
+
+def drop_cache(fd: int, offset: int, length: int) -> None:
+    """Let the page cache go of bytes [offset, offset + length) that are on
+    disk (pages still dirty or under writeback stay); nothing if length <= 0.
+
+    For bytes written or read once -- a server's shares, the mount's staging
+    files and the uploads read from them: caching them would only push out
+    more useful pages (Hadoop's DataNode offers the same drop-behind for its
+    blocks), and the next transfer reuses the freed pages instead of
+    claiming fresh memory, which on a VM whose memory is backed lazily costs
+    several times the copy itself (figures: docs/operations.md §6)."""
+    if length > 0:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

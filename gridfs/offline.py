@@ -16,7 +16,7 @@ from .caps import LITERAL_MAX, LiteralCap, ReadCap, SliceCap, b32encode, parse_r
 from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from .crypto import random_key
 from .errors import CorruptShareError, FormatError, GridError, NotEnoughSharesError, UsageError
-from .fileutil import atomic_output, fsync_dir
+from .fileutil import atomic_output, drop_cache, fsync_dir
 from .hashes import PlaintextHasher, convergence_key
 from .immutable import EncodedSegment, FileDecoder, FileEncoder, ForeignShareError, VerifiedBlock
 from .layout import HEADER
@@ -30,14 +30,19 @@ def share_filename(storage_index: bytes, sharenum: int) -> str:
     return f"{b32encode(storage_index)}.{sharenum}.share"
 
 
-def file_key(path: Path, secret: bytes | None, params_string: str) -> bytes:
-    """Convergent key with a secret (same file → same cap), else a random one."""
+def file_key(path: Path, secret: bytes | None, params_string: str, drop: bool = False) -> bytes:
+    """Convergent key with a secret (same file → same cap), else a random one.
+    ``drop``: the file is read once, let the page cache go of it behind the reads."""
     if secret is None:
         return random_key()
     hasher = PlaintextHasher()
     with open(path, "rb") as f:
+        offset = 0
         while chunk := f.read(READ_CHUNK):
             hasher.update(chunk)
+            if drop:
+                drop_cache(f.fileno(), offset, len(chunk))
+            offset += len(chunk)
     return convergence_key(secret, params_string, hasher.digest())
 
 

@@ -45,7 +45,13 @@ class GridClient:
             return known
         return await self.broker.wait_for_servers(count or self.params.n, min(timeout, 2.0))
 
-    async def put(self, path: Path, progress: Progress | None = None) -> UploadReport:
+    async def put(
+        self,
+        path: Path,
+        progress: Progress | None = None,
+        drop: bool = False,
+        digest: bytes | None = None,
+    ) -> UploadReport:
         size = path.stat().st_size
         if size > LITERAL_MAX:  # literal files need no server
             await self.wait_for_servers(self.params.happy)
@@ -57,7 +63,9 @@ class GridClient:
                 progress(n)
 
         try:
-            return await upload_file(self.broker, path, self.params, self.secret, counted)
+            return await upload_file(
+                self.broker, path, self.params, self.secret, counted, drop=drop, digest=digest
+            )
         finally:
             self.transfers.finish(transfer)
 

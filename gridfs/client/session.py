@@ -96,6 +96,10 @@ class TreeSession:
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
         self.queue = WorkQueue(qdir)
+        self.digests: dict[Path, bytes] = {}
+        """Plaintext hashes of queue tempfiles, known from the writes that
+        made them (the mount hashes as it stages): their upload then skips
+        a pass over the file to find its convergent key."""
 
     @property
     def writable(self) -> bool:
@@ -107,7 +111,10 @@ class TreeSession:
 
     # The Executor protocol for the work queue.
     async def upload(self, path: Path) -> str:
-        report = await self.grid.put(path)
+        # The queue's own tempfiles are read once: their pages need not stay.
+        report = await self.grid.put(
+            path, drop=path.parent == self.queue.tempfiles, digest=self.digests.pop(path, None)
+        )
         return report.cap.to_string()
 
     async def dropped(self, old: str, new: str) -> set[str]:

@@ -29,6 +29,8 @@ from ..aio import in_thread, ordered_tasks
 from ..caps import LITERAL_MAX, LiteralCap, ReadCap
 from ..codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from ..errors import GridError, plain_grid_errors
+from ..fileutil import drop_cache
+from ..hashes import convergence_key
 from ..immutable import FileEncoder, FinishedFile, encode_shares
 from ..offline import file_key
 from ..protocol.schema import MAX_CHUNKS, MAX_WRITE
@@ -95,15 +97,23 @@ async def upload_file(
     params: UploadParams = UploadParams(),
     secret: bytes | None = None,
     progress: Progress | None = None,
+    drop: bool = False,
+    digest: bytes | None = None,
 ) -> UploadReport:
+    """Store the file at ``path`` on the grid.  ``drop``: the file is read
+    once (a queue's tempfile), let the page cache go of it behind the reads.
+    ``digest``: its plaintext hash (:class:`PlaintextHasher`) when the caller
+    already knows it, which saves a pass over the file."""
     size = os.stat(path).st_size
     if size <= LITERAL_MAX:
         return UploadReport(LiteralCap(Path(path).read_bytes()))
     codec = params_for_size(params.k, params.n, params.segment_size, size)
-    if size <= SMALL_FILE:  # a thread costs more than hashing a small file
+    if digest is not None and secret is not None:
+        key = convergence_key(secret, codec.serialize(), digest)
+    elif size <= SMALL_FILE:  # a thread costs more than hashing a small file
         key = file_key(path, secret, codec.serialize())
     else:
-        key = await trio.to_thread.run_sync(file_key, path, secret, codec.serialize())
+        key = await trio.to_thread.run_sync(file_key, path, secret, codec.serialize(), drop)
     encoder = FileEncoder(key, codec, size)
     if len(broker.servers) < params.happy:  # fail before storing anything
         raise UnhappyError(
@@ -116,7 +126,7 @@ async def upload_file(
                 data = f.read()
             return await _Upload(broker, -1, encoder, params, progress).run_small(data)
         with open(path, "rb") as f:
-            return await _Upload(broker, f.fileno(), encoder, params, progress).run()
+            return await _Upload(broker, f.fileno(), encoder, params, progress, drop).run()
 
 
 class _Upload:
@@ -127,6 +137,7 @@ class _Upload:
         encoder: FileEncoder,
         params: UploadParams,
         progress: Progress | None,
+        drop: bool = False,
     ) -> None:
         self.broker = broker
         self.fd = fd
@@ -137,6 +148,8 @@ class _Upload:
         self.geometry = encoder.geometry
         self.refused: set[bytes] = set()
         self.failures: list[str] = []
+        self.drop = drop
+        """let the page cache go of the file behind the reads"""
 
     async def run(self) -> UploadReport:
         n = self.params.n
@@ -283,6 +296,8 @@ class _Upload:
                 data = os.pread(self.fd, g.segment_size(j), j * seg)
                 if len(data) != g.segment_size(j):
                     raise GridError("the file changed size while being uploaded")
+                if self.drop:
+                    drop_cache(self.fd, j * seg, len(data))
                 if encode_all:
                     return dict(enumerate(self.encoder.encode_segment(j, data).blocks))
                 return dict(zip(writing, self.encoder.blocks_for(j, data, writing), strict=True))

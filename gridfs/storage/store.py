@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import errno as _errno
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from gridfs.caps import b32encode
 from gridfs.errors import FormatError, GridError, UsageError
-from gridfs.fileutil import fsync_dir
+from gridfs.fileutil import DROP_LAG, drop_cache, fsync_dir, start_writeback
 from gridfs.hashes import STORAGE_INDEX_SIZE
 from gridfs.layout import HEADER, ShareHeader
 
@@ -327,7 +326,7 @@ class BucketWriter:
             try:
                 _pwrite_full(fd, data, offset)
                 start_writeback(fd, offset, len(data))
-                drop_behind(fd, offset - DROP_LAG)
+                drop_cache(fd, 0, offset - DROP_LAG)  # written once, rarely read soon
             finally:
                 os.close(fd)
         self._add_interval(i, offset, end)
@@ -377,7 +376,7 @@ class BucketWriter:
             if header.geometry.share_size != self.share_size:
                 raise IncompleteShareError(f"{self!r} is not the size its header says")
             os.fsync(fd)
-            drop_behind(fd, self.share_size)
+            drop_cache(fd, 0, self.share_size)
         finally:
             os.close(fd)
 
@@ -435,46 +434,6 @@ def _pwrite_full(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing these bytes to disk now, without
-    waiting (Linux sync_file_range): the fsync at close then finds little
-    left to do, instead of the whole share at once."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-DROP_LAG = 8 * 1024 * 1024
-"""How far behind the newest write a share's pages are let go of: by then
-the writeback started for them has (nearly always) finished."""
-
-
-def drop_behind(fd: int, end: int) -> None:
-    """Let the page cache go of a share's bytes before ``end`` once they are
-    on disk (pages still dirty or under writeback stay).  A share is written
-    once and rarely read soon: caching it would only push out more useful
-    pages (Hadoop's DataNode offers the same drop-behind for its blocks).
-    The next upload then reuses the freed pages instead of claiming fresh
-    memory, which on a VM whose memory is backed lazily costs several times
-    the copy itself (measured: docs/operations.md)."""
-    if end > 0:
-        os.posix_fadvise(fd, 0, end, os.POSIX_FADV_DONTNEED)
 
 
 def _unlink_quiet(path: Path) -> None:
