@@ -685,8 +685,9 @@ class GridOperations(pyfuse3.Operations):
             of.dirty, of.mtime_set = True, False
         return len(buf)
 
-    async def commit(self, of: OpenFile) -> None:
-        """Hand a dirty file to the work queue: durable when this returns."""
+    async def commit(self, of: OpenFile, wait: bool = True) -> None:
+        """Hand a dirty file to the work queue: durable when this returns
+        (and, with -o sync and ``wait``, on the grid)."""
         async with of.lock:
             if not of.dirty or not of.staged:
                 return
@@ -727,7 +728,7 @@ class GridOperations(pyfuse3.Operations):
                 entry = view_entry
                 of.handed_over = True
             of.entry = entry
-        if self.sync:
+        if self.sync and wait:
             await self.daemon.wait_synced()
 
     @errors_to_errno
@@ -736,8 +737,10 @@ class GridOperations(pyfuse3.Operations):
 
     @errors_to_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.commit(self.open_files[self.handles[fh]])
+        await self.commit(self.open_files[self.handles[fh]], wait=False)
         await self.sync_queue()  # e.g. a new file never written: its creation
+        if self.sync:  # (that creation too: it may be the only change queued)
+            await self.daemon.wait_synced()
 
     @errors_to_errno
     async def release(self, fh: int) -> None:

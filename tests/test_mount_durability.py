@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gridfs.caps import b32encode, parse_read_cap
+
 pytest.register_assert_rewrite("tests.mountutil")
 from .mountutil import (  # noqa: E402
     GRIDFS,
@@ -111,6 +113,10 @@ def test_kill9_after_fsync_then_remount(fresh_mount: Mount) -> None:
         assert (mp / rel).read_bytes() == content, rel
 
 
+AFTER_THE_GRID = {"unlink_commit", "delete_box", "delete_tempfile"}
+"""Queue steps an fsync under -o sync leaves to the background flush."""
+
+
 def test_sync_option_fsync_waits_for_the_grid(
     mount_grid: Grid, mount_node: Path, tmp_path: Path
 ) -> None:
@@ -121,15 +127,15 @@ def test_sync_option_fsync_waits_for_the_grid(
             f.flush()
             os.fsync(f.fileno())
             # still open, and already on the grid: nothing but the giving up
-            # of old leases (left to the background flush) is queued, and
-            # another client reads it
-            assert m.pending_kinds() <= {"unlink_commit"}
+            # of old leases and the local clean-up (left to the background
+            # flush) is queued, and another client reads it
+            assert m.pending_kinds() <= AFTER_THE_GRID
             assert outside(mount_grid, mount_node, "cat", "t:/f") == big
         (m.mountpoint / "d").mkdir()
         with open(m.mountpoint / "d" / "small", "wb") as f:
             f.write(b"small")
             os.fsync(f.fileno())
-            assert m.pending_kinds() <= {"unlink_commit"}
+            assert m.pending_kinds() <= AFTER_THE_GRID
             assert outside(mount_grid, mount_node, "ls", "t:/d").split() == [b"small"]
 
 
@@ -409,3 +415,28 @@ def test_small_files_over_the_directory_budget_share_a_pack(
         os.unlink(mp / "many" / name)
     fresh_mount.flush()
     assert not packs & set(share_sizes(mount_grid))  # the last one gone: so is the pack
+
+
+def test_files_written_through_the_mount_keep_their_convergent_key(
+    mount_grid: Grid, fresh_mount: Mount, tmp_path: Path
+) -> None:
+    """The mount hashes a file as it is written in order (its upload skips a
+    pass over it); whether it was written in order or not, the key is the one
+    ``gridfs put`` derives from the same bytes: the same shares."""
+    in_order, backwards = os.urandom(3 * 2**20 + 5), os.urandom(2**20 + 7)
+    with open(fresh_mount.mountpoint / "in-order", "wb") as f:
+        for off in range(0, len(in_order), 65536):
+            f.write(in_order[off : off + 65536])
+    fd = os.open(fresh_mount.mountpoint / "backwards", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for off in reversed(range(0, len(backwards), 65536)):
+            os.pwrite(fd, backwards[off : off + 65536], off)
+    finally:
+        os.close(fd)
+    gridfs("queue", "flush", "--node", fresh_mount.node)
+    stored = share_sizes(mount_grid)
+    for name, data in (("in-order", in_order), ("backwards", backwards)):
+        assert (fresh_mount.mountpoint / name).read_bytes() == data
+        (tmp_path / name).write_bytes(data)
+        cap = parse_read_cap(gridfs("put", tmp_path / name, "--node", fresh_mount.node).stdout)
+        assert b32encode(cap.storage_index) in stored, name
