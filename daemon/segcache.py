@@ -10,6 +10,9 @@ fails that check and counts as a miss.  The least recently used files are
 deleted to stay under ``max_bytes``.  Files are read, hashed and written in
 a worker thread (a new segment is in memory at once, on disk a moment
 later), so the event loop that answers FUSE requests never waits on them.
+Each file's writeback starts when it is written, and its pages leave the
+page cache one file later (the kernel caches what the mount serves anyway):
+a long read then reuses a few pages instead of claiming fresh ones.
 
 The directory is as private as the staging files of the mount (mode 0700,
 inside the node directory): it holds plaintext, like them.
@@ -25,6 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import trio
+
+from gridfs.fileutil import drop_cache, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class SegmentCache:
         self._files: OrderedDict[str, int] = OrderedDict()
         """On-disk entries, least recently used first: file name → size."""
         self._disk_size = 0
+        self._last_written: str | None = None
         self.hits = {"memory": 0, "disk": 0, "miss": 0}
         if self.directory is not None:
             self._open_directory(self.directory)
@@ -111,7 +117,8 @@ class SegmentCache:
         name = self._name(key)
         if self.directory is None or len(data) + _DIGEST > self.max_bytes or name in self._files:
             return
-        if not await trio.to_thread.run_sync(_write_checked, self.directory, name, data):
+        before, self._last_written = self._last_written, name
+        if not await trio.to_thread.run_sync(_write_checked, self.directory, name, data, before):
             return
         if name not in self._files:  # (written twice at once: counted once)
             self._files[name] = len(data) + _DIGEST
@@ -157,8 +164,10 @@ def _read_checked(path: Path) -> bytes | None:
     return data
 
 
-def _write_checked(directory: Path, name: str, data: bytes) -> bool:
-    """Write a cache file (its digest, then the data); False if it cannot be."""
+def _write_checked(directory: Path, name: str, data: bytes, before: str | None = None) -> bool:
+    """Write a cache file (its digest, then the data) and start its
+    writeback, and let the pages of the file written ``before`` go; False
+    if it cannot be written."""
     tmp = directory / f"{name}.tmp"
     try:
         # No fsync: a cache entry lost in a crash is fetched again, and a
@@ -166,7 +175,12 @@ def _write_checked(directory: Path, name: str, data: bytes) -> bool:
         with open(tmp, "wb") as f:
             f.write(hashlib.sha256(data).digest())
             f.write(data)
+            f.flush()
+            start_writeback(f.fileno(), 0, 0)
         os.replace(tmp, directory / name)
+        if before is not None:
+            with contextlib.suppress(FileNotFoundError), open(directory / before, "rb") as f:
+                drop_cache(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     except OSError as e:
         log.warning("cannot write the segment cache: %s", e)
         with contextlib.suppress(OSError):

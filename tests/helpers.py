@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from collections.abc import Mapping
+from pathlib import Path
 
 from gridfs.caps import ReadCap, VerifyCap
 from gridfs.codec import CodecParams
@@ -55,3 +58,29 @@ def decode_shares(
             del good[num]
         out.append(decoded.data)
     return b"".join(out)
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore over a shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
+        vec = ctypes.create_string_buffer(pages)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        if libc.mincore(address, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        count = sum(b & 1 for b in vec.raw)
+        del address  # (the buffer export must end before the mapping closes)
+    return count
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (e.g. "ext4", "tmpfs")."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, fstype, *_ = line.split()
+        if str(path).startswith(where) and len(where) > len(best):
+            best, kind = where, fstype
+    return kind

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from gridfs_daemon.segcache import SegmentCache
+
+from .helpers import filesystem_type, resident_pages
 
 CAP = "gridfs:chk:" + "a" * 52 + ":" + "b" * 52 + ":3:10:5000000"
 
@@ -58,3 +61,17 @@ async def test_size_zero_keeps_nothing_on_disk(tmp_path: Path) -> None:
     await cache.put((CAP, 0), b"z" * 100)
     assert await cache.get((CAP, 0)) == b"z" * 100  # memory only
     assert not (tmp_path / "c").exists()
+
+
+async def test_written_files_leave_the_page_cache_one_file_later(tmp_path: Path) -> None:
+    """A long read writes many segments once: their pages are let go of
+    (behind the newest) instead of filling the page cache."""
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a memory filesystem keeps its pages: they are the data")
+    cache = SegmentCache(tmp_path / "c", max_bytes=100 << 20, memory_bytes=0)
+    segments = [os.urandom(1 << 20) for _ in range(3)]
+    for j, data in enumerate(segments):
+        await cache.put(("cap", j), data)
+    residency = sorted(resident_pages(f) for f in (tmp_path / "c").iterdir())
+    assert len(residency) == 3 and residency[:2] == [0, 0]  # (the newest may stay)
+    assert [await cache.get(("cap", j)) for j in range(3)] == segments  # back from disk

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +27,7 @@ from gridfs.storage.store import (
     StoreLimits,
 )
 
-from .helpers import encode_bytes
+from .helpers import encode_bytes, filesystem_type, resident_pages
 
 PARAMS = CodecParams(3, 5, 96)
 MiB = 1 << 20
@@ -402,35 +400,10 @@ def test_errors_are_store_errors_with_errnos() -> None:
     assert issubclass(NoSpaceError, StoreError) and issubclass(NoSuchShareError, StoreError)
 
 
-def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (mincore over a shared mapping)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
-        vec = ctypes.create_string_buffer(pages)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        if libc.mincore(address, size, vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore")
-        count = sum(b & 1 for b in vec.raw)
-        del address  # (the buffer export must end before the mapping closes)
-    return count
-
-
-def _filesystem_type(path: Path) -> str:
-    best, kind = "", ""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, where, fstype, *_ = line.split()
-        if str(path).startswith(where) and len(where) > len(best):
-            best, kind = where, fstype
-    return kind
-
-
 def test_closed_share_leaves_the_page_cache(store: ShareStore, tmp_path: Path) -> None:
     """A share is written once: once on disk its pages are let go of, so
     uploads do not fill the page cache (drop-behind)."""
-    if _filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("a memory filesystem keeps its pages: they are the data")
     geometry = Geometry(CodecParams(3, 10, 3 << 18), 48 * MiB)
     si = bytes(range(16))
@@ -442,5 +415,5 @@ def test_closed_share_leaves_the_page_cache(store: ShareStore, tmp_path: Path) -
     buckets[0].close()
     name = b32encode(si)
     share = tmp_path / "shares" / name[:2] / name / "0"
-    assert _resident_pages(share) == 0
+    assert resident_pages(share) == 0
     assert store.read(si, 0, 0, len(data)) == data  # and it reads back from disk
