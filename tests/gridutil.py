@@ -64,6 +64,8 @@ class Behaviour:
     crash_on_kill: bool = False
     """When killed, leave uploads in progress on disk (a crash, not a shutdown)."""
     reads: list[ReadCall] = field(default_factory=list)
+    writes: list[int] = field(default_factory=list)
+    """How many chunks each write request carried."""
 
 
 class StorageNode:
@@ -148,11 +150,16 @@ class StorageNode:
 
 
 class GridSession(StorageSession):
-    """A storage session that logs reads and tampers with them on request."""
+    """A storage session that logs reads and writes, and tampers with reads
+    on request."""
 
     def __init__(self, store: ShareStore, idle_timeout: float, *, node: StorageNode) -> None:
         super().__init__(store, idle_timeout)
         self.node = node
+
+    async def rpc_write(self, si: bytes, sharenum: int, chunks: list[tuple[int, bytes]]) -> None:
+        self.node.behaviour.writes.append(len(chunks))
+        await super().rpc_write(si, sharenum, chunks)
 
     async def rpc_read(self, si: bytes, sharenum: int, offset: int, length: int) -> Any:
         behaviour = self.node.behaviour

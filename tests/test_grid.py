@@ -92,6 +92,21 @@ async def test_round_trip_spreads_shares_and_reads_only_needed_segments(
                 assert dl.problems == []
 
 
+async def test_upload_writes_several_segments_per_request(tmp_path: Path, secret: bytes) -> None:
+    """A request costs both sides about as much as a 350 KB block: blocks of
+    consecutive segments travel together."""
+    params = UploadParams(K, HAPPY, N, segment_size=MiB, batch=4)
+    data = payload(10 * MiB - 5)  # 10 segments
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid") as grid:
+            async with open_broker(grid.addresses) as broker:
+                report = await upload_bytes(broker, data, tmp_path, params, secret)
+            # per share: 3 requests of blocks (4 + 4 + 2 segments), 1 of head and proofs
+            assert [sorted(node.behaviour.writes) for node in grid.nodes] == [[2, 4, 4, 11]] * N
+            async with open_broker(grid.addresses) as broker:
+                assert await download_bytes(broker, report.cap) == data
+
+
 # -- dead servers ---------------------------------------------------------------
 
 
