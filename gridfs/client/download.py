@@ -3,11 +3,13 @@
 Servers are asked for the file's shares in parallel; each share's head is
 checked against the cap as it arrives, and work starts as soon as k shares
 are usable, while the other answers keep coming in as spares.  A segment
-needs one read per share (a record holds the block and its proofs); every
-block is verified before decoding, and a server that errs, times out or
-serves corrupt data loses that share for the rest of the download and is
-reported.  Segments stream in order with a bounded number in flight, and any
-byte range can be read without fetching the rest.
+needs one read per share (a record holds the block and its proofs), and a
+sequential read takes the records of a few segments in one (they are
+contiguous in a share).  Every block is verified before decoding, and a
+server that errs, times out or serves corrupt data loses that share for the
+rest of the download and is reported.  Segments stream in order with a
+bounded number in flight, and any byte range can be read without fetching
+the rest.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from ..caps import ReadCap, VerifyCap
 from ..errors import CorruptShareError, GridError, NotEnoughSharesError
 from ..immutable import DecodedSegment, FileDecoder, ForeignShareError, VerifiedBlock
 from ..layout import HEADER
+from ..protocol.schema import MAX_READ
 from .broker import Server, StorageBroker
 
 log = logging.getLogger(__name__)
 HEAD_GUESS = 4096
 LOCATE_TIMEOUT = 15.0
 READ_TIMEOUT = 20.0
+BATCH = 4
+"""Segments a sequential read takes from each share in one request (a
+request costs both sides about as much as a 350 KB record)."""
 
 
 @dataclass
@@ -205,7 +211,55 @@ class Downloader:
             async with trio.open_nursery() as nursery:
                 for source in choice:
                     nursery.start_soon(fetch, source)
-        chosen = [blocks[n] for n in sorted(blocks)[:k]]
+        return await self._decode(j, [blocks[n] for n in sorted(blocks)[:k]])
+
+    async def segments(self, first: int, count: int) -> list[DecodedSegment]:
+        """Segments ``first`` .. ``first + count - 1``: from each of k shares,
+        their records in one read; any trouble (a bad or slow source) and
+        they are fetched again one segment at a time, with fail-over."""
+        k = self.cap.k
+        choice = self._choose(k, exclude=set())
+        if count == 1 or len(choice) < k:
+            return [await self.segment(j) for j in range(first, first + count)]
+        start = self.decoder.record_span(first)[0]
+        last_offset, last_length = self.decoder.record_span(first + count - 1)
+        records: dict[int, list[VerifiedBlock]] = {}
+
+        def verify(sharenum: int, data: bytes) -> list[VerifiedBlock]:
+            out = []
+            for j in range(first, first + count):
+                offset, length = self.decoder.record_span(j)
+                record = data[offset - start : offset - start + length]
+                out.append(self.decoder.verify_record(sharenum, j, record))
+            return out
+
+        async def fetch(source: Source) -> None:
+            source.busy += 1
+            try:
+                with trio.fail_after(READ_TIMEOUT):
+                    data = await self._read(source, start, last_offset + last_length - start)
+                records[source.sharenum] = await trio.to_thread.run_sync(
+                    verify, source.sharenum, data
+                )
+            except trio.TooSlowError:
+                self.report(source, "timed out")
+            except GridError as e:
+                self.report(source, str(e))
+            finally:
+                source.busy -= 1
+
+        async with trio.open_nursery() as nursery:
+            for source in choice:
+                nursery.start_soon(fetch, source)
+        if len(records) < k:
+            return [await self.segment(j) for j in range(first, first + count)]
+        nums = sorted(records)
+        return [
+            await self._decode(j, [records[n][i] for n in nums])
+            for i, j in enumerate(range(first, first + count))
+        ]
+
+    async def _decode(self, j: int, chosen: list[VerifiedBlock]) -> DecodedSegment:
         decoded = await trio.to_thread.run_sync(self.decoder.decode_segment, j, chosen)
         for num in decoded.bad_proofs:
             for source in self.sources.get(num, []):
@@ -237,22 +291,26 @@ class Downloader:
                 f"no usable share found: {self.servers_answered} of {self.servers_asked} "
                 f"servers answered, {len(self.problems)} shares were bad"
             )
-        seg = self.decoder.geometry.params.segment_size
+        params = self.decoder.geometry.params
+        seg = params.segment_size
         first, last = offset // seg, (end - 1) // seg
+        record = self.decoder.geometry.proof_size + params.block_size
+        batch = max(1, min(BATCH, MAX_READ // record))
 
-        def job(j: int) -> Callable[[], Awaitable[DecodedSegment]]:
-            return lambda: self.segment(j)
+        def job(j: int) -> Callable[[], Awaitable[list[DecodedSegment]]]:
+            return lambda: self.segments(j, min(batch, last + 1 - j))
 
-        send, recv = trio.open_memory_channel[DecodedSegment](0)
+        jobs = (job(j) for j in range(first, last + 1, batch))
+        send, recv = trio.open_memory_channel[list[DecodedSegment]](0)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                ordered_tasks, (job(j) for j in range(first, last + 1)), self.window, send
-            )
+            nursery.start_soon(ordered_tasks, jobs, max(2, self.window // batch), send)
             async with recv:
-                async for decoded in recv:
-                    start = decoded.index * seg
-                    lo, hi = max(offset, start) - start, min(end, start + len(decoded.data)) - start
-                    await write(decoded.data[lo:hi])
+                async for decoded_run in recv:
+                    for decoded in decoded_run:
+                        start = decoded.index * seg
+                        lo = max(offset, start) - start
+                        hi = min(end, start + len(decoded.data)) - start
+                        await write(decoded.data[lo:hi])
 
     async def read(self, offset: int, length: int) -> bytes:
         parts: list[bytes] = []
