@@ -178,7 +178,9 @@ class ShareStore:
             except FileNotFoundError:
                 raise NoSuchShareError(f"no share {sharenum} here") from None
             try:
-                return _pread_full(fd, offset, length)
+                data = _pread_full(fd, offset, length)
+                drop_cache(fd, offset, len(data))  # its reader keeps what it needs
+                return data
             finally:
                 os.close(fd)
 
