@@ -15,9 +15,11 @@ the rest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -30,6 +32,7 @@ from ..protocol.schema import MAX_READ
 from .broker import Server, StorageBroker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 HEAD_GUESS = 4096
 LOCATE_TIMEOUT = 15.0
 READ_TIMEOUT = 20.0
@@ -193,20 +196,10 @@ class Downloader:
                 )
 
             async def fetch(source: Source) -> None:
-                source.busy += 1
-                try:
-                    with trio.fail_after(READ_TIMEOUT):
-                        data = await self._read(source, offset, length)
-                    block = await trio.to_thread.run_sync(
-                        self.decoder.verify_record, source.sharenum, j, data
-                    )
+                verify = functools.partial(self.decoder.verify_record, source.sharenum, j)
+                block = await self._fetch(source, offset, length, verify)
+                if block is not None:
                     blocks[source.sharenum] = block
-                except trio.TooSlowError:
-                    self.report(source, "timed out")
-                except GridError as e:
-                    self.report(source, str(e))
-                finally:
-                    source.busy -= 1
 
             async with trio.open_nursery() as nursery:
                 for source in choice:
@@ -234,19 +227,11 @@ class Downloader:
             return out
 
         async def fetch(source: Source) -> None:
-            source.busy += 1
-            try:
-                with trio.fail_after(READ_TIMEOUT):
-                    data = await self._read(source, start, last_offset + last_length - start)
-                records[source.sharenum] = await trio.to_thread.run_sync(
-                    verify, source.sharenum, data
-                )
-            except trio.TooSlowError:
-                self.report(source, "timed out")
-            except GridError as e:
-                self.report(source, str(e))
-            finally:
-                source.busy -= 1
+            length = last_offset + last_length - start
+            check = functools.partial(verify, source.sharenum)
+            run = await self._fetch(source, start, length, check)
+            if run is not None:
+                records[source.sharenum] = run
 
         async with trio.open_nursery() as nursery:
             for source in choice:
@@ -258,6 +243,24 @@ class Downloader:
             await self._decode(j, [records[n][i] for n in nums])
             for i, j in enumerate(range(first, first + count))
         ]
+
+    async def _fetch(
+        self, source: Source, offset: int, length: int, verify: Callable[[bytes], T]
+    ) -> T | None:
+        """Read bytes of one share and check them (in a thread); None, and the
+        source reported, if it errs, times out or serves bad data."""
+        source.busy += 1
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                data = await self._read(source, offset, length)
+            return await trio.to_thread.run_sync(verify, data)
+        except trio.TooSlowError:
+            self.report(source, "timed out")
+        except GridError as e:
+            self.report(source, str(e))
+        finally:
+            source.busy -= 1
+        return None
 
     async def _decode(self, j: int, chosen: list[VerifiedBlock]) -> DecodedSegment:
         decoded = await trio.to_thread.run_sync(self.decoder.decode_segment, j, chosen)
