@@ -518,9 +518,7 @@ class GridOperations(pyfuse3.Operations):
             of.handles -= 1
             await self.drop_if_unused(of)
             raise
-        info = pyfuse3.FileInfo(fh=self._new_fh(inode))
-        info.keep_cache = False
-        return info
+        return self._file_info(inode, flags)
 
     @errors_to_errno
     async def create(
@@ -543,7 +541,16 @@ class GridOperations(pyfuse3.Operations):
         of.handles += 1
         async with of.lock:
             await self.stage(of, keep=False)
-        return pyfuse3.FileInfo(fh=self._new_fh(ino)), self.attrs(ino, entry)
+        return self._file_info(ino, flags), self.attrs(ino, entry)
+
+    def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        info = pyfuse3.FileInfo(fh=self._new_fh(ino))
+        info.keep_cache = False  # (an open sees the current version)
+        # A write-only handle bypasses the kernel's page cache: its bytes go
+        # to staging without first filling page-cache pages nobody reads
+        # (nothing can read or map the file through it).
+        info.direct_io = flags & os.O_ACCMODE == os.O_WRONLY
+        return info
 
     async def stage(self, of: OpenFile, keep: bool) -> None:
         """Make sure ``of`` has a private buffer or staging file (holding its

@@ -62,18 +62,23 @@ def decode_shares(
 
 def resident_pages(path: Path) -> int:
     """Pages of ``path`` in the page cache (mincore over a shared mapping)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
+        return mapped_resident_pages(mapping)
+
+
+def mapped_resident_pages(mapping: mmap.mmap) -> int:
+    """Pages of a writable shared mapping that are in the page cache."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    size = path.stat().st_size
-    pages = -(-size // mmap.PAGESIZE)
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
-        vec = ctypes.create_string_buffer(pages)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        if libc.mincore(address, size, vec) != 0:
+    vec = ctypes.create_string_buffer(-(-len(mapping) // mmap.PAGESIZE))
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        if libc.mincore(ctypes.addressof(anchor), len(mapping), vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore")
-        count = sum(b & 1 for b in vec.raw)
-        del address  # (the buffer export must end before the mapping closes)
-    return count
+    finally:
+        del anchor  # (the buffer export must end before the mapping closes)
+    return sum(b & 1 for b in vec.raw)
 
 
 def filesystem_type(path: Path) -> str:

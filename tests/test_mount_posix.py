@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("tests.mountutil")
+from .helpers import mapped_resident_pages  # noqa: E402
 from .mountutil import Grid, Mount, mounted, outside, wait_for  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+MIB = 1 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -56,6 +58,24 @@ def test_two_handles_see_each_others_writes(mount_dir: Path) -> None:
         w.write(b" world")
         assert os.pread(r.fileno(), 100, 0) == b"hello world"
         assert os.fstat(r.fileno()).st_size == 11
+
+
+def test_a_write_only_handle_bypasses_the_page_cache(mount_dir: Path) -> None:
+    """dd of=FILE and the like write through handles nothing can read or map:
+    their bytes go straight to staging (direct_io) instead of filling
+    page-cache pages first, and readers still see them at once."""
+    path = mount_dir / "direct"
+    path.write_bytes(b"A" * MIB)
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), MIB) as mapping:
+        assert mapping[:] == b"A" * MIB  # cached now
+        assert mapped_resident_pages(mapping) == MIB // mmap.PAGESIZE
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"B" * MIB, 0)
+        finally:
+            os.close(fd)
+        assert mapped_resident_pages(mapping) == 0  # the write went around the cache
+        assert mapping[:] == b"B" * MIB and os.pread(f.fileno(), 4, 0) == b"BBBB"
 
 
 def test_append(mount_dir: Path) -> None:
