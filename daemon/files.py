@@ -34,8 +34,10 @@ from .segcache import SegmentCache
 log = logging.getLogger(__name__)
 SEGMENT_SIZE_KEY = -1
 """The cache entry (cap, -1) holds a file's segment size (8 bytes, big-endian)."""
-READAHEAD = 4
-"""Segments fetched ahead of a sequential reader."""
+READAHEAD = 8
+"""Segments fetched ahead of a sequential reader, in runs of READ_RUN."""
+READ_RUN = 4
+"""Segments read ahead together, one request per share (downloader.segments)."""
 
 
 class CapReader:
@@ -114,9 +116,12 @@ class CapReader:
         num_segments = -(-stop // segsize)  # (no further: the rest are a slice's neighbours)
         first, last = offset // segsize, (end - 1) // segsize
         if first in (self._last, self._last + 1):  # sequential: read ahead
-            for j in range(last + 1, min(last + 1 + READAHEAD, num_segments)):
-                if (self.key, j) not in self.cache and j not in self._fetching:
-                    nursery.start_soon(self._prefetch, j, nursery)
+            ahead = range(last + 1, min(last + 1 + READAHEAD, num_segments))
+            missing = [j for j in ahead if (self.key, j) not in self.cache]
+            for run in _runs([j for j in missing if j not in self._fetching], READ_RUN):
+                # Whole runs (fewer requests) unless soon needed or at the end.
+                if len(run) == READ_RUN or run[0] <= last + READ_RUN or run[-1] == num_segments - 1:
+                    self._start_run(run, nursery)
         self._last = last
         parts = []
         for j in range(first, last + 1):
@@ -138,15 +143,43 @@ class CapReader:
         await self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
         return size
 
-    async def _prefetch(self, j: int, nursery: trio.Nursery) -> None:
-        with contextlib.suppress(GridError):
-            await self.segment(j, nursery)
+    def _start_run(self, run: list[int], nursery: trio.Nursery) -> None:
+        """Fetch consecutive segments ``run`` into the cache in the background."""
+        events = {j: trio.Event() for j in run}
+        self._fetching.update(events)
+
+        async def fetch() -> None:
+            try:
+                downloader = await self._dl(nursery)
+                for decoded in await downloader.segments(run[0], len(run)):
+                    self._transfer.add(len(decoded.data))
+                    await self.cache.put((self.key, decoded.index), decoded.data)
+            except GridError:
+                pass  # (a reader that needs one of them fetches it itself)
+            finally:
+                for j, event in events.items():
+                    event.set()
+                    if self._fetching.get(j) is event:
+                        del self._fetching[j]
+
+        nursery.start_soon(fetch)
 
     def close(self) -> None:
         if self._downloader is not None:
             self._release.set()
             self._downloader = None
             self.session.grid.transfers.finish(self._transfer)
+
+
+def _runs(indexes: list[int], most: int) -> list[list[int]]:
+    """Ascending ``indexes`` cut into runs of consecutive ones, each at most ``most`` long."""
+    runs: list[list[int]] = []
+    for j in indexes:
+        if runs and runs[-1][-1] == j - 1 and len(runs[-1]) < most:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs
 
 
 @dataclass
