@@ -27,6 +27,7 @@ from gridfs.client.transfers import Transfer
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
 from gridfs.hashes import PlaintextHasher
+from gridfs.immutable import DecodedSegment
 from gridfs.pack import open_slice
 
 from .segcache import SegmentCache
@@ -93,8 +94,7 @@ class CapReader:
         done = self._fetching[j] = trio.Event()
         try:
             decoded = await (await self._dl(nursery)).segment(j)
-            self._transfer.add(len(decoded.data))
-            await self.cache.put((self.key, j), decoded.data)
+            await self._keep(decoded)
             return decoded.data
         finally:
             done.set()
@@ -143,6 +143,11 @@ class CapReader:
         await self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
         return size
 
+    async def _keep(self, decoded: DecodedSegment) -> None:
+        """Count a fetched segment and cache it."""
+        self._transfer.add(len(decoded.data))
+        await self.cache.put((self.key, decoded.index), decoded.data)
+
     def _start_run(self, run: list[int], nursery: trio.Nursery) -> None:
         """Fetch consecutive segments ``run`` into the cache in the background."""
         events = {j: trio.Event() for j in run}
@@ -152,8 +157,7 @@ class CapReader:
             try:
                 downloader = await self._dl(nursery)
                 for decoded in await downloader.segments(run[0], len(run)):
-                    self._transfer.add(len(decoded.data))
-                    await self.cache.put((self.key, decoded.index), decoded.data)
+                    await self._keep(decoded)
             except GridError:
                 pass  # (a reader that needs one of them fetches it itself)
             finally:

@@ -15,7 +15,6 @@ the rest.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -184,6 +183,10 @@ class Downloader:
         k = self.cap.k
         blocks: dict[int, VerifiedBlock] = {}
         offset, length = self.decoder.record_span(j)
+
+        def verify(sharenum: int, data: bytes) -> VerifiedBlock:
+            return self.decoder.verify_record(sharenum, j, data)
+
         while len(blocks) < k:
             choice = self._choose(k - len(blocks), exclude=set(blocks))
             if not choice:
@@ -194,16 +197,7 @@ class Downloader:
                     f"segment {j}: only {len(blocks) + len(self._usable()) - len(blocks)} "
                     f"usable shares, {k} needed"
                 )
-
-            async def fetch(source: Source) -> None:
-                verify = functools.partial(self.decoder.verify_record, source.sharenum, j)
-                block = await self._fetch(source, offset, length, verify)
-                if block is not None:
-                    blocks[source.sharenum] = block
-
-            async with trio.open_nursery() as nursery:
-                for source in choice:
-                    nursery.start_soon(fetch, source)
+            blocks |= await self._fetch(choice, offset, length, verify)
         return await self._decode(j, [blocks[n] for n in sorted(blocks)[:k]])
 
     async def segments(self, first: int, count: int) -> list[DecodedSegment]:
@@ -216,7 +210,6 @@ class Downloader:
             return [await self.segment(j) for j in range(first, first + count)]
         start = self.decoder.record_span(first)[0]
         last_offset, last_length = self.decoder.record_span(first + count - 1)
-        records: dict[int, list[VerifiedBlock]] = {}
 
         def verify(sharenum: int, data: bytes) -> list[VerifiedBlock]:
             out = []
@@ -226,16 +219,7 @@ class Downloader:
                 out.append(self.decoder.verify_record(sharenum, j, record))
             return out
 
-        async def fetch(source: Source) -> None:
-            length = last_offset + last_length - start
-            check = functools.partial(verify, source.sharenum)
-            run = await self._fetch(source, start, length, check)
-            if run is not None:
-                records[source.sharenum] = run
-
-        async with trio.open_nursery() as nursery:
-            for source in choice:
-                nursery.start_soon(fetch, source)
+        records = await self._fetch(choice, start, last_offset + last_length - start, verify)
         if len(records) < k:
             return [await self.segment(j) for j in range(first, first + count)]
         nums = sorted(records)
@@ -245,22 +229,37 @@ class Downloader:
         ]
 
     async def _fetch(
-        self, source: Source, offset: int, length: int, verify: Callable[[bytes], T]
-    ) -> T | None:
-        """Read bytes of one share and check them (in a thread); None, and the
-        source reported, if it errs, times out or serves bad data."""
-        source.busy += 1
-        try:
-            with trio.fail_after(READ_TIMEOUT):
-                data = await self._read(source, offset, length)
-            return await trio.to_thread.run_sync(verify, data)
-        except trio.TooSlowError:
-            self.report(source, "timed out")
-        except GridError as e:
-            self.report(source, str(e))
-        finally:
-            source.busy -= 1
-        return None
+        self,
+        sources: list[Source],
+        offset: int,
+        length: int,
+        verify: Callable[[int, bytes], T],
+    ) -> dict[int, T]:
+        """Read the same bytes of several shares at once and check each
+        (``verify(sharenum, data)``, in a thread): share number → result,
+        for the sources that neither erred, timed out nor served bad data
+        (those are reported)."""
+        results: dict[int, T] = {}
+
+        async def one(source: Source) -> None:
+            source.busy += 1
+            try:
+                with trio.fail_after(READ_TIMEOUT):
+                    data = await self._read(source, offset, length)
+                results[source.sharenum] = await trio.to_thread.run_sync(
+                    verify, source.sharenum, data
+                )
+            except trio.TooSlowError:
+                self.report(source, "timed out")
+            except GridError as e:
+                self.report(source, str(e))
+            finally:
+                source.busy -= 1
+
+        async with trio.open_nursery() as nursery:
+            for source in sources:
+                nursery.start_soon(one, source)
+        return results
 
     async def _decode(self, j: int, chosen: list[VerifiedBlock]) -> DecodedSegment:
         decoded = await trio.to_thread.run_sync(self.decoder.decode_segment, j, chosen)

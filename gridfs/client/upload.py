@@ -334,12 +334,13 @@ class _Upload:
         """Write the blocks of some consecutive segments, each bucket's in
         as few requests as the wire's limits allow."""
         g = self.geometry
+        offsets = [g.record_span(j)[0] + g.proof_size for j, _ in batch]
         try:
             async with trio.open_nursery() as nursery:
                 for num, bucket in buckets.items():
                     if bucket.existing or bucket.error:
                         continue
-                    chunks = [(g.record_span(j)[0] + g.proof_size, b[num]) for j, b in batch]
+                    chunks = [(off, b[num]) for off, (_, b) in zip(offsets, batch, strict=True)]
                     nursery.start_soon(self._write_all, bucket, chunks)
         finally:
             window.release()

@@ -130,8 +130,7 @@ class StorageSession:
     async def rpc_write(self, si: bytes, sharenum: int, chunks: list[tuple[int, bytes]]) -> None:
         bucket = self._bucket(si, sharenum)
         try:
-            for offset, data in chunks:
-                bucket.write(offset, data)
+            bucket.write_all(chunks)
         except GridError:
             self.buckets.pop((si, sharenum), None)
             bucket.abort()

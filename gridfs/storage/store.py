@@ -311,29 +311,44 @@ class BucketWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``: inside the share, over no byte written before."""
+        self.write_all([(offset, data)])
+
+    def write_all(self, chunks: Iterable[tuple[int, bytes]]) -> None:
+        """:meth:`write` each (offset, data) in turn, with one open of the
+        file and one writeback hint for the lot (a hint may cost a VM exit)."""
         if self.closed or self.aborted:
             raise BadWriteError(f"write to a finished {self!r}")
-        end = offset + len(data)
-        if offset < 0 or end > self.share_size:
-            raise BadWriteError(f"write of [{offset}, {end}) outside [0, {self.share_size})")
-        if not data:
-            return
-        i = bisect.bisect_right(self._starts, offset)
-        if (i > 0 and self._ends[i - 1] > offset) or (
-            i < len(self._starts) and self._starts[i] < end
-        ):
-            raise BadWriteError(f"write of [{offset}, {end}) overlaps bytes already written")
+        low, high = self.share_size, 0
         with _disk_errors("write"):
             fd = os.open(self._path, os.O_WRONLY)
             try:
-                _pwrite_full(fd, data, offset)
-                start_writeback(fd, offset, len(data))
-                drop_cache(fd, 0, offset - DROP_LAG)  # written once, rarely read soon
+                for offset, data in chunks:
+                    end = offset + len(data)
+                    i = self._fresh_slot(offset, end)
+                    if not data:
+                        continue
+                    _pwrite_full(fd, data, offset)
+                    self._add_interval(i, offset, end)
+                    self.written += len(data)
+                    low, high = min(low, offset), max(high, end)
             finally:
+                if high > low:
+                    start_writeback(fd, low, high - low)
+                    drop_cache(fd, 0, low - DROP_LAG)  # written once, rarely read soon
                 os.close(fd)
-        self._add_interval(i, offset, end)
-        self.written += len(data)
         self.last_activity = time.monotonic()
+
+    def _fresh_slot(self, offset: int, end: int) -> int:
+        """Where [offset, end) goes among the written intervals; BadWriteError
+        if it leaves the share or overlaps bytes written before."""
+        if offset < 0 or end > self.share_size:
+            raise BadWriteError(f"write of [{offset}, {end}) outside [0, {self.share_size})")
+        i = bisect.bisect_right(self._starts, offset)
+        before = i > 0 and self._ends[i - 1] > offset
+        after = i < len(self._starts) and self._starts[i] < end
+        if offset < end and (before or after):
+            raise BadWriteError(f"write of [{offset}, {end}) overlaps bytes already written")
+        return i
 
     def close(self) -> None:
         """Check the share is whole and names this bucket, then make it durable
