@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -258,6 +259,7 @@ class MountDaemon:
                     if len(self.session.queue):
                         log.info("resuming %d queued steps", len(self.session.queue))
                         self.kick()
+                    gc.freeze()  # the set-up lives as long as the mount: no more scans of it
                     sd_notify("READY=1")
                     task_status.started()
                     await pyfuse3.main()

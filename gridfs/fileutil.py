@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,3 +95,28 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
     several times the copy itself (figures: docs/operations.md §6)."""
     if length > 0:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class WriteBehind:
+    """Appends to a file written once, in order, and not read back soon (a
+    download's output): each write starts its writeback and the pages
+    DROP_LAG behind the newest write leave the page cache, like
+    ``dd oflag=nocache``.  A large download then neither pushes other files
+    out of memory nor claims fresh memory for every page it writes (the cost
+    :func:`drop_cache` describes).  Anything but a regular file (a pipe, a
+    terminal) is written plainly."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        fd = f.fileno()
+        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        self.start = self.pos = os.lseek(fd, 0, os.SEEK_CUR) if self.regular else 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        if self.regular:
+            self.f.flush()
+            fd = self.f.fileno()
+            start_writeback(fd, self.pos, len(data))
+            self.pos += len(data)
+            drop_cache(fd, self.start, self.pos - DROP_LAG - self.start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import subprocess
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .helpers import filesystem_type, resident_pages
 
 SERVERS = 5
 NODES = SERVERS + 1  # and the introducer
@@ -76,6 +79,28 @@ def test_put_get_round_trip(grid: Path, tmp_path: Path) -> None:
     assert streamed.returncode == 0, streamed.stderr.decode()
     assert streamed.stdout == src.read_bytes()
     assert streamed.stderr == b""
+
+
+def test_get_leaves_its_output_out_of_the_page_cache(grid: Path, tmp_path: Path) -> None:
+    """A download is written behind: its output's pages leave the page cache
+    DROP_LAG behind the newest write, whether named by -o or by a shell
+    redirect, and the file holds every byte."""
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a memory filesystem keeps its pages: they are the data")
+    src = tmp_path / "in.bin"
+    src.write_bytes(random.Random(3).randbytes(32 << 20))
+    client = grid / "client"
+    cap = ok(gridfs("put", str(src), node=client)).strip()
+    named, redirected = tmp_path / "named.bin", tmp_path / "redirected.bin"
+    ok(gridfs("get", cap, "-o", str(named), node=client))
+    with open(redirected, "wb") as f:
+        env = dict(os.environ, GRIDFS_NODE=str(client))
+        cmd = [sys.executable, "-m", "gridfs", "get", cap]
+        assert subprocess.run(cmd, stdout=f, env=env, timeout=60).returncode == 0
+    for out in (named, redirected):
+        pages = resident_pages(out)
+        assert pages <= (16 << 20) // mmap.PAGESIZE, f"{out.name}: {pages} pages cached"
+        assert out.read_bytes() == src.read_bytes()
 
 
 def test_get_malformed_cap_is_a_usage_error(tmp_path: Path) -> None:

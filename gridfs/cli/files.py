@@ -18,7 +18,7 @@ from ..client.grid import open_grid
 from ..client.keeper import RetainedSet, lease_lock
 from ..config import NodeDir, resolve_node_dir
 from ..errors import UsageError
-from ..fileutil import atomic_output
+from ..fileutil import WriteBehind, atomic_output
 from .util import progress_bar
 
 
@@ -95,11 +95,12 @@ def cmd_get(args: argparse.Namespace) -> int:
     node.config()
 
     async def main(out: Any) -> None:
+        sink = WriteBehind(out)
         async with open_grid(node) as grid:
             with progress_bar(cap.size, "get") as bar:
 
                 async def write(data: bytes) -> None:
-                    await trio.to_thread.run_sync(out.write, data)
+                    await trio.to_thread.run_sync(sink.write, data)
                     bar(len(data))
 
                 await grid.get(cap, write)
