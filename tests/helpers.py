@@ -67,8 +67,20 @@ def resident_pages(path: Path) -> int:
         return mapped_resident_pages(mapping)
 
 
+def resident_page_map(path: Path) -> list[bool]:
+    """For each page of ``path``: whether it is in the page cache."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapping:
+        return mapped_resident_map(mapping)
+
+
 def mapped_resident_pages(mapping: mmap.mmap) -> int:
     """Pages of a writable shared mapping that are in the page cache."""
+    return sum(mapped_resident_map(mapping))
+
+
+def mapped_resident_map(mapping: mmap.mmap) -> list[bool]:
+    """For each page of a writable shared mapping: whether it is in the page cache."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     vec = ctypes.create_string_buffer(-(-len(mapping) // mmap.PAGESIZE))
@@ -78,7 +90,7 @@ def mapped_resident_pages(mapping: mmap.mmap) -> int:
             raise OSError(ctypes.get_errno(), "mincore")
     finally:
         del anchor  # (the buffer export must end before the mapping closes)
-    return sum(b & 1 for b in vec.raw)
+    return [bool(b & 1) for b in vec.raw]
 
 
 def filesystem_type(path: Path) -> str:

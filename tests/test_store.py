@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import mmap
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from gridfs.caps import b32encode
 from gridfs.codec import CodecParams
 from gridfs.errors import UsageError
+from gridfs.fileutil import DROP_LAG
 from gridfs.layout import Geometry, ShareHeader
 from gridfs.storage.store import (
     BadWriteError,
@@ -27,7 +30,7 @@ from gridfs.storage.store import (
     StoreLimits,
 )
 
-from .helpers import encode_bytes, filesystem_type, resident_pages
+from .helpers import encode_bytes, filesystem_type, resident_page_map, resident_pages
 
 PARAMS = CodecParams(3, 5, 96)
 MiB = 1 << 20
@@ -398,6 +401,49 @@ def test_errors_are_store_errors_with_errnos() -> None:
     assert BadWriteError("x").errno == errno.EINVAL
     assert IncompleteShareError("x").errno == errno.EINVAL
     assert issubclass(NoSpaceError, StoreError) and issubclass(NoSuchShareError, StoreError)
+
+
+def test_drop_behind_keeps_the_pages_of_gaps_still_to_be_written(
+    store: ShareStore, tmp_path: Path
+) -> None:
+    """An upload writes the blocks first, and each record's proofs and the
+    share's head at the end: the pages holding those gaps stay cached, so
+    the last writes need no read from disk; pages written whole leave."""
+    if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a memory filesystem keeps its pages: they are the data")
+    geometry = Geometry(CodecParams(3, 10, 3 << 18), 192 * MiB)  # 256 records, 64 MiB
+    si = bytes(range(16))
+    _, buckets = store.allocate(si, [0], geometry.share_size)
+    bucket = buckets[0]
+    rng = random.Random(3)
+    blocks = []
+    for j in range(geometry.num_segments):
+        offset, length = geometry.record_span(j)
+        blocks.append((offset + geometry.proof_size, offset + length))
+    for start, end in blocks[:-1]:
+        bucket.write(start, rng.randbytes(end - start))
+    (incoming,) = [p for p in incoming_files(tmp_path) if p.is_file()]
+    fd = os.open(incoming, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # every page clean: droppable unless kept on purpose
+    finally:
+        os.close(fd)
+    start, end = blocks[-1]
+    bucket.write(start, rng.randbytes(end - start))  # one more drop pass
+    cached = resident_page_map(incoming)
+    page = mmap.PAGESIZE
+    gaps = [(geometry.record_span(j)[0], geometry.proof_size) for j in range(len(blocks))]
+    far = [(o, n) for o, n in gaps if o + n < geometry.share_size - 2 * DROP_LAG]
+    assert len(far) > 100
+    for o, n in far:
+        assert all(cached[o // page : (o + n - 1) // page + 1]), f"gap at {o} was dropped"
+    assert sum(cached) < len(cached) // 2  # and pages written whole did leave
+    head = ShareHeader(0, si, geometry).pack()
+    bucket.write(0, head + bytes(geometry.records_offset - len(head)))
+    for o, n in gaps:
+        bucket.write(o, rng.randbytes(n))
+    bucket.close()
+    assert store.shares(si) == {0: geometry.share_size}
 
 
 def test_closed_share_leaves_the_page_cache(store: ShareStore, tmp_path: Path) -> None:
