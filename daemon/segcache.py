@@ -4,15 +4,19 @@ Reads fetch whole segments (verified against the cap before they get here),
 so the cache holds segments by (cap, segment index).  A small in-memory LRU
 sits in front of a bounded directory, ``NODE/cache/segments/``, that
 survives remounts: one file per segment, named by a hash of the cap (the cap
-itself, which holds the read key, never appears in a file name), holding the
-SHA-256 of the data and the data.  A file that is torn, truncated or altered
-fails that check and counts as a miss.  The least recently used files are
-deleted to stay under ``max_bytes``.  Files are read, hashed and written in
-a worker thread (a new segment is in memory at once, on disk a moment
-later), so the event loop that answers FUSE requests never waits on them.
-Each file's writeback starts when it is written, and its pages leave the
-page cache one file later (the kernel caches what the mount serves anyway):
-a long read then reuses a few pages instead of claiming fresh ones.
+itself, which holds the read key, never appears in a file name), holding a
+tag and the CRC-32 of the data, then the data.  A file that is torn,
+truncated or damaged fails that check and counts as a miss.  (A checksum,
+not a cryptographic hash, as JuiceFS checks its cache blocks: whoever could
+alter these files could read the node's keys beside them; SHA-256 cost three
+times the CPU of the rest of a cache write.)  The least recently used files
+are deleted to stay under ``max_bytes``.  Files are read, checked and
+written in a worker thread (a new segment is in memory at once, on disk a
+moment later), so the event loop that answers FUSE requests never waits on
+them.  Each file's writeback starts when it is written, and its pages leave
+the page cache one file later, or as soon as it is read back (the kernel
+caches what the mount serves anyway): a long read then reuses a few pages
+instead of claiming fresh ones.
 
 The directory is as private as the staging files of the mount (mode 0700,
 inside the node directory): it holds plaintext, like them.
@@ -24,6 +28,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import struct
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -36,7 +42,10 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 MEMORY_BYTES = 64 << 20
 DISK_BYTES = 1 << 30
-_DIGEST = 32
+_HEADER = struct.Struct(">4sI")
+"""A cache file's head: a tag and the CRC-32 of the data after it."""
+_TAG = b"gsc1"
+_DIGEST = _HEADER.size
 
 
 class SegmentCache:
@@ -152,13 +161,23 @@ class SegmentCache:
 
 
 def _read_checked(path: Path) -> bytes | None:
-    """A cache file's data, or None if it is gone, unreadable or damaged."""
+    """A cache file's data, or None if it is gone, unreadable or damaged.
+    Its pages then leave the page cache: the kernel caches what the mount
+    serves."""
     try:
-        blob = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    digest, data = blob[:_DIGEST], blob[_DIGEST:]
-    if hashlib.sha256(data).digest() != digest:
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, _DIGEST, 0)
+        data = os.pread(fd, size - _DIGEST, _DIGEST) if size >= _DIGEST else b""
+        drop_cache(fd, 0, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if head != _HEADER.pack(_TAG, zlib.crc32(data)):
         log.warning("cache file %s is damaged; fetching the segment again", path.name)
         return None
     return data
@@ -173,7 +192,7 @@ def _write_checked(directory: Path, name: str, data: bytes, before: str | None =
         # No fsync: a cache entry lost in a crash is fetched again, and a
         # torn one fails its digest.
         with open(tmp, "wb") as f:
-            f.write(hashlib.sha256(data).digest())
+            f.write(_HEADER.pack(_TAG, zlib.crc32(data)))
             f.write(data)
             f.flush()
             start_writeback(f.fileno(), 0, 0)

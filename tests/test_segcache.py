@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -63,6 +64,19 @@ async def test_size_zero_keeps_nothing_on_disk(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
+async def test_files_of_another_format_are_misses(tmp_path: Path) -> None:
+    """A file with the former SHA-256 head, or too short for a head, is
+    fetched again, not served."""
+    cache = SegmentCache(tmp_path / "c", max_bytes=10 << 20, memory_bytes=0)
+    await cache.put((CAP, 0), b"x" * 1000)
+    await cache.put((CAP, 1), b"y" * 1000)
+    first, second = sorted((tmp_path / "c").iterdir(), key=lambda p: p.name)
+    first.write_bytes(hashlib.sha256(b"x" * 1000).digest() + b"x" * 1000)
+    second.write_bytes(b"gsc")
+    again = SegmentCache(tmp_path / "c", max_bytes=10 << 20, memory_bytes=0)
+    assert await again.get((CAP, 0)) is None and await again.get((CAP, 1)) is None
+
+
 async def test_written_files_leave_the_page_cache_one_file_later(tmp_path: Path) -> None:
     """A long read writes many segments once: their pages are let go of
     (behind the newest) instead of filling the page cache."""
@@ -75,3 +89,5 @@ async def test_written_files_leave_the_page_cache_one_file_later(tmp_path: Path)
     residency = sorted(resident_pages(f) for f in (tmp_path / "c").iterdir())
     assert len(residency) == 3 and residency[:2] == [0, 0]  # (the newest may stay)
     assert [await cache.get(("cap", j)) for j in range(3)] == segments  # back from disk
+    # A file read back leaves the page cache too: the mount's pages hold it now.
+    assert [resident_pages(f) for f in (tmp_path / "c").iterdir()] == [0, 0, 0]
