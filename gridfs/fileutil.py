@@ -108,15 +108,18 @@ class WriteBehind:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
-        fd = f.fileno()
-        self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        self.start = self.pos = os.lseek(fd, 0, os.SEEK_CUR) if self.regular else 0
+        self.regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+        self.start: int | None = None
+        """Where the first write landed (the end of the file with O_APPEND)."""
 
     def write(self, data: bytes) -> None:
         self.f.write(data)
-        if self.regular:
-            self.f.flush()
-            fd = self.f.fileno()
-            start_writeback(fd, self.pos, len(data))
-            self.pos += len(data)
-            drop_cache(fd, self.start, self.pos - DROP_LAG - self.start)
+        if not self.regular:
+            return
+        self.f.flush()
+        fd = self.f.fileno()
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if self.start is None:
+            self.start = end - len(data)
+        start_writeback(fd, end - len(data), len(data))
+        drop_cache(fd, self.start, end - DROP_LAG - self.start)

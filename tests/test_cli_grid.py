@@ -84,23 +84,26 @@ def test_put_get_round_trip(grid: Path, tmp_path: Path) -> None:
 def test_get_leaves_its_output_out_of_the_page_cache(grid: Path, tmp_path: Path) -> None:
     """A download is written behind: its output's pages leave the page cache
     DROP_LAG behind the newest write, whether named by -o or by a shell
-    redirect, and the file holds every byte."""
+    redirect (> or >>), and the file holds every byte."""
     if filesystem_type(tmp_path) in ("tmpfs", "ramfs"):
         pytest.skip("a memory filesystem keeps its pages: they are the data")
     src = tmp_path / "in.bin"
     src.write_bytes(random.Random(3).randbytes(32 << 20))
     client = grid / "client"
     cap = ok(gridfs("put", str(src), node=client)).strip()
-    named, redirected = tmp_path / "named.bin", tmp_path / "redirected.bin"
+    named, redirected, appended = (tmp_path / f"{n}.bin" for n in ("named", "redir", "append"))
     ok(gridfs("get", cap, "-o", str(named), node=client))
-    with open(redirected, "wb") as f:
-        env = dict(os.environ, GRIDFS_NODE=str(client))
-        cmd = [sys.executable, "-m", "gridfs", "get", cap]
-        assert subprocess.run(cmd, stdout=f, env=env, timeout=60).returncode == 0
-    for out in (named, redirected):
+    appended.write_bytes(b"already here\n")
+    env = dict(os.environ, GRIDFS_NODE=str(client))
+    for out, mode in ((redirected, "wb"), (appended, "ab")):  # > and >>
+        with open(out, mode) as f:
+            cmd = [sys.executable, "-m", "gridfs", "get", cap]
+            assert subprocess.run(cmd, stdout=f, env=env, timeout=60).returncode == 0
+    for out in (named, redirected, appended):
         pages = resident_pages(out)
         assert pages <= (16 << 20) // mmap.PAGESIZE, f"{out.name}: {pages} pages cached"
-        assert out.read_bytes() == src.read_bytes()
+    assert named.read_bytes() == redirected.read_bytes() == src.read_bytes()
+    assert appended.read_bytes() == b"already here\n" + src.read_bytes()
 
 
 def test_get_malformed_cap_is_a_usage_error(tmp_path: Path) -> None:
