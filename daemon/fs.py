@@ -726,7 +726,7 @@ class GridOperations(pyfuse3.Operations):
                 fsync_dir(self.queue.tempfiles)
                 digest = of.plaintext_digest()
                 if digest is not None:
-                    self.session.digests[self.queue.tempfile_path(name)] = digest
+                    self.session.digests.add(self.queue.tempfile_path(name), digest)
                 async with self.view.lock:
                     box = self.queue.add_file(self.queue.tempfile_path(name), text, entry)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")

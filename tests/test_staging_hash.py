@@ -4,9 +4,11 @@ it once more to find the convergent key: the hash must be the file's own."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from gridfs_daemon.files import OpenFile
 
+from gridfs.client.session import TempfileDigests
 from gridfs.dirnode import Entry
 from gridfs.hashes import PlaintextHasher
 
@@ -54,3 +56,17 @@ def test_a_file_longer_than_what_was_hashed_gives_no_hash() -> None:
     of = written((0, b"abcd"))
     of.size = 8  # extended by a truncate
     assert of.plaintext_digest() is None
+
+
+def test_hashes_of_tempfiles_never_uploaded_do_not_pile_up(tmp_path: Path) -> None:
+    """A tempfile the queue deleted unuploaded leaves its hash behind: such
+    hashes go once the hashes have doubled; those of files still there stay."""
+    digests = TempfileDigests()
+    kept = tmp_path / "kept"
+    kept.write_bytes(b"x")
+    digests.add(kept, b"k" * 32)
+    for i in range(10 * TempfileDigests.PRUNE_MIN):
+        digests.add(tmp_path / f"gone-{i}", b"g" * 32)  # never created: deleted unuploaded
+    assert len(digests) <= 2 * TempfileDigests.PRUNE_MIN
+    assert digests.pop(kept) == b"k" * 32
+    assert digests.pop(kept) is None

@@ -27,6 +27,33 @@ from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
 from .slots import create_slot
 
+
+class TempfileDigests:
+    """Plaintext hashes by tempfile path, each taken by the file's upload.
+    A tempfile the queue deletes without uploading it (a later write
+    replaced it) would leave its hash behind for the life of the mount:
+    those are dropped whenever the hashes have doubled in number since the
+    last look."""
+
+    PRUNE_MIN = 1024
+
+    def __init__(self) -> None:
+        self._digests: dict[Path, bytes] = {}
+        self._prune_at = self.PRUNE_MIN
+
+    def add(self, path: Path, digest: bytes) -> None:
+        if len(self._digests) >= self._prune_at:
+            self._digests = {p: d for p, d in self._digests.items() if p.exists()}
+            self._prune_at = max(self.PRUNE_MIN, 2 * len(self._digests))
+        self._digests[path] = digest
+
+    def pop(self, path: Path) -> bytes | None:
+        return self._digests.pop(path, None)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
 ALIAS_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 DEFAULT_ALIAS = "grid"
 
@@ -96,7 +123,7 @@ class TreeSession:
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
         self.queue = WorkQueue(qdir)
-        self.digests: dict[Path, bytes] = {}
+        self.digests = TempfileDigests()
         """Plaintext hashes of queue tempfiles, known from the writes that
         made them (the mount hashes as it stages): their upload then skips
         a pass over the file to find its convergent key."""
@@ -113,7 +140,7 @@ class TreeSession:
     async def upload(self, path: Path) -> str:
         # The queue's own tempfiles are read once: their pages need not stay.
         report = await self.grid.put(
-            path, drop=path.parent == self.queue.tempfiles, digest=self.digests.pop(path, None)
+            path, drop=path.parent == self.queue.tempfiles, digest=self.digests.pop(path)
         )
         return report.cap.to_string()
 
