@@ -451,12 +451,22 @@ class GridOperations(pyfuse3.Operations):
         listing = await self.view.dir(path)
         if listing is None:
             return
+        # "." and ".." first (offsets 1 and 2: the kernel takes neither
+        # as a lookup), then the entries in the listing's stable order.
+        if start_id < 1:
+            here = await self.getattr(fh)
+            if not pyfuse3.readdir_reply(token, b".", here, 1):
+                return
+        if start_id < 2:
+            parent = await self.getattr(self.inodes.get(path[:-1]))
+            if not pyfuse3.readdir_reply(token, b"..", parent, 2):
+                return
         names = list(listing)
-        for i in range(start_id, len(names)):
+        for i in range(max(0, start_id - 2), len(names)):
             name = names[i]
             child = (*path, name)
             attrs = self.attrs(self.inodes.get(child), listing.entries[name])
-            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 3):
                 break
 
     async def releasedir(self, fh: int) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -245,6 +246,22 @@ def test_mkdir_rmdir(mount_dir: Path) -> None:
     os.rmdir(d / "b")
     os.rmdir(d)
     assert os.listdir(mount_dir) == []
+
+
+def test_listings_start_with_dot_and_dot_dot(mount_dir: Path) -> None:
+    """readdir gives "." and ".." first, with the inode numbers of the
+    directory and its parent (ls -a, find and shells expect them)."""
+    sub = mount_dir / "sub"
+    sub.mkdir()
+    (sub / "f").write_bytes(b"1")
+    out = subprocess.run(["ls", "-ai1", str(sub)], capture_output=True, text=True, check=True)
+    listed = [line.split(maxsplit=1) for line in out.stdout.splitlines()]
+    assert [name for _, name in listed] == [".", "..", "f"]
+    inodes = {name: int(ino) for ino, name in listed}
+    assert inodes["."] == sub.stat().st_ino
+    assert inodes[".."] == mount_dir.stat().st_ino
+    assert inodes["f"] == (sub / "f").stat().st_ino
+    assert os.listdir(sub) == ["f"]
 
 
 def test_many_entries_in_one_directory(mount_dir: Path) -> None:
