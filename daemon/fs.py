@@ -30,7 +30,7 @@ from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
 from gridfs.errors import GridError, UsageError
-from gridfs.fileutil import DROP_LAG, drop_cache, fsync_dir, start_writeback
+from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
 from .files import CapReader, OpenFile, content_source
@@ -696,8 +696,7 @@ class GridOperations(pyfuse3.Operations):
                 assert of.staging is not None
                 os.pwrite(of.staging, buf, off)
                 if off >= of.size:  # appending: staged once, read once by the upload
-                    start_writeback(of.staging, off, len(buf))
-                    drop_cache(of.staging, 0, off - DROP_LAG)
+                    written_once(of.staging, off, len(buf))
             of.size = max(of.size, end)
             of.dirty, of.mtime_set = True, False
         return len(buf)

@@ -42,10 +42,9 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]
 MEMORY_BYTES = 64 << 20
 DISK_BYTES = 1 << 30
-_HEADER = struct.Struct(">4sI")
+_HEAD = struct.Struct(">4sI")
 """A cache file's head: a tag and the CRC-32 of the data after it."""
 _TAG = b"gsc1"
-_DIGEST = _HEADER.size
 
 
 class SegmentCache:
@@ -124,14 +123,14 @@ class SegmentCache:
             return
         self._remember(key, data)
         name = self._name(key)
-        if self.directory is None or len(data) + _DIGEST > self.max_bytes or name in self._files:
+        if self.directory is None or len(data) + _HEAD.size > self.max_bytes or name in self._files:
             return
         before, self._last_written = self._last_written, name
         if not await trio.to_thread.run_sync(_write_checked, self.directory, name, data, before):
             return
         if name not in self._files:  # (written twice at once: counted once)
-            self._files[name] = len(data) + _DIGEST
-            self._disk_size += len(data) + _DIGEST
+            self._files[name] = len(data) + _HEAD.size
+            self._disk_size += len(data) + _HEAD.size
             self._evict()
 
     def _remember(self, key: Key, data: bytes) -> None:
@@ -170,29 +169,29 @@ def _read_checked(path: Path) -> bytes | None:
         return None
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, _DIGEST, 0)
-        data = os.pread(fd, size - _DIGEST, _DIGEST) if size >= _DIGEST else b""
+        head = os.pread(fd, _HEAD.size, 0)
+        data = os.pread(fd, size - _HEAD.size, _HEAD.size) if size >= _HEAD.size else b""
         drop_cache(fd, 0, size)
     except OSError:
         return None
     finally:
         os.close(fd)
-    if head != _HEADER.pack(_TAG, zlib.crc32(data)):
+    if head != _HEAD.pack(_TAG, zlib.crc32(data)):
         log.warning("cache file %s is damaged; fetching the segment again", path.name)
         return None
     return data
 
 
 def _write_checked(directory: Path, name: str, data: bytes, before: str | None = None) -> bool:
-    """Write a cache file (its digest, then the data) and start its
+    """Write a cache file (its head, then the data) and start its
     writeback, and let the pages of the file written ``before`` go; False
     if it cannot be written."""
     tmp = directory / f"{name}.tmp"
     try:
         # No fsync: a cache entry lost in a crash is fetched again, and a
-        # torn one fails its digest.
+        # torn one fails its check.
         with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(_TAG, zlib.crc32(data)))
+            f.write(_HEAD.pack(_TAG, zlib.crc32(data)))
             f.write(data)
             f.flush()
             start_writeback(f.fileno(), 0, 0)

@@ -97,6 +97,14 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def written_once(fd: int, offset: int, length: int, start: int = 0) -> None:
+    """Bytes [offset, offset + length) were just appended to a file written
+    once and not read back soon: start their writeback, and let the pages
+    from ``start`` to DROP_LAG behind them leave the page cache."""
+    start_writeback(fd, offset, length)
+    drop_cache(fd, start, offset + length - DROP_LAG - start)
+
+
 class WriteBehind:
     """Appends to a file written once, in order, and not read back soon (a
     download's output): each write starts its writeback and the pages
@@ -121,5 +129,4 @@ class WriteBehind:
         end = os.lseek(fd, 0, os.SEEK_CUR)
         if self.start is None:
             self.start = end - len(data)
-        start_writeback(fd, end - len(data), len(data))
-        drop_cache(fd, self.start, end - DROP_LAG - self.start)
+        written_once(fd, end - len(data), len(data), self.start)
