@@ -585,6 +585,24 @@ def test_bytes_arriving_one_at_a_time_still_parse() -> None:
     assert send_eof(client) == [Closed()]
 
 
+def test_wanted_is_what_the_frame_under_way_still_lacks() -> None:
+    """What the transport may wait for before waking the reader (tls.expect)."""
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    _, hello = client.send_request("hello", hello_args())
+    _, read = client.send_request("read", READ)
+    assert server.wanted == 0  # nothing yet: the next frame's length is unknown
+    server.receive_data(hello[:3])
+    assert server.wanted == 0  # its length prefix is not complete
+    server.receive_data(hello[3:10])
+    assert server.wanted == len(hello) - 10
+    server.receive_data(hello[10:] + read[:6])
+    assert server.wanted == len(hello) - 10 - len(hello[10:])  # the first frame is whole: 0
+    assert isinstance(server.next_event(), Request)
+    assert server.wanted == len(read) - 6  # now the second frame's
+    server.receive_data(read[6:])
+    assert server.wanted == 0
+
+
 # -- property tests ------------------------------------------------------------------
 
 u64s = st.integers(0, MAX_U64)

@@ -223,3 +223,59 @@ async def test_the_tcp_layer_reads_up_to_256_kib_at_a_time() -> None:
         await client.aclose()
         await server.aclose()
         await listener.aclose()
+
+
+async def test_a_reader_expecting_a_large_frame_wakes_once_most_of_it_is_there(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    """tls.expect sets the socket's low-water mark: a 1.5 MB frame sent in
+    64 KiB pieces reaches a reader that says it waits for all of it in a few
+    reads, not one per piece, and the mark never holds back its last bytes
+    (the sender stays connected and silent after them)."""
+    frame = os.urandom(1_500_000)
+    async with tls_pair(server_ctx) as (client, server):
+        await server.send_all(b"!")  # the session tickets, out of the way
+        assert await client.receive_some(100) == b"!"
+
+        async def trickle() -> None:
+            view = memoryview(frame)
+            for start in range(0, len(frame), 64 * 1024):
+                await client.send_all(view[start : start + 64 * 1024])
+                await trio.sleep(0.002)
+
+        got = bytearray()
+        reads = 0
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                while len(got) < len(frame):
+                    wanted = len(frame) - len(got)
+                    tls.expect(server, wanted)
+                    got += await server.receive_some(max(wanted, 256 * 1024))
+                    reads += 1
+        assert bytes(got) == frame
+        assert reads <= 6, reads  # 23 pieces: one read each without the mark
+        tls.expect(server, 0)
+        mark = server.transport_stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        assert mark == 1
+
+
+async def test_a_peer_hanging_up_wakes_a_reader_below_its_mark(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    async with tls_pair(server_ctx) as (client, server):
+        tls.expect(server, 1 << 20)
+        await client.send_all(os.urandom(100_000))
+        got = bytearray()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def hang_up() -> None:
+                    await trio.sleep(0.2)
+                    await trio.aclose_forcefully(client)
+
+                nursery.start_soon(hang_up)
+                with pytest.raises(trio.BrokenResourceError):
+                    while data := await server.receive_some(1 << 20):
+                        got += data
+        assert len(got) == 100_000  # what came was delivered before the end

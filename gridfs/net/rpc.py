@@ -27,6 +27,7 @@ from ..protocol.connection import (
     Role,
     hello_args,
 )
+from .tls import expect
 
 log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
@@ -109,7 +110,9 @@ class RpcClient:
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    wanted = self._conn.wanted
+                    expect(self.stream, wanted)
+                    data = await self.stream.receive_some(max(wanted, RECEIVE_SIZE))
                     self._conn.receive_data(data)
                     continue
                 if isinstance(event, Closed):
@@ -247,7 +250,9 @@ async def serve_rpc(
                     log.info("closing connection: %s", e)
                     break
                 if event is NEED_DATA:
-                    conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                    wanted = conn.wanted
+                    expect(stream, wanted)
+                    conn.receive_data(await stream.receive_some(max(wanted, RECEIVE_SIZE)))
                 elif isinstance(event, Closed):
                     break
                 elif isinstance(event, BadRequest):

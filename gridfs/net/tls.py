@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,11 @@ def client_context() -> ssl.SSLContext:
 
 _CLIENT_CTX = client_context()
 SOCKET_RECEIVE_SIZE = 256 * 1024
+RECORD_SLACK = 17 * 1024
+"""More than one TLS record (16 KiB of data, a 5-byte header and at most 256
+bytes of tag and padding): at most this much of what a reader waits for can
+sit, undecrypted, in the TLS object when it goes back to the socket."""
+MAX_LOW_WATER = 1024 * 1024
 
 
 class LargeReads(trio.abc.HalfCloseableStream):
@@ -95,6 +101,20 @@ class LargeReads(trio.abc.HalfCloseableStream):
     def __init__(self, tcp: trio.SocketStream) -> None:
         self.tcp = tcp
         self.socket = tcp.socket
+        self._low_water = 1
+
+    def expect(self, nbytes: int) -> None:
+        """The reader cannot use less than ``nbytes`` more plaintext: wake it
+        only once about that much has arrived (``SO_RCVLOWAT``), not for each
+        64 KiB the loopback delivers; a block write took some twenty wake-ups,
+        each a trip through trio's loop and the TLS stream.  The mark stays
+        below what the peer still has to send (less a TLS record that may be
+        buffered already), so it can never wait for bytes that will not come;
+        the end of the stream wakes the reader whatever the mark."""
+        mark = max(1, min(nbytes - RECORD_SLACK, MAX_LOW_WATER))
+        if mark != self._low_water:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            self._low_water = mark
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.tcp.send_all(data)
@@ -106,13 +126,24 @@ class LargeReads(trio.abc.HalfCloseableStream):
         await self.tcp.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.tcp.receive_some(max_bytes or SOCKET_RECEIVE_SIZE)
+        size = max_bytes or SOCKET_RECEIVE_SIZE
+        if self._low_water > 1:  # a read now would take only what came so far
+            await trio.lowlevel.wait_readable(self.socket)
+            size = max(size, self._low_water + RECORD_SLACK)
+        return await self.tcp.receive_some(size)
 
     async def aclose(self) -> None:
         await self.tcp.aclose()
 
 
 TlsStream = trio.SSLStream[LargeReads]
+
+
+def expect(stream: trio.abc.Stream, nbytes: int) -> None:
+    """Tell a TLS stream's socket how much its reader is waiting for (see
+    :meth:`LargeReads.expect`); other streams have nothing to tell."""
+    if isinstance(stream, trio.SSLStream) and isinstance(stream.transport_stream, LargeReads):
+        stream.transport_stream.expect(nbytes)
 
 
 def server_side(tcp: trio.SocketStream, ctx: ssl.SSLContext) -> TlsStream:

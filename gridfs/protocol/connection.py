@@ -124,6 +124,15 @@ class Connection:
         else:
             self._buffer += data
 
+    @property
+    def wanted(self) -> int:
+        """Bytes still missing from the frame being received (0 when the
+        next frame's length is not known yet)."""
+        if len(self._buffer) < _LEN.size:
+            return 0
+        (length,) = _LEN.unpack_from(self._buffer)
+        return max(0, _LEN.size + length - len(self._buffer))
+
     def next_event(self) -> Event | _NeedData:
         if self._dead:
             return Closed()
