@@ -233,10 +233,19 @@ class NodeDir:
             return path.read_bytes()
 
     def address(self) -> NodeAddress | None:
+        """The running node's address, or None before it has written one
+        (an empty file: a node older than the atomic write, mid-write)."""
         try:
-            return NodeAddress.parse(self.url_path.read_text())
+            text = self.url_path.read_text()
         except FileNotFoundError:
             return None
+        return NodeAddress.parse(text) if text.strip() else None
+
+    def publish_address(self, address: NodeAddress) -> None:
+        """Write ``node.url`` at once, never seen half-written: ``grid
+        start`` reads it while the node starts (it once read it empty)."""
+        with atomic_output(self.url_path, durable=False) as f:
+            f.write(f"{address}\n".encode())
 
     def pid(self) -> int | None:
         try:

@@ -71,7 +71,7 @@ async def serve_node(
         config.port = port  # keep the same address across restarts
         node.save(config)
     address = NodeAddress(key.node_id, config.host, port)
-    node.url_path.write_text(str(address) + "\n")
+    node.publish_address(address)
 
     async def handle(tcp: trio.SocketStream) -> None:
         stream = tls.server_side(tcp, ctx)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from gridfs.config import NodeConfig, NodeDir
+from gridfs.net.identity import NodeAddress
+
 from .helpers import filesystem_type, resident_pages
 
 SERVERS = 5
@@ -59,6 +62,21 @@ def grid(grid_dir: Path) -> Path:
     out = ok(gridfs("grid", "start", str(grid_dir), "--servers", str(SERVERS), "--happy", "5"))
     assert f"{SERVERS} storage servers" in out
     return grid_dir
+
+
+def test_node_url_is_never_read_half_written(tmp_path: Path) -> None:
+    """``grid start`` polls a starting node's node.url; it once read it empty
+    (written in place) and gave up on the grid with "not a node address"."""
+    node = NodeDir(tmp_path / "s")
+    node.create(NodeConfig("storage", "s"))
+    node.url_path.write_text("")  # as a reader could catch an in-place write
+    assert node.address() is None  # not started yet, not an error
+    address = NodeAddress(node.key().node_id, "127.0.0.1", 4321)
+    node.url_path.write_text("gridfs://stale\n")
+    before = node.url_path.stat().st_ino
+    node.publish_address(address)
+    assert node.url_path.stat().st_ino != before  # a new file renamed over, not rewritten
+    assert node.address() == address
 
 
 def test_put_get_round_trip(grid: Path, tmp_path: Path) -> None:
