@@ -1,17 +1,18 @@
-"""glibc malloc settings for a storage server, which turns over megabytes a request.
+"""glibc malloc settings for gridfs processes, which turn over megabytes a request.
 
-Each write request brings about 1.4 MB: the socket read, its decryption, the
-frame buffer and the blocks unpacked from it are each a fresh buffer of that
-order, freed a moment later.  glibc serves a request that size with ``mmap``
-and returns it with ``munmap`` (its adaptive threshold follows the size of
-the last chunk freed, and a request of that same size is still mapped), so
-every request faulted in and zeroed megabytes of new pages, which on a VM
-with lazily backed memory is dear: page faults, zeroing and unmapping were
-about a tenth of a storage server's CPU under ``perf``.  With the threshold
-above the largest frame and a generous trim threshold, freed buffers stay in
-the heap and the next request reuses them.  A server's heap then keeps what
-its busiest moment needed (a few MiB per connection, frames being at most
-4 MiB), which is what it would need again.
+A storage server taking a write request, or a client taking the answer to a
+read, handles about a megabyte or more at a time: the socket read, its
+decryption, the frame buffer and the blocks unpacked from it are each a fresh
+buffer of that order, freed a moment later.  glibc serves a request that size
+with ``mmap`` and returns it with ``munmap`` (its adaptive threshold follows
+the size of the last chunk freed, and maps any larger one), so every request
+faulted in and zeroed megabytes of new pages, which on a VM with lazily
+backed memory is dear: page faults, zeroing and unmapping were about a tenth
+of a storage server's CPU under ``perf``.  With the threshold above the
+largest frame and a generous trim threshold, freed buffers stay in the heap
+and the next request reuses them.  A process's heap then keeps what its
+busiest moment needed, which is what it will need again.  ``gridfs`` applies
+this at start, for every command (servers, put and get, the mount daemon).
 """
 
 from __future__ import annotations

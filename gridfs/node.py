@@ -21,7 +21,6 @@ from .announce import Announcement
 from .config import NodeConfig, NodeDir
 from .errors import GridError, unwrap
 from .introducer import IntroducerSession, IntroducerState
-from .malloc import keep_freed_memory
 from .net import tls
 from .net.identity import NodeAddress, NodeKey
 from .net.rpc import RpcClient, serve_rpc
@@ -213,8 +212,6 @@ def run_in_foreground(node: NodeDir, kind: str) -> None:
     if running is not None and running != os.getpid():
         raise GridError(f"{node.path} is already running (pid {running})")
     node.pid_path.write_text(f"{os.getpid()}\n")
-    if kind == "storage":
-        keep_freed_memory()
     runner = run_storage if kind == "storage" else run_introducer
 
     async def main() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import GridError, unwrap
+from ..malloc import keep_freed_memory
 from . import check, debug, files, grid, leases, mount, nodes, tree, web
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     # What the imports made lives as long as the process: keep the cyclic
