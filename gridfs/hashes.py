@@ -49,8 +49,9 @@ def tagged_hasher(tag: bytes) -> hashlib._Hash:
     return h
 
 
-def tagged_hash(tag: bytes, *parts: bytes) -> bytes:
-    """The 32-byte tagged hash of ``parts``."""
+def tagged_hash(tag: bytes, *parts: bytes | memoryview) -> bytes:
+    """The 32-byte tagged hash of ``parts`` (byte views are hashed in place,
+    not copied: hashlib takes any buffer)."""
     h = tagged_hasher(tag)
     for part in parts:
         h.update(_LEN.pack(len(part)))
@@ -59,12 +60,11 @@ def tagged_hash(tag: bytes, *parts: bytes) -> bytes:
 
 
 def block_hash(block: bytes | memoryview) -> bytes:
-    return tagged_hash(TAG_BLOCK, bytes(block) if isinstance(block, memoryview) else block)
+    return tagged_hash(TAG_BLOCK, block)
 
 
 def segment_hash(ciphertext_segment: bytes | memoryview) -> bytes:
-    seg = ciphertext_segment
-    return tagged_hash(TAG_SEGMENT, bytes(seg) if isinstance(seg, memoryview) else seg)
+    return tagged_hash(TAG_SEGMENT, ciphertext_segment)
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:

@@ -6,12 +6,13 @@ new vectors.  (To add vectors for new cases: ``python -m tests.test_vectors``.)
 
 import hashlib
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from gridfs.codec import params_for_size
-from gridfs.hashes import PlaintextHasher, convergence_key
+from gridfs.hashes import PlaintextHasher, block_hash, convergence_key, segment_hash
 
 from .helpers import encode_bytes
 
@@ -60,3 +61,20 @@ def test_vector(case: tuple[int, int, int, int]) -> None:
 
 if __name__ == "__main__":
     VECTORS.write_text(json.dumps([compute(*c) for c in CASES], indent=1) + "\n")
+
+
+def test_block_and_segment_hashes_take_views_in_place() -> None:
+    """A block or segment held as a view (a slice of a read reply) hashes the
+    same as its bytes, without a copy of it being made."""
+    reply = bytes(range(256)) * (16 << 10)  # 4 MiB
+    view = memoryview(reply)[100 : 100 + (3 << 20)]
+    assert block_hash(view) == block_hash(bytes(view))
+    assert segment_hash(view) == segment_hash(bytes(view))
+    tracemalloc.start()
+    try:
+        block_hash(view)
+        segment_hash(view)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 10, peak
