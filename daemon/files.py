@@ -206,6 +206,10 @@ class OpenFile:
     size: int = 0
     unlinked: bool = False
     reader: CapReader | None = None
+    reader_cap: str | None = None
+    """the entry cap ``reader`` was made for: while the entry names it, a
+    read goes straight to the reader (resolving the cap again, a parse and a
+    base32 decode, was some 4 % of the event loop in a long read)"""
     mtime_set: bool = False
     """mtime was set explicitly (utime) after the last write: commit keeps it"""
     pinned: int | None = None

@@ -668,6 +668,9 @@ class GridOperations(pyfuse3.Operations):
             return os.pread(of.staging, size, off)
         if of.entry.kind != "file":
             raise pyfuse3.FUSEError(errno.EINVAL)
+        assert self.nursery is not None
+        if of.reader is not None and of.reader_cap == of.entry.cap:
+            return await of.reader.read(off, size, self.nursery)
         source = await self.source(of)
         if isinstance(source, bytes):
             return source[off : off + size]
@@ -675,8 +678,7 @@ class GridOperations(pyfuse3.Operations):
             with open(source, "rb") as f:
                 return os.pread(f.fileno(), size, off)
         if of.reader is None:
-            of.reader = CapReader(self.session, source, self.cache)
-        assert self.nursery is not None
+            of.reader, of.reader_cap = CapReader(self.session, source, self.cache), of.entry.cap
         return await of.reader.read(off, size, self.nursery)
 
     @errors_to_errno

@@ -25,6 +25,7 @@ inside the node directory): it holds plaintext, like them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -38,6 +39,13 @@ import trio
 from gridfs.fileutil import drop_cache, start_writeback
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def _cap_id(cap: str) -> str:
+    """The name of a cap's files (asked for each segment a read touches)."""
+    return hashlib.sha256(cap.encode()).hexdigest()[:40]
+
 
 Key = tuple[str, int]
 MEMORY_BYTES = 64 << 20
@@ -87,7 +95,7 @@ class SegmentCache:
     @staticmethod
     def _name(key: Key) -> str:
         cap, index = key
-        return f"{hashlib.sha256(cap.encode()).hexdigest()[:40]}.{index}"
+        return f"{_cap_id(cap)}.{index}"
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is cached (without reading it)."""
