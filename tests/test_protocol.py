@@ -586,7 +586,7 @@ def test_bytes_arriving_one_at_a_time_still_parse() -> None:
 
 
 def test_wanted_is_what_the_frame_under_way_still_lacks() -> None:
-    """What the transport may wait for before waking the reader (tls.expect)."""
+    """What the transport may wait for before waking the reader (tls.wake_after)."""
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     _, hello = client.send_request("hello", hello_args())
     _, read = client.send_request("read", READ)
@@ -596,7 +596,7 @@ def test_wanted_is_what_the_frame_under_way_still_lacks() -> None:
     server.receive_data(hello[3:10])
     assert server.wanted == len(hello) - 10
     server.receive_data(hello[10:] + read[:6])
-    assert server.wanted == len(hello) - 10 - len(hello[10:])  # the first frame is whole: 0
+    assert server.wanted == 0  # the first frame is whole
     assert isinstance(server.next_event(), Request)
     assert server.wanted == len(read) - 6  # now the second frame's
     server.receive_data(read[6:])

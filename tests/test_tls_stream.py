@@ -17,6 +17,8 @@ import trio
 
 from gridfs.net import tls
 from gridfs.net.identity import NodeAddress, NodeKey
+from gridfs.net.rpc import serve_rpc
+from gridfs.protocol.connection import Connection, Role, hello_args
 
 Pair = tuple[tls.TlsStream, tls.TlsStream]
 
@@ -225,10 +227,11 @@ async def test_the_tcp_layer_reads_up_to_256_kib_at_a_time() -> None:
         await listener.aclose()
 
 
+@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.8+ only")
 async def test_a_reader_expecting_a_large_frame_wakes_once_most_of_it_is_there(
     server_ctx: tuple[ssl.SSLContext, bytes],
 ) -> None:
-    """tls.expect sets the socket's low-water mark: a 1.5 MB frame sent in
+    """tls.wake_after sets the socket's low-water mark: a 1.5 MB frame sent in
     64 KiB pieces reaches a reader that says it waits for all of it in a few
     reads, not one per piece, and the mark never holds back its last bytes
     (the sender stays connected and silent after them)."""
@@ -250,12 +253,12 @@ async def test_a_reader_expecting_a_large_frame_wakes_once_most_of_it_is_there(
                 nursery.start_soon(trickle)
                 while len(got) < len(frame):
                     wanted = len(frame) - len(got)
-                    tls.expect(server, wanted)
+                    tls.wake_after(server, wanted)
                     got += await server.receive_some(max(wanted, 256 * 1024))
                     reads += 1
         assert bytes(got) == frame
         assert reads <= 6, reads  # 23 pieces: one read each without the mark
-        tls.expect(server, 0)
+        tls.wake_after(server, 0)
         mark = server.transport_stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
         assert mark == 1
 
@@ -264,7 +267,7 @@ async def test_a_peer_hanging_up_wakes_a_reader_below_its_mark(
     server_ctx: tuple[ssl.SSLContext, bytes],
 ) -> None:
     async with tls_pair(server_ctx) as (client, server):
-        tls.expect(server, 1 << 20)
+        tls.wake_after(server, 1 << 20)
         await client.send_all(os.urandom(100_000))
         got = bytearray()
         with trio.fail_after(10):
@@ -279,3 +282,61 @@ async def test_a_peer_hanging_up_wakes_a_reader_below_its_mark(
                     while data := await server.receive_some(1 << 20):
                         got += data
         assert len(got) == 100_000  # what came was delivered before the end
+
+
+@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.8+ only")
+async def test_an_rpc_server_takes_a_trickled_large_request_in_a_few_reads(
+    server_ctx: tuple[ssl.SSLContext, bytes],
+) -> None:
+    """serve_rpc tells the socket what the frame under way still lacks: a
+    1.4 MB write request sent in 64 KiB pieces costs the server a few
+    transport reads, not one per piece."""
+    conn = Connection(Role.CLIENT)
+    _, hello = conn.send_request("hello", hello_args())
+    chunk = [[0, os.urandom(1_400_000)]]
+    _, request = conn.send_request("write", {"si": b"s" * 16, "sharenum": 0, "chunks": chunk})
+    handled: list[int] = []
+
+    async def handler(method: str, args: dict[str, object]) -> None:
+        handled.append(len(args["chunks"][0][1]))  # type: ignore[index]
+
+    async with tls_pair(server_ctx) as (client, server):
+        transport = server.transport_stream
+        reads = 0
+        receive = transport.receive_some
+
+        async def counted(max_bytes: int | None = None) -> bytes:
+            nonlocal reads
+            reads += 1
+            return await receive(max_bytes)
+
+        transport.receive_some = counted  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_rpc, server, handler, dict)
+                await client.send_all(hello)
+                await client.receive_some(1 << 16)  # the hello answer
+                reads = 0
+                view = memoryview(request)
+                for start in range(0, len(request), 64 * 1024):
+                    await client.send_all(view[start : start + 64 * 1024])
+                    await trio.sleep(0.002)
+                await client.receive_some(1 << 16)  # the write's answer
+                nursery.cancel_scope.cancel()
+    assert handled == [1_400_000]
+    assert reads <= 6, reads  # 22 pieces: one read each without the mark
+
+
+async def test_a_read_on_a_socket_closed_meanwhile_reports_it_closed() -> None:
+    """Another task may close the socket (a call timing out) while the reader
+    holds a mark: the read says ClosedResourceError, as without one."""
+    listener = await listen()
+    with trio.fail_after(10):
+        client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+        server = tls.LargeReads(await listener.accept())
+        server.wake_after(1 << 20)
+        server.socket.close()
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some()
+    await client.aclose()
+    await listener.aclose()

@@ -27,7 +27,7 @@ from ..protocol.connection import (
     Role,
     hello_args,
 )
-from .tls import expect
+from .tls import wake_after
 
 log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
@@ -111,7 +111,7 @@ class RpcClient:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
                     wanted = self._conn.wanted
-                    expect(self.stream, wanted)
+                    wake_after(self.stream, wanted)
                     data = await self.stream.receive_some(max(wanted, RECEIVE_SIZE))
                     self._conn.receive_data(data)
                     continue
@@ -251,7 +251,7 @@ async def serve_rpc(
                     break
                 if event is NEED_DATA:
                     wanted = conn.wanted
-                    expect(stream, wanted)
+                    wake_after(stream, wanted)
                     conn.receive_data(await stream.receive_some(max(wanted, RECEIVE_SIZE)))
                 elif isinstance(event, Closed):
                     break

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+import re
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,18 @@ sit, undecrypted, in the TLS object when it goes back to the socket."""
 MAX_LOW_WATER = 1024 * 1024
 
 
+def _kernel_wakes_readers_under_pressure() -> bool:
+    """Linux 5.8 and later wake a reader below its ``SO_RCVLOWAT`` when the
+    receive buffer or window runs short; an older kernel could stall it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    numbers = re.match(r"(\d+)\.(\d+)", platform.release())
+    return numbers is not None and (int(numbers[1]), int(numbers[2])) >= (5, 8)
+
+
+LOW_WATER_SAFE = _kernel_wakes_readers_under_pressure()
+
+
 class LargeReads(trio.abc.HalfCloseableStream):
     """A TCP stream whose default ``receive_some`` takes up to 256 KiB.
 
@@ -102,18 +117,26 @@ class LargeReads(trio.abc.HalfCloseableStream):
         self.tcp = tcp
         self.socket = tcp.socket
         self._low_water = 1
+        self._marks = LOW_WATER_SAFE
 
-    def expect(self, nbytes: int) -> None:
+    def wake_after(self, nbytes: int) -> None:
         """The reader cannot use less than ``nbytes`` more plaintext: wake it
         only once about that much has arrived (``SO_RCVLOWAT``), not for each
         64 KiB the loopback delivers; a block write took some twenty wake-ups,
         each a trip through trio's loop and the TLS stream.  The mark stays
         below what the peer still has to send (less a TLS record that may be
         buffered already), so it can never wait for bytes that will not come;
-        the end of the stream wakes the reader whatever the mark."""
+        the peer closing wakes the reader whatever the mark.  Where the mark
+        cannot be set, reads go on as before."""
+        if not self._marks:
+            return
         mark = max(1, min(nbytes - RECORD_SLACK, MAX_LOW_WATER))
         if mark != self._low_water:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            except OSError:  # closed, or a stack without the option
+                self._marks = False
+                return
             self._low_water = mark
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -127,7 +150,10 @@ class LargeReads(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = max_bytes or SOCKET_RECEIVE_SIZE
-        if self._low_water > 1:  # a read now would take only what came so far
+        if self._low_water > 1 and self.socket.fileno() != -1:
+            # Wait for the mark: a read now would take only what came so far.
+            # (A socket closed meanwhile by another task is for the read
+            # below to report, as ClosedResourceError.)
             await trio.lowlevel.wait_readable(self.socket)
             size = max(size, self._low_water + RECORD_SLACK)
         return await self.tcp.receive_some(size)
@@ -139,11 +165,11 @@ class LargeReads(trio.abc.HalfCloseableStream):
 TlsStream = trio.SSLStream[LargeReads]
 
 
-def expect(stream: trio.abc.Stream, nbytes: int) -> None:
+def wake_after(stream: trio.abc.Stream, nbytes: int) -> None:
     """Tell a TLS stream's socket how much its reader is waiting for (see
-    :meth:`LargeReads.expect`); other streams have nothing to tell."""
+    :meth:`LargeReads.wake_after`); other streams have nothing to tell."""
     if isinstance(stream, trio.SSLStream) and isinstance(stream.transport_stream, LargeReads):
-        stream.transport_stream.expect(nbytes)
+        stream.transport_stream.wake_after(nbytes)
 
 
 def server_side(tcp: trio.SocketStream, ctx: ssl.SSLContext) -> TlsStream:
