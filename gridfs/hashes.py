@@ -54,7 +54,7 @@ def tagged_hash(tag: bytes, *parts: bytes | memoryview) -> bytes:
     not copied: hashlib takes any buffer)."""
     h = tagged_hasher(tag)
     for part in parts:
-        h.update(_LEN.pack(len(part)))
+        h.update(_LEN.pack(part.nbytes if isinstance(part, memoryview) else len(part)))
         h.update(part)
     return h.digest()
 

@@ -12,7 +12,9 @@ of a storage server's CPU under ``perf``.  With the threshold above the
 largest frame and a generous trim threshold, freed buffers stay in the heap
 and the next request reuses them.  A process's heap then keeps what its
 busiest moment needed, which is what it will need again.  ``gridfs`` applies
-this at start, for every command (servers, put and get, the mount daemon).
+this at start to every command but ``mount``: servers, ``put`` and ``get``.
+A mount daemon lives on, mostly idle, after its busiest moment, so it keeps
+glibc's defaults and gives memory back.
 """
 
 from __future__ import annotations
@@ -38,4 +40,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    applied = [mallopt(param, value) == 1 for param, value in SETTINGS]
+    return all(applied)
