@@ -276,6 +276,36 @@ async def test_malicious_server_is_caught_and_named(
             assert liar.record_reads(cap.storage_index) or tamper.heads
 
 
+async def test_a_bad_share_in_a_batched_read_is_replaced_without_rereading_the_good_ones(
+    tmp_path: Path, secret: bytes
+) -> None:
+    """A batch of segments comes from k shares in one read each; when one
+    share's records are bad, another share's are read for the whole batch,
+    and the records already verified are kept, not fetched again."""
+    data = payload(8 * 64 * 1024, seed=8)  # 8 segments: two batches of 4
+    params = UploadParams(K, HAPPY, N, segment_size=64 * 1024)
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid") as grid:
+            async with open_broker(grid.addresses) as broker:
+                cap = read_cap((await upload_bytes(broker, data, tmp_path, params, secret)).cap)
+            liar = grid.holder(cap.storage_index, 0)
+            liar.behaviour.tamper = Tamper("flip")
+            for node in grid.nodes:
+                node.behaviour.reads.clear()
+            async with open_broker(grid.addresses) as broker, open_downloader(broker, cap) as dl:
+                await wait_located(dl, N)
+                assert await dl.read(0, cap.size) == data
+            assert any(liar.where in p for p in dl.problems), dl.problems
+            honest = [
+                r for n in grid.nodes if n is not liar for r in n.record_reads(cap.storage_index)
+            ]
+            # 2 batches x 3 shares, and one share in place of the liar's for
+            # the batch that met it; refetching segment by segment read each
+            # good share's records again, one read per segment (28 reads).
+            assert len(honest) <= 2 * K + 1, honest
+            assert all(r.length > params.segment_size // K for r in honest), honest
+
+
 @pytest.mark.parametrize("liars", [N - K, N - K + 1])
 async def test_many_malicious_servers_never_yield_wrong_bytes(
     tmp_path: Path, secret: bytes, liars: int

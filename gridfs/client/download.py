@@ -178,10 +178,11 @@ class Downloader:
             await self._changed.wait()
 
     # -- segments -----------------------------------------------------------
-    async def segment(self, j: int) -> DecodedSegment:
-        """Fetch, verify and decode segment j."""
+    async def segment(self, j: int, have: dict[int, VerifiedBlock] | None = None) -> DecodedSegment:
+        """Fetch, verify and decode segment j (``have``: blocks of it already
+        verified, by share number, which need not be fetched again)."""
         k = self.cap.k
-        blocks: dict[int, VerifiedBlock] = {}
+        blocks: dict[int, VerifiedBlock] = dict(have or {})
         offset, length = self.decoder.record_span(j)
 
         def verify(sharenum: int, data: bytes) -> VerifiedBlock:
@@ -202,14 +203,17 @@ class Downloader:
 
     async def segments(self, first: int, count: int) -> list[DecodedSegment]:
         """Segments ``first`` .. ``first + count - 1``: from each of k shares,
-        their records in one read; any trouble (a bad or slow source) and
-        they are fetched again one segment at a time, with fail-over."""
+        their records in one read.  A share whose source fails (bad, slow or
+        gone) is replaced by another share's records, read the same way;
+        what the good sources gave is kept.  When no whole share is left to
+        read, the segments are finished one at a time, with fail-over."""
         k = self.cap.k
         choice = self._choose(k, exclude=set())
         if count == 1 or len(choice) < k:
             return [await self.segment(j) for j in range(first, first + count)]
         start = self.decoder.record_span(first)[0]
         last_offset, last_length = self.decoder.record_span(first + count - 1)
+        span = last_offset + last_length - start
 
         def verify(sharenum: int, data: bytes) -> list[VerifiedBlock]:
             out = []
@@ -219,10 +223,16 @@ class Downloader:
                 out.append(self.decoder.verify_record(sharenum, j, record))
             return out
 
-        records = await self._fetch(choice, start, last_offset + last_length - start, verify)
-        if len(records) < k:
-            return [await self.segment(j) for j in range(first, first + count)]
-        nums = sorted(records)
+        records = await self._fetch(choice, start, span, verify)
+        while len(records) < k:
+            choice = self._choose(k - len(records), exclude=set(records))
+            if not choice:
+                return [
+                    await self.segment(j, {num: got[i] for num, got in records.items()})
+                    for i, j in enumerate(range(first, first + count))
+                ]
+            records |= await self._fetch(choice, start, span, verify)
+        nums = sorted(records)[:k]
         return [
             await self._decode(j, [records[n][i] for n in nums])
             for i, j in enumerate(range(first, first + count))
