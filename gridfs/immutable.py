@@ -160,7 +160,7 @@ def encode_shares(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list
 class VerifiedBlock:
     sharenum: int
     segment: int
-    block: bytes
+    block: bytes | memoryview
     ciphertext_proof: list[bytes]
 
 
@@ -243,8 +243,9 @@ class FileDecoder:
             raise GridError("no share head accepted yet")
         return self.geometry
 
-    def verify_record(self, sharenum: int, j: int, data: bytes) -> VerifiedBlock:
-        """Verify record j of a share whose head was accepted; return its block."""
+    def verify_record(self, sharenum: int, j: int, data: bytes | memoryview) -> VerifiedBlock:
+        """Verify record j of a share whose head was accepted; return its block
+        (a view into ``data`` when that is a view)."""
         g = self._geometry()
         if sharenum not in self._chains:
             raise GridError(f"head of share {sharenum} was not accepted")

@@ -209,19 +209,20 @@ class ShareHeader:
 class Record:
     block_proof: list[bytes]
     ciphertext_proof: list[bytes]
-    block: bytes
+    block: bytes | memoryview
+    """a view into the record when it was unpacked from one (no copy)"""
 
 
 def pack_record(block_proof: list[bytes], ciphertext_proof: list[bytes], block: bytes) -> bytes:
     return b"".join(block_proof) + b"".join(ciphertext_proof) + block
 
 
-def unpack_record(geometry: Geometry, j: int, data: bytes) -> Record:
+def unpack_record(geometry: Geometry, j: int, data: bytes | memoryview) -> Record:
     _, length = geometry.record_span(j)
     if len(data) != length:
         raise FormatError(f"record {j} is {len(data)} bytes, expected {length}")
     d = depth(geometry.num_segments)
-    hashes = [data[i * HASH_SIZE : (i + 1) * HASH_SIZE] for i in range(2 * d)]
+    hashes = [bytes(data[i * HASH_SIZE : (i + 1) * HASH_SIZE]) for i in range(2 * d)]
     return Record(hashes[:d], hashes[d:], data[geometry.proof_size :])
 
 

@@ -186,7 +186,7 @@ class Downloader:
         offset, length = self.decoder.record_span(j)
 
         def verify(sharenum: int, data: bytes) -> VerifiedBlock:
-            return self.decoder.verify_record(sharenum, j, data)
+            return self.decoder.verify_record(sharenum, j, memoryview(data))
 
         while len(blocks) < k:
             choice = self._choose(k - len(blocks), exclude=set(blocks))
@@ -216,10 +216,11 @@ class Downloader:
         span = last_offset + last_length - start
 
         def verify(sharenum: int, data: bytes) -> list[VerifiedBlock]:
+            view = memoryview(data)  # records and blocks are views of it, not copies
             out = []
             for j in range(first, first + count):
                 offset, length = self.decoder.record_span(j)
-                record = data[offset - start : offset - start + length]
+                record = view[offset - start : offset - start + length]
                 out.append(self.decoder.verify_record(sharenum, j, record))
             return out
 
