@@ -31,6 +31,7 @@ from gridfs.client.maintain import maintain_forever
 from gridfs.client.session import TreeSession
 from gridfs.config import NodeDir
 from gridfs.errors import GridError, UsageError
+from gridfs.malloc import trim_when_idle
 from gridfs.workqueue import CLEANUP, PATH
 
 from .control import serve_control
@@ -256,6 +257,7 @@ class MountDaemon:
                     nursery.start_soon(serve_control, self, self.node)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._read_ahead, ops.initialized)
+                    nursery.start_soon(trim_when_idle)
                     if len(self.session.queue):
                         log.info("resuming %d queued steps", len(self.session.queue))
                         self.kick()

@@ -11,34 +11,82 @@ backed memory is dear: page faults, zeroing and unmapping were about a tenth
 of a storage server's CPU under ``perf``.  With the threshold above the
 largest frame and a generous trim threshold, freed buffers stay in the heap
 and the next request reuses them.  A process's heap then keeps what its
-busiest moment needed, which is what it will need again.  ``gridfs`` applies
-this at start to every command but ``mount``: servers, ``put`` and ``get``.
-A mount daemon lives on, mostly idle, after its busiest moment, so it keeps
-glibc's defaults and gives memory back.
+busiest moment needed, which is what it will need again; ``gridfs`` applies
+this at start to every command.  A mount daemon lives on, mostly idle, after
+its busiest moment: it hands what it keeps back to the system once it has
+gone quiet (:func:`trim_when_idle`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import time
+
+import trio
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 SETTINGS = (
     (M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest; a frame is at most 4 MiB + 64 KiB
     (M_TRIM_THRESHOLD, 128 << 20),
     (M_TOP_PAD, 16 << 20),
+    # One heap for all threads (they take turns at the GIL anyway): what is
+    # freed in a worker thread is reused by the others, and malloc_trim can
+    # give all of it back (it trims the main heap only).
+    (M_ARENA_MAX, 1),
 )
+
+
+IDLE_PERIOD = 10.0
+"""Seconds between looks at the daemon's CPU time."""
+BUSY_CPU = 0.5
+"""CPU seconds in a period that count as busy."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library, if it is glibc (it has mallopt and malloc_trim)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def keep_freed_memory() -> bool:
     """Apply :data:`SETTINGS`; False where there is no glibc ``mallopt``
     (the process then runs as before)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     applied = [mallopt(param, value) == 1 for param, value in SETTINGS]
     return all(applied)
+
+
+def release_freed_memory() -> None:
+    """Give the system back the free memory of every arena (``malloc_trim``)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim(0)
+
+
+async def trim_when_idle(period: float = IDLE_PERIOD, busy_cpu: float = BUSY_CPU) -> None:
+    """Release freed memory each time the process goes quiet after being
+    busy (``busy_cpu`` seconds of CPU in a period, then less in the next): a
+    mount keeps its buffers while it reads or writes, and only then."""
+    busy = False
+    last = time.process_time()
+    while True:
+        await trio.sleep(period)
+        now = time.process_time()
+        used, last = now - last, now
+        if used >= busy_cpu:
+            busy = True
+        elif busy:
+            busy = False
+            await trio.to_thread.run_sync(release_freed_memory)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from gridfs import malloc
 from gridfs.malloc import keep_freed_memory
 
 # A server's turnover in small: buffers of sizes that vary (frames, socket
@@ -22,7 +25,7 @@ if sys.argv[1] == "tuned":
 elif sys.argv[1] == "cli":  # what a gridfs command does first (not mount)
     from gridfs.cli import main
     main(["grid", "status", sys.argv[2]])
-elif sys.argv[1] == "mount":  # a mount daemon keeps glibc's defaults
+elif sys.argv[1] == "mount":  # so does a mount (its daemon trims when idle)
     from gridfs.cli import main
     main(["mount", sys.argv[2], "--node", sys.argv[2]])
 def faults():
@@ -52,4 +55,49 @@ def test_freed_request_buffers_are_reused_not_faulted_in_again(tmp_path: Path) -
     # faulted in afresh; a few hundred when the heap grows by the differences.
     assert tuned * 10 < plain, (tuned, plain)
     assert cli * 10 < plain, (cli, plain)
-    assert page_faults("mount", str(tmp_path / "none")) * 2 > plain  # gives memory back
+    assert page_faults("mount", str(tmp_path / "none")) * 10 < plain
+
+
+RELEASE = """
+import sys
+from gridfs.malloc import keep_freed_memory, release_freed_memory
+assert keep_freed_memory()
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+buffers = [bytearray(1 << 20) for _ in range(64)]
+before = rss()
+del buffers
+kept = rss()
+release_freed_memory()
+print(before, kept, rss())
+"""
+
+
+def test_what_is_kept_is_given_back_on_release() -> None:
+    if not keep_freed_memory():
+        pytest.skip("no glibc mallopt here")
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True
+    )
+    before, kept, after = map(int, out.stdout.split())
+    assert kept > before - (16 << 20)  # 64 MiB freed, and kept for reuse
+    assert after < before - (48 << 20)  # given back
+
+
+async def test_memory_is_released_once_when_the_process_goes_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    released: list[float] = []
+    monkeypatch.setattr(malloc, "release_freed_memory", lambda: released.append(time.monotonic()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(malloc.trim_when_idle, 0.2, 0.05)
+        await trio.sleep(0.05)
+        end = time.process_time() + 0.15
+        while time.process_time() < end:  # busy, in this period
+            pass
+        await trio.sleep(0.1)
+        assert released == []  # not while busy
+        await trio.sleep(1.0)  # quiet for several periods
+        assert len(released) == 1  # once, on going quiet; not again while quiet
+        nursery.cancel_scope.cancel()

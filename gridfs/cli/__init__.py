@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "mount":  # a mount daemon lives on: let it give memory back
-        keep_freed_memory()
+    keep_freed_memory()
     # What the imports made lives as long as the process: keep the cyclic
     # collector from scanning it again and again (several % of a transfer's
     # CPU under perf; the collector still sees everything made from here on).
