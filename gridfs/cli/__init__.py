@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # collector from scanning it again and again (several % of a transfer's
     # CPU under perf; the collector still sees everything made from here on).
     gc.freeze()
+    gc.enable()  # (off while the command's modules were imported: gridfs.__main__)
     try:
         try:
             return int(args.func(args) or 0)
