@@ -210,7 +210,7 @@ class Record:
     block_proof: list[bytes]
     ciphertext_proof: list[bytes]
     block: bytes | memoryview
-    """a view into the record when it was unpacked from one (no copy)"""
+    """a view of the record's bytes when the record was given as a view (no copy)"""
 
 
 def pack_record(block_proof: list[bytes], ciphertext_proof: list[bytes], block: bytes) -> bytes:
