@@ -34,7 +34,9 @@ SETTINGS = (
     (M_TOP_PAD, 16 << 20),
     # One heap for all threads (they take turns at the GIL anyway): what is
     # freed in a worker thread is reused by the others, and malloc_trim can
-    # give all of it back (it trims the main heap only).
+    # give it all back (it releases free pages in every arena, but shrinks
+    # only the main heap's top).  A mount daemon after a 1 GiB read, peak /
+    # 25 s later: 265 / 221 MB with one arena per thread, 147 / 119 MB with one.
     (M_ARENA_MAX, 1),
 )
 
@@ -42,7 +44,9 @@ SETTINGS = (
 IDLE_PERIOD = 10.0
 """Seconds between looks at the daemon's CPU time."""
 BUSY_CPU = 0.5
-"""CPU seconds in a period that count as busy."""
+"""CPU seconds of work since the last release that make one worth doing."""
+QUIET_CPU = 0.1
+"""CPU seconds in a period below which the process counts as quiet."""
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -75,18 +79,21 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-async def trim_when_idle(period: float = IDLE_PERIOD, busy_cpu: float = BUSY_CPU) -> None:
-    """Release freed memory each time the process goes quiet after being
-    busy (``busy_cpu`` seconds of CPU in a period, then less in the next): a
-    mount keeps its buffers while it reads or writes, and only then."""
-    busy = False
+async def trim_when_idle(
+    period: float = IDLE_PERIOD, busy_cpu: float = BUSY_CPU, quiet_cpu: float = QUIET_CPU
+) -> None:
+    """Release freed memory each time the process goes quiet (a period with
+    less than ``quiet_cpu`` of CPU) after at least ``busy_cpu`` of work since
+    the last release, however that work was spread over periods: a mount
+    keeps its buffers while it reads or writes, and gives them back 10 to
+    20 seconds after."""
+    work = 0.0
     last = time.process_time()
     while True:
         await trio.sleep(period)
         now = time.process_time()
         used, last = now - last, now
-        if used >= busy_cpu:
-            busy = True
-        elif busy:
-            busy = False
+        work += used
+        if used < quiet_cpu and work >= busy_cpu:
+            work = 0.0
             await trio.to_thread.run_sync(release_freed_memory)

@@ -227,7 +227,7 @@ async def test_the_tcp_layer_reads_up_to_256_kib_at_a_time() -> None:
         await listener.aclose()
 
 
-@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.8+ only")
+@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.10+ only")
 async def test_a_reader_expecting_a_large_frame_wakes_once_most_of_it_is_there(
     server_ctx: tuple[ssl.SSLContext, bytes],
 ) -> None:
@@ -284,7 +284,7 @@ async def test_a_peer_hanging_up_wakes_a_reader_below_its_mark(
         assert len(got) == 100_000  # what came was delivered before the end
 
 
-@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.8+ only")
+@pytest.mark.skipif(not tls.LOW_WATER_SAFE, reason="SO_RCVLOWAT is used on Linux 5.10+ only")
 async def test_an_rpc_server_takes_a_trickled_large_request_in_a_few_reads(
     server_ctx: tuple[ssl.SSLContext, bytes],
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import socket
@@ -95,12 +96,12 @@ MAX_LOW_WATER = 1024 * 1024
 
 
 def _kernel_wakes_readers_under_pressure() -> bool:
-    """Linux 5.8 and later wake a reader below its ``SO_RCVLOWAT`` when the
+    """Linux 5.10 and later wake a reader below its ``SO_RCVLOWAT`` when the
     receive buffer or window runs short; an older kernel could stall it."""
     if not sys.platform.startswith("linux"):
         return False
     numbers = re.match(r"(\d+)\.(\d+)", platform.release())
-    return numbers is not None and (int(numbers[1]), int(numbers[2])) >= (5, 8)
+    return numbers is not None and (int(numbers[1]), int(numbers[2])) >= (5, 10)
 
 
 LOW_WATER_SAFE = _kernel_wakes_readers_under_pressure()
@@ -135,7 +136,9 @@ class LargeReads(trio.abc.HalfCloseableStream):
             try:
                 self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
             except OSError:  # closed, or a stack without the option
-                self._marks = False
+                self._marks, self._low_water = False, 1
+                with contextlib.suppress(OSError):  # no old mark left behind
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                 return
             self._low_water = mark
 
