@@ -339,7 +339,10 @@ class GridOperations(pyfuse3.Operations):
 
     async def _remove(self, path: Path_) -> None:
         text = "/" + "/".join(path)
-        await self.change(lambda: self.queue.add_deletepath(text), Delete(path))
+        now = time.time_ns()
+        await self.change(
+            lambda: self.queue.add_deletepath(text, when_ns=now), Delete(path, when_ns=now)
+        )
         ino = self.inodes.by_path.get(path)
         if ino is not None and ino in self.open_files:
             self.open_files[ino].unlinked = True  # stays readable until closed
@@ -383,7 +386,8 @@ class GridOperations(pyfuse3.Operations):
         if replaced is not None and replaced in self.open_files:
             self.open_files[replaced].unlinked = True
         s, d = "/" + "/".join(src), "/" + "/".join(dst)
-        await self.change(lambda: self.queue.add_move(s, d), Move(src, dst))
+        now = time.time_ns()
+        await self.change(lambda: self.queue.add_move(s, d, now), Move(src, dst, now))
         self.inodes.moved(src, dst)
         for of in self.open_files.values():
             if of.path[: len(src)] == src:

@@ -56,6 +56,7 @@ class View:
                     await batch.apply(change)
                 changed = seq != self.seq
                 self.batch, self.seq = batch, seq
+                self._touch_root()
                 return changed
 
     async def dir(self, path: Path) -> Directory | None:
@@ -72,3 +73,12 @@ class View:
         """Apply a change that is already in the queue (caller holds the lock)."""
         assert self.batch is not None
         await self.batch.apply(change)
+        self._touch_root()
+
+    def _touch_root(self) -> None:
+        """The root's times follow its names changing, as long as the mount
+        is up (the root slot keeps no times)."""
+        assert self.batch is not None
+        when = self.batch.root_mtime_ns
+        if when > self.root_entry.mtime_ns:
+            self.root_entry = self.root_entry.with_(mtime_ns=when, ctime_ns=when)

@@ -78,7 +78,8 @@ def normal_path(path: Path) -> Path:
 @dataclass(frozen=True)
 class Put:
     """Make ``path`` hold ``entry``.  ``base`` is the cap the writer saw there
-    (None: not checked); another cap found there instead is a conflict."""
+    (None: not checked); another cap found there instead is a conflict.  A
+    new name sets the parent directory's mtime to the entry's ctime."""
 
     path: Path
     entry: Entry
@@ -90,8 +91,13 @@ class Put:
 
 @dataclass(frozen=True)
 class Delete:
+    """Remove ``path`` (unless ``base`` is given and another cap is found
+    there).  ``when_ns``: the time of the change, which becomes the parent
+    directory's mtime (0: the time the change is applied)."""
+
     path: Path
     base: str | None = None
+    when_ns: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", normal_path(self.path))
@@ -99,8 +105,11 @@ class Delete:
 
 @dataclass(frozen=True)
 class Move:
+    """Rename ``src`` to ``dst``, replacing what is there (``when_ns``: see :class:`Delete`)."""
+
     src: Path
     dst: Path
+    when_ns: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "src", normal_path(self.src))
@@ -266,6 +275,9 @@ class Batch:
         self.overflow: set[Path] = set()
         """inline files that do not fit their directory's budget: stored on write"""
         self.now = time.time_ns()
+        self.root_mtime_ns = 0
+        """when a name last appeared in or went from the root (0: not in this
+        batch); the root has no entry to keep it in"""
 
     async def dir(self, path: Path, create: bool) -> Directory | None:
         """The directory at ``path`` as changed so far (made if ``create``)."""
@@ -284,6 +296,7 @@ class Batch:
                 if entry is not None:  # a file where a directory must go: keep it aside
                     self.set(path[:-1], conflict_name(path[-1], self.now), entry)
                 self.set(path[:-1], path[-1], new_dir_entry(self.now))
+                self._touch(path[:-1], self.now)
                 d = EMPTY
             else:
                 d = await self.tree.load_dir(entry.cap)
@@ -318,6 +331,21 @@ class Batch:
                 self.entries.pop(p, None)
                 self.dirty.discard(p)
 
+    def _touch(self, path: Path, when_ns: int) -> None:
+        """A name appeared in or went from the directory at ``path``: its
+        mtime and ctime become ``when_ns`` (0: now), as POSIX has it.  The
+        directory's own entry is in its parent, which the batch has loaded
+        on the way to it."""
+        when = when_ns or self.now
+        if not path:
+            self.root_mtime_ns = when
+            return
+        entries = self._own(path[:-1])
+        entry = entries.get(path[-1])
+        if entry is not None and entry.is_dir:
+            entries[path[-1]] = entry.with_(mtime_ns=when, ctime_ns=when)
+            self.dirty.add(path[:-1])
+
     async def apply(self, change: Change) -> None:
         if isinstance(change, Put):
             await self.put(change)
@@ -326,7 +354,9 @@ class Batch:
         else:
             await self.move(change)
 
-    async def put(self, change: Put) -> None:
+    async def put(self, change: Put, when_ns: int | None = None) -> None:
+        """Apply ``change``; a new name makes ``when_ns`` (by default the
+        entry's ctime) the parent's mtime."""
         if not change.path:
             raise UsageError("cannot replace the root directory")
         parent, name = change.path[:-1], change.path[-1]
@@ -343,6 +373,7 @@ class Batch:
             and not (current.is_dir and change.entry.is_dir)
         ):
             self.set(parent, conflict_name(name, self.now), current)
+            self._touch(parent, change.entry.ctime_ns if when_ns is None else when_ns)
         if (
             current is not None
             and current.is_dir
@@ -362,6 +393,8 @@ class Batch:
             if change.entry.inline_size > budget:  # the directory is full: upload it
                 self.overflow.add(change.path)  # (at write time, many at once)
         self.set(parent, name, change.entry)
+        if current is None:
+            self._touch(parent, change.entry.ctime_ns if when_ns is None else when_ns)
 
     async def delete(self, change: Delete) -> None:
         if not change.path:
@@ -373,6 +406,7 @@ class Batch:
         if change.base is not None and current.cap != change.base:
             return  # changed by another writer since: their version stays
         self.set(change.path[:-1], change.path[-1], None)
+        self._touch(change.path[:-1], change.when_ns)
 
     async def move(self, change: Move) -> None:
         if not change.src or not change.dst:
@@ -388,8 +422,10 @@ class Batch:
         if entry.is_dir and any(p[: len(change.src)] == change.src for p in self.dirty):
             # Pending changes inside the moved directory: write them first.
             entry = entry.with_(cap=await self.write_subtree(change.src))
-        await self.put(Put(change.dst, entry))
+        await self.put(Put(change.dst, entry), change.when_ns)
         self.set(change.src[:-1], change.src[-1], None)
+        self._touch(change.src[:-1], change.when_ns)
+        self._touch(change.dst[:-1], change.when_ns)
 
     async def write_subtree(self, top: Path) -> str:
         """Write the dirty directories at and under ``top``; return top's cap."""

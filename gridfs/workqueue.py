@@ -193,11 +193,13 @@ class WorkQueue:
         """Put ``entry`` at ``path``; its cap comes from ``box`` when given."""
         return self._add("addpath", box=box, path=path, entry=entry.to_wire(""), base=base)
 
-    def add_deletepath(self, path: str, base: str | None = None) -> int:
-        return self._add("deletepath", path=path, base=base)
+    def add_deletepath(self, path: str, base: str | None = None, when_ns: int = 0) -> int:
+        """Delete ``path``; ``when_ns`` (0: now) becomes its directory's mtime."""
+        return self._add("deletepath", path=path, base=base, when=when_ns or time.time_ns())
 
-    def add_move(self, src: str, dst: str) -> int:
-        return self._add("move", src=src, dst=dst)
+    def add_move(self, src: str, dst: str, when_ns: int = 0) -> int:
+        """Rename ``src`` to ``dst``; ``when_ns`` (0: now) becomes both directories' mtime."""
+        return self._add("move", src=src, dst=dst, when=when_ns or time.time_ns())
 
     def add_retain_uri_from_box(self, box: str) -> int:
         return self._add("retain_uri_from_box", box=box)
@@ -446,9 +448,9 @@ class WorkQueue:
                 entry = entry.with_(cap=cap.decode())
             return Put(_split(a["path"]), entry, a["base"])
         if step.kind == "deletepath":
-            return Delete(_split(a["path"]), a["base"])
+            return Delete(_split(a["path"]), a["base"], a.get("when", 0))
         if step.kind == "move":
-            return Move(_split(a["src"]), _split(a["dst"]))
+            return Move(_split(a["src"]), _split(a["dst"]), a.get("when", 0))
         raise AssertionError(step.kind)
 
     async def _run_paths(

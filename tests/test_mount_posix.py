@@ -229,6 +229,54 @@ def test_utime_of_an_open_file_survives_close(mount_dir: Path) -> None:
     assert f.read_bytes() == b"data" * 5000 + b"more"
 
 
+def test_a_directorys_times_follow_its_names(mount_dir: Path, shared_mount: Mount) -> None:
+    """create, unlink, mkdir, rmdir and rename change the directory's mtime
+    and ctime (file managers, make and backup tools look at them); writing
+    or chmod of a file in it does not; and the grid keeps what was shown."""
+    old = 1_500_000_000_000_000_000
+    d, e = mount_dir / "d", mount_dir / "e"
+    d.mkdir()
+    e.mkdir()
+
+    def times(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_mtime_ns, st.st_ctime_ns
+
+    def changed_by(action, *dirs: Path) -> None:  # type: ignore[no-untyped-def]
+        for x in dirs:
+            os.utime(x, ns=(old, old))
+            assert times(x)[0] == old
+        before = time.time_ns()
+        action()
+        for x in dirs:
+            mtime, ctime = times(x)
+            assert before <= mtime == ctime <= time.time_ns(), (action, x)
+
+    changed_by(lambda: (d / "f").write_bytes(b"x"), d)
+    changed_by(lambda: os.rename(d / "f", d / "g"), d)
+    changed_by(lambda: os.rename(d / "g", e / "g"), d, e)
+    changed_by(lambda: (d / "sub").mkdir(), d)
+    changed_by(lambda: (d / "sub").rmdir(), d)
+    changed_by(lambda: (e / "g").unlink(), e)
+    changed_by(lambda: os.symlink("g", d / "link"), d)
+    top = shared_mount.mountpoint  # its times live only in the mount
+    before = time.time_ns()
+    (top / f"{mount_dir.name}-x").mkdir()
+    assert before <= times(top)[0] <= time.time_ns()
+    (top / f"{mount_dir.name}-x").rmdir()
+    (d / "f").write_bytes(b"x")
+    os.utime(d, ns=(old, old))
+    with open(d / "f", "ab") as f:
+        f.write(b"more")
+    os.chmod(d / "f", 0o600)
+    os.utime(d / "f", ns=(old, old))
+    assert times(d)[0] == old
+    shown = times(d), times(e)
+    shared_mount.flush()  # committed, and the view rebuilt from the grid's tree
+    time.sleep(1.2)  # past the kernel's attribute cache
+    assert (times(d), times(e)) == shown
+
+
 def test_mkdir_rmdir(mount_dir: Path) -> None:
     d = mount_dir / "a"
     d.mkdir()

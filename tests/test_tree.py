@@ -7,6 +7,7 @@ from gridfs.caps import parse as parse_cap
 from gridfs.dirnode import INLINE_MAX, Entry, check_name, split_path
 from gridfs.errors import GridError, UsageError
 from gridfs.tree import (
+    Batch,
     Delete,
     Move,
     NotFoundError,
@@ -315,3 +316,56 @@ async def test_a_view_of_queued_changes_keeps_overflowing_files_inline() -> None
     listing = await view.listdir(p("/d"), root)
     assert [listing.entries[f"f{i:02}"].data for i in range(80)] == data
     assert base.puts == 0
+
+
+async def test_a_name_appearing_or_going_sets_its_directorys_times() -> None:
+    """POSIX: create, delete and rename change the directory's mtime and
+    ctime; a change to an entry that stays does not."""
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/a"), new_dir_entry(10)), Put(p("/b"), new_dir_entry(10))])
+
+    async def times(path: str) -> tuple[int, int]:
+        e = await tree.lookup(p(path))
+        return e.mtime_ns, e.ctime_ns
+
+    assert await times("/a") == (10, 10)
+    await tree.commit([Put(p("/a/x"), Entry("file", "gridfs:lit:aa", 1, 0o644, 3, 20))])
+    assert await times("/a") == (20, 20)  # the new entry's ctime
+    await tree.commit([Put(p("/a/x"), Entry("file", "gridfs:lit:ab", 1, 0o600, 4, 30))])
+    assert await times("/a") == (20, 20)  # the same name, changed: not the directory
+    await tree.commit([Move(p("/a/x"), p("/b/y"), when_ns=40)])
+    assert await times("/a") == (40, 40)
+    assert await times("/b") == (40, 40)
+    await tree.commit([Move(p("/b/y"), p("/b/z"), when_ns=45)])
+    assert await times("/b") == (45, 45)
+    await tree.commit([Delete(p("/b/z"), when_ns=50)])
+    assert await times("/b") == (50, 50)
+    assert await times("/a") == (40, 40)
+    await tree.commit([Delete(p("/b/gone"), when_ns=60)])
+    assert await times("/b") == (50, 50)  # nothing went
+    await tree.commit([Put(p("/a/sub/f"), Entry("file", "gridfs:lit:aa", 1, 0o644, 3, 70))])
+    assert await times("/a/sub") == (70, 70)
+    assert (await times("/a"))[0] > 70  # made on the way: "now", when the batch began
+
+
+async def test_a_view_and_its_commit_agree_on_directory_times() -> None:
+    """The mount's view applies the queued changes to the committed tree; the
+    commit applies the same changes again later: the times must not move."""
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/d"), new_dir_entry(10))])
+    changes = [
+        Put(p("/d/f"), Entry("file", "gridfs:lit:aa", 1, 0o644, 1, 100)),
+        Move(p("/d/f"), p("/d/g"), when_ns=200),
+        Delete(p("/top"), when_ns=300),
+    ]
+    root = (await tree.root())[1]
+    view = Batch(tree, root)
+    for change in changes:
+        await view.apply(change)
+    seen = (await view.dir((), create=False)).get("d")  # type: ignore[union-attr]
+    await tree.commit(changes)
+    committed = await tree.lookup(p("/d"))
+    assert (seen.mtime_ns, seen.ctime_ns) == (committed.mtime_ns, committed.ctime_ns) == (200, 200)
+    assert view.root_mtime_ns == 0  # /top was not there: the root did not change
+    await view.apply(Put(p("/new"), Entry("file", "gridfs:lit:ab", 1, 0o644, 1, 400)))
+    assert view.root_mtime_ns == 400
