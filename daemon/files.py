@@ -57,6 +57,9 @@ class CapReader:
         self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
         self._fetching: dict[int, trio.Event] = {}
         self._last = -2
+        self._scanning = False
+        """Reading on sequentially through a file the cache takes for a scan:
+        what is fetched now stays in memory (SegmentCache.is_scan)."""
         # Named by storage index: the cap holds the read key, which no status may show.
         self._name = "si:" + b32encode(cap.storage_index)[:16]
         self._transfer = Transfer("download", self._name, self.cap.size)
@@ -94,7 +97,7 @@ class CapReader:
         done = self._fetching[j] = trio.Event()
         try:
             decoded = await (await self._dl(nursery)).segment(j)
-            await self._keep(decoded)
+            await self._keep(decoded, disk=not self._scanning)
             return decoded.data
         finally:
             done.set()
@@ -115,7 +118,9 @@ class CapReader:
         stop = self.slice.offset + self.slice.length if self.slice else self.cap.size
         num_segments = -(-stop // segsize)  # (no further: the rest are a slice's neighbours)
         first, last = offset // segsize, (end - 1) // segsize
-        if first in (self._last, self._last + 1):  # sequential: read ahead
+        sequential = first in (self._last, self._last + 1)
+        self._scanning = sequential and self.cache.is_scan(self.cap.size)
+        if sequential:  # read ahead
             ahead = range(last + 1, min(last + 1 + READAHEAD, num_segments))
             missing = [j for j in ahead if (self.key, j) not in self.cache]
             for run in _runs([j for j in missing if j not in self._fetching], READ_RUN):
@@ -143,21 +148,22 @@ class CapReader:
         await self.cache.put((self.key, SEGMENT_SIZE_KEY), size.to_bytes(8, "big"))
         return size
 
-    async def _keep(self, decoded: DecodedSegment) -> None:
-        """Count a fetched segment and cache it."""
+    async def _keep(self, decoded: DecodedSegment, disk: bool) -> None:
+        """Count a fetched segment and cache it (in memory only unless ``disk``)."""
         self._transfer.add(len(decoded.data))
-        await self.cache.put((self.key, decoded.index), decoded.data)
+        await self.cache.put((self.key, decoded.index), decoded.data, disk)
 
     def _start_run(self, run: list[int], nursery: trio.Nursery) -> None:
         """Fetch consecutive segments ``run`` into the cache in the background."""
         events = {j: trio.Event() for j in run}
         self._fetching.update(events)
+        disk = not self._scanning
 
         async def fetch() -> None:
             try:
                 downloader = await self._dl(nursery)
                 for decoded in await downloader.segments(run[0], len(run)):
-                    await self._keep(decoded)
+                    await self._keep(decoded, disk)
             except GridError:
                 pass  # (a reader that needs one of them fetches it itself)
             finally:

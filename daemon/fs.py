@@ -138,7 +138,9 @@ class GridOperations(pyfuse3.Operations):
         self.handles: dict[int, int] = {}
         self._next_fh = 1
         self.cache = SegmentCache(
-            session.grid.node.path / "cache" / "segments", daemon.options.cache_size
+            session.grid.node.path / "cache" / "segments",
+            daemon.options.cache_size,
+            keep_scans=daemon.options.cache_scans,
         )
         self.uid, self.gid = os.getuid(), os.getgid()
         self.staging_dir = self.queue.directory / "staging"

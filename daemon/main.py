@@ -82,6 +82,8 @@ class MountOptions:
     """renew leases and check/repair in the background (``-o nomaintain``: off)"""
     cache_size: int = 1 << 30
     """bytes of decoded segments kept on disk in NODE/cache/segments (0: none)"""
+    cache_scans: bool = False
+    """also keep on disk large files read sequentially (SegmentCache.is_scan)"""
 
     @classmethod
     def parse(cls, text: str) -> tuple[MountOptions, dict[str, str]]:
@@ -95,6 +97,8 @@ class MountOptions:
                 opts.allow_other = True
             elif key == "nomaintain":
                 opts.maintain = False
+            elif key == "cache_scans":
+                opts.cache_scans = True
             elif key == "cache_size":
                 try:
                     opts.cache_size = parse_size(value)

@@ -18,6 +18,15 @@ the page cache one file later, or as soon as it is read back (the kernel
 caches what the mount serves anyway): a long read then reuses a few pages
 instead of claiming fresh ones.
 
+A scan does not go to disk: a file larger than a quarter of the cache, read
+sequentially, would push out everything else kept there (a 1 GiB copy
+empties a 1 GiB cache), and writing it back costs about as much CPU as
+fetching it.  Its sequential segments stay in memory only, as PostgreSQL
+keeps a large sequential scan out of its shared buffers; the segments read
+before it turns sequential (its head: file managers, ``file``) and those
+read at random still go to disk.  ``keep_scans`` (``-o cache_scans``) keeps
+scans too.
+
 The directory is as private as the staging files of the mount (mode 0700,
 inside the node directory): it holds plaintext, like them.
 """
@@ -50,6 +59,8 @@ def _cap_id(cap: str) -> str:
 Key = tuple[str, int]
 MEMORY_BYTES = 64 << 20
 DISK_BYTES = 1 << 30
+SCAN_SHARE = 4
+"""A sequential read of a file larger than 1/SCAN_SHARE of the disk cache is a scan."""
 _HEAD = struct.Struct(">4sI")
 """A cache file's head: a tag and the CRC-32 of the data after it."""
 _TAG = b"gsc1"
@@ -63,8 +74,10 @@ class SegmentCache:
         directory: Path | None = None,
         max_bytes: int = DISK_BYTES,
         memory_bytes: int = MEMORY_BYTES,
+        keep_scans: bool = False,
     ) -> None:
         self.memory_bytes = memory_bytes
+        self.keep_scans = keep_scans
         self._memory: OrderedDict[Key, bytes] = OrderedDict()
         self._memory_size = 0
         self.directory = directory if max_bytes > 0 else None
@@ -126,12 +139,23 @@ class SegmentCache:
         self._remember(key, data)
         return data
 
-    async def put(self, key: Key, data: bytes) -> None:
+    def is_scan(self, file_size: int) -> bool:
+        """Whether a sequential read of a file this large keeps its segments
+        in memory only (see the module's docstring)."""
+        return not self.keep_scans and file_size > self.max_bytes // SCAN_SHARE
+
+    async def put(self, key: Key, data: bytes, disk: bool = True) -> None:
+        """Keep a segment in memory and (unless not ``disk``) on disk."""
         if key in self._memory:
             return
         self._remember(key, data)
         name = self._name(key)
-        if self.directory is None or len(data) + _HEAD.size > self.max_bytes or name in self._files:
+        if (
+            not disk
+            or self.directory is None
+            or len(data) + _HEAD.size > self.max_bytes
+            or name in self._files
+        ):
             return
         before, self._last_written = self._last_written, name
         if not await trio.to_thread.run_sync(_write_checked, self.directory, name, data, before):

@@ -53,3 +53,39 @@ async def test_a_sequential_reader_reads_ahead_in_runs(tmp_path: Path, secret: b
             reads = [r for node in grid.nodes for r in node.record_reads(cap.storage_index)]
             # segment by segment: 16 * K record reads; in runs of READ_RUN, far fewer
             assert len(reads) <= 16 * K // 2, len(reads)
+
+
+async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes) -> None:
+    """A sequential read of a file larger than a quarter of the disk cache
+    keeps what it fetches in memory, except the head read before it turned
+    sequential; reads at random go to disk; keep_scans keeps everything."""
+    seg = 256 << 10
+    data = random.Random(6).randbytes(16 * seg)  # 4 MiB: a scan for an 8 MiB cache
+    with trio.fail_after(60):
+        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+            params = UploadParams(K, 7, N, segment_size=seg)
+            cap = (await upload_bytes(broker, data, tmp_path, params, secret)).cap
+            assert isinstance(cap, ReadCap)
+            session: Any = SimpleNamespace(
+                grid=SimpleNamespace(broker=broker, transfers=Transfers())
+            )
+
+            async def on_disk(keep_scans: bool, reads: list[tuple[int, int]]) -> set[int]:
+                """The segments on disk after ``reads`` (offset, size) by a new reader."""
+                directory = tmp_path / f"cache-{keep_scans}-{reads[1][0]}"
+                cache = SegmentCache(directory, 8 << 20, memory_bytes=0, keep_scans=keep_scans)
+                reader = CapReader(session, cap, cache)
+                async with trio.open_nursery() as nursery:
+                    try:
+                        for off, size in reads:
+                            assert await reader.read(off, size, nursery) == data[off : off + size]
+                    finally:
+                        reader.close()
+                segments = {int(p.name.rsplit(".", 1)[1]) for p in directory.iterdir()}
+                return segments - {-1}  # (the segment size)
+
+            sequential = [(j * seg, seg) for j in range(16)]
+            assert await on_disk(False, sequential) == {0}
+            assert await on_disk(True, sequential) == set(range(16))
+            middles = [(j * seg + seg // 2, 100) for j in (9, 3, 12)]
+            assert await on_disk(False, middles) == {3, 9, 12}

@@ -91,3 +91,13 @@ async def test_written_files_leave_the_page_cache_one_file_later(tmp_path: Path)
     assert [await cache.get(("cap", j)) for j in range(3)] == segments  # back from disk
     # A file read back leaves the page cache too: the mount's pages hold it now.
     assert [resident_pages(f) for f in (tmp_path / "c").iterdir()] == [0, 0, 0]
+
+
+async def test_what_is_kept_in_memory_only_never_reaches_the_disk(tmp_path: Path) -> None:
+    cache = SegmentCache(tmp_path / "c", max_bytes=4 << 20)
+    assert cache.is_scan((1 << 20) + 1) and not cache.is_scan(1 << 20)  # a quarter of the cache
+    assert not SegmentCache(tmp_path / "k", max_bytes=4 << 20, keep_scans=True).is_scan(1 << 30)
+    await cache.put((CAP, 0), b"scan" * 1000, disk=False)
+    await cache.put((CAP, 1), b"kept" * 1000)
+    assert await cache.get((CAP, 0)) == b"scan" * 1000  # from memory
+    assert sorted(p.name.rsplit(".", 1)[1] for p in (tmp_path / "c").iterdir()) == ["1"]

@@ -1,0 +1,38 @@
+"""``-o`` options of ``gridfs mount`` and ``mount -t gridfs``: parsed, or refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+from gridfs_daemon.main import MountOptions
+
+from gridfs.errors import UsageError
+
+
+def test_options_are_parsed_and_the_rest_handed_back() -> None:
+    opts, rest = MountOptions.parse(
+        "sync,cache_size=512M,cache_scans,refresh=2.5,nomaintain,node=/n,alias=work,defaults,_netdev"
+    )
+    assert opts.sync and opts.cache_scans and not opts.maintain
+    assert opts.cache_size == 512 << 20 and opts.refresh == 2.5
+    assert rest == {"node": "/n", "alias": "work"}
+
+
+def test_defaults() -> None:
+    opts, rest = MountOptions.parse("")
+    assert opts == MountOptions() and rest == {}
+    assert not opts.sync and not opts.cache_scans and opts.maintain
+    assert opts.cache_size == 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cache_size=lots", "-o cache_size= needs a size"),
+        ("refresh=soon", "-o refresh= needs a number of seconds"),
+        ("cache_scan", "unknown mount option 'cache_scan'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        MountOptions.parse(text)
+    assert "\n" not in str(info.value)
