@@ -7,11 +7,15 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from gridfs.client.grid import open_grid
+from gridfs.client.session import TreeSession
 from gridfs.config import NodeConfig, NodeDir
 from gridfs.net.identity import NodeAddress
 
@@ -169,3 +173,34 @@ def test_get_with_grid_stopped_fails_cleanly(grid: Path, tmp_path: Path) -> None
     assert proc.returncode not in (0, 2)
     assert "no usable share found: 0 of 0 servers answered" in one_clean_error_line(proc)
     assert list(out_dir.iterdir()) == []  # neither the file nor a temporary
+
+
+def test_cp_r_keeps_the_directories_times(grid: Path, tmp_path: Path) -> None:
+    """Each directory copied in keeps its local mtime, although every name
+    put in it moves it (they are put again after their contents); entries
+    take now as their ctime, as a copy's ctime is."""
+    src = tmp_path / "tree"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"a")
+    (src / "sub" / "big.bin").write_bytes(os.urandom(100_000))
+    (src / "sub" / "deeper" / "c.txt").write_bytes(b"c")
+    old = {"": 1_500_000_000_000_000_000, "sub": 1_510_000_000_000_000_000}
+    old["sub/deeper"] = 1_520_000_000_000_000_000
+    os.utime(src / "a.txt", ns=(1_400_000_000_000_000_000,) * 2)
+    for rel in sorted(old, reverse=True):  # (deepest first: a utime is not a new name)
+        os.utime(src / rel, ns=(old[rel], old[rel]))
+    started = time.time_ns()
+    ok(gridfs("cp", "-r", str(src), "grid:/copied", node=grid / "client"))
+
+    async def entries() -> dict[str, tuple[int, int]]:
+        async with open_grid(NodeDir(grid / "client")) as client:
+            session = TreeSession(client, "grid")
+            paths = [*old, "a.txt"]
+            found = [await session.lookup(f"/copied/{rel}".rstrip("/")) for rel in paths]
+            return {rel: (e.mtime_ns, e.ctime_ns) for rel, e in zip(paths, found, strict=True)}
+
+    got = trio.run(entries)
+    for rel, mtime in old.items():
+        assert got[rel][0] == mtime, rel
+    assert got["a.txt"][0] == 1_400_000_000_000_000_000
+    assert all(ctime >= started for _, ctime in got.values()), got

@@ -322,10 +322,11 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def _entry_from_stat(st: os.stat_result, kind: str, cap: str = "", target: str = "") -> Entry:
+    """The entry of a local file: its mode and mtime, as ``cp -p`` keeps them;
+    its ctime is now (when it changes in the grid, as a copy's ctime is)."""
     mode = st.st_mode & 0o7777
-    return Entry(
-        kind, cap, st.st_size if kind == "file" else 0, mode, st.st_mtime_ns, st.st_ctime_ns, target
-    )
+    size = st.st_size if kind == "file" else 0
+    return Entry(kind, cap, size, mode, st.st_mtime_ns, time.time_ns(), target)
 
 
 async def copy_to_grid(
@@ -353,7 +354,7 @@ async def copy_to_grid(
             entry = await session.lookup(gsrc[1])
             if entry.is_dir and not recursive:
                 raise UsageError(f"{src}: is a directory (use cp -r)")
-            queue.add_file(None, target, entry)
+            queue.add_file(None, target, entry.with_(ctime_ns=time.time_ns()))
             continue
         local = Path(src)
         if local.is_dir() and not local.is_symlink():
@@ -384,9 +385,12 @@ def _queue_one(queue: Any, local: Path, target: str) -> None:
 
 
 def _queue_tree(queue: Any, top: Path, target: str) -> None:
-    queue.add_file(
-        None, target, _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
-    )
+    """Queue a local tree.  Each directory is put again after everything in
+    it, with its local times: a name put in a directory sets its mtime, and
+    putting a directory that is there takes only its attributes."""
+    top_entry = _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
+    queue.add_file(None, target, top_entry)
+    dirs = [(target, top_entry)]
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         rel = os.path.relpath(dirpath, top)
@@ -398,8 +402,11 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
             else:
                 entry = _entry_from_stat(os.stat(p), "dir").with_(cap=new_dir_entry().cap)
                 queue.add_file(None, f"{base}/{d}", entry)
+                dirs.append((f"{base}/{d}", entry))
         for f in sorted(filenames):
             _queue_one(queue, Path(dirpath) / f, f"{base}/{f}")
+    for path, entry in dirs:
+        queue.add_file(None, path, entry)
 
 
 async def copy_to_local(
