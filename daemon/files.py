@@ -60,6 +60,10 @@ class CapReader:
         self._scanning = False
         """Reading on sequentially through a file the cache takes for a scan:
         what is fetched now stays in memory (SegmentCache.is_scan)."""
+        self._held: dict[int, bytes] = {}
+        """Segments a scan fetched ahead and has not read yet, held here until
+        the reader is past them: in the shared memory cache alone, the
+        windows of other readers could push them out before they are read."""
         # Named by storage index: the cap holds the read key, which no status may show.
         self._name = "si:" + b32encode(cap.storage_index)[:16]
         self._transfer = Transfer("download", self._name, self.cap.size)
@@ -85,19 +89,24 @@ class CapReader:
         assert self._downloader is not None
         return self._downloader
 
-    async def segment(self, j: int, nursery: trio.Nursery) -> bytes:
+    async def segment(self, j: int, nursery: trio.Nursery, disk: bool = True) -> bytes:
+        """Segment ``j``, from the cache or fetched (and cached: on disk
+        too when ``disk``)."""
+        held = self._held.get(j)
+        if held is not None:
+            return held
         cached = await self.cache.get((self.key, j))
         if cached is not None:
             return cached
         if j in self._fetching:
             await self._fetching[j].wait()
-            cached = await self.cache.get((self.key, j))
+            cached = self._held.get(j) or await self.cache.get((self.key, j))
             if cached is not None:
                 return cached
         done = self._fetching[j] = trio.Event()
         try:
             decoded = await (await self._dl(nursery)).segment(j)
-            await self._keep(decoded, disk=not self._scanning)
+            await self._keep(decoded, disk)
             return decoded.data
         finally:
             done.set()
@@ -119,10 +128,12 @@ class CapReader:
         num_segments = -(-stop // segsize)  # (no further: the rest are a slice's neighbours)
         first, last = offset // segsize, (end - 1) // segsize
         sequential = first in (self._last, self._last + 1)
-        self._scanning = sequential and self.cache.is_scan(self.cap.size)
+        self._scanning = scanning = sequential and self.cache.is_scan(self.size)
+        for j in [j for j in self._held if j < first or not scanning]:
+            del self._held[j]  # read, or left behind by a seek
         if sequential:  # read ahead
             ahead = range(last + 1, min(last + 1 + READAHEAD, num_segments))
-            missing = [j for j in ahead if (self.key, j) not in self.cache]
+            missing = [j for j in ahead if j not in self._held and (self.key, j) not in self.cache]
             for run in _runs([j for j in missing if j not in self._fetching], READ_RUN):
                 # Whole runs (fewer requests) unless soon needed or at the end.
                 if len(run) == READ_RUN or run[0] <= last + READ_RUN or run[-1] == num_segments - 1:
@@ -130,7 +141,7 @@ class CapReader:
         self._last = last
         parts = []
         for j in range(first, last + 1):
-            data = await self.segment(j, nursery)
+            data = await self.segment(j, nursery, disk=not scanning)
             lo = max(offset, j * segsize) - j * segsize
             hi = min(end, (j + 1) * segsize) - j * segsize
             parts.append(data[lo:hi])
@@ -149,8 +160,11 @@ class CapReader:
         return size
 
     async def _keep(self, decoded: DecodedSegment, disk: bool) -> None:
-        """Count a fetched segment and cache it (in memory only unless ``disk``)."""
+        """Count a fetched segment and cache it (in memory only unless
+        ``disk``: then this reader also holds it until it is read)."""
         self._transfer.add(len(decoded.data))
+        if not disk:
+            self._held[decoded.index] = decoded.data
         await self.cache.put((self.key, decoded.index), decoded.data, disk)
 
     def _start_run(self, run: list[int], nursery: trio.Nursery) -> None:
@@ -175,6 +189,7 @@ class CapReader:
         nursery.start_soon(fetch)
 
     def close(self) -> None:
+        self._held.clear()
         if self._downloader is not None:
             self._release.set()
             self._downloader = None
@@ -211,6 +226,10 @@ class OpenFile:
     dirty: bool = False
     size: int = 0
     unlinked: bool = False
+    base: str | None = None
+    """the cap the file had when this mount began changing it: its commit
+    keeps another writer's version, found there instead, beside it (None:
+    not checked, e.g. while the version it started from is still uploading)"""
     reader: CapReader | None = None
     reader_cap: str | None = None
     """the entry cap ``reader`` was made for: while the entry names it, a

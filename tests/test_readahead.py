@@ -58,7 +58,9 @@ async def test_a_sequential_reader_reads_ahead_in_runs(tmp_path: Path, secret: b
 async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes) -> None:
     """A sequential read of a file larger than a quarter of the disk cache
     keeps what it fetches in memory, except the head read before it turned
-    sequential; reads at random go to disk; keep_scans keeps everything."""
+    sequential; reads at random go to disk; keep_scans keeps everything.
+    What a scan fetched ahead is never fetched again before it is read, even
+    when the memory cache cannot hold the read-ahead window."""
     seg = 256 << 10
     data = random.Random(6).randbytes(16 * seg)  # 4 MiB: a scan for an 8 MiB cache
     with trio.fail_after(60):
@@ -70,10 +72,15 @@ async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes)
                 grid=SimpleNamespace(broker=broker, transfers=Transfers())
             )
 
-            async def on_disk(keep_scans: bool, reads: list[tuple[int, int]]) -> set[int]:
-                """The segments on disk after ``reads`` (offset, size) by a new reader."""
-                directory = tmp_path / f"cache-{keep_scans}-{reads[1][0]}"
-                cache = SegmentCache(directory, 8 << 20, memory_bytes=0, keep_scans=keep_scans)
+            async def run(
+                keep_scans: bool, reads: list[tuple[int, int]], memory: int = 0
+            ) -> tuple[set[int], int]:
+                """The segments on disk after ``reads`` (offset, size) by a
+                new reader, and the record reads the servers served."""
+                for node in grid.nodes:
+                    node.behaviour.reads.clear()
+                directory = tmp_path / f"cache-{keep_scans}-{reads[1]}-{memory}"
+                cache = SegmentCache(directory, 8 << 20, memory, keep_scans=keep_scans)
                 reader = CapReader(session, cap, cache)
                 async with trio.open_nursery() as nursery:
                     try:
@@ -82,10 +89,15 @@ async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes)
                     finally:
                         reader.close()
                 segments = {int(p.name.rsplit(".", 1)[1]) for p in directory.iterdir()}
-                return segments - {-1}  # (the segment size)
+                served = [r for node in grid.nodes for r in node.record_reads(cap.storage_index)]
+                return segments - {-1}, len(served)  # (-1: the segment size)
 
             sequential = [(j * seg, seg) for j in range(16)]
-            assert await on_disk(False, sequential) == {0}
-            assert await on_disk(True, sequential) == set(range(16))
+            assert (await run(False, sequential))[0] == {0}
+            assert (await run(True, sequential))[0] == set(range(16))
             middles = [(j * seg + seg // 2, 100) for j in (9, 3, 12)]
-            assert await on_disk(False, middles) == {3, 9, 12}
+            assert (await run(False, middles))[0] == {3, 9, 12}
+            small_reads = [(off, 64 << 10) for off in range(0, len(data), 64 << 10)]
+            _, kept = await run(True, small_reads, memory=seg)
+            _, held = await run(False, small_reads, memory=seg)  # memory for one segment
+            assert held <= kept, (held, kept)

@@ -86,6 +86,7 @@ async def test_written_files_leave_the_page_cache_one_file_later(tmp_path: Path)
     segments = [os.urandom(1 << 20) for _ in range(3)]
     for j, data in enumerate(segments):
         await cache.put(("cap", j), data)
+        os.sync()  # (its writeback done, as it nearly always is one file later)
     residency = sorted(resident_pages(f) for f in (tmp_path / "c").iterdir())
     assert len(residency) == 3 and residency[:2] == [0, 0]  # (the newest may stay)
     assert [await cache.get(("cap", j)) for j in range(3)] == segments  # back from disk
