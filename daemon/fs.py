@@ -224,9 +224,11 @@ class GridOperations(pyfuse3.Operations):
             await self.view.apply(change)
         self.daemon.kick()
 
-    def queued(self, path: Path_, entry: Entry, sync: bool = True) -> Callable[[], Any]:
+    def queued(
+        self, path: Path_, entry: Entry, sync: bool = True, base: str | None = None
+    ) -> Callable[[], Any]:
         """The queue step that stores ``entry`` (as the view holds it) at ``path``
-        (``sync``: see WorkQueue.transaction)."""
+        (``sync``: see WorkQueue.transaction; ``base``: see tree.Put)."""
         text = "/" + "/".join(path)
         if entry.cap.startswith("local:"):
             box = entry.cap.split(":", 2)[1]
@@ -242,7 +244,7 @@ class GridOperations(pyfuse3.Operations):
             return enqueue
         if entry.cap.startswith("pending:"):
             raise pyfuse3.FUSEError(errno.EAGAIN)  # rare: wait for the flush
-        return lambda: self.queue.add_file(None, text, entry, sync=sync)
+        return lambda: self.queue.add_file(None, text, entry, base, sync=sync)
 
     async def put_entry(self, path: Path_, entry: Entry, sync: bool = True) -> None:
         if entry.is_dir:
@@ -254,7 +256,10 @@ class GridOperations(pyfuse3.Operations):
             box = entry.cap.split(":", 2)[1]
             if self.queue.read_box(box) is None and not self._uploading(box):
                 entry = await self._settled(path, entry)  # uploaded and cleaned up
-        await self.change(self.queued(path, entry, sync), Put(path, entry))
+        # A file as this mount last saw it: should another writer have put
+        # another version there since, the commit keeps theirs beside it.
+        base = None if entry.is_dir or entry.cap.startswith(("local:", "pending:")) else entry.cap
+        await self.change(self.queued(path, entry, sync, base), Put(path, entry, base))
 
     def _uploading(self, box: str) -> bool:
         return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.queue.pending())
@@ -433,6 +438,12 @@ class GridOperations(pyfuse3.Operations):
             finally:
                 await self.drop_if_unused(of)
             return self.attrs(inode, of.entry)
+        if changes and not path:
+            # The top directory: the root slot keeps no attributes, so its
+            # mode and times live with the mount (a clear EINVAL would make
+            # rsync -a into the mountpoint fail).
+            self.view.root_entry = self.view.root_entry.with_(**changes)
+            return self.attrs(inode, self.view.root_entry)
         if changes:
             current = self.open_files.get(inode)
             if current is not None:
@@ -494,10 +505,15 @@ class GridOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------
     async def open_for(self, ino: int, entry: Entry) -> OpenFile:
+        """The inode's open state; an open after another writer's change
+        (close-to-open, as on NFS) takes the version the view shows now,
+        unless the file is being written here."""
         of = self.open_files.get(ino)
         if of is None:
             of = OpenFile(ino, self.inodes.path(ino), entry, size=entry.size)
             self.open_files[ino] = of
+        elif entry != of.entry and not (of.staged or of.dirty or of.unlinked):
+            of.entry, of.size = entry, entry.size
         return of
 
     async def drop_if_unused(self, of: OpenFile) -> None:
@@ -573,6 +589,8 @@ class GridOperations(pyfuse3.Operations):
         current bytes when ``keep``) before it is written."""
         if of.buffer is not None or (of.staging is not None and not of.handed_over):
             return
+        if of.base is None and not of.entry.cap.startswith(("local:", "pending:")):
+            of.base = of.entry.cap  # (a queued version's cap is not known yet)
         of.hasher = None  # (restarted by a write to the file while empty)
         if not keep or (of.staging is None and of.entry.size <= INLINE_MAX):
             if keep and of.entry.size:
@@ -683,8 +701,9 @@ class GridOperations(pyfuse3.Operations):
         if isinstance(source, Path):
             with open(source, "rb") as f:
                 return os.pread(f.fileno(), size, off)
-        if of.reader is None:
-            of.reader, of.reader_cap = CapReader(self.session, source, self.cache), of.entry.cap
+        if of.reader is not None:  # made for a version the entry no longer names
+            of.reader.close()
+        of.reader, of.reader_cap = CapReader(self.session, source, self.cache), of.entry.cap
         return await of.reader.read(off, size, self.nursery)
 
     @errors_to_errno
@@ -719,6 +738,7 @@ class GridOperations(pyfuse3.Operations):
             if of.unlinked:
                 return
             now = time.time_ns()
+            base, of.base = of.base, None
             mtime = of.entry.mtime_ns if of.mtime_set else now  # tar: futimens, then close
             entry = of.entry.with_(size=of.size, mtime_ns=mtime, ctime_ns=now, cap="", data=None)
             text = "/" + "/".join(of.path)
@@ -730,7 +750,7 @@ class GridOperations(pyfuse3.Operations):
                     data = os.pread(of.staging, of.size, 0)
                 entry = entry.with_(data=data)
                 await self.change(
-                    lambda: self.queue.add_file(None, text, entry), Put(of.path, entry)
+                    lambda: self.queue.add_file(None, text, entry, base), Put(of.path, entry, base)
                 )
             else:
                 assert of.staging is not None, "a buffer never holds more than INLINE_MAX"
@@ -745,9 +765,9 @@ class GridOperations(pyfuse3.Operations):
                 if digest is not None:
                     self.session.digests.add(self.queue.tempfile_path(name), digest)
                 async with self.view.lock:
-                    box = self.queue.add_file(self.queue.tempfile_path(name), text, entry)
+                    box = self.queue.add_file(self.queue.tempfile_path(name), text, entry, base)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")
-                    await self.view.apply(Put(of.path, view_entry))
+                    await self.view.apply(Put(of.path, view_entry, base))
                 self.daemon.kick()
                 entry = view_entry
                 of.handed_over = True

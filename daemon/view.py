@@ -9,6 +9,7 @@ new root plus whatever is still queued.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import trio
@@ -16,8 +17,10 @@ import trio
 from gridfs.client.gridstore import OverlayStore
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DEFAULT_DIR_MODE, Directory, Entry
+from gridfs.errors import NotEnoughSharesError
 from gridfs.tree import Batch, Change, Tree
 
+log = logging.getLogger(__name__)
 Path = tuple[str, ...]
 
 
@@ -32,6 +35,10 @@ class View:
         self.batch: Batch | None = None
         self.seq = -1
         self.root_entry = Entry("dir", "", 0, DEFAULT_DIR_MODE, time.time_ns(), time.time_ns())
+        """The top directory's attributes: kept here while the mount is up
+        (the root slot keeps none)."""
+        self._root_touched = 0
+        """The batch's root_mtime_ns that root_entry last took."""
 
     async def rebuild(self, if_changed: bool = False) -> bool:
         """Re-read the root and re-apply what is still queued; True if the
@@ -56,12 +63,21 @@ class View:
                     await batch.apply(change)
                 changed = seq != self.seq
                 self.batch, self.seq = batch, seq
-                self._touch_root()
+                self._root_touched = batch.root_mtime_ns  # (re-applied: taken already)
                 return changed
 
     async def dir(self, path: Path) -> Directory | None:
         assert self.batch is not None
-        return await self.batch.dir(path, create=False)
+        try:
+            return await self.batch.dir(path, create=False)
+        except NotEnoughSharesError:
+            # Another writer moved the tree on since this view was built and
+            # gave up directories of the root it is built on (they were only
+            # its own): build on the new root and look again, once.
+            if not await self.rebuild(if_changed=True):
+                raise
+            log.info("a directory of the last root is gone; view rebuilt on the new one")
+            return await self.batch.dir(path, create=False)
 
     async def lookup(self, path: Path) -> Entry | None:
         if not path:
@@ -76,9 +92,9 @@ class View:
         self._touch_root()
 
     def _touch_root(self) -> None:
-        """The root's times follow its names changing, as long as the mount
-        is up (the root slot keeps no times)."""
+        """The root's times follow its names changing (Batch._touch)."""
         assert self.batch is not None
         when = self.batch.root_mtime_ns
-        if when > self.root_entry.mtime_ns:
+        if when != self._root_touched:
             self.root_entry = self.root_entry.with_(mtime_ns=when, ctime_ns=when)
+            self._root_touched = when

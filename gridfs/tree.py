@@ -372,7 +372,8 @@ class Batch:
             and current.cap != change.entry.cap
             and not (current.is_dir and change.entry.is_dir)
         ):
-            self.set(parent, conflict_name(name, self.now), current)
+            # Named by the change's time: the mount's view and the commit agree.
+            self.set(parent, conflict_name(name, change.entry.ctime_ns or self.now), current)
             self._touch(parent, change.entry.ctime_ns if when_ns is None else when_ns)
         if (
             current is not None

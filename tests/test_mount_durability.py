@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -197,6 +198,123 @@ def test_another_writers_changes_show_up(mount_grid: Grid, fresh_mount: Mount) -
         what="the other client's file in the mount (refresh=1)",
     )
     assert (mp / "d" / "theirs").read_bytes() == b"written by another client"
+
+
+def test_an_open_after_another_writers_change_sees_it_while_the_file_is_held(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    """Close-to-open, as on NFS: a handle kept open (a file manager, a
+    viewer) must not pin the version that later opens read, nor its reader."""
+    mp = fresh_mount.mountpoint
+    old, new = os.urandom(2_500_000), os.urandom(3_100_000)
+    (mp / "f").write_bytes(old)
+    fresh_mount.flush()
+    fresh_mount.remount()  # read from the grid, not from the local upload
+    with open(mp / "f", "rb") as held:
+        assert held.read(100_000) == old[:100_000]  # a reader of the old version
+        local = fresh_mount.node.parent / "new.bin"
+        local.write_bytes(new)
+        outside(mount_grid, fresh_mount.node, "cp", str(local), "t:/f")
+        wait_for(
+            lambda: (mp / "f").stat().st_size == len(new),
+            timeout=15,
+            what="the other client's version in the mount (refresh=1)",
+        )
+        assert (mp / "f").read_bytes() == new
+
+
+def test_a_file_written_here_and_by_another_writer_keeps_both(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    """Another client replaces a file while this mount has it open and is
+    writing it: the later commit (ours) wins the name, and their version,
+    acknowledged to them, is kept beside it instead of being lost."""
+    mp = fresh_mount.mountpoint
+    (mp / "f").write_bytes(os.urandom(100_000))
+    fresh_mount.flush()
+    ours, theirs = os.urandom(200_000), os.urandom(150_000)
+    (fresh_mount.node.parent / "ours.bin").write_bytes(ours)
+    (fresh_mount.node.parent / "theirs.bin").write_bytes(theirs)
+    # The writer is a process of its own: a process this test starts while
+    # holding the file open would close its copy, and a close commits.
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLDING_WRITER,
+            str(mp / "f"),
+            str(fresh_mount.node.parent / "ours.bin"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == b"written\n"
+    theirs_path = str(fresh_mount.node.parent / "theirs.bin")
+    outside(mount_grid, fresh_mount.node, "cp", theirs_path, "t:/f")
+    outside(mount_grid, fresh_mount.node, "cp", theirs_path, "t:/marker")
+    wait_for(
+        lambda: "marker" in os.listdir(mp),
+        timeout=15,
+        what="the other client's changes in the mount (refresh=1)",
+    )
+    writer.communicate(b"close\n", timeout=30)
+    assert writer.returncode == 0
+    names = sorted(os.listdir(mp))
+    assert names[0] == "f" and names[1].startswith("f.conflict-") and names[2] == "marker", names
+    assert (mp / "f").read_bytes() == ours
+    assert (mp / names[1]).read_bytes() == theirs
+    fresh_mount.flush()
+    assert outside(mount_grid, fresh_mount.node, "cat", "t:/f") == ours
+    assert outside(mount_grid, fresh_mount.node, "cat", f"t:/{names[1]}") == theirs
+
+
+HOLDING_WRITER = """
+import sys
+with open(sys.argv[1], "r+b") as f, open(sys.argv[2], "rb") as source:
+    f.write(source.read())
+    f.flush()
+    print("written", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_chmod_of_a_file_another_writer_replaced_keeps_their_version(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    """An attribute change puts the whole entry as the mount saw it; when
+    another writer has replaced the file since, theirs must not be lost."""
+    with mounted(mount_node, tmp_path / "mnt", "refresh=1000") as m:
+        ours, theirs = os.urandom(50_000), os.urandom(60_000)
+        (m.mountpoint / "f").write_bytes(ours)
+        m.flush()
+        local = tmp_path / "theirs.bin"
+        local.write_bytes(theirs)
+        outside(mount_grid, mount_node, "cp", str(local), "t:/f")
+        os.chmod(m.mountpoint / "f", 0o600)  # the view still shows ours
+        m.flush()
+        names = outside(mount_grid, mount_node, "ls", "t:/").decode().split()
+        assert names[0] == "f" and names[1].startswith("f.conflict-") and len(names) == 2, names
+        assert outside(mount_grid, mount_node, "cat", "t:/f") == ours
+        assert outside(mount_grid, mount_node, "cat", f"t:/{names[1]}") == theirs
+
+
+def test_a_root_another_writer_gave_up_is_left_for_the_new_one(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    """The view is built on another writer's root, whose directories only
+    that writer holds; its next change gives them up (the servers delete
+    them) before the view has read them: listing rebuilds on the new root
+    instead of failing with EIO until the next refresh."""
+    with mounted(mount_node, tmp_path / "mnt", "refresh=1000") as m:
+        (m.mountpoint / "mine").write_bytes(b"mine")
+        m.flush()
+        local = tmp_path / "theirs.txt"
+        local.write_bytes(b"theirs")
+        outside(mount_grid, mount_node, "cp", str(local), "t:/a")
+        m.flush()  # the view is now built on their root, not yet read
+        outside(mount_grid, mount_node, "cp", str(local), "t:/b")  # gives that root up
+        assert sorted(os.listdir(m.mountpoint)) == ["a", "b", "mine"]
+        assert "view rebuilt on the new one" in m.log()
 
 
 def test_directory_attributes_keep_another_writers_files(

@@ -259,11 +259,17 @@ def test_a_directorys_times_follow_its_names(mount_dir: Path, shared_mount: Moun
     changed_by(lambda: (d / "sub").rmdir(), d)
     changed_by(lambda: (e / "g").unlink(), e)
     changed_by(lambda: os.symlink("g", d / "link"), d)
-    top = shared_mount.mountpoint  # its times live only in the mount
-    before = time.time_ns()
-    (top / f"{mount_dir.name}-x").mkdir()
-    assert before <= times(top)[0] <= time.time_ns()
-    (top / f"{mount_dir.name}-x").rmdir()
+    top = shared_mount.mountpoint  # its attributes live only in the mount
+    changed_by(lambda: (top / f"{mount_dir.name}-x").mkdir(), top)
+    changed_by(lambda: (top / f"{mount_dir.name}-x").rmdir(), top)
+    os.chmod(top, 0o750)  # rsync -a sets the top directory's mode and times too
+    try:
+        assert stat.S_IMODE(top.stat().st_mode) == 0o750
+        os.utime(top, ns=(old, old))
+        (d / "unrelated").mkdir()  # a change elsewhere leaves the top alone
+        assert times(top)[0] == old
+    finally:
+        os.chmod(top, 0o755)
     (d / "f").write_bytes(b"x")
     os.utime(d, ns=(old, old))
     with open(d / "f", "ab") as f:
