@@ -39,6 +39,8 @@ READAHEAD = 8
 """Segments fetched ahead of a sequential reader, in runs of READ_RUN."""
 READ_RUN = 4
 """Segments read ahead together, one request per share (downloader.segments)."""
+READAHEAD_BYTES = 16 << 20
+"""...and at most this many bytes of them (segments can be up to 64 MiB)."""
 
 
 class CapReader:
@@ -64,12 +66,17 @@ class CapReader:
         """Segments a scan fetched ahead and has not read yet, held here until
         the reader is past them: in the shared memory cache alone, the
         windows of other readers could push them out before they are read."""
+        self._reads = 0
+        """reads under way: close() waits for the last to end"""
+        self._closed = False
         # Named by storage index: the cap holds the read key, which no status may show.
         self._name = "si:" + b32encode(cap.storage_index)[:16]
         self._transfer = Transfer("download", self._name, self.cap.size)
         """Counted in the client's transfers while the downloader is open."""
 
     async def _dl(self, nursery: trio.Nursery) -> Downloader:
+        if self._closed and self._downloader is None:  # (a late read-ahead)
+            raise GridError("the file was closed")
         if self._downloader is None:
             ready = trio.Event()
 
@@ -116,10 +123,17 @@ class CapReader:
         end = min(self.size, offset + size)
         if offset >= end:
             return b""
-        if self.slice is None:
-            return await self._read(offset, end, nursery)
-        base = self.slice.offset
-        return open_slice(self.slice, offset, await self._read(base + offset, base + end, nursery))
+        self._reads += 1
+        try:
+            if self.slice is None:
+                return await self._read(offset, end, nursery)
+            base = self.slice.offset
+            data = await self._read(base + offset, base + end, nursery)
+            return open_slice(self.slice, offset, data)
+        finally:
+            self._reads -= 1
+            if self._closed and not self._reads:
+                self._release_downloader()
 
     async def _read(self, offset: int, end: int, nursery: trio.Nursery) -> bytes:
         """Bytes [offset, end) of the stored file."""
@@ -132,7 +146,8 @@ class CapReader:
         for j in [j for j in self._held if j < first or not scanning]:
             del self._held[j]  # read, or left behind by a seek
         if sequential:  # read ahead
-            ahead = range(last + 1, min(last + 1 + READAHEAD, num_segments))
+            count = max(1, min(READAHEAD, READAHEAD_BYTES // segsize))
+            ahead = range(last + 1, min(last + 1 + count, num_segments))
             missing = [j for j in ahead if j not in self._held and (self.key, j) not in self.cache]
             for run in _runs([j for j in missing if j not in self._fetching], READ_RUN):
                 # Whole runs (fewer requests) unless soon needed or at the end.
@@ -189,7 +204,14 @@ class CapReader:
         nursery.start_soon(fetch)
 
     def close(self) -> None:
+        """Let the downloader go, once the reads under way have ended
+        (another handle's read may still be using this reader)."""
+        self._closed = True
         self._held.clear()
+        if not self._reads:
+            self._release_downloader()
+
+    def _release_downloader(self) -> None:
         if self._downloader is not None:
             self._release.set()
             self._downloader = None

@@ -101,3 +101,35 @@ async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes)
             _, kept = await run(True, small_reads, memory=seg)
             _, held = await run(False, small_reads, memory=seg)  # memory for one segment
             assert held <= kept, (held, kept)
+
+
+async def test_a_reader_closed_during_a_read_lets_it_finish_then_lets_go(
+    tmp_path: Path, secret: bytes
+) -> None:
+    """The mount closes a reader made for a version its file no longer names
+    while another handle may still be reading through it: that read ends
+    with the right bytes, and only then does the downloader go (a read that
+    opened a new one after close kept it, and its task, for good)."""
+    seg = 256 << 10
+    data = random.Random(7).randbytes(8 * seg)
+    with trio.fail_after(60):
+        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+            params = UploadParams(K, 7, N, segment_size=seg)
+            cap = (await upload_bytes(broker, data, tmp_path, params, secret)).cap
+            assert isinstance(cap, ReadCap)
+            session: Any = SimpleNamespace(
+                grid=SimpleNamespace(broker=broker, transfers=Transfers())
+            )
+            reader = CapReader(session, cap, SegmentCache(None, max_bytes=0))
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+
+                async def read_all() -> None:
+                    got.append(await reader.read(0, len(data), nursery))
+
+                nursery.start_soon(read_all)
+                while reader._downloader is None:  # the read is under way
+                    await trio.sleep(0.001)
+                reader.close()
+            assert got == [data]
+            assert reader._downloader is None
