@@ -258,7 +258,7 @@ class GridOperations(pyfuse3.Operations):
                 entry = await self._settled(path, entry)  # uploaded and cleaned up
         # A file as this mount last saw it: should another writer have put
         # another version there since, the commit keeps theirs beside it.
-        base = None if entry.is_dir or entry.cap.startswith(("local:", "pending:")) else entry.cap
+        base = _base_of(entry)
         await self.change(self.queued(path, entry, sync, base), Put(path, entry, base))
 
     def _uploading(self, box: str) -> bool:
@@ -512,7 +512,10 @@ class GridOperations(pyfuse3.Operations):
         if of is None:
             of = OpenFile(ino, self.inodes.path(ino), entry, size=entry.size)
             self.open_files[ino] = of
-        elif entry != of.entry and not (of.staged or of.dirty or of.unlinked):
+        elif entry != of.entry and not (of.staged or of.dirty or of.unlinked or of.lock.locked()):
+            if of.pinned is not None and entry.cap != of.entry.cap:
+                os.close(of.pinned)  # our queued version's bytes: not the current ones
+                of.pinned = None
             of.entry, of.size = entry, entry.size
         return of
 
@@ -589,8 +592,8 @@ class GridOperations(pyfuse3.Operations):
         current bytes when ``keep``) before it is written."""
         if of.buffer is not None or (of.staging is not None and not of.handed_over):
             return
-        if of.base is None and not of.entry.cap.startswith(("local:", "pending:")):
-            of.base = of.entry.cap  # (a queued version's cap is not known yet)
+        if of.base is None:
+            of.base = _base_of(of.entry)
         of.hasher = None  # (restarted by a write to the file while empty)
         if not keep or (of.staging is None and of.entry.size <= INLINE_MAX):
             if keep and of.entry.size:
@@ -863,3 +866,15 @@ def _copy_fd(src: int, dst: int, size: int) -> None:
         if n == 0:
             break
         off += n
+
+
+def _base_of(entry: Entry) -> str | None:
+    """The cap a change of ``entry`` names as the version it started from
+    (tree.Put's base), or None where it cannot be told: a directory (its
+    entry is put with the empty cap), a version still queued here (its cap is
+    not known yet), and a small file inside its directory (no cap of its own:
+    its commit may give it one, and its own next change would then look like
+    another writer's)."""
+    if entry.is_dir or not entry.cap or entry.cap.startswith(("local:", "pending:")):
+        return None
+    return entry.cap

@@ -294,7 +294,7 @@ class Batch:
                 if not create:
                     return None
                 if entry is not None:  # a file where a directory must go: keep it aside
-                    self.set(path[:-1], conflict_name(path[-1], self.now), entry)
+                    self._keep_aside(path[:-1], path[-1], self.now, entry)
                 self.set(path[:-1], path[-1], new_dir_entry(self.now))
                 self._touch(path[:-1], self.now)
                 d = EMPTY
@@ -330,6 +330,18 @@ class Batch:
                 del self.dirs[p]
                 self.entries.pop(p, None)
                 self.dirty.discard(p)
+
+    def _keep_aside(self, parent: Path, name: str, when_ns: int, entry: Entry) -> None:
+        """Keep the loser of a conflict beside ``name``: under its conflict
+        name, or that name with -2, -3, ... when another entry has it (two
+        conflicts in the same second must not overwrite one another)."""
+        entries = self._own(parent)
+        base = candidate = conflict_name(name, when_ns)
+        n = 1
+        while (taken := entries.get(candidate)) is not None and taken != entry:
+            n += 1
+            candidate = f"{base}-{n}"
+        self.set(parent, candidate, entry)
 
     def _touch(self, path: Path, when_ns: int) -> None:
         """A name appeared in or went from the directory at ``path``: its
@@ -373,7 +385,7 @@ class Batch:
             and not (current.is_dir and change.entry.is_dir)
         ):
             # Named by the change's time: the mount's view and the commit agree.
-            self.set(parent, conflict_name(name, change.entry.ctime_ns or self.now), current)
+            self._keep_aside(parent, name, change.entry.ctime_ns or self.now, current)
             self._touch(parent, change.entry.ctime_ns if when_ns is None else when_ns)
         if (
             current is not None

@@ -38,7 +38,7 @@ import msgpack
 import trio
 
 from .dirnode import Entry
-from .errors import GridError
+from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
 from .tree import Change, Delete, Move, Put, Tree
 
@@ -190,7 +190,10 @@ class WorkQueue:
         return self._add("upload_chk", tempfile=tempfile, box=box)
 
     def add_addpath(self, box: str | None, path: str, entry: Entry, base: str | None = None) -> int:
-        """Put ``entry`` at ``path``; its cap comes from ``box`` when given."""
+        """Put ``entry`` at ``path``; its cap comes from ``box`` when given
+        (refused, before anything is journaled, for the root itself)."""
+        if not _split(path):
+            raise UsageError("cannot replace the root directory")
         return self._add("addpath", box=box, path=path, entry=entry.to_wire(""), base=base)
 
     def add_deletepath(self, path: str, base: str | None = None, when_ns: int = 0) -> int:
@@ -305,7 +308,7 @@ class WorkQueue:
         sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.kind == "upload_chk"}
         out: list[Change] = []
         for s in steps:
-            if s.section != PATH:
+            if s.section != PATH or _replaces_root(s):
                 continue
             change = self._change(s)
             if change is None and s.kind == "addpath":
@@ -456,6 +459,12 @@ class WorkQueue:
     async def _run_paths(
         self, executor: Executor, steps: list[Step], progress: Callable[[Step], None] | None
     ) -> None:
+        if stale := [s for s in steps if _replaces_root(s)]:
+            log.warning("dropping %d queued change(s) of the root's own entry", len(stale))
+            self._remove(stale)
+            steps = [s for s in steps if not _replaces_root(s)]
+            if not steps:
+                return
         changes = [self._change(s) for s in steps]
         if any(c is None for c in changes):
             raise QueueError("a path step refers to a box that was never filled")
@@ -529,6 +538,13 @@ class WorkQueue:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
             fsync_dir(d)
+
+
+def _replaces_root(step: Step) -> bool:
+    """An addpath of the root itself, which mounts before this check queued
+    for chmod, utimens or xattrs of the mountpoint: it can never apply (the
+    root has no entry) and would hold up the queue for good, so it is dropped."""
+    return step.kind == "addpath" and not _split(step.args["path"])
 
 
 def _split(path: str) -> tuple[str, ...]:

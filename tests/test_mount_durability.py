@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from gridfs_daemon.fs import _base_of
 
 from gridfs.caps import b32encode, parse_read_cap
+from gridfs.dirnode import Entry
 
 pytest.register_assert_rewrite("tests.mountutil")
 from .mountutil import (  # noqa: E402
@@ -221,6 +223,48 @@ def test_an_open_after_another_writers_change_sees_it_while_the_file_is_held(
             what="the other client's version in the mount (refresh=1)",
         )
         assert (mp / "f").read_bytes() == new
+
+
+def test_an_open_after_another_writers_change_lets_our_queued_copy_go(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    """A handle opened while our version was still queued holds the queue's
+    copy of its bytes: once another writer's version shows up, an open must
+    read theirs, not that copy."""
+    mp = fresh_mount.mountpoint
+    old, new = os.urandom(2_500_000), os.urandom(3_100_000)
+    servers = mount_grid.storage_pids()
+    for pid in servers.values():  # our version stays queued while it is opened
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        (mp / "f").write_bytes(old)
+        held = open(mp / "f", "rb")  # noqa: SIM115 (held across the steps below)
+        assert held.read(1000) == old[:1000]
+    finally:
+        for pid in servers.values():
+            os.kill(pid, signal.SIGCONT)
+    with held:
+        fresh_mount.flush()
+        local = fresh_mount.node.parent / "new.bin"
+        local.write_bytes(new)
+        outside(mount_grid, fresh_mount.node, "cp", str(local), "t:/f")
+        wait_for(
+            lambda: (mp / "f").stat().st_size == len(new),
+            timeout=15,
+            what="the other client's version in the mount (refresh=1)",
+        )
+        assert (mp / "f").read_bytes() == new
+
+
+def test_a_change_names_the_version_it_started_from_only_where_it_can() -> None:
+    """tree.Put's base: a real cap; not a directory's, a queued version's or
+    a small inline file's (its commit may give it a cap, and its own next
+    change would then look like another writer's: a spurious conflict)."""
+    chk = "gridfs:chk:" + "a" * 52 + ":" + "b" * 52 + ":3:10:5000000"
+    assert _base_of(Entry("file", chk, 5_000_000)) == chk
+    assert _base_of(Entry("file", "", 3, data=b"abc")) is None
+    assert _base_of(Entry("file", "local:box:tmp", 9)) is None
+    assert _base_of(Entry("dir", "gridfs:lit:aa")) is None
 
 
 def test_a_file_written_here_and_by_another_writer_keeps_both(

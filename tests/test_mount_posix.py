@@ -515,6 +515,18 @@ def test_user_xattrs(mount_dir: Path) -> None:
     assert f.read_bytes() == b"content+"
 
 
+def test_xattrs_on_the_top_directory_are_refused_and_queue_nothing(
+    mount_dir: Path, shared_mount: Mount
+) -> None:
+    """The root has no entry to keep them: EINVAL, and no queued step that
+    could never apply (it held up the queue, and the next mount, for good)."""
+    top = shared_mount.mountpoint
+    assert errno_of(os.setxattr, top, "user.tag", b"x") == errno.EINVAL
+    (mount_dir / "after").write_bytes(b"after")
+    shared_mount.flush()
+    assert shared_mount.queue_length() == 0
+
+
 def test_hard_link_is_refused(mount_dir: Path) -> None:
     (mount_dir / "f").write_bytes(b"x")
     assert errno_of(os.link, mount_dir / "f", mount_dir / "g") == errno.EPERM

@@ -369,3 +369,17 @@ async def test_a_view_and_its_commit_agree_on_directory_times() -> None:
     assert view.root_mtime_ns == 0  # /top was not there: the root did not change
     await view.apply(Put(p("/new"), Entry("file", "gridfs:lit:ab", 1, 0o644, 1, 400)))
     assert view.root_mtime_ns == 400
+
+
+async def test_two_conflicts_in_one_second_keep_both_losers() -> None:
+    tree = Tree(MemStore())
+    when = 1_700_000_000 * 10**9
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:aa"))])
+    for cap, loser in (("gridfs:lit:ab", "x"), ("gridfs:lit:ac", "y")):
+        await tree.commit([Put(p("/doc"), Entry("file", f"gridfs:lit:{loser}{loser}", 1))])
+        stale = Entry("file", cap, 1, 0o644, when, when)  # from the same second
+        await tree.commit([Put(p("/doc"), stale, base="gridfs:lit:aa")])
+    listing = await tree.listdir(())
+    kept = sorted((n, listing.entries[n].cap) for n in listing if n != "doc")
+    base = "doc.conflict-20231114-221320"
+    assert kept == [(base, "gridfs:lit:xx"), (base + "-2", "gridfs:lit:yy")]  # none lost

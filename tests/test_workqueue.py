@@ -10,7 +10,7 @@ import pytest
 
 from gridfs.caps import LiteralCap
 from gridfs.dirnode import Entry
-from gridfs.errors import GridError
+from gridfs.errors import GridError, UsageError
 from gridfs.tree import Tree
 from gridfs.workqueue import QueueError, WorkQueue
 
@@ -167,3 +167,23 @@ def test_unsynced_commit_survives_a_killed_process_and_sync_restores_full(
     q.add_file(None, "/c", entry())  # a synced commit fsyncs the journal with /b in it
     assert not q.unsynced
     assert [s.args["path"] for s in q.pending()] == ["/new", "/a", "/b", "/c"]
+
+
+async def test_a_change_of_the_root_entry_is_refused_and_an_old_one_dropped(
+    tmp_path: Path,
+) -> None:
+    """The root has no entry: an addpath of "/" is refused before anything is
+    journaled, and one an older mount queued (chmod of its mountpoint) is
+    dropped instead of failing the queue, and the mount, for good."""
+    q = WorkQueue(tmp_path / "q")
+    ex = FakeExecutor()
+    dir_entry = Entry("dir", "", 0, 0o700, 1, 1)
+    with pytest.raises(UsageError, match="cannot replace the root"):
+        q.add_file(None, "/", dir_entry)
+    assert len(q) == 0
+    q._add("addpath", box=None, path="/", entry=dir_entry.to_wire(""), base=None)  # (as before)
+    q.add_file(None, "/after", entry().with_(cap=LiteralCap(b"x").to_string()))
+    assert [type(c).__name__ for c in q.pending_changes()] == ["Put"]  # the view skips it
+    await q.flush(ex)
+    assert len(q) == 0
+    assert list(await ex.tree.listdir(())) == ["after"]

@@ -406,7 +406,7 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
         for f in sorted(filenames):
             _queue_one(queue, Path(dirpath) / f, f"{base}/{f}")
     for path, entry in dirs:
-        queue.add_file(None, path, entry)
+        queue.add_file(None, path, entry.with_(ctime_ns=time.time_ns()))
 
 
 async def copy_to_local(
