@@ -214,15 +214,7 @@ def test_an_open_after_another_writers_change_sees_it_while_the_file_is_held(
     fresh_mount.remount()  # read from the grid, not from the local upload
     with open(mp / "f", "rb") as held:
         assert held.read(100_000) == old[:100_000]  # a reader of the old version
-        local = fresh_mount.node.parent / "new.bin"
-        local.write_bytes(new)
-        outside(mount_grid, fresh_mount.node, "cp", str(local), "t:/f")
-        wait_for(
-            lambda: (mp / "f").stat().st_size == len(new),
-            timeout=15,
-            what="the other client's version in the mount (refresh=1)",
-        )
-        assert (mp / "f").read_bytes() == new
+        _replaced_by_another_writer(mount_grid, fresh_mount, "f", new)
 
 
 def test_an_open_after_another_writers_change_lets_our_queued_copy_go(
@@ -245,15 +237,21 @@ def test_an_open_after_another_writers_change_lets_our_queued_copy_go(
             os.kill(pid, signal.SIGCONT)
     with held:
         fresh_mount.flush()
-        local = fresh_mount.node.parent / "new.bin"
-        local.write_bytes(new)
-        outside(mount_grid, fresh_mount.node, "cp", str(local), "t:/f")
-        wait_for(
-            lambda: (mp / "f").stat().st_size == len(new),
-            timeout=15,
-            what="the other client's version in the mount (refresh=1)",
-        )
-        assert (mp / "f").read_bytes() == new
+        _replaced_by_another_writer(mount_grid, fresh_mount, "f", new)
+
+
+def _replaced_by_another_writer(grid: Grid, mount: Mount, name: str, new: bytes) -> None:
+    """Another client puts ``new`` at ``name``; once the mount shows it
+    (refresh=1), an open there reads it."""
+    local = mount.node.parent / "new.bin"
+    local.write_bytes(new)
+    outside(grid, mount.node, "cp", str(local), f"t:/{name}")
+    wait_for(
+        lambda: (mount.mountpoint / name).stat().st_size == len(new),
+        timeout=15,
+        what="the other client's version in the mount (refresh=1)",
+    )
+    assert (mount.mountpoint / name).read_bytes() == new
 
 
 def test_a_change_names_the_version_it_started_from_only_where_it_can() -> None:

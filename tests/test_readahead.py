@@ -3,7 +3,9 @@ segments, one request per share for each run (against a real in-process grid).""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,6 +57,19 @@ async def test_a_sequential_reader_reads_ahead_in_runs(tmp_path: Path, secret: b
             assert len(reads) <= 16 * K // 2, len(reads)
 
 
+@contextlib.asynccontextmanager
+async def stored(
+    tmp_path: Path, secret: bytes, data: bytes, segment_size: int
+) -> AsyncIterator[tuple[Any, Any, ReadCap]]:
+    """A real in-process grid holding ``data``: the grid, a session as a
+    CapReader needs one, and the file's cap."""
+    async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+        params = UploadParams(K, 7, N, segment_size=segment_size)
+        cap = (await upload_bytes(broker, data, tmp_path, params, secret)).cap
+        assert isinstance(cap, ReadCap)
+        yield grid, SimpleNamespace(grid=SimpleNamespace(broker=broker, transfers=Transfers())), cap
+
+
 async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes) -> None:
     """A sequential read of a file larger than a quarter of the disk cache
     keeps what it fetches in memory, except the head read before it turned
@@ -64,13 +79,7 @@ async def test_a_scan_stays_out_of_the_disk_cache(tmp_path: Path, secret: bytes)
     seg = 256 << 10
     data = random.Random(6).randbytes(16 * seg)  # 4 MiB: a scan for an 8 MiB cache
     with trio.fail_after(60):
-        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
-            params = UploadParams(K, 7, N, segment_size=seg)
-            cap = (await upload_bytes(broker, data, tmp_path, params, secret)).cap
-            assert isinstance(cap, ReadCap)
-            session: Any = SimpleNamespace(
-                grid=SimpleNamespace(broker=broker, transfers=Transfers())
-            )
+        async with stored(tmp_path, secret, data, seg) as (grid, session, cap):
 
             async def run(
                 keep_scans: bool, reads: list[tuple[int, int]], memory: int = 0
@@ -113,13 +122,7 @@ async def test_a_reader_closed_during_a_read_lets_it_finish_then_lets_go(
     seg = 256 << 10
     data = random.Random(7).randbytes(8 * seg)
     with trio.fail_after(60):
-        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
-            params = UploadParams(K, 7, N, segment_size=seg)
-            cap = (await upload_bytes(broker, data, tmp_path, params, secret)).cap
-            assert isinstance(cap, ReadCap)
-            session: Any = SimpleNamespace(
-                grid=SimpleNamespace(broker=broker, transfers=Transfers())
-            )
+        async with stored(tmp_path, secret, data, seg) as (_, session, cap):
             reader = CapReader(session, cap, SegmentCache(None, max_bytes=0))
             got: list[bytes] = []
             async with trio.open_nursery() as nursery:
