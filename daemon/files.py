@@ -66,18 +66,24 @@ class CapReader:
         """Segments a scan fetched ahead and has not read yet, held here until
         the reader is past them: in the shared memory cache alone, the
         windows of other readers could push them out before they are read."""
-        self._reads = 0
-        """reads under way: close() waits for the last to end"""
+        self._users = 0
+        """reads and read-aheads under way: the downloader goes when the last
+        of them ends after close() (another handle may still be reading)"""
         self._closed = False
+        self._opening: trio.Event | None = None
+        """set once a downloader being opened is there (concurrent reads open one)"""
         # Named by storage index: the cap holds the read key, which no status may show.
         self._name = "si:" + b32encode(cap.storage_index)[:16]
         self._transfer = Transfer("download", self._name, self.cap.size)
         """Counted in the client's transfers while the downloader is open."""
 
     async def _dl(self, nursery: trio.Nursery) -> Downloader:
-        if self._closed and self._downloader is None:  # (a late read-ahead)
-            raise GridError("the file was closed")
+        """The downloader, opened by the first user that needs it (only ever
+        called by a counted user: see _users)."""
+        while self._opening is not None:
+            await self._opening.wait()
         if self._downloader is None:
+            self._opening = opening = trio.Event()
             ready = trio.Event()
 
             async def hold(
@@ -89,10 +95,14 @@ class CapReader:
                     await ready.wait()  # held until the file is closed
 
             self._release = ready
-            await nursery.start(hold)
-            self._transfer = self.session.grid.transfers.start(
-                "download", self._name, self.cap.size
-            )
+            try:
+                await nursery.start(hold)
+                self._transfer = self.session.grid.transfers.start(
+                    "download", self._name, self.cap.size
+                )
+            finally:
+                self._opening = None
+                opening.set()
         assert self._downloader is not None
         return self._downloader
 
@@ -123,7 +133,7 @@ class CapReader:
         end = min(self.size, offset + size)
         if offset >= end:
             return b""
-        self._reads += 1
+        self._users += 1
         try:
             if self.slice is None:
                 return await self._read(offset, end, nursery)
@@ -131,9 +141,7 @@ class CapReader:
             data = await self._read(base + offset, base + end, nursery)
             return open_slice(self.slice, offset, data)
         finally:
-            self._reads -= 1
-            if self._closed and not self._reads:
-                self._release_downloader()
+            self._user_done()
 
     async def _read(self, offset: int, end: int, nursery: trio.Nursery) -> bytes:
         """Bytes [offset, end) of the stored file."""
@@ -187,9 +195,12 @@ class CapReader:
         events = {j: trio.Event() for j in run}
         self._fetching.update(events)
         disk = not self._scanning
+        self._users += 1
 
         async def fetch() -> None:
             try:
+                if self._closed:
+                    return
                 downloader = await self._dl(nursery)
                 for decoded in await downloader.segments(run[0], len(run)):
                     await self._keep(decoded, disk)
@@ -200,6 +211,7 @@ class CapReader:
                     event.set()
                     if self._fetching.get(j) is event:
                         del self._fetching[j]
+                self._user_done()
 
         nursery.start_soon(fetch)
 
@@ -208,7 +220,12 @@ class CapReader:
         (another handle's read may still be using this reader)."""
         self._closed = True
         self._held.clear()
-        if not self._reads:
+        if not self._users:
+            self._release_downloader()
+
+    def _user_done(self) -> None:
+        self._users -= 1
+        if self._closed and not self._users:
             self._release_downloader()
 
     def _release_downloader(self) -> None:

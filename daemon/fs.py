@@ -516,7 +516,7 @@ class GridOperations(pyfuse3.Operations):
             if of.pinned is not None and entry.cap != of.entry.cap:
                 os.close(of.pinned)  # our queued version's bytes: not the current ones
                 of.pinned = None
-            of.entry, of.size = entry, entry.size
+            of.entry, of.size, of.base = entry, entry.size, None
         return of
 
     async def drop_if_unused(self, of: OpenFile) -> None:

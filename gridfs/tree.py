@@ -27,6 +27,7 @@ from .dirnode import (
     DEFAULT_DIR_MODE,
     DIR_INLINE_BUDGET,
     EMPTY,
+    MAX_NAME_BYTES,
     Directory,
     Entry,
     check_name,
@@ -133,11 +134,20 @@ def unpack_root(payload: bytes) -> str:
         raise FormatError("root slot does not hold a gridfs tree") from None
 
 
+CONFLICT_ROOM = 8
+"""bytes a conflict name leaves for Batch._keep_aside's -2, -3, ..."""
+
+
 def conflict_name(name: str, when_ns: int) -> str:
     """The name under which the loser of a true conflict is kept: the last
-    writer wins the name, the other version stays beside it."""
+    writer wins the name, the other version stays beside it.  A long name is
+    cut (at a character) so that the result is still a valid name: a commit
+    that made an invalid one would fail again at every retry."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when_ns / 1e9))
-    return f"{name}.conflict-{stamp}"
+    suffix = f".conflict-{stamp}"
+    room = MAX_NAME_BYTES - len(suffix) - CONFLICT_ROOM
+    stem = name.encode()[:room].decode(errors="ignore")
+    return f"{stem}{suffix}"
 
 
 def empty_dir_cap() -> str:

@@ -117,22 +117,35 @@ async def test_a_reader_closed_during_a_read_lets_it_finish_then_lets_go(
 ) -> None:
     """The mount closes a reader made for a version its file no longer names
     while another handle may still be reading through it: that read ends
-    with the right bytes, and only then does the downloader go (a read that
-    opened a new one after close kept it, and its task, for good)."""
+    with the right bytes (also when it had not opened its downloader yet),
+    the read-ahead it started ends too, and only then does the downloader go
+    (one opened after close was kept, with its task, for good)."""
     seg = 256 << 10
     data = random.Random(7).randbytes(8 * seg)
+
+    async def close_while(session: Any, cap: ReadCap, state: str) -> tuple[bytes, CapReader]:
+        reader = CapReader(session, cap, SegmentCache(None, max_bytes=0))
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read(off: int, size: int) -> None:
+                got.append(await reader.read(off, size, nursery))
+
+            if state == "reading ahead":  # two reads in order: it reads ahead
+                await read(0, seg)
+                await read(seg, seg)
+                assert reader._fetching, "no read-ahead under way"
+            else:
+                nursery.start_soon(read, 0, len(data))
+                await trio.sleep(0)  # the read is under way
+                while state == "open" and reader._downloader is None:
+                    await trio.sleep(0.001)
+            reader.close()
+        return b"".join(got), reader
+
     with trio.fail_after(60):
         async with stored(tmp_path, secret, data, seg) as (_, session, cap):
-            reader = CapReader(session, cap, SegmentCache(None, max_bytes=0))
-            got: list[bytes] = []
-            async with trio.open_nursery() as nursery:
-
-                async def read_all() -> None:
-                    got.append(await reader.read(0, len(data), nursery))
-
-                nursery.start_soon(read_all)
-                while reader._downloader is None:  # the read is under way
-                    await trio.sleep(0.001)
-                reader.close()
-            assert got == [data]
-            assert reader._downloader is None
+            for state in ("opening", "open", "reading ahead"):
+                got, reader = await close_while(session, cap, state)
+                assert got and got == data[: len(got)], state
+                assert reader._downloader is None, state

@@ -383,3 +383,16 @@ async def test_two_conflicts_in_one_second_keep_both_losers() -> None:
     kept = sorted((n, listing.entries[n].cap) for n in listing if n != "doc")
     base = "doc.conflict-20231114-221320"
     assert kept == [(base, "gridfs:lit:xx"), (base + "-2", "gridfs:lit:yy")]  # none lost
+
+
+async def test_a_conflict_on_a_long_name_keeps_a_valid_name() -> None:
+    """A 250-byte name plus the conflict suffix would pass the 255-byte
+    limit: the commit failed at every retry, and its queue with it."""
+    tree = Tree(MemStore())
+    name = "é" * 125  # 250 bytes in UTF-8
+    await tree.commit([Put((name,), f("gridfs:lit:aa"))])
+    await tree.commit([Put((name,), f("gridfs:lit:ab"))])
+    await tree.commit([Put((name,), f("gridfs:lit:ac"), base="gridfs:lit:aa")])
+    kept = [n for n in await tree.listdir(()) if n != name]
+    assert len(kept) == 1 and len(kept[0].encode()) <= 255 and ".conflict-" in kept[0]
+    assert (await tree.lookup((kept[0],))).cap == "gridfs:lit:ab"
