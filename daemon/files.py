@@ -11,7 +11,6 @@ and read ahead when access is sequential.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -56,12 +55,8 @@ class CapReader:
         self.key = self.cap.to_string()
         self.cache = cache
         self._downloader: Downloader | None = None
-        self._cm: contextlib.AbstractAsyncContextManager[Downloader] | None = None
         self._fetching: dict[int, trio.Event] = {}
         self._last = -2
-        self._scanning = False
-        """Reading on sequentially through a file the cache takes for a scan:
-        what is fetched now stays in memory (SegmentCache.is_scan)."""
         self._held: dict[int, bytes] = {}
         """Segments a scan fetched ahead and has not read yet, held here until
         the reader is past them: in the shared memory cache alone, the
@@ -150,7 +145,8 @@ class CapReader:
         num_segments = -(-stop // segsize)  # (no further: the rest are a slice's neighbours)
         first, last = offset // segsize, (end - 1) // segsize
         sequential = first in (self._last, self._last + 1)
-        self._scanning = scanning = sequential and self.cache.is_scan(self.size)
+        # A scan (SegmentCache.is_scan): what it fetches stays in memory.
+        scanning = sequential and self.cache.is_scan(self.size)
         for j in [j for j in self._held if j < first or not scanning]:
             del self._held[j]  # read, or left behind by a seek
         if sequential:  # read ahead
@@ -160,7 +156,7 @@ class CapReader:
             for run in _runs([j for j in missing if j not in self._fetching], READ_RUN):
                 # Whole runs (fewer requests) unless soon needed or at the end.
                 if len(run) == READ_RUN or run[0] <= last + READ_RUN or run[-1] == num_segments - 1:
-                    self._start_run(run, nursery)
+                    self._start_run(run, nursery, disk=not scanning)
         self._last = last
         parts = []
         for j in range(first, last + 1):
@@ -183,18 +179,18 @@ class CapReader:
         return size
 
     async def _keep(self, decoded: DecodedSegment, disk: bool) -> None:
-        """Count a fetched segment and cache it (in memory only unless
-        ``disk``: then this reader also holds it until it is read)."""
+        """Count a fetched segment and cache it: on disk too when ``disk``,
+        else in memory only, and then this reader holds it until it is read."""
         self._transfer.add(len(decoded.data))
         if not disk:
             self._held[decoded.index] = decoded.data
         await self.cache.put((self.key, decoded.index), decoded.data, disk)
 
-    def _start_run(self, run: list[int], nursery: trio.Nursery) -> None:
-        """Fetch consecutive segments ``run`` into the cache in the background."""
+    def _start_run(self, run: list[int], nursery: trio.Nursery, disk: bool) -> None:
+        """Fetch consecutive segments ``run`` into the cache in the
+        background (on disk too when ``disk``)."""
         events = {j: trio.Event() for j in run}
         self._fetching.update(events)
-        disk = not self._scanning
         self._users += 1
 
         async def fetch() -> None:

@@ -752,9 +752,7 @@ class GridOperations(pyfuse3.Operations):
                     assert of.staging is not None
                     data = os.pread(of.staging, of.size, 0)
                 entry = entry.with_(data=data)
-                await self.change(
-                    lambda: self.queue.add_file(None, text, entry, base), Put(of.path, entry, base)
-                )
+                await self.change(self.queued(of.path, entry, base=base), Put(of.path, entry, base))
             else:
                 assert of.staging is not None, "a buffer never holds more than INLINE_MAX"
                 await trio.to_thread.run_sync(os.fsync, of.staging)

@@ -70,6 +70,10 @@ FSTAB_WORDS = frozenset(
 )
 
 
+FLAGS = frozenset(["sync", "allow_other", "nomaintain", "cache_scans"])
+"""Options that are on when named and take no value."""
+
+
 @dataclass
 class MountOptions:
     sync: bool = False
@@ -90,7 +94,9 @@ class MountOptions:
         """``sync,refresh=5,node=DIR`` → options, and the rest (node=, defaults…)."""
         opts, rest = cls(), {}
         for item in filter(None, (text or "").split(",")):
-            key, _, value = item.partition("=")
+            key, eq, value = item.partition("=")
+            if eq and key in FLAGS:  # (-o cache_scans=no would have turned it on)
+                raise UsageError(f"-o {key} takes no value: -o {key}, or leave it out")
             if key == "sync":
                 opts.sync = True
             elif key == "allow_other":

@@ -308,7 +308,7 @@ class WorkQueue:
         sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.kind == "upload_chk"}
         out: list[Change] = []
         for s in steps:
-            if s.section != PATH or _replaces_root(s):
+            if s.section != PATH:
                 continue
             change = self._change(s)
             if change is None and s.kind == "addpath":
@@ -316,7 +316,7 @@ class WorkQueue:
                 _, entry = Entry.from_wire(s.args["entry"])
                 local = f"local:{box}:{sources.get(box, '')}"
                 change = Put(_split(s.args["path"]), entry.with_(cap=local), s.args["base"])
-            if change is not None:
+            if change is not None and not _replaces_root(change):
                 out.append(change)
         return out
 
@@ -459,13 +459,14 @@ class WorkQueue:
     async def _run_paths(
         self, executor: Executor, steps: list[Step], progress: Callable[[Step], None] | None
     ) -> None:
-        if stale := [s for s in steps if _replaces_root(s)]:
+        changes = [self._change(s) for s in steps]
+        if stale := [s for s, c in zip(steps, changes, strict=True) if _replaces_root(c)]:
             log.warning("dropping %d queued change(s) of the root's own entry", len(stale))
             self._remove(stale)
-            steps = [s for s in steps if not _replaces_root(s)]
+            kept = [(s, c) for s, c in zip(steps, changes, strict=True) if not _replaces_root(c)]
+            steps, changes = [s for s, _ in kept], [c for _, c in kept]
             if not steps:
                 return
-        changes = [self._change(s) for s in steps]
         if any(c is None for c in changes):
             raise QueueError("a path step refers to a box that was never filled")
         try:
@@ -540,11 +541,12 @@ class WorkQueue:
             fsync_dir(d)
 
 
-def _replaces_root(step: Step) -> bool:
-    """An addpath of the root itself, which mounts before this check queued
-    for chmod, utimens or xattrs of the mountpoint: it can never apply (the
-    root has no entry) and would hold up the queue for good, so it is dropped."""
-    return step.kind == "addpath" and not _split(step.args["path"])
+def _replaces_root(change: Change | None) -> bool:
+    """A put of the root itself, which mounts before add_addpath refused it
+    queued for chmod, utimens or xattrs of the mountpoint: it can never apply
+    (the root has no entry) and would hold up the queue for good, so it is
+    dropped."""
+    return isinstance(change, Put) and not change.path
 
 
 def _split(path: str) -> tuple[str, ...]:

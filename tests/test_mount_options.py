@@ -30,6 +30,8 @@ def test_defaults() -> None:
         ("cache_size=lots", "-o cache_size= needs a size"),
         ("refresh=soon", "-o refresh= needs a number of seconds"),
         ("cache_scan", "unknown mount option 'cache_scan'"),
+        ("cache_scans=no", "-o cache_scans takes no value"),
+        ("sync=1", "-o sync takes no value"),
     ],
 )
 def test_bad_options_are_one_line_errors(text: str, message: str) -> None:
