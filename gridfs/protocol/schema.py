@@ -38,6 +38,8 @@ class SchemaError(ValueError):
 
 
 Check = Callable[[Any], Any]
+"""A field check; lists may also be tuples, as a sender builds them (msgpack
+sends both as arrays)."""
 
 
 def u64(v: Any) -> int:
@@ -80,7 +82,7 @@ def text(most: int) -> Check:
 
 def list_of(item: Check, most: int) -> Check:
     def check(v: Any) -> list[Any]:
-        if not isinstance(v, list) or len(v) > most:
+        if not isinstance(v, list | tuple) or len(v) > most:
             raise SchemaError(f"expected a list of at most {most} items")
         return [item(x) for x in v]
 
@@ -95,11 +97,11 @@ def sharenums(v: Any) -> list[int]:
 
 
 def chunks(v: Any) -> list[tuple[int, bytes]]:
-    if not isinstance(v, list) or not 0 < len(v) <= MAX_CHUNKS:
+    if not isinstance(v, list | tuple) or not 0 < len(v) <= MAX_CHUNKS:
         raise SchemaError(f"expected 1 to {MAX_CHUNKS} chunks")
     out, total = [], 0
     for c in v:
-        if not isinstance(c, list) or len(c) != 2:
+        if not isinstance(c, list | tuple) or len(c) != 2:
             raise SchemaError("a chunk is [offset, data]")
         offset, data = u64(c[0]), binary()(c[1])
         total += len(data)
@@ -121,7 +123,7 @@ SECRET = binary(LEASE_SECRET_SIZE)
 
 def tuple_of(*items: Check) -> Check:
     def check(v: Any) -> tuple[Any, ...]:
-        if not isinstance(v, list) or len(v) != len(items):
+        if not isinstance(v, list | tuple) or len(v) != len(items):
             raise SchemaError(f"expected a list of {len(items)} items")
         return tuple(c(x) for c, x in zip(items, v, strict=True))
 
