@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from ..caps import log_name
 from ..config import NodeDir
 from ..errors import GridError
 from ..fileutil import atomic_output
@@ -155,7 +156,7 @@ class Keeper:
         if root_cap not in self.trees:
             cap = parse_slot_cap(root_cap)
             if not isinstance(cap, SlotWriteCap | SlotReadCap):
-                raise GridError(f"cannot read the tree of a verify cap {root_cap[:40]}")
+                raise GridError(f"cannot read the tree of a verify cap ({log_name(root_cap)})")
             store = GridStore(self.grid.broker, cap, self.grid.params, self.grid.secret)
             self.trees[root_cap] = Tree(store)
         return self.trees[root_cap]
@@ -209,8 +210,8 @@ class Keeper:
                 if strict:
                     raise
                 found.add(root)
-                self.unwalkable.append(f"{root[:30]}...: {e}")
-                log.warning("cannot walk the tree %s...: %s", root[:30], e)
+                self.unwalkable.append(f"{log_name(root)}: {e}")
+                log.warning("cannot walk the tree %s: %s", log_name(root), e)
         return found
 
     async def renew_all(self) -> RenewReport:
