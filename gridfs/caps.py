@@ -169,7 +169,7 @@ def parse(text: str) -> ImmutableCap:
     """Parse a cap string; a malformed one raises a one-line :class:`CapError`."""
     if not isinstance(text, str):
         raise CapError("a cap must be a string")
-    shown = text if len(text) <= 40 else text[:37] + "..."
+    shown = quoted_cap(text)
     stripped = text.strip()
     m = _LIT_RE.fullmatch(stripped)
     if m:
@@ -187,7 +187,7 @@ def parse(text: str) -> ImmutableCap:
         return SliceCap(b32decode(m[1], KEY_SIZE, "slice key"), int(m[2]), int(m[3]), pack)
     m = _CHK_RE.fullmatch(stripped)
     if m is None:
-        raise CapError(f"not a gridfs cap: {shown!r}")
+        raise CapError(f"not a gridfs cap: {shown}")
     kind, first, ueb, k, n, size = m.groups()
     ueb_hash = b32decode(ueb, HASH_SIZE, "extension block hash")
     if kind == "chk":
@@ -256,6 +256,16 @@ def log_name(cap: object) -> str:
         "h:"
         + b32encode(tagged_hash(_TAG_LOG_NAME, text.encode("utf-8", "replace")))[:LOG_NAME_CHARS]
     )
+
+
+def quoted_cap(text: str) -> str:
+    """How an error quotes text that should have been a cap: whatever is
+    not a cap in full (up to 40 characters), but of anything that starts
+    like one only its kind, since the rest may be a key."""
+    if text.strip().startswith("gridfs:"):
+        kind = text.strip().split(":", 2)[1][:20]
+        return repr(f"gridfs:{kind}:...")
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def redact_caps(text: str) -> str:

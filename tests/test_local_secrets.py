@@ -86,6 +86,26 @@ def test_redact_caps_replaces_every_cap_in_a_message() -> None:
     assert log_name(caps[0]) in redacted
 
 
+@pytest.mark.parametrize("wrong", ["file as slot", "slot as file", "truncated"])
+def test_a_cap_refused_by_a_parser_is_not_quoted(wrong: str) -> None:
+    """A cap of the wrong kind, or damaged, is refused without its key:
+    such messages end up in logs (a mount's) and on terminals."""
+    from gridfs.caps import parse
+    from gridfs.errors import CapError
+    from gridfs.mutable import parse_slot_cap
+
+    read = ReadCap(os.urandom(32), os.urandom(32), 3, 10, 99).to_string()
+    slot = SlotWriteCap.generate().to_string()
+    text, parser, secret = {
+        "file as slot": (read, parse_slot_cap, read),
+        "slot as file": (slot, parse, slot),
+        "truncated": (slot[:-3], parse_slot_cap, slot),
+    }[wrong]
+    with pytest.raises(CapError) as info:
+        parser(text)
+    assert not leaks(str(info.value), [secret])
+
+
 def test_queue_step_descriptions_name_no_cap() -> None:
     cap = SlotWriteCap.generate().to_string()
     chk = ReadCap(os.urandom(32), os.urandom(32), 3, 10, 5000).to_string()
