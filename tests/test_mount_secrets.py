@@ -92,9 +92,12 @@ def test_mount_with_a_cap_file_or_stdin(mount_grid: Grid, tmp_path: Path) -> Non
     assert refused.returncode == 2 and "chmod 600" in refused.stderr
     assert not is_mounted(mnt)
     os.chmod(cap_file, 0o600)
-    for how in ("file", "stdin"):
+    for how in ("file", "stdin", "option"):
         args = [GRIDFS, "mount", str(mnt), "--node", str(node), "-o", "refresh=1"]
-        args += ["--cap-file", str(cap_file) if how == "file" else "-"]
+        if how == "option":  # as fstab or a systemd unit would give it
+            args[-1] += f",cap_file={cap_file}"
+        else:
+            args += ["--cap-file", str(cap_file) if how == "file" else "-"]
         proc = subprocess.run(
             args, input=cap + "\n" if how == "stdin" else "", capture_output=True, text=True,
             timeout=90,
