@@ -24,12 +24,14 @@ import trio
 
 from gridfs.caps import LiteralCap, ReadCap, SliceCap, log_name, redact_caps
 from gridfs.cli.mount import read_cap
-from gridfs.client.keeper import RetainedSet
+from gridfs.client.keeper import RetainedSet, get_keeper
 from gridfs.client.maintain import check_and_repair
+from gridfs.client.slots import create_slot
 from gridfs.config import NodeConfig, NodeDir
 from gridfs.errors import UsageError
 from gridfs.fileutil import make_private_dir, open_private_log
 from gridfs.mutable import SlotWriteCap
+from gridfs.tree import pack_root
 from gridfs.workqueue import Step
 
 from .gridutil import open_grid
@@ -153,6 +155,28 @@ async def test_maintenance_logs_name_files_by_storage_index_only(
     assert not leaks(text, caps), text
     assert f"{log_name(doomed)}: only" in text and "cannot repair" in text
     assert f"repaired {log_name(repairable)}" in text
+
+
+async def test_a_tree_that_cannot_be_walked_is_logged_by_log_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lease renewal walks every kept tree; one whose root names a directory
+    no server holds is logged (and reported) by its log name."""
+    caplog.set_level(logging.DEBUG)
+    async with open_grid(tmp_path / "grid", servers=5) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid, k=3, happy=5, n=5) as client:
+                lost_dir = ReadCap(os.urandom(32), os.urandom(32), 3, 5, 1000).to_string()
+                root = await create_slot(client.broker, pack_root(lost_dir), 5, 5)
+                retained = RetainedSet(client.node)
+                retained.add([root.to_string()])
+                retained.close()
+                keeper = get_keeper(client)
+                await keeper.renew_all()
+    caps = [root.to_string(), root.read_cap().to_string(), lost_dir]
+    assert keeper.unwalkable and log_name(root) in keeper.unwalkable[0]
+    assert f"cannot walk the tree {log_name(root)}" in caplog.text
+    assert not leaks(caplog.text + " ".join(keeper.unwalkable), caps)
 
 
 def test_node_directories_and_logs_are_private(tmp_path: Path) -> None:

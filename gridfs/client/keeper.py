@@ -41,7 +41,7 @@ import trio
 
 from ..caps import log_name
 from ..config import NodeDir
-from ..errors import GridError
+from ..errors import GridError, plain_grid_errors
 from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
@@ -182,7 +182,8 @@ class Keeper:
                 f"({need} needed to be sure of its newest version)"
             )
         root = unpack_root(read.plaintext or b"")
-        return {root_cap} | await subtree_caps(self.tree(root_cap), root)
+        with plain_grid_errors():  # a directory that cannot be read: one GridError
+            return {root_cap} | await subtree_caps(self.tree(root_cap), root)
 
     async def reachable(self, strict: bool = True) -> set[str]:
         """Every cap this node keeps.  ``strict`` (for unlinks): raise if any
