@@ -183,6 +183,15 @@ def test_copy_drops_setuid_setgid_sticky_unless_asked(tmp_path: Path, preserve: 
         assert modes == {"suid": 0o755, "sgid": 0o711, "dir": 0o777}
 
 
+def test_copy_into_an_existing_directory_leaves_its_mode(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o750)
+    dirs = {"top": Directory({"f": inline_file(b"f")})}
+    trio.run(FakeCopy(tmp_path, dirs).fetch, Entry("dir", "top", mode=0o777), "t:/", out, True)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750 and (out / "f").read_bytes() == b"f"
+
+
 # -- the attack through the CLI, on a real grid -------------------------------
 
 

@@ -99,16 +99,19 @@ class CopyOut:
 
     async def fetch_dir(self, entry: Entry, where: str, target: Path) -> None:
         try:
-            target.mkdir(mode=0o700)
+            target.mkdir(mode=0o700)  # its own mode once its entries are in
+            made = True
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(target).st_mode):
                 raise UsageError(
                     f"{target}: is in the way and not a directory (symlinks are not followed)"
                 ) from None
+            made = False  # a directory of the user's: its mode stays
         listing = await self.load_dir(entry)
         names = sorted(listing.entries, key=lambda n: listing.entries[n].kind == "symlink")
         for name in names:
             child = listing.entries[name]
             path = self.child(target, name, where)
             await self.fetch(child, f"{where.rstrip('/')}/{name}", path, True)
-        os.chmod(target, local_mode(entry.mode or DEFAULT_DIR_MODE, self.preserve_mode))
+        if made:
+            os.chmod(target, local_mode(entry.mode or DEFAULT_DIR_MODE, self.preserve_mode))
