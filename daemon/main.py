@@ -24,6 +24,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from gridfs.caps import log_name
 from gridfs.cli.util import parse_size
 from gridfs.client.grid import open_grid
 from gridfs.client.keeper import load_record
@@ -62,15 +63,13 @@ FSTAB_WORDS = frozenset(
         "nofail",
         "exec",
         "noexec",
-        "suid",
-        "nosuid",
-        "dev",
-        "nodev",
     ]
 )
 
 
-FLAGS = frozenset(["sync", "allow_other", "nomaintain", "cache_scans"])
+FLAGS = frozenset(
+    ["sync", "allow_other", "nomaintain", "cache_scans", "suid", "nosuid", "dev", "nodev"]
+)
 """Options that are on when named and take no value."""
 
 
@@ -88,6 +87,21 @@ class MountOptions:
     """bytes of decoded segments kept on disk in NODE/cache/segments (0: none)"""
     cache_scans: bool = False
     """also keep on disk large files read sequentially (SegmentCache.is_scan)"""
+    suid: bool = False
+    """honour setuid/setgid bits of files on the mount (``-o suid``; default
+    nosuid: anyone who can write the tree could plant a setuid program)"""
+    dev: bool = False
+    """honour device files (``-o dev``; default nodev)"""
+
+    def fuse_options(self) -> set[str]:
+        """The mount options given to libfuse (and so to mount(2) or
+        fusermount3): nosuid and nodev unless opted out, for root too."""
+        out = set(pyfuse3.default_options) | {"fsname=gridfs", "subtype=gridfs"}
+        out.add("suid" if self.suid else "nosuid")
+        out.add("dev" if self.dev else "nodev")
+        if self.allow_other:
+            out.add("allow_other")
+        return out
 
     @classmethod
     def parse(cls, text: str) -> tuple[MountOptions, dict[str, str]]:
@@ -105,6 +119,8 @@ class MountOptions:
                 opts.maintain = False
             elif key == "cache_scans":
                 opts.cache_scans = True
+            elif key in ("suid", "nosuid", "dev", "nodev"):
+                setattr(opts, key.removeprefix("no"), not key.startswith("no"))
             elif key == "cache_size":
                 try:
                     opts.cache_size = parse_size(value)
@@ -117,7 +133,7 @@ class MountOptions:
                     setattr(opts, key, float(value))
                 except ValueError:
                     raise UsageError(f"-o {key}= needs a number of seconds") from None
-            elif key in ("node", "alias"):
+            elif key in ("node", "alias", "cap_file"):
                 rest[key] = value
             elif key in FSTAB_WORDS:
                 continue  # fstab words the kernel or mount(8) handle
@@ -139,8 +155,11 @@ def sd_notify(message: str) -> None:
 
 class MountDaemon:
     def __init__(self, node: NodeDir, tree: str, mountpoint: Path, options: MountOptions) -> None:
+        """``tree`` is an alias or the tree's cap (handed over privately: see
+        gridfs.cli.mount); only :attr:`label` is ever shown."""
         self.node = node
         self.tree = tree
+        self.label = log_name(tree) if tree.startswith("gridfs:") else tree
         self.mountpoint = Path(mountpoint).absolute()
         self.options = options
         self.session: TreeSession | None = None
@@ -230,7 +249,7 @@ class MountDaemon:
         failed = [s.describe() for s in queue.pending() if s.last_error]
         return {
             "mountpoint": str(self.mountpoint),
-            "tree": self.tree,
+            "tree": self.label,
             "pid": os.getpid(),
             "queue": len(queue),
             "failed_steps": failed[:20],
@@ -250,11 +269,7 @@ class MountDaemon:
             self.view = View(self.session)
             await self.view.rebuild()
             ops = GridOperations(self, self.session, self.view, self.options.sync)
-            fuse_options = set(pyfuse3.default_options)
-            fuse_options |= {"fsname=gridfs", "subtype=gridfs"}
-            if self.options.allow_other:
-                fuse_options.add("allow_other")
-            pyfuse3.init(ops, str(self.mountpoint), fuse_options)
+            pyfuse3.init(ops, str(self.mountpoint), self.options.fuse_options())
             unmounted = False
             try:
                 async with trio.open_nursery() as nursery:
@@ -308,7 +323,7 @@ class MountDaemon:
         except BlockingIOError:
             f.seek(0)
             f.close()
-            raise UsageError(f"tree {self.tree} of this node is mounted elsewhere") from None
+            raise UsageError(f"tree {self.label} of this node is mounted elsewhere") from None
         f.truncate(0)
         f.write(f"{os.getpid()} {self.mountpoint}\n")
         f.flush()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .codec import check_k_n
 from .crypto import KEY_SIZE
 from .errors import CapError, ParamsError
-from .hashes import HASH_SIZE, STORAGE_INDEX_SIZE, storage_index
+from .hashes import HASH_SIZE, STORAGE_INDEX_SIZE, storage_index, tagged_hash
 
 # A literal cap for LITERAL_MAX bytes (103 base32 characters + an 11-character
 # prefix) is still shorter than the shortest CHK cap (123 characters), and
@@ -169,7 +169,7 @@ def parse(text: str) -> ImmutableCap:
     """Parse a cap string; a malformed one raises a one-line :class:`CapError`."""
     if not isinstance(text, str):
         raise CapError("a cap must be a string")
-    shown = text if len(text) <= 40 else text[:37] + "..."
+    shown = quoted_cap(text)
     stripped = text.strip()
     m = _LIT_RE.fullmatch(stripped)
     if m:
@@ -187,7 +187,7 @@ def parse(text: str) -> ImmutableCap:
         return SliceCap(b32decode(m[1], KEY_SIZE, "slice key"), int(m[2]), int(m[3]), pack)
     m = _CHK_RE.fullmatch(stripped)
     if m is None:
-        raise CapError(f"not a gridfs cap: {shown!r}")
+        raise CapError(f"not a gridfs cap: {shown}")
     kind, first, ueb, k, n, size = m.groups()
     ueb_hash = b32decode(ueb, HASH_SIZE, "extension block hash")
     if kind == "chk":
@@ -226,3 +226,49 @@ def _check_common(ueb_hash: bytes, k: int, n: int, size: int) -> None:
         raise CapError(f"bad cap: {e}") from None
     if not 0 <= size <= MAX_FILE_SIZE:
         raise CapError("file size out of range")
+
+
+# -- naming caps where they must not appear ----------------------------------
+
+LOG_NAME_CHARS = 12
+"""Characters of base32 in a log name: 60 bits, enough to tell objects apart
+in a log, far too few to matter when the name is public anyway."""
+_TAG_LOG_NAME = b"gridfs:v1:log-name"
+_CAP_TEXT_RE = re.compile(r"gridfs:[a-z-]+:[a-z2-7:0-9]*")
+
+
+def log_name(cap: object) -> str:
+    """What logs, status pages and messages show for a cap: never the cap
+    nor any part of it.
+
+    A cap that names stored data is shown by its storage index (public: every
+    server holding a share knows it), as ``si:`` and the first
+    :data:`LOG_NAME_CHARS` base32 characters.  Anything else (a literal cap,
+    whose text is the file itself, or text that does not parse) is shown as a
+    tagged hash of it, ``h:`` and as many characters."""
+    text = cap if isinstance(cap, str) else getattr(cap, "to_string", str)()
+    from .reach import storage_index_of  # reach imports this module
+
+    si = storage_index_of(text.strip())
+    if si is not None:
+        return "si:" + b32encode(si)[:LOG_NAME_CHARS]
+    return (
+        "h:"
+        + b32encode(tagged_hash(_TAG_LOG_NAME, text.encode("utf-8", "replace")))[:LOG_NAME_CHARS]
+    )
+
+
+def quoted_cap(text: str) -> str:
+    """How an error quotes text that should have been a cap: whatever is
+    not a cap in full (up to 40 characters), but of anything that starts
+    like one only its kind, since the rest may be a key."""
+    if text.strip().startswith("gridfs:"):
+        kind = text.strip().split(":", 2)[1][:20]
+        return repr(f"gridfs:{kind}:...")
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def redact_caps(text: str) -> str:
+    """``text`` with every cap in it replaced by its :func:`log_name` (for
+    messages that may quote one, such as an error shown on a status page)."""
+    return _CAP_TEXT_RE.sub(lambda m: log_name(m[0].rstrip(":")), text)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, check_k_n
 from .errors import ParamsError, UsageError
-from .fileutil import atomic_output
+from .fileutil import atomic_output, make_private_dir
 from .net.identity import NodeAddress, NodeKey
 
 CONFIG_NAME = "gridfs.toml"
@@ -197,7 +197,7 @@ class NodeDir:
     def create(self, config: NodeConfig) -> None:
         if self.exists():
             raise UsageError(f"{self.path} already holds a gridfs node")
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path)
         NodeKey.generate().write(self.private)
         if config.kind == "client":
             for name in ("convergence", "lease"):

@@ -17,6 +17,7 @@ no upload of its own.
 
 from __future__ import annotations
 
+import logging
 import stat
 import unicodedata
 from collections.abc import Iterator, Mapping
@@ -27,9 +28,18 @@ import msgpack
 
 from .errors import FormatError, UsageError
 
+log = logging.getLogger(__name__)
 VERSION = 1
 KINDS = ("file", "dir", "symlink")
 MAX_NAME_BYTES = 255
+MAX_ENTRIES = 1_000_000
+"""Entries of one directory at most (a listing larger than this is refused)."""
+MAX_DIR_BYTES = 512 * 1024 * 1024
+"""Serialized size of one directory at most."""
+MAX_CAP_CHARS = 1024
+MAX_TARGET_BYTES = 4096
+"""A symlink's target at most (PATH_MAX)."""
+MAX_XATTR_VALUE = 64 * 1024
 INLINE_MAX = 16 * 1024
 """Files up to this size may live inside their directory."""
 DIR_INLINE_BUDGET = 1024 * 1024
@@ -44,21 +54,38 @@ class NameError_(UsageError):
     """A file name gridfs cannot store."""
 
 
-def check_name(name: str) -> str:
-    """The stored form of a name: NFC, UTF-8, no ``/`` or NUL, ≤ 255 bytes."""
+def name_problem(name: object) -> str | None:
+    """What makes ``name`` unfit to be one path component on any system
+    (None if nothing): it is what a directory may hold, checked on
+    :meth:`Directory.unpack` and again before a copy writes a local file."""
     if not isinstance(name, str):
-        raise NameError_("a name must be text")
-    name = unicodedata.normalize("NFC", name)
+        return "a name must be text"
     if name in ("", ".", ".."):
-        raise NameError_(f"invalid name {name!r}")
+        return "a name cannot be empty, '.' or '..'"
     if "/" in name or "\0" in name:
-        raise NameError_(f"a name cannot contain '/' or NUL: {name!r}")
+        return "a name cannot contain '/' or NUL"
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise NameError_(f"name is not valid UTF-8: {name!r}") from None
+        return "a name must be valid UTF-8"
     if len(encoded) > MAX_NAME_BYTES:
-        raise NameError_(f"name longer than {MAX_NAME_BYTES} bytes: {name[:40]!r}...")
+        return f"a name is at most {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def shown_name(name: object) -> str:
+    """``name`` quoted for a one-line message: escapes, at most 40 characters."""
+    text = repr(name)
+    return text if len(text) <= 42 else text[:39] + "..."
+
+
+def check_name(name: str) -> str:
+    """The stored form of a name: NFC, UTF-8, no ``/`` or NUL, ≤ 255 bytes."""
+    if isinstance(name, str):
+        name = unicodedata.normalize("NFC", name)
+    problem = name_problem(name)
+    if problem is not None:
+        raise NameError_(f"invalid name {shown_name(name)}: {problem}")
     return name
 
 
@@ -133,6 +160,17 @@ class Entry:
             raise FormatError("directory entry has the wrong types")
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in xattrs.items()):
             raise FormatError("directory entry has bad xattrs")
+        if any(
+            not 0 < len(k.encode("utf-8", "replace")) <= MAX_NAME_BYTES
+            or "\0" in k
+            or len(v) > MAX_XATTR_VALUE
+            for k, v in xattrs.items()
+        ):
+            raise FormatError("directory entry has an xattr out of bounds")
+        if size < 0 or mode < 0 or len(cap) > MAX_CAP_CHARS:
+            raise FormatError("directory entry has a field out of range")
+        if "\0" in target or len(target.encode("utf-8", "replace")) > MAX_TARGET_BYTES:
+            raise FormatError("directory entry has a bad symlink target (NUL, or too long)")
         return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs, data)
 
     def with_(self, **changes: Any) -> Entry:
@@ -173,6 +211,18 @@ class Directory:
 
     @classmethod
     def unpack(cls, data: bytes) -> Directory:
+        """Parse a stored directory.  Any writer of the tree can store any
+        bytes as a directory, so the listing is bounded (size, number of
+        entries, fields: beyond a bound the whole directory is refused with
+        one :class:`FormatError`), and each name is checked
+        (:func:`name_problem`; names must also be unique).  An entry with a
+        bad name is left out, with a warning that names the problem: gridfs
+        never writes one, and refusing the whole directory would let one
+        such entry make the rest of it (or a whole tree, from its root)
+        unreadable and unchangeable.  The next change to the directory
+        drops it for good."""
+        if len(data) > MAX_DIR_BYTES:
+            raise FormatError(f"directory larger than {MAX_DIR_BYTES} bytes")
         try:
             d = msgpack.unpackb(data, raw=False)
         except Exception as e:
@@ -182,9 +232,19 @@ class Directory:
         entries = d.get("entries")
         if not isinstance(entries, list):
             raise FormatError("directory has no entry list")
+        if len(entries) > MAX_ENTRIES:
+            raise FormatError(f"directory has more than {MAX_ENTRIES} entries")
         out: dict[str, Entry] = {}
-        for item in entries:
+        for i, item in enumerate(entries):
             name, entry = Entry.from_wire(item)
+            problem = name_problem(name)
+            if problem is None and name in out:
+                problem = "a second entry of that name"
+            if problem is not None:
+                log.warning(
+                    "directory entry %d skipped: bad name %s: %s", i, shown_name(name), problem
+                )
+                continue
             out[name] = entry
         return cls(out)
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import UsageError
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or create in ``path`` durable."""
@@ -47,6 +49,54 @@ def atomic_output(dest: Path, mode: int = 0o644, durable: bool = True) -> Iterat
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` (and its parents) if missing and make it 0700: a node
+    directory holds keys, aliases and logs that only its owner may read.  An
+    existing directory with a looser mode is tightened (one made by an older
+    gridfs, or by hand)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    if stat.S_IMODE(os.stat(path).st_mode) != PRIVATE_DIR_MODE:
+        os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """Open ``path`` for appending, created 0600 whatever the umask, and an
+    existing file tightened to 0600: logs name servers, paths and errors
+    that are nobody else's business."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != PRIVATE_FILE_MODE:
+            os.fchmod(fd, PRIVATE_FILE_MODE)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a secret file that someone else could read or replace: owned
+    by another user, or open to group or others: one UsageError saying
+    what is wrong and how to fix it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if st.st_uid not in (os.getuid(), 0):
+        raise UsageError(f"{path} belongs to another user (uid {st.st_uid})")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise UsageError(
+            f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}): chmod 600 it"
+        )
 
 
 def _umask() -> int:

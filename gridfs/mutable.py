@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .caps import b32decode, b32encode
+from .caps import b32decode, b32encode, quoted_cap
 from .crypto import KEY_SIZE, aes_ctr
 from .errors import CapError, IntegrityError, UsageError
 from .hashes import (
@@ -229,8 +229,7 @@ def parse_slot_cap(text: str) -> SlotCap:
         )
     if m := _SSK_VERIFY_RE.fullmatch(stripped):
         return SlotVerifyCap(b32decode(m[1], PUBLIC_KEY_SIZE, "slot public key"))
-    shown = text if len(text) <= 40 else text[:37] + "..."
-    raise CapError(f"not a gridfs slot cap: {shown!r}")
+    raise CapError(f"not a gridfs slot cap: {quoted_cap(text)}")
 
 
 # -- versions ---------------------------------------------------------------

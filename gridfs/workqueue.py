@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import msgpack
 import trio
 
+from .caps import log_name
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
@@ -96,9 +97,9 @@ class Step:
             "deletepath": lambda: f"delete {a['path']}",
             "move": lambda: f"move {a['src']} to {a['dst']}",
             "retain_uri_from_box": lambda: f"retain the cap in box {a['box']}",
-            "retain_ssk": lambda: f"retain {a['cap'][:40]}",
-            "unlink_uri": lambda: f"unlink {a['uri'][:40]}",
-            "unlink_ssk": lambda: f"unlink {a['cap'][:40]}",
+            "retain_ssk": lambda: f"retain {log_name(a['cap'])}",
+            "unlink_uri": lambda: f"unlink {log_name(a['uri'])}",
+            "unlink_ssk": lambda: f"unlink {log_name(a['cap'])}",
             "unlink_commit": lambda: f"unlink what a commit dropped ({len(a['caps'])} files)",
             "delete_tempfile": lambda: f"delete tempfile {a['name']}",
             "delete_box": lambda: f"delete box {a['name']}",

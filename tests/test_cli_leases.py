@@ -223,8 +223,8 @@ async def test_the_web_page_answers_503_when_the_status_fails(
 
     monkeypatch.setattr(web, "gather_status", failing)
     client, server = trio.testing.memory_stream_pair()
-    await client.send_all(b"GET /status.json HTTP/1.0\r\n\r\n")
-    await web.serve(server, None, None)  # type: ignore[arg-type]
+    await client.send_all(b"GET /status.json HTTP/1.0\r\nHost: 127.0.0.1:3456\r\n\r\n")
+    await web.serve(server, None, None, web.allowed_hosts("127.0.0.1", 3456))  # type: ignore[arg-type]
     reply = b""
     while chunk := await client.receive_some():
         reply += chunk

@@ -38,3 +38,17 @@ def test_bad_options_are_one_line_errors(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=message) as info:
         MountOptions.parse(text)
     assert "\n" not in str(info.value)
+
+
+def test_mounts_are_nosuid_nodev_unless_told() -> None:
+    """suid/dev were swallowed as fstab words, so nobody could opt out (or
+    be sure of the default): now they are options of their own."""
+    fuse = MountOptions.parse("")[0].fuse_options()
+    assert {"nosuid", "nodev"} <= fuse and not {"suid", "dev"} & fuse
+    opts, rest = MountOptions.parse("suid,dev,cap_file=/k")
+    assert opts.suid and opts.dev and rest == {"cap_file": "/k"}
+    assert {"suid", "dev"} <= opts.fuse_options()
+    assert not {"nosuid", "nodev"} & opts.fuse_options()
+    assert MountOptions.parse("suid,nosuid")[0].fuse_options() >= {"nosuid"}
+    with pytest.raises(UsageError, match="-o suid takes no value"):
+        MountOptions.parse("suid=1")

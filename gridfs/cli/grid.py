@@ -19,6 +19,7 @@ import trio
 from ..client.broker import StorageBroker
 from ..config import DEFAULT_HAPPY, NodeConfig, NodeDir
 from ..errors import GridError, UsageError
+from ..fileutil import make_private_dir, open_private_log
 from ..net.identity import NodeAddress
 from .util import parse_size
 
@@ -62,7 +63,8 @@ def spawn(node: NodeDir, kind: str) -> int:
     if running is not None:
         return running
     node.url_path.unlink(missing_ok=True)
-    with open(node.log_path, "ab") as log:
+    make_private_dir(node.path)
+    with open_private_log(node.log_path) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gridfs", kind, "run", str(node.path)],
             stdin=subprocess.DEVNULL,

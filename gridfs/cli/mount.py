@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,27 +15,45 @@ from typing import Any
 
 import trio
 
+from ..caps import log_name
 from ..client.grid import GridClient, open_grid
 from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
-from ..errors import GridError, UsageError
+from ..errors import CapError, GridError, UsageError
+from ..fileutil import check_private_file, make_private_dir, open_private_log
 from ..net.rpc import RpcClient
 from .files import add_node_option
 
 MOUNT_TIMEOUT = 60.0
+DEFAULT_TREE = "grid"
+CAP_LINE_MAX = 4096
 HELPER_PATH = Path("/sbin/mount.gridfs")
 
 
 def register(sub: Any) -> None:
     m = sub.add_parser("mount", help="mount a tree as a filesystem")
     m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
-    m.add_argument("tree", nargs="?", default="grid", metavar="ALIAS|CAP", help="default: grid")
+    m.add_argument(
+        "tree",
+        nargs="?",
+        default=DEFAULT_TREE,
+        metavar="ALIAS|CAP",
+        help="default: grid; a cap here is handed to the daemon through a pipe "
+        "(with --foreground it is refused: use --cap-file)",
+    )
+    m.add_argument(
+        "--cap-file",
+        metavar="FILE|-",
+        help="read the tree's cap from FILE (yours, mode 0600) or - for stdin, "
+        "so that it never shows in a process list",
+    )
     m.add_argument(
         "-o",
         dest="options",
         default="",
         metavar="OPTIONS",
-        help="sync, allow_other, refresh=SECONDS, drain_timeout=SECONDS, node=DIR",
+        help="sync, allow_other, refresh=SECONDS, drain_timeout=SECONDS, node=DIR, "
+        "cap_file=FILE, suid, dev (see docs/mount.md)",
     )
     m.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     add_node_option(m)
@@ -78,33 +97,35 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError(f"{mountpoint} is not a directory")
     if is_mounted(mountpoint):
         raise UsageError(f"{mountpoint} is already mounted")
+    tree, cap = tree_to_mount(args, rest)
+    make_private_dir(node.path)  # tightens a node made by an older gridfs
     if args.foreground:
         logging.basicConfig(
             level=logging.INFO,
             stream=sys.stderr,
             format="%(asctime)s gridfs-mount %(levelname)s %(name)s: %(message)s",
         )
-        daemon = MountDaemon(node, rest.get("alias") or args.tree, mountpoint, options)
+        daemon = MountDaemon(node, cap or tree, mountpoint, options)
         trio.run(daemon.run)
         return 0
     log_path = node.path / "mount.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "gridfs",
-        "mount",
-        str(mountpoint),
-        args.tree,
-        "--foreground",
-        "--node",
-        str(node.path),
-        "-o",
-        args.options,
-    ]
-    with open(log_path, "ab") as log:
+    cmd = [sys.executable, "-m", "gridfs", "mount", str(mountpoint)]
+    cmd += ["--cap-file", "-"] if cap else [tree]
+    cmd += ["--foreground", "--node", str(node.path), "-o", options_without_cap_file(args.options)]
+    with open_private_log(log_path) as log:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            cmd,
+            stdin=subprocess.PIPE if cap else subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
+    if cap:  # through a pipe: not in the daemon's argv nor its environment
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(cap.encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
     deadline = time.monotonic() + MOUNT_TIMEOUT
     while not is_mounted(mountpoint):
         if proc.poll() is not None:
@@ -114,8 +135,63 @@ def cmd_mount(args: argparse.Namespace) -> int:
             proc.terminate()
             raise GridError(f"mount did not come up in {MOUNT_TIMEOUT:.0f}s (see {log_path})")
         time.sleep(0.05)
-    print(f"mounted {args.tree} at {mountpoint} (pid {proc.pid}; log {log_path})")
+    label = log_name(cap) if cap else tree
+    print(f"mounted {label} at {mountpoint} (pid {proc.pid}; log {log_path})")
     return 0
+
+
+def tree_to_mount(args: argparse.Namespace, rest: dict[str, str]) -> tuple[str, str | None]:
+    """(alias, None) for a tree named by its alias, or ("", cap) for a tree
+    given by its cap: from ``--cap-file`` / ``-o cap_file=`` (a 0600 file of
+    the caller's, or ``-`` for stdin) or, for a daemon started here, from the
+    command line.  A cap is checked here, so a bad one is a usage error of
+    this command and is never echoed into the daemon's log."""
+    cap_file = args.cap_file or rest.get("cap_file")
+    tree = rest.get("alias") or args.tree
+    if cap_file:
+        if tree.startswith("gridfs:"):
+            raise UsageError("give the tree's cap once: --cap-file, or ALIAS|CAP, not both")
+        return "", read_cap(cap_file)
+    if not tree.startswith("gridfs:"):
+        return tree, None
+    if args.foreground:
+        raise UsageError(
+            "a cap on the command line of a foreground mount stays in the process list "
+            "for the life of the mount: use --cap-file FILE, --cap-file - (stdin) or an alias"
+        )
+    return "", checked_tree_cap(tree, "the command line")
+
+
+def read_cap(source: str) -> str:
+    """The tree cap in file ``source`` (refused unless only its owner can
+    read it), or on stdin for ``-``: the first line, surrounding blanks ignored."""
+    if source == "-":
+        return checked_tree_cap(sys.stdin.readline(CAP_LINE_MAX), "stdin")
+    path = Path(source)
+    check_private_file(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return checked_tree_cap(f.readline(CAP_LINE_MAX), str(path))
+
+
+def checked_tree_cap(text: str, source: str) -> str:
+    """``text`` as a readable tree's cap, or a usage error that names where
+    it came from but does not quote it."""
+    from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
+
+    try:
+        cap = parse_slot_cap(text.strip())
+    except CapError:
+        raise UsageError(
+            f"{source}: not a tree's cap (gridfs:ssk:... or gridfs:ssk-ro:...)"
+        ) from None
+    if not isinstance(cap, SlotWriteCap | SlotReadCap):
+        raise UsageError(f"{source}: a verify cap cannot be mounted")
+    return cap.to_string()
+
+
+def options_without_cap_file(text: str) -> str:
+    """The -o options for the daemon: the cap comes through its stdin instead."""
+    return ",".join(o for o in (text or "").split(",") if o and not o.startswith("cap_file="))
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

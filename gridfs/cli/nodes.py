@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig, NodeDir
+from ..fileutil import make_private_dir
 from ..node import run_in_foreground
 from .util import parse_size
 
@@ -56,6 +57,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     node = NodeDir(args.dir)
+    if node.exists():  # keys and log: the owner's alone (tightens older nodes)
+        make_private_dir(node.path)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {args.kind} %(levelname)s %(name)s: %(message)s",

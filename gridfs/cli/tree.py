@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..caps import parse_read_cap
 from ..client.grid import GridClient, open_grid
 from ..client.session import (
     DEFAULT_ALIAS,
@@ -29,11 +28,11 @@ from ..client.session import (
     split_grid_path,
 )
 from ..config import NodeConfig, NodeDir, resolve_node_dir
-from ..dirnode import DEFAULT_DIR_MODE, INLINE_MAX, Entry, split_path
+from ..dirnode import INLINE_MAX, Entry, split_path
 from ..errors import UsageError
-from ..fileutil import atomic_output
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
+from .copyout import CopyOut, download
 from .files import add_node_option, client_logging
 from .util import progress_bar
 
@@ -79,6 +78,11 @@ def register(sub: Any) -> None:
     )
     cp = cmd("cp", "copy files: local ↔ grid, or within the grid", cmd_cp)
     cp.add_argument("-r", "--recursive", action="store_true")
+    cp.add_argument(
+        "--preserve-mode",
+        action="store_true",
+        help="out of the grid: keep setuid, setgid and sticky bits (dropped by default)",
+    )
     cp.add_argument("sources", nargs="+", metavar="SRC")
     cp.add_argument("dest", metavar="DEST")
     mv = cmd("mv", "move or rename within a tree", cmd_mv)
@@ -234,17 +238,6 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
-async def download(grid: GridClient, entry: Entry, out: Any) -> None:
-    if entry.data is not None:  # a small file kept inside its directory
-        out.write(entry.data)
-        return
-
-    async def write(data: bytes) -> None:
-        await trio.to_thread.run_sync(out.write, data)
-
-    await grid.get(parse_read_cap(entry.cap), write)
-
-
 # -- changing -------------------------------------------------------------
 def cmd_mkdir(args: argparse.Namespace) -> int:
     async def mkdir(session: TreeSession, text: str, path: str) -> None:
@@ -313,7 +306,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
         aliases = load_aliases(grid.node)
         dest = split_grid_path(args.dest, aliases)
         if dest is None:
-            await copy_to_local(grid, aliases, args.sources, Path(args.dest), args.recursive)
+            await copy_to_local(
+                grid, aliases, args.sources, Path(args.dest), args.recursive, args.preserve_mode
+            )
         else:
             await copy_to_grid(grid, aliases, args.sources, dest, args.recursive)
 
@@ -410,34 +405,22 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
 
 
 async def copy_to_local(
-    grid: GridClient, aliases: dict[str, str], sources: list[str], dest: Path, recursive: bool
+    grid: GridClient,
+    aliases: dict[str, str],
+    sources: list[str],
+    dest: Path,
+    recursive: bool,
+    preserve_mode: bool = False,
 ) -> None:
     for src in sources:
         alias, path = grid_path(src, aliases)
         session = TreeSession(grid, alias)
         entry = await session.lookup(path)
         name = path.rstrip("/").rsplit("/", 1)[-1] or alias
-        target = dest / name if dest.is_dir() else dest
-        await _fetch(grid, session, entry, path, target, recursive)
-
-
-async def _fetch(
-    grid: GridClient, session: TreeSession, entry: Entry, path: str, target: Path, recursive: bool
-) -> None:
-    if entry.kind == "symlink":
-        os.symlink(entry.target, target)
-    elif entry.kind == "file":
-        with atomic_output(target, entry.mode, durable=False) as f:
-            await download(grid, entry, f)
-        os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
-    else:
-        if not recursive:
-            raise UsageError(f"{path}: is a directory (use cp -r)")
-        target.mkdir(mode=entry.mode or DEFAULT_DIR_MODE, exist_ok=True)
-        listing = await session.listdir(path)
-        for name in listing:
-            child = listing.entries[name]
-            await _fetch(grid, session, child, f"{path.rstrip('/')}/{name}", target / name, True)
+        into = dest.is_dir()
+        target = dest / name if into else dest
+        copy = CopyOut(grid, session, dest if into else dest.absolute().parent, preserve_mode)
+        await copy.fetch(entry, src, target, recursive)
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

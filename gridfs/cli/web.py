@@ -3,22 +3,29 @@
 ``GET /`` is a page that refreshes itself every few seconds: the grid map
 (each server with its shares, use and free space), queue backlogs, the
 node's last lease renewal, unlink and check, and each mount's transfers.
-``GET /status.json`` is the same as ``gridfs status --json``.  It listens on
-loopback by default and serves nothing else: no cap ever appears on it.
+``GET /status.json`` is the same as ``gridfs status --json``, with every
+cap in it replaced by its log name (:func:`gridfs.caps.log_name`).
+
+Any local process, and any web page a local browser shows, can reach a
+loopback port, so: it listens on loopback only, serves no cap, and answers
+only requests whose Host header names the address it listens on (a page
+from a DNS name rebound to 127.0.0.1 sends its own name, and gets a 421).
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import ipaddress
 import json
 from typing import Any
 
 import trio
 
+from ..caps import redact_caps
 from ..client.grid import GridClient, open_grid
 from ..config import NodeDir, resolve_node_dir
-from ..errors import GridError, unwrap
+from ..errors import GridError, UsageError, unwrap
 from .files import add_node_option
 from .mount import gather_status
 
@@ -29,7 +36,12 @@ REFRESH = 5
 def register(sub: Any) -> None:
     w = sub.add_parser("web", help="serve gridfs status as a local web page (and JSON)")
     w.add_argument("--port", type=tcp_port, default=3456, help="default: 3456 (0: any free port)")
-    w.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    w.add_argument(
+        "--host",
+        type=loopback_host,
+        default="127.0.0.1",
+        help="a loopback address (default: 127.0.0.1; also ::1 or localhost)",
+    )
     add_node_option(w)
     w.set_defaults(func=cmd_web)
 
@@ -41,18 +53,70 @@ def tcp_port(text: str) -> int:
     return int(text)
 
 
+def loopback_host(text: str) -> str:
+    """The address to listen on: loopback only (the page is for this
+    machine's owner; status shows server names, paths and errors)."""
+    if text == "localhost":
+        return "127.0.0.1"
+    try:
+        if ipaddress.ip_address(text).is_loopback:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"not a loopback address: {text!r} (127.0.0.1 or ::1)")
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host header values that name this server: its address or
+    ``localhost``, with the port (bare only for port 80)."""
+    names = {f"[{host}]" if ":" in host else host, "localhost"}
+    if ipaddress.ip_address(host).version == 4:
+        names.add("127.0.0.1")
+    out = {f"{name}:{port}" for name in names}
+    if port == 80:
+        out |= names
+    return frozenset(out)
+
+
+def header(request: bytes, name: str) -> str | None:
+    """The value of header ``name`` in a raw request head (None if absent)."""
+    for line in request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        key, sep, value = line.decode("latin-1").partition(":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with every cap in its strings replaced by its log name."""
+    if isinstance(value, str):
+        return redact_caps(value)
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(v) for v in value]
+    return value
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
     node.config()
 
     async def main() -> None:
         async with open_grid(node) as grid:
-            listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+            try:
+                listeners = await trio.open_tcp_listeners(args.port, host=args.host)
+            except OSError as e:
+                raise UsageError(
+                    f"cannot listen on {args.host}:{args.port}: {e.strerror}"
+                ) from None
             port = listeners[0].socket.getsockname()[1]
-            print(f"serving http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+            hosts = allowed_hosts(args.host, port)
+            shown = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"serving http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
 
             async def handler(stream: trio.SocketStream) -> None:
-                await serve(stream, node, grid)
+                await serve(stream, node, grid, hosts)
 
             await trio.serve_listeners(handler, listeners)
 
@@ -60,10 +124,13 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
-async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> None:
-    """Answer one HTTP/1.0-style request, then close.  A status that cannot
-    be gathered (a mount's control socket failing, say) is a 503 with the
-    reason, never the end of the server."""
+async def serve(
+    stream: trio.abc.Stream, node: NodeDir, grid: GridClient, hosts: frozenset[str]
+) -> None:
+    """Answer one HTTP/1.0-style request, then close.  A request whose Host
+    header is not in ``hosts`` gets a 421.  A status that cannot be gathered
+    (a mount's control socket failing, say) is a 503 with the reason, never
+    the end of the server."""
     try:
         with trio.move_on_after(10):
             request = b""
@@ -75,15 +142,18 @@ async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> Non
             line = request.split(b"\r\n", 1)[0].decode("latin-1")
             method, _, rest = line.partition(" ")
             path = rest.split(" ", 1)[0]
-            if method != "GET":
+            host = header(request, "host")
+            if host is None or host.lower() not in hosts:
+                await respond(stream, 421, "text/plain", b"wrong Host: this server is local\n")
+            elif method != "GET":
                 await respond(stream, 405, "text/plain", b"only GET\n")
             elif path not in ("/", "/status.json"):
                 await respond(stream, 404, "text/plain", b"not found\n")
             else:
                 try:
-                    status = await gather_status(node, grid)
+                    status = scrub(await gather_status(node, grid))
                 except* GridError as group:
-                    reason = f"status unavailable: {unwrap(group)}\n".encode()
+                    reason = redact_caps(f"status unavailable: {unwrap(group)}\n").encode()
                     await respond(stream, 503, "text/plain", reason)
                 else:
                     if path == "/status.json":
@@ -97,7 +167,13 @@ async def serve(stream: trio.abc.Stream, node: NodeDir, grid: GridClient) -> Non
         await stream.aclose()
 
 
-REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    421: "Misdirected Request",
+    503: "Service Unavailable",
+}
 
 
 async def respond(stream: trio.abc.Stream, status: int, kind: str, body: bytes) -> None:

@@ -39,8 +39,9 @@ from typing import Any
 
 import trio
 
+from ..caps import log_name
 from ..config import NodeDir
-from ..errors import GridError
+from ..errors import GridError, plain_grid_errors
 from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
@@ -155,7 +156,7 @@ class Keeper:
         if root_cap not in self.trees:
             cap = parse_slot_cap(root_cap)
             if not isinstance(cap, SlotWriteCap | SlotReadCap):
-                raise GridError(f"cannot read the tree of a verify cap {root_cap[:40]}")
+                raise GridError(f"cannot read the tree of a verify cap ({log_name(root_cap)})")
             store = GridStore(self.grid.broker, cap, self.grid.params, self.grid.secret)
             self.trees[root_cap] = Tree(store)
         return self.trees[root_cap]
@@ -181,7 +182,8 @@ class Keeper:
                 f"({need} needed to be sure of its newest version)"
             )
         root = unpack_root(read.plaintext or b"")
-        return {root_cap} | await subtree_caps(self.tree(root_cap), root)
+        with plain_grid_errors():  # a directory that cannot be read: one GridError
+            return {root_cap} | await subtree_caps(self.tree(root_cap), root)
 
     async def reachable(self, strict: bool = True) -> set[str]:
         """Every cap this node keeps.  ``strict`` (for unlinks): raise if any
@@ -209,8 +211,8 @@ class Keeper:
                 if strict:
                     raise
                 found.add(root)
-                self.unwalkable.append(f"{root[:30]}...: {e}")
-                log.warning("cannot walk the tree %s...: %s", root[:30], e)
+                self.unwalkable.append(f"{log_name(root)}: {e}")
+                log.warning("cannot walk the tree %s: %s", log_name(root), e)
         return found
 
     async def renew_all(self) -> RenewReport:

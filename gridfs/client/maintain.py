@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import trio
 
-from ..caps import ReadCap, stored_cap
+from ..caps import ReadCap, log_name, stored_cap
 from ..caps import parse as parse_cap
 from ..errors import CapError, GridError
 from .check import check_file
@@ -74,16 +74,18 @@ async def check_and_repair(grid: GridClient) -> dict[str, int]:
             result = await check_file(grid.broker, cap)
             if not result.recoverable:
                 counts["unrecoverable"] += 1
-                log.error("%s: only %d good shares, cannot repair", text[:60], result.good_shares)
+                log.error(
+                    "%s: only %d good shares, cannot repair", log_name(text), result.good_shares
+                )
             elif result.good_shares < threshold or len(result.servers) < threshold:
                 after = await repair_file(grid.broker, cap)
                 counts["repaired"] += 1
-                log.info("repaired %s: %d good shares now", text[:60], after.good_shares)
+                log.info("repaired %s: %d good shares now", log_name(text), after.good_shares)
             else:
                 counts["healthy"] += 1
         except GridError as e:
             counts["failed"] += 1
-            log.warning("check of %s failed: %s", text[:60], e)
+            log.warning("check of %s failed: %s", log_name(text), e)
         await trio.sleep(1.0 / config.check_rate)
     return counts
 

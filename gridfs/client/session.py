@@ -13,7 +13,7 @@ import re
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from ..caps import b32encode
+from ..caps import b32encode, log_name
 from ..config import NodeDir
 from ..dirnode import Directory, Entry, split_path
 from ..errors import UsageError
@@ -114,10 +114,11 @@ class TreeSession:
         else:
             raise UsageError(f"unknown alias {alias}: (see gridfs alias list)")
         self.grid = grid
-        self.alias = alias
+        self.alias = log_name(alias) if alias.startswith("gridfs:") else alias
+        """How messages name the tree: never by its cap."""
         self.cap: SlotCap = parse_slot_cap(cap_text)
         if not isinstance(self.cap, SlotWriteCap | SlotReadCap):
-            raise UsageError(f"alias {alias}: holds a verify cap, which cannot read")
+            raise UsageError(f"alias {self.alias}: holds a verify cap, which cannot read")
         self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret)
         self.tree = Tree(self.store)
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
