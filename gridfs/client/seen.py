@@ -98,7 +98,8 @@ class SeenVersions:
             ).rowcount
             if inserted and self._count(db) > self.max_entries:
                 db.execute(
-                    "DELETE FROM seen WHERE si IN (SELECT si FROM seen ORDER BY raised_ns LIMIT ?)",
+                    "DELETE FROM seen WHERE si IN"
+                    " (SELECT si FROM seen ORDER BY raised_ns, rowid LIMIT ?)",
                     (self._count(db) - self.max_entries,),
                 )
         return self.get(si)

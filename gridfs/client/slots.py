@@ -187,14 +187,18 @@ async def read_slot(
     survey = await _survey(broker, si, n, happy, floor, timeout, problems)
     signed, version = _found(si, survey, problems)
     answers = survey.answers
-    rolled_back = _older_than(si, answers, floor, problems)
+    rolled_back = frozenset(
+        a.server.node_id for a in answers if a.version is not None and a.version.seq < floor
+    )
     if version.seq < floor:
         names = tuple(sorted(a.server.name for a in answers if a.server.node_id in rolled_back))
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise SlotRollbackError(
             f"servers offered only version {version.seq} of slot {_short(si)}, older than "
-            f"version {floor} this node has seen ({', '.join(names)}): refused",
+            f"version {floor} this node has seen ({shown}): refused",
             names,
         )
+    _warn_older(si, answers, floor, problems)
     repaired: frozenset[bytes] = frozenset()
     if repair:
         home = sorted(answers, key=lambda a: a.rank)[:n]
@@ -409,20 +413,17 @@ def _found(si: bytes, survey: _Survey, problems: list[str]) -> tuple[SignedVersi
     raise SlotNotFoundError(f"no server holds a valid version of slot {_short(si)}", detail)
 
 
-def _older_than(
-    si: bytes, answers: list[_Answer], floor: int, problems: list[str]
-) -> frozenset[bytes]:
-    """Servers that offered a valid version older than ``floor``, warned of."""
-    older = [a for a in answers if a.version is not None and a.version.seq < floor]
-    for a in older:
-        assert a.version is not None
-        message = (
-            f"{a.server.name} offered version {a.version.seq} of slot {_short(si)}, "
-            f"older than version {floor} this node has seen: refused (stale or rolled back)"
-        )
-        problems.append(message)
-        log.warning("%s", message)
-    return frozenset(a.server.node_id for a in older)
+def _warn_older(si: bytes, answers: list[_Answer], floor: int, problems: list[str]) -> None:
+    """Warn of each server that offered a valid version older than ``floor``
+    (the read went on with a newer one): stale, or rolling the slot back."""
+    for a in answers:
+        if a.version is not None and a.version.seq < floor:
+            message = (
+                f"{a.server.name} offered version {a.version.seq} of slot {_short(si)}, "
+                f"older than version {floor} this node has seen: refused (stale or rolled back)"
+            )
+            problems.append(message)
+            log.warning("%s", message)
 
 
 def _newest(answers: list[_Answer], problems: list[str]) -> tuple[SignedVersion, Version] | None:
