@@ -174,6 +174,9 @@ async def test_holders_answering_empty_are_asked_past(env: Env) -> None:
     happy honest holders left, the reader goes on down the list and still
     finds the root; with none, the read fails and nothing is published."""
     with trio.fail_after(TIMEOUT):
+        async with open_broker(env.grid.addresses) as broker:  # healthy: n asked, no more
+            read = await read_slot(broker, env.cap, PARAMS.n, happy=PARAMS.happy)
+            assert read.servers == {2: {n.address.node_id for n in env.holders()}}  # type: ignore[union-attr]
         liars = env.holders()[:6]
         for node in liars:
             attack(node, "empty")

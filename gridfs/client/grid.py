@@ -116,7 +116,9 @@ async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
         raise UsageError(f"{node.path}: no introducer and no servers configured")
     async with trio.open_nursery() as nursery:
         broker = StorageBroker(nursery, introducer, static, lease_secret=node.lease_secret())
+        grid = GridClient(node, broker)
         try:
-            yield GridClient(node, broker)
+            yield grid
         finally:
+            grid.seen.close()
             nursery.cancel_scope.cancel()

@@ -348,15 +348,17 @@ async def _survey(
     timeout: float,
     problems: list[str],
 ) -> _Survey:
-    """Ask servers down the permuted order, ``n`` at a time, until
+    """Ask servers down the permuted order in rounds of ``n`` answers until
     :func:`_enough` says the answers settle the newest version, or every
     server was asked.  A server that fails (error, timeout) is noted and the
-    next one asked; an empty answer counts as an answer, not as "no slot"."""
+    next one asked in its place; an empty answer counts as an answer, not as
+    "no slot".  On a healthy grid that is one round: the first ``n``."""
     servers = broker.permuted(si)
     survey = _Survey([], [], len(servers))
     queue = iter(enumerate(servers))
 
     async def worker(done: trio.CancelScope) -> None:
+        """Get one answer: from the next server left, or the one after it..."""
         for rank, server in queue:  # shared: each worker takes the next server left
             try:
                 with trio.fail_after(timeout):
@@ -373,12 +375,13 @@ async def _survey(
             survey.answers.append(_Answer(server, rank, held, version))
             if _enough(survey.answers, n, happy, floor):
                 done.cancel()
-                return
+            return
 
     with trio.CancelScope() as done:
-        async with trio.open_nursery() as nursery:
-            for _ in range(max(1, n)):
-                nursery.start_soon(worker, done)
+        while len(survey.answers) + len(survey.unreachable) < len(servers):
+            async with trio.open_nursery() as nursery:
+                for _ in range(max(1, n)):
+                    nursery.start_soon(worker, done)
     return survey
 
 
