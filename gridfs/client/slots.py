@@ -4,18 +4,24 @@ A slot's versions live whole on the first ``n`` reachable servers in the
 permuted order of its storage index (a server that cannot be reached is
 replaced by the next one, for readers and writers alike).
 
-* **Read**: ask them all at once, verify every answer (bad ones are reported,
-  never trusted), take the highest valid seq, then re-publish that version to
-  every server that answered with an older one or none: a partial publish is
-  completed and a stale server catches up by being read.
+* **Read**: ask the first ``n`` at once, verify every answer (bad ones are
+  reported, never trusted), and go on down the order, past empty answers and
+  unreachable servers, until ``happy`` answers agree on the highest valid seq
+  and it is not older than the node remembers having seen (or every server
+  was asked); then re-publish that version to each of the first ``n``
+  answering servers that held an older one or none: a partial publish is
+  completed and a stale server catches up by being read.  Nothing found is an
+  error, never "an empty slot" (see docs/formats.md, "Reading a slot").
 * **Publish**: version ``expected.seq + 1``, sent with a test-and-set on
   ``expected.seq``.  A server behind that seq (stale or empty) is overwritten
   without the test; a server ahead of it proves another writer won, and the
   publish fails with :class:`SlotConflictError` so the caller re-reads and
   re-applies its change.  It succeeds once ``happy`` distinct servers hold it.
+  Version 1 is made only by :func:`create_slot`, which never overwrites.
 
-Servers never accept a seq lower than or equal to the one they hold, and
-readers take the highest valid seq, so nobody can roll a slot back.
+Servers never accept a seq lower than or equal to the one they hold, readers
+take the highest valid seq, and a node refuses a version older than one it
+has seen (:mod:`gridfs.client.seen`), so servers cannot roll a slot back.
 """
 
 from __future__ import annotations
