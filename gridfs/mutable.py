@@ -18,7 +18,12 @@ Everything derives from the 32-byte Ed25519 seed, one way only::
     read key      = H_slot-read-key(SEED)
     write key     = H_slot-write-key(SEED)         (for data only writers may read)
     storage index = H_slot-storage-index(public key)[:16]
-    data key      = H_slot-data-key(read key, be64(seq))   (one per version)
+    data key      = H_slot-salted-data-key(read key, be64(seq), salt)
+
+Each version carries a fresh random 16-byte salt, so no two versions share a
+keystream, not even two writers racing to publish the same seq.  Records of
+version 1 (no salt, data key = H_slot-data-key(read key, be64(seq))) are
+still read; new versions are always written as record version 2.
 
 Servers can check a version (the storage index pins the public key, which
 checks the signature) without being able to read it.
@@ -45,6 +50,7 @@ from .hashes import (
     STORAGE_INDEX_SIZE,
     TAG_SLOT_DATA_KEY,
     TAG_SLOT_READ_KEY,
+    TAG_SLOT_SALTED_DATA_KEY,
     TAG_SLOT_SIGNATURE,
     TAG_SLOT_STORAGE_INDEX,
     TAG_SLOT_WRITE_KEY,
@@ -54,13 +60,18 @@ from .hashes import (
 SEED_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+"""The record layout written: 2 carries a salt.  Version 1 records are read."""
+SALT_SIZE = 16
 MAX_SLOT_PAYLOAD = 64 * 1024
 """Most plaintext (and so ciphertext) bytes in one version."""
 MAX_SLOT_RECORD = 70_000
 """Most bytes of a packed record: a full payload plus ~60 bytes of framing."""
 MAX_SEQ = 2**64 - 1
-_RECORD_KEYS = ("payload", "public_key", "seq", "version")
+_RECORD_KEYS = {
+    1: ("payload", "public_key", "seq", "version"),
+    2: ("payload", "public_key", "salt", "seq", "version"),
+}
 _BE64 = struct.Struct(">Q")
 
 
@@ -96,10 +107,14 @@ def slot_storage_index(public_key: bytes) -> bytes:
     return tagged_hash(TAG_SLOT_STORAGE_INDEX, public_key)[:STORAGE_INDEX_SIZE]
 
 
-def data_key(read_key: bytes, seq: int) -> bytes:
-    """The AES key of version ``seq``: each version has its own, so a fixed
-    zero counter never reuses a keystream."""
-    return tagged_hash(TAG_SLOT_DATA_KEY, read_key, _BE64.pack(seq))
+def data_key(read_key: bytes, seq: int, salt: bytes | None) -> bytes:
+    """The AES key of version ``seq`` with its random ``salt``: every version
+    has its own, so a fixed zero counter never reuses a keystream, even when
+    two writers publish the same seq.  ``salt`` None: a version-1 record,
+    whose key depended on the seq alone (read, never written)."""
+    if salt is None:
+        return tagged_hash(TAG_SLOT_DATA_KEY, read_key, _BE64.pack(seq))
+    return tagged_hash(TAG_SLOT_SALTED_DATA_KEY, read_key, _BE64.pack(seq), salt)
 
 
 def _check_seed(seed: bytes) -> bytes:
@@ -248,21 +263,38 @@ class SignedVersion:
 
 @dataclass(frozen=True)
 class Version:
-    """A verified version: its number, its signer and its (encrypted) payload."""
+    """A verified version: its number, its signer, its salt and its (encrypted)
+    payload.  ``salt`` is None for a record of version 1."""
 
     seq: int
     public_key: bytes
     payload: bytes = field(repr=False)
+    salt: bytes | None = None
 
     @property
     def storage_index(self) -> bytes:
         return slot_storage_index(self.public_key)
 
 
-def pack_record(seq: int, public_key: bytes, payload: bytes) -> bytes:
+def pack_record(seq: int, public_key: bytes, payload: bytes, salt: bytes) -> bytes:
     """The canonical msgpack record (keys in sorted order, shortest encodings)."""
     return msgpack.packb(
-        {"payload": payload, "public_key": public_key, "seq": seq, "version": RECORD_VERSION},
+        {
+            "payload": payload,
+            "public_key": public_key,
+            "salt": salt,
+            "seq": seq,
+            "version": RECORD_VERSION,
+        },
+        use_bin_type=True,
+    )
+
+
+def _pack_record_v1(seq: int, public_key: bytes, payload: bytes) -> bytes:
+    """A record of version 1, as written before salts: only to check that one
+    read is canonical."""
+    return msgpack.packb(
+        {"payload": payload, "public_key": public_key, "seq": seq, "version": 1},
         use_bin_type=True,
     )
 
@@ -273,16 +305,23 @@ def signature_message(storage_index: bytes, record: bytes) -> bytes:
     return _BE64.pack(len(TAG_SLOT_SIGNATURE)) + TAG_SLOT_SIGNATURE + storage_index + record
 
 
-def sign_version(write_cap: SlotWriteCap, seq: int, plaintext: bytes) -> SignedVersion:
-    """Encrypt ``plaintext`` as version ``seq`` of the slot and sign it."""
+def sign_version(
+    write_cap: SlotWriteCap, seq: int, plaintext: bytes, salt: bytes | None = None
+) -> SignedVersion:
+    """Encrypt ``plaintext`` as version ``seq`` of the slot and sign it.
+    ``salt`` is fresh random bytes unless given (test vectors only)."""
     if not isinstance(write_cap, SlotWriteCap):
         raise CapError("signing a slot version needs its write cap (gridfs:ssk:...)")
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise UsageError(f"a slot version number is in 1..2**64-1, not {seq!r}")
     if len(plaintext) > MAX_SLOT_PAYLOAD:
         raise UsageError(f"a slot holds at most {MAX_SLOT_PAYLOAD} bytes, not {len(plaintext)}")
-    payload = aes_ctr(data_key(read_key(write_cap.seed), seq), 0, plaintext)
-    record = pack_record(seq, write_cap.public_key, payload)
+    if salt is None:
+        salt = os.urandom(SALT_SIZE)
+    elif not isinstance(salt, bytes) or len(salt) != SALT_SIZE:
+        raise UsageError(f"a slot salt is {SALT_SIZE} bytes")
+    payload = aes_ctr(data_key(read_key(write_cap.seed), seq, salt), 0, plaintext)
+    record = pack_record(seq, write_cap.public_key, payload, salt)
     message = signature_message(write_cap.storage_index, record)
     return SignedVersion(record, write_cap.sign(message))
 
@@ -317,7 +356,7 @@ def decrypt(cap: SlotReadCap | SlotWriteCap, version: Version) -> bytes:
         raise CapError("a verify cap cannot read a slot; a read cap (gridfs:ssk-ro:...) is needed")
     if version.public_key != cap.public_key:
         raise BadVersionError("this version belongs to another slot")
-    return aes_ctr(data_key(cap.read_key, version.seq), 0, version.payload)
+    return aes_ctr(data_key(cap.read_key, version.seq, version.salt), 0, version.payload)
 
 
 def _unpack_record(record: bytes) -> Version:
@@ -325,17 +364,28 @@ def _unpack_record(record: bytes) -> Version:
         d: Any = msgpack.unpackb(record, raw=False, strict_map_key=True)
     except Exception as e:
         raise BadVersionError(f"slot record is not msgpack: {type(e).__name__}") from None
-    if not isinstance(d, dict) or tuple(d) != _RECORD_KEYS:
+    if not isinstance(d, dict) or "version" not in d:
         raise BadVersionError("slot record has the wrong fields")
-    if type(d["version"]) is not int or d["version"] != RECORD_VERSION:
-        raise BadVersionError(f"unknown slot record version {d['version']!r}")
+    number = d["version"]
+    if type(number) is not int or number not in _RECORD_KEYS:
+        shown = repr(number)[:20]
+        raise BadVersionError(f"unknown slot record version {shown} (this gridfs reads 1 and 2)")
+    if tuple(d) != _RECORD_KEYS[number]:
+        raise BadVersionError(f"slot record of version {number} has the wrong fields")
     payload, public_key, seq = d["payload"], d["public_key"], d["seq"]
+    salt = d.get("salt")
     if not isinstance(payload, bytes) or len(payload) > MAX_SLOT_PAYLOAD:
         raise BadVersionError("slot payload must be at most 64 KiB of bytes")
     if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_SIZE:
         raise BadVersionError("slot public key must be 32 bytes")
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise BadVersionError("slot version number must be in 1..2**64-1")
-    if pack_record(seq, public_key, payload) != record:
+    if number == 1:
+        canonical = _pack_record_v1(seq, public_key, payload)
+    elif not isinstance(salt, bytes) or len(salt) != SALT_SIZE:
+        raise BadVersionError(f"slot salt must be {SALT_SIZE} bytes")
+    else:
+        canonical = pack_record(seq, public_key, payload, salt)
+    if canonical != record:
         raise BadVersionError("slot record is not canonical")
-    return Version(seq, public_key, payload)
+    return Version(seq, public_key, payload, salt)

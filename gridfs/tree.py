@@ -61,7 +61,9 @@ class Store(Protocol):
     async def get_bytes(self, cap: str) -> bytes: ...
 
     async def read_root(self) -> tuple[int, bytes]:
-        """(seq, payload) of the root slot; seq 0 and b"" when it has none."""
+        """(seq, payload) of the root slot.  seq 0 and b"" (an empty tree) only
+        from a store whose root may not exist yet (an in-memory one); the grid's
+        root always exists, and a store that cannot find it raises instead."""
 
     async def publish_root(self, payload: bytes, expected_seq: int) -> int:
         """Publish if the slot is still at ``expected_seq``; raise SlotConflictError if not."""

@@ -161,6 +161,11 @@ def test_sign_verify_decrypt_with_a_key_per_version() -> None:
     again = sign_version(w, 4, b"root cap")
     assert again.record != signed.record
     assert verify_version(w.storage_index, *again.to_wire()).payload != version.payload
+    # The same seq signed twice (two writers racing) has two salts, so two keys.
+    twin = verify_version(w.storage_index, *sign_version(w, 3, b"root cap").to_wire())
+    assert twin.seq == version.seq and twin.salt != version.salt
+    assert twin.payload != version.payload and decrypt(w, twin) == b"root cap"
+    assert version.salt is not None and len(version.salt) == 16
     with pytest.raises(CapError):
         decrypt(w.verify_cap(), version)  # type: ignore[arg-type]
     with pytest.raises(BadVersionError):
@@ -180,15 +185,39 @@ def test_slot_vector() -> None:
     )
     assert w.storage_index.hex() == "14534c632806f3b70bfd21b2b7781146"
     assert w.write_key.hex() == "1f8ed5e60dc29059b84e731df8afcf059ccc3f0d2ef7820e0481850a054a3f8b"
-    signed = sign_version(w, 1, b"hello")
+    signed = sign_version(w, 1, b"hello", salt=bytes(range(32, 48)))
     assert signed.record.hex() == (
+        "85a77061796c6f6164c4058e6eb4c308aa7075626c69635f6b6579c42003a107bff3ce10be1d70dd18e74bc0"
+        "9967e4d6309ba50d5f1ddc8664125531b8a473616c74c410202122232425262728292a2b2c2d2e2fa37365"
+        "7101a776657273696f6e02"
+    )
+    assert signed.signature.hex() == (
+        "e2769b3f3efdc94389ac422c563d8a4ff993877b067615ba662dceb02c38efcc2c28b6593f50c9759b1282a3"
+        "b122f11a803284070432dc5ce41db84afc9e7c00"
+    )
+    version = verify_version(w.storage_index, *signed.to_wire())
+    assert (version.salt, decrypt(w.read_cap(), version)) == (bytes(range(32, 48)), b"hello")
+
+
+def test_record_version_1_is_still_read() -> None:
+    """A version written before salts (record version 1, the vector of the
+    previous format) verifies and decrypts; new versions are never written so."""
+    w = SlotWriteCap(bytes(range(32)))
+    record = bytes.fromhex(
         "84a77061796c6f6164c405d7ce72fae9aa7075626c69635f6b6579c42003a107bff3ce10be1d70dd18e74bc0"
         "9967e4d6309ba50d5f1ddc8664125531b8a373657101a776657273696f6e01"
     )
-    assert signed.signature.hex() == (
+    signature = bytes.fromhex(
         "c4f20197fc5b3a52f428825d6c797cda53d6da18b544ec9a88527e7d484e517a564cee70938e7005b4b7f58f"
         "19d748979931a1e7742d0c980916368582b55504"
     )
+    version = verify_version(w.storage_index, record, signature)
+    assert (version.seq, version.salt) == (1, None)
+    assert decrypt(w.read_cap(), version) == b"hello"
+    assert msgpack.unpackb(sign_version(w, 2, b"x").record)["version"] == 2
+    # A version-1 record must keep the version-1 fields: a salt is not allowed in.
+    with pytest.raises(BadVersionError, match="version 1 has the wrong fields"):
+        verify_version(w.storage_index, *resign(w, edited(record, salt=bytes(16))).to_wire())
 
 
 def test_largest_payload_fits_and_larger_is_refused() -> None:
@@ -214,25 +243,28 @@ def _other_key(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes]:
     return sign_version(other, 1, b"data").to_wire()  # type: ignore[return-value]
 
 
+SALT = bytes(16)
+
+
 def _other_key_claiming_ours(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes]:
-    record = pack_record(1, w.public_key, b"data")
+    record = pack_record(1, w.public_key, b"data", SALT)
     return record, other.sign(signature_message(w.storage_index, record))
 
 
 def _signed_for_another_slot(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes]:
-    record = pack_record(1, w.public_key, b"data")
+    record = pack_record(1, w.public_key, b"data", SALT)
     return record, w.sign(signature_message(other.storage_index, record))
 
 
 def _non_minimal_int(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes]:
-    record = pack_record(3, w.public_key, b"data")
+    record = pack_record(3, w.public_key, b"data", SALT)
     padded = record.replace(b"\xa3seq\x03", b"\xa3seq\xcf" + (3).to_bytes(8, "big"))
     assert padded != record and msgpack.unpackb(padded)["seq"] == 3
     return resign(w, padded).to_wire()  # type: ignore[return-value]
 
 
 def _reordered_keys(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes]:
-    d = {"version": 1, "seq": 1, "public_key": w.public_key, "payload": b"data"}
+    d = {"version": 2, "seq": 1, "salt": SALT, "public_key": w.public_key, "payload": b"data"}
     return resign(w, msgpack.packb(d)).to_wire()  # type: ignore[return-value]
 
 
@@ -264,7 +296,11 @@ def _short_signature(w: SlotWriteCap, other: SlotWriteCap) -> tuple[bytes, bytes
         (_reordered_keys, "wrong fields"),
         (_resigned(seq="1"), "version number"),
         (_resigned(seq=0), "version number"),
-        (_resigned(version=2), "record version"),
+        (_resigned(version=3), "unknown slot record version 3"),
+        (_resigned(version=True), "unknown slot record version"),
+        (_resigned(version=1), "version 1 has the wrong fields"),
+        (_resigned(salt=b"s" * 15), "salt must be 16 bytes"),
+        (_resigned(salt="s" * 16), "salt must be 16 bytes"),
         (_resigned(public_key=b"k" * 31), "public key"),
         (_resigned(payload="text"), "payload"),
         (_resigned(extra=1), "wrong fields"),
@@ -462,6 +498,16 @@ async def test_missing_slot_and_no_servers(tmp_path: Path) -> None:
             async with open_broker(grid.addresses) as broker:
                 with pytest.raises(SlotNotFoundError):
                     await read_slot(broker, SlotWriteCap.generate().verify_cap())
+                # Publishing never turns "no version found" into "version 0":
+                # a new slot is made by create_slot, which never overwrites one.
+                w = SlotWriteCap.generate()
+                with pytest.raises(SlotNotFoundError):
+                    await publish_slot(broker, w, b"over nothing", n=3, happy=3)
+                assert holdings(grid, w.storage_index) == [0, 0, 0]
+                assert await create_slot(broker, b"one", n=3, happy=3, cap=w) == w
+                with pytest.raises(SlotConflictError):
+                    await create_slot(broker, b"again", n=3, happy=3, cap=w)
+                assert (await read_slot(broker, w, n=3)).plaintext == b"one"
             for node in grid.nodes:
                 await node.kill()
             async with open_broker(grid.addresses) as broker:
@@ -475,7 +521,7 @@ async def test_servers_refuse_wrong_keys_forgeries_and_replays(tmp_path: Path) -
             w, other = SlotWriteCap.generate(), SlotWriteCap.generate()
             si = w.storage_index
             v1 = sign_version(w, 1, b"one")
-            assert await publish_slot(broker, w, b"one", n=3, happy=3) == 1
+            assert await create_slot(broker, b"one", n=3, happy=3, cap=w) == w
             v2 = sign_version(w, 2, b"two")
             node = grid.nodes[0]
             assert await raw_write(broker, node, si, *v2.to_wire()) == {"ok": True}
@@ -641,7 +687,7 @@ async def test_too_few_servers_is_unhappy(tmp_path: Path) -> None:
         async with open_grid(tmp_path) as grid:
             w = SlotWriteCap.generate()
             async with open_broker(grid.addresses) as broker:
-                assert await publish_slot(broker, w, b"v1") == 1
+                assert await create_slot(broker, b"v1", cap=w) == w
             for node in grid.nodes[:4]:
                 await node.kill()
             async with open_broker(grid.addresses) as broker:

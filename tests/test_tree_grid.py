@@ -22,8 +22,9 @@ import trio
 from gridfs.caps import LiteralCap, SliceCap
 from gridfs.caps import parse as parse_cap
 from gridfs.client.broker import StorageBroker
-from gridfs.client.gridstore import GridStore, download_bytes
-from gridfs.client.slots import create_slot
+from gridfs.client.gridstore import GridStore, RootUnavailableError, download_bytes
+from gridfs.client.seen import SeenVersions
+from gridfs.client.slots import SlotRollbackError, create_slot
 from gridfs.client.upload import UploadParams
 from gridfs.dirnode import DEFAULT_DIR_MODE, Entry, split_path
 from gridfs.errors import GridError, UsageError
@@ -420,6 +421,49 @@ async def test_server_restored_from_backup_cannot_roll_the_root_back(
             seq3, _ = await fresh.commit([Put(p("/third"), lit(b"3"))])
         assert seq3 == 3
         assert await cold_names(env, "/") == ["after-backup", "third"]
+
+
+async def test_every_server_restored_from_backup_is_refused_by_a_node_that_saw_more(
+    env: Env, tmp_path: Path
+) -> None:
+    """All servers back at version 1: a reader that saw version 2 fails with
+    one clear error naming them (never lists the old tree, never publishes on
+    it); a reader that never saw version 2 cannot know, and reads version 1."""
+    si = env.cap.storage_index
+    seen = SeenVersions(tmp_path / "seen.sqlite")
+    backups = []
+    for node in env.grid.nodes:
+        backups.append(tmp_path / f"backup-{node.index}")
+        shutil.copytree(node.dir.storage_path / "slots", backups[-1])
+    with trio.fail_after(TIMEOUT):
+        store = GridStore(env.broker, env.cap, PARAMS, env.secret, seen)
+        assert (await Tree(store).commit([Put(p("/after-backup"), lit(b"new"))]))[0] == 2
+        assert seen.get(si) == 2
+        for node, backup in zip(env.grid.nodes, backups, strict=True):
+            await restore(node, backup)
+        async with open_broker(env.grid.addresses) as broker:
+            tree = Tree(GridStore(broker, env.cap, PARAMS, env.secret, seen))
+            with pytest.raises(SlotRollbackError, match=r"version 1 .* older than version 2") as e:
+                await tree.commit([Put(p("/on-the-old-tree"), lit(b"x"))])
+            assert len(e.value.servers) == SERVERS
+            assert [seq_on_disk(n, si) for n in env.grid.nodes] == [1] * SERVERS
+        async with cold_tree(env) as cold:
+            assert (await cold.root())[0] == 1
+    seen.close()
+
+
+async def test_a_root_slot_that_holds_nothing_is_an_error_not_an_empty_tree(env: Env) -> None:
+    """A tree whose root slot no server holds (never made, or lost) is one
+    clear error for reads and writes: never an empty directory, and a write
+    does not create version 1 of a new, empty tree."""
+    missing = SlotWriteCap.generate()
+    tree = Tree(GridStore(env.broker, missing, PARAMS, env.secret))
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(RootUnavailableError, match="5 of 5 servers answered without it"):
+            await tree.listdir(())
+        with pytest.raises(RootUnavailableError):
+            await tree.commit([Put(p("/x"), lit(b"x"))])
+    assert not any(node.has_slot(missing.storage_index) for node in env.grid.nodes)
 
 
 # -- packs ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from ..net.identity import NodeAddress
 from ..pack import open_slice
 from .broker import StorageBroker
 from .download import Downloader, open_downloader
+from .seen import SeenVersions
 from .transfers import Transfers
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ class GridClient:
         self.keeper: Keeper | None = None
         """The node's lease keeper, made on first use (gridfs.client.keeper)."""
         self.transfers = Transfers()
+        self.seen = SeenVersions.of_node(node.private)
+        """The newest version of each tree root this node has seen (rollback guard)."""
 
     async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
         """Give the introducer a moment to tell us about servers: its first list,
@@ -113,7 +116,9 @@ async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
         raise UsageError(f"{node.path}: no introducer and no servers configured")
     async with trio.open_nursery() as nursery:
         broker = StorageBroker(nursery, introducer, static, lease_secret=node.lease_secret())
+        grid = GridClient(node, broker)
         try:
-            yield GridClient(node, broker)
+            yield grid
         finally:
+            grid.seen.close()
             nursery.cancel_scope.cancel()

@@ -8,14 +8,21 @@ import os
 from pathlib import Path
 
 from ..caps import LITERAL_MAX, LiteralCap, SliceCap, parse_read_cap
-from ..errors import plain_grid_errors
+from ..errors import GridError, UsageError, plain_grid_errors
 from ..mutable import SlotReadCap, SlotWriteCap
 from ..pack import open_slice
 from ..tree import SlotConflictError, Store
 from .broker import StorageBroker
 from .download import open_downloader
+from .slots import (
+    SLOT_TIMEOUT,
+    SeenStore,
+    SlotMissingError,
+    SlotRead,
+    publish_slot,
+    read_slot,
+)
 from .slots import SlotConflictError as SlotRaceError
-from .slots import SlotNotFoundError, SlotRead, publish_slot, read_slot
 from .upload import UploadParams, upload_file
 
 
@@ -46,8 +53,24 @@ async def download_bytes(broker: StorageBroker, cap_text: str) -> bytes:
             return await downloader.read(0, cap.size)
 
 
+class RootUnavailableError(GridError):
+    """The root slot of a tree was found on no server that could be asked.
+
+    A tree's root always exists (:func:`gridfs.client.session.create_root`
+    makes it), so this never means "an empty tree": reads and writes stop
+    until the servers that hold it answer."""
+
+    exit_code = 3
+
+
 class GridStore:
-    """One tree's root slot and its directories on the grid."""
+    """One tree's root slot and its directories on the grid.
+
+    The root is read as :func:`read_slot` reads it: past servers that answer
+    empty, and never older than ``seen`` (the node's memory of the newest
+    version of each root) remembers.  It is never taken as empty: a root that
+    cannot be found is a :class:`RootUnavailableError`, and nothing is
+    published without the version read before."""
 
     def __init__(
         self,
@@ -55,11 +78,17 @@ class GridStore:
         root: SlotWriteCap | SlotReadCap,
         params: UploadParams,
         secret: bytes | None,
+        seen: SeenStore | None = None,
+        *,
+        timeout: float = SLOT_TIMEOUT,
     ) -> None:
         self.broker = broker
         self.root = root
         self.params = params
         self.secret = secret
+        self.seen = seen
+        self.timeout = timeout
+        """Seconds each server has for a slot call."""
         self._last: SlotRead | None = None
 
     async def put_bytes(self, data: bytes) -> str:
@@ -69,25 +98,38 @@ class GridStore:
         return await download_bytes(self.broker, cap)
 
     async def read_root(self) -> tuple[int, bytes]:
+        """(seq, payload) of the newest root; never (0, b"")."""
         await self.broker.ready(10.0)
+        p = self.params
         try:
-            self._last = await read_slot(self.broker, self.root, self.params.n)
-        except SlotNotFoundError:
-            self._last = None
-            return 0, b""
+            self._last = await read_slot(
+                self.broker, self.root, p.n, happy=p.happy, seen=self.seen, timeout=self.timeout
+            )
+        except SlotMissingError as e:
+            raise RootUnavailableError(
+                f"the root of this tree cannot be found on any reachable server ({e.detail})"
+            ) from None
         return self._last.seq, self._last.plaintext or b""
 
     async def publish_root(self, payload: bytes, expected_seq: int) -> int:
+        """Publish the version after ``expected_seq``, which must be the one
+        this store read last (anything else: SlotConflictError, re-read)."""
         if not isinstance(self.root, SlotWriteCap):
-            from ..errors import UsageError
-
             raise UsageError("this tree is read-only (its alias holds a read cap)")
-        expected = self._last if self._last is not None and self._last.seq == expected_seq else None
-        if expected is None and expected_seq != 0:
+        expected = self._last
+        if expected is None or expected.seq != expected_seq:
             raise SlotConflictError("the root moved on since it was read")
+        p = self.params
         try:
             return await publish_slot(
-                self.broker, self.root, payload, expected, self.params.n, self.params.happy
+                self.broker,
+                self.root,
+                payload,
+                expected,
+                p.n,
+                p.happy,
+                seen=self.seen,
+                timeout=self.timeout,
             )
         except SlotRaceError as e:
             raise SlotConflictError(str(e)) from None

@@ -157,7 +157,8 @@ class Keeper:
             cap = parse_slot_cap(root_cap)
             if not isinstance(cap, SlotWriteCap | SlotReadCap):
                 raise GridError(f"cannot read the tree of a verify cap ({log_name(root_cap)})")
-            store = GridStore(self.grid.broker, cap, self.grid.params, self.grid.secret)
+            grid = self.grid
+            store = GridStore(grid.broker, cap, grid.params, grid.secret, grid.seen)
             self.trees[root_cap] = Tree(store)
         return self.trees[root_cap]
 
@@ -173,7 +174,8 @@ class Keeper:
         broker = self.grid.broker
         await broker.ready(10.0)
         known = len(broker.servers)
-        read = await read_slot(broker, cap, max(known, self.grid.params.n))
+        p = self.grid.params
+        read = await read_slot(broker, cap, max(known, p.n), happy=p.happy, seen=self.grid.seen)
         answered = sum(len(ids) for ids in read.servers.values())
         need = known - self.grid.params.happy + 1
         if strict and answered < need:

@@ -98,7 +98,7 @@ def split_grid_path(text: str, aliases: dict[str, str]) -> tuple[str, str] | Non
 async def create_root(grid: GridClient) -> SlotWriteCap:
     """A new tree: an empty root directory in a new slot."""
     p = grid.params
-    return await create_slot(grid.broker, pack_root(empty_dir_cap()), p.n, p.happy)
+    return await create_slot(grid.broker, pack_root(empty_dir_cap()), p.n, p.happy, seen=grid.seen)
 
 
 class TreeSession:
@@ -119,7 +119,7 @@ class TreeSession:
         self.cap: SlotCap = parse_slot_cap(cap_text)
         if not isinstance(self.cap, SlotWriteCap | SlotReadCap):
             raise UsageError(f"alias {self.alias}: holds a verify cap, which cannot read")
-        self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret)
+        self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret, grid.seen)
         self.tree = Tree(self.store)
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
