@@ -89,9 +89,11 @@ class IntroducerState:
         for node in revocations.revoked & set(self.announcements):
             self._drop(node)
 
-    def page(self, start: bytes, most: int = PAGE_BYTES) -> tuple[list[list[bytes]], bytes | None]:
+    def page(self, start: bytes) -> tuple[list[list[bytes]], bytes | None]:
         """Announcements of node ids after ``start`` (all if empty), up to
-        ``most`` bytes, and where the next page starts (None: no more)."""
+        PAGE_BYTES (at least one), and where the next page starts (None: no
+        more)."""
+        most = PAGE_BYTES
         i = bisect.bisect_right(self.order, start) if start else 0
         out: list[list[bytes]] = []
         size = 0
