@@ -161,3 +161,9 @@ async def refuse(stream: TlsStream, error: GridError, patience: float = 5.0) -> 
 def is_refusal(error: BaseException) -> bool:
     """Whether a failed connection was a server refusing our membership."""
     return NotMemberError.code + ":" in str(error)
+
+
+def refused(where: str, error: BaseException) -> NotMemberError:
+    """The one line for a refusal: not a member, who said so, and why."""
+    reason = str(error).split(NotMemberError.code + ":", 1)[-1].strip()
+    return NotMemberError(f"this node is not a member of the grid: {where} refused it ({reason})")

@@ -21,7 +21,7 @@ import trio
 
 from ..announce import Announcement
 from ..errors import FormatError, GridError, NotMemberError, unwrap
-from ..gatekeeper import Revocations, is_refusal
+from ..gatekeeper import Revocations, is_refusal, refused
 from ..hashes import lease_secrets, server_permutation
 from ..membership import MembershipError
 from ..net import tls
@@ -92,7 +92,7 @@ class Server:
                 self._failures += 1
                 self._retry_at = now + min(0.5 * 2 ** (self._failures - 1), 30.0)
                 if is_refusal(e):
-                    self.refusal = NotMemberError(f"{self.name} refused this node: {e}")
+                    self.refusal = refused(f"server {self.name}", e)
                 raise ServerUnavailable(f"{self.name}: {e}") from None
             self._failures = 0
             self._rpc = rpc
@@ -194,9 +194,7 @@ class StorageBroker:
                 error = unwrap(group)
                 log.info("introducer %s: %s", introducer, error)
                 if is_refusal(error):
-                    self.introducer_refusal = NotMemberError(
-                        f"the introducer refused this node: {error}"
-                    )
+                    self.introducer_refusal = refused("the introducer", error)
                     self.introduced.set()  # (an answer, of a kind: nobody waits longer)
             self.introducer_connected = False
             await trio.sleep(backoff)
