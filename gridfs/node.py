@@ -20,7 +20,7 @@ import trio
 from . import __version__
 from .announce import Announcement
 from .config import NodeConfig, NodeDir
-from .errors import GridError, NotMemberError, unwrap
+from .errors import GridError, NotMemberError, UsageError, unwrap
 from .gatekeeper import Gate, Revocations, is_refusal, refuse
 from .introducer import IntroducerSession, IntroducerState
 from .membership import Member, MembershipError
@@ -132,6 +132,8 @@ async def run_storage(
     credentials = node.credentials()
     if credentials.member is None:
         log.warning("%s is not a member of a grid: it will refuse every connection", node.path)
+    elif credentials.member.kind != "storage":
+        raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
     gate = Gate(credentials, node.private, ("client",))
     store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
     slots = SlotStore(node.storage_path)
@@ -250,6 +252,8 @@ async def run_introducer(
             f"{node.path} has no grid (an introducer made before grids: run gridfs grid start "
             "on its grid directory, or make a new one with gridfs introducer create)"
         )
+    if credentials.member.kind != "introducer":
+        raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
     gate = Gate(credentials, node.private, ("client", "storage", "introducer"))
     state = IntroducerState(gate.revocations)
     hello = hello_info("introducer", node.key())

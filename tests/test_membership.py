@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import ssl
 import time
@@ -457,3 +458,36 @@ async def test_an_uninvited_storage_server_gets_no_share(tmp_path: Path) -> None
                 p.is_file() for p in (loner.storage_path / "shares").rglob("*")
             )
             assert len(grid.all_shares()) == 5
+
+
+async def test_members_of_the_wrong_kind_are_neither_served_nor_used(tmp_path: Path) -> None:
+    """A storage member calling a storage server as a client is refused; a
+    client member posing as a storage server is not used."""
+    other_storage, _ = storage_member(tmp_path / "other-storage")
+    impostor_dir = tmp_path / "impostor"
+    impostor = MEMBERS.credentials("client", private=impostor_dir)
+    impostor_id = NodeKey.from_pem((impostor_dir / "node.key").read_bytes()).node_id
+
+    async def serve(tcp: trio.SocketStream) -> None:
+        stream = tls.server_side(tcp, impostor.server)
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.do_handshake()
+            await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid", servers=1) as grid, trio.open_nursery() as nursery:
+            with pytest.raises(ConnectionLost, match="not-member"):
+                await nursery_rpc(nursery, grid.addresses[0], other_storage)
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            fake = NodeAddress(impostor_id, "127.0.0.1", port)
+            with pytest.raises(tls.NotGridMemberError, match="client member, not a storage"):
+                await tls.connect(fake, MEMBERS.client(), kind="storage")
+            nursery.cancel_scope.cancel()
+        node = NodeDir(tmp_path / "misfit")
+        node.create(NodeConfig("storage", "misfit"))
+        MEMBERS.enroll(node, "client")
+        with pytest.raises(UsageError, match="membership of a client"):
+            await gridfs.node.run_storage(node)

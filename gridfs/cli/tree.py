@@ -151,7 +151,10 @@ async def flush(session: TreeSession, label: str = "") -> None:
 def cmd_init(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
     if args.invite and node.exists():
-        raise UsageError(f"{node.path} already holds a gridfs node (an invite makes a new one)")
+        raise UsageError(
+            f"{node.path} already holds a gridfs node (an invite makes a new one; "
+            "to finish its init, run gridfs init without --invite)"
+        )
     if not node.exists():
         invite = read_invite(args.invite) if args.invite else None
         if invite is None and not args.introducer and not args.servers:

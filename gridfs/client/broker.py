@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -127,12 +128,15 @@ class StorageBroker:
         static: list[NodeAddress] | None = None,
         call_timeout: float = CALL_TIMEOUT,
         lease_secret: bytes = b"",
+        revocations: Path | None = None,
     ) -> None:
         """``lease_secret`` is the node's (a random one, good for this process
-        only, if none is given)."""
+        only, if none is given); ``revocations`` is where the node keeps the
+        newest revocation list it knows (none: only in memory)."""
         self._nursery = nursery
         self.credentials = credentials
-        self.revocations = Revocations(credentials, None)
+        self.revocations = Revocations(credentials, revocations)
+        self.revocations.reload()
         self.revocations.listeners.append(self._forget_revoked)
         self.introducer_refusal: NotMemberError | None = None
         self.introducer = introducer

@@ -13,6 +13,7 @@ import trio
 from ..caps import LITERAL_MAX, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
 from ..config import NodeDir
 from ..errors import GridError, UsageError, plain_grid_errors, unwrap
+from ..membership import REVOCATIONS_NAME
 from ..net.identity import NodeAddress
 from ..pack import open_slice
 from .broker import StorageBroker
@@ -122,7 +123,12 @@ async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
     credentials.require_member(str(node.path))
     async with trio.open_nursery() as nursery:
         broker = StorageBroker(
-            nursery, credentials, introducer, static, lease_secret=node.lease_secret()
+            nursery,
+            credentials,
+            introducer,
+            static,
+            lease_secret=node.lease_secret(),
+            revocations=node.private / REVOCATIONS_NAME,
         )
         try:
             yield GridClient(node, broker)
