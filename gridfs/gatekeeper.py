@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import trio
 from .errors import GridError, NotMemberError
 from .fileutil import atomic_output
 from .membership import REVOCATIONS_NAME, Member, MembershipError, RevocationList
+from .net.rpc import serve_rpc
 from .net.tls import Credentials, TlsStream
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class Revocations:
         """the signed list as received (what the introducer passes on)"""
         self._changed = trio.Event()
         self._stat: tuple[int, int] | None = None
-        self.listeners: list[Any] = []
-        """callables ``f(list)`` run on each newer list"""
+        self.listeners: list[Callable[[RevocationList], None]] = []
+        """run with each newer list"""
 
     def revoked(self, node_id: bytes) -> bool:
         return node_id in self.current.revoked
@@ -146,8 +147,6 @@ class Gate:
 async def refuse(stream: TlsStream, error: GridError, patience: float = 5.0) -> None:
     """Tell a member refused after the handshake why: its ``hello`` (and
     anything else it asks) is answered with ``error``, for a few seconds."""
-    from .net.rpc import serve_rpc  # (rpc imports tls; keep this module light)
-
     def hello() -> dict[str, Any]:
         raise error
 

@@ -21,7 +21,7 @@ import trio
 
 from .announce import Announcement
 from .errors import FormatError, NotMemberError, UsageError
-from .membership import Member
+from .membership import Member, RevocationList
 
 if TYPE_CHECKING:
     from .gatekeeper import Revocations
@@ -85,7 +85,7 @@ class IntroducerState:
         self.order.pop(bisect.bisect_left(self.order, node))
         self._bump()
 
-    def _revoked(self, revocations: Any) -> None:
+    def _revoked(self, revocations: RevocationList) -> None:
         for node in revocations.revoked & set(self.announcements):
             self._drop(node)
 

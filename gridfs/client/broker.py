@@ -24,7 +24,7 @@ from ..announce import Announcement
 from ..errors import FormatError, GridError, NotMemberError, unwrap
 from ..gatekeeper import Revocations, is_refusal, refused
 from ..hashes import lease_secrets, server_permutation
-from ..membership import MembershipError
+from ..membership import MembershipError, RevocationList
 from ..net import tls
 from ..net.identity import NodeAddress
 from ..net.rpc import ConnectionLost, RpcClient
@@ -161,7 +161,7 @@ class StorageBroker:
             return self.introducer_refusal
         return next((s.refusal for s in self.servers.values() if s.refusal), None)
 
-    def _forget_revoked(self, revocations: Any) -> None:
+    def _forget_revoked(self, revocations: RevocationList) -> None:
         for node in revocations.revoked & set(self.servers):
             log.info("server %s was revoked from the grid", self.servers[node].name)
             del self.servers[node]
