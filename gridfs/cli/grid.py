@@ -237,12 +237,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = NodeDir(args.dir / "client")
     if client.exists():
         print(f"{'client':12} {'':22} {membership(client, revoked):22} {client.path}")
-    print(f"{running} of {len(nodes)} nodes running")
     intro = NodeDir(args.dir / "introducer")
     if GridAuthority(intro.private).exists():
         issued = len(GridAuthority(intro.private).ledger())
         names = f" ({', '.join(sorted(revoked))})" if revoked else ""
         print(f"{issued} members issued, {len(revoked)} revoked{names}")
+    print(f"{running} of {len(nodes)} nodes running")  # (last: scripts read it)
     return 0 if running == len(nodes) else 1
 
 
