@@ -45,7 +45,7 @@ from gridfs.net.rpc import ConnectionLost, RemoteError, RpcClient
 from gridfs.node import run_introducer
 
 from .gridutil import MEMBERS, Grid, open_broker, open_grid, upload_bytes
-from .test_protocol import HELLO
+from .test_protocol import HELLO, frame
 
 TIMEOUT = 30
 ADDRESS = NodeAddress(bytes(20), "127.0.0.1", 1234)
@@ -219,7 +219,7 @@ class Admitted:
 
 async def stranger_talks(address: NodeAddress, chain: tuple[Path, Path] | None) -> bytes:
     """A stranger's TLS client (its own certificate, or none; trusting
-    anything) sends hello and a stats call, and collects what comes back."""
+    anything) sends hello and an announcement, and collects what comes back."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     if chain is not None:
@@ -229,7 +229,8 @@ async def stranger_talks(address: NodeAddress, chain: tuple[Path, Path] | None) 
     received = b""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.do_handshake()  # (TLS 1.3: the client's side ends first)
-        await stream.send_all(HELLO)
+        key = NodeKey.generate()  # and announces itself, for good measure
+        await stream.send_all(HELLO + frame([0, 2, "announce", signed(key, 1)]))
         while data := await stream.receive_some(65536):
             received += data
     await trio.aclose_forcefully(stream)
@@ -258,9 +259,12 @@ async def test_a_stranger_gets_nothing_from_a_storage_server_or_the_introducer(
                 for chain in chains:
                     assert await stranger_talks(address, chain) == b""
             assert admitted.count == 0
+            async with rpc_as(introducer, MEMBERS.client()) as rpc:
+                peers = await rpc.call("get_peers", {"after": 0, "wait": 0, "start": b""})
+                assert peers["announcements"] == []
             async with open_broker(grid.addresses) as broker:  # a member is served
                 assert "total" in await broker.servers[grid.addresses[0].node_id].call("stats", {})
-            assert admitted.count == 1
+            assert admitted.count == 2  # the member's two connections
             nursery.cancel_scope.cancel()
 
 
