@@ -147,6 +147,7 @@ class Gate:
 async def refuse(stream: TlsStream, error: GridError, patience: float = 5.0) -> None:
     """Tell a member refused after the handshake why: its ``hello`` (and
     anything else it asks) is answered with ``error``, for a few seconds."""
+
     def hello() -> dict[str, Any]:
         raise error
 
