@@ -4,7 +4,12 @@ A node directory looks like::
 
     gridfs.toml          configuration (TOML), see docs/configuration.md
     private/node.key     Ed25519 node key, mode 0600
-    private/node.crt     self-signed certificate for that key
+    private/node.crt     self-signed certificate for that key (a non-member's TLS)
+    private/grid.crt     the grid CA certificate (members; see gridfs/membership.py)
+    private/member.crt   this node's member certificate, signed by the grid key
+    private/grid.key     the grid key (the introducer of a grid only), mode 0600
+    private/members.json the ledger of issued members (beside the grid key)
+    private/revocations  the newest signed revocation list this node knows
     private/convergence  client convergence secret, mode 0600
     private/lease        client lease secret (renew/cancel secrets derive from it)
     node.url             the node's address, written once it listens
@@ -23,7 +28,9 @@ from typing import Any
 from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, check_k_n
 from .errors import ParamsError, UsageError
 from .fileutil import atomic_output, make_private_dir
+from .membership import Invite, install_invite
 from .net.identity import NodeAddress, NodeKey
+from .net.tls import Credentials
 
 CONFIG_NAME = "gridfs.toml"
 DEFAULT_HAPPY = 7
@@ -194,11 +201,18 @@ class NodeDir:
     def exists(self) -> bool:
         return self.config_path.exists()
 
-    def create(self, config: NodeConfig) -> None:
+    def create(self, config: NodeConfig, invite: Invite | None = None) -> None:
+        """Make the node: a fresh node key, or the key and membership an
+        invite carries (of the same kind as the node)."""
         if self.exists():
             raise UsageError(f"{self.path} already holds a gridfs node")
+        if invite is not None and invite.kind != config.kind:
+            raise UsageError(f"this invite is for a {invite.kind} node, not a {config.kind} node")
         make_private_dir(self.path)
-        NodeKey.generate().write(self.private)
+        if invite is not None:
+            install_invite(self.private, invite)
+        else:
+            NodeKey.generate().write(self.private)
         if config.kind == "client":
             for name in ("convergence", "lease"):
                 secret = self.private / name
@@ -217,6 +231,11 @@ class NodeDir:
 
     def key(self) -> NodeKey:
         return NodeKey.from_pem(self.key_path.read_bytes())
+
+    def credentials(self) -> Credentials:
+        """The node's TLS material (a non-member's, if it has no member
+        certificate)."""
+        return Credentials.load(self.private)
 
     def convergence_secret(self) -> bytes:
         return (self.private / "convergence").read_bytes()

@@ -102,3 +102,10 @@ def _leaves(exc: BaseExceptionGroup[BaseException]):  # type: ignore[no-untyped-
             yield from _leaves(e)
         else:
             yield e
+
+
+class NotMemberError(GridError):
+    """This node is not (or no longer) a member of the grid: it has no member
+    certificate, or the grid's servers refuse it (revoked, another grid)."""
+
+    code = "not-member"

@@ -35,6 +35,9 @@ TAG_SLOT_SALTED_DATA_KEY = b"gridfs:v1:slot-salted-data-key"
 TAG_SLOT_SIGNATURE = b"gridfs:v1:slot-signature"
 TAG_LEASE_RENEW = b"gridfs:v1:lease-renew"
 TAG_LEASE_CANCEL = b"gridfs:v1:lease-cancel"
+# membership (gridfs/membership.py)
+TAG_GRID_ID = b"gridfs:v1:grid-id"
+TAG_REVOCATIONS = b"gridfs:v1:revocation-list"
 NODE_ID_SIZE = 20
 
 _LEN = struct.Struct(">Q")

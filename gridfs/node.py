@@ -1,7 +1,8 @@
 """Running server nodes: an introducer or a storage server, in the foreground.
 
-Both listen with TLS under their node key, write ``node.url`` once listening
-and ``node.pid`` while running, and stop cleanly on SIGTERM/SIGINT.
+Both listen with mutual TLS under their member certificate, admit only
+members of their grid (see gridfs/gatekeeper.py), write ``node.url`` once
+listening and ``node.pid`` while running, and stop cleanly on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import trio
 from . import __version__
 from .announce import Announcement
 from .config import NodeConfig, NodeDir
-from .errors import GridError, unwrap
+from .errors import GridError, NotMemberError, UsageError, unwrap
+from .gatekeeper import Gate, Revocations, is_refusal, refuse
 from .introducer import IntroducerSession, IntroducerState
+from .membership import Member, MembershipError
 from .net import tls
 from .net.identity import NodeAddress, NodeKey
 from .net.rpc import RpcClient, serve_rpc
@@ -33,6 +36,7 @@ from .storage.store import ShareStore, StoreLimits
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 ANNOUNCE_INTERVAL = 60.0
+REVOCATION_WAIT = 30
 
 
 class Session(Protocol):
@@ -55,16 +59,21 @@ def hello_info(kind: str, key: NodeKey) -> dict[str, Any]:
     }
 
 
+Connection = Callable[[tls.TlsStream, Member], Awaitable[None]]
+
+
 async def serve_node(
     node: NodeDir,
     config: NodeConfig,
-    connection: Callable[[tls.TlsStream], Awaitable[None]],
+    gate: Gate,
+    connection: Connection,
     *,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen with TLS and hand each handshaken connection to ``connection``."""
+    """Listen with TLS and hand each admitted member's connection to
+    ``connection``."""
     key = node.key()
-    ctx = tls.server_context(node.cert_path, node.key_path)
+    ctx = gate.credentials.server
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     port = listeners[0].socket.getsockname()[1]
     if config.port != port:
@@ -78,7 +87,7 @@ async def serve_node(
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-            await connection(stream)
+            await admit(stream, gate, connection)
         except (trio.BrokenResourceError, trio.TooSlowError, OSError):
             pass
         except Exception:
@@ -89,6 +98,22 @@ async def serve_node(
     log.info("%s listening at %s", config.kind, address)
     task_status.started(address)
     await trio.serve_listeners(handle, listeners)
+
+
+async def admit(stream: tls.TlsStream, gate: Gate, connection: Connection) -> None:
+    """Serve a handshaken stream if its peer is an admitted member, for as
+    long as it stays one; tell a refused member why."""
+    try:
+        member = gate.admit(stream)
+    except NotMemberError as e:
+        log.info("refused a connection: %s", e)
+        await refuse(stream, e)
+        return
+    except MembershipError as e:  # (TLS checked the chain: should not happen)
+        log.warning("refused a connection: %s", e)
+        return
+    with gate.live(member):
+        await connection(stream, member)
 
 
 SessionFactory = Callable[[ShareStore, float], StorageSession]
@@ -104,6 +129,12 @@ async def run_storage(
     makes each connection's session (tests substitute misbehaving ones)."""
     config = node.config()
     key = node.key()
+    credentials = node.credentials()
+    if credentials.member is None:
+        log.warning("%s is not a member of a grid: it will refuse every connection", node.path)
+    elif credentials.member.kind != "storage":
+        raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
+    gate = Gate(credentials, node.private, ("client",))
     store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
     slots = SlotStore(node.storage_path)
 
@@ -114,8 +145,9 @@ async def run_storage(
     leases = LeaseDB(node.storage_path / "leases.sqlite", collect, config.lease_duration)
     hello = hello_info("storage", key)
 
-    async def connection(stream: tls.TlsStream) -> None:
+    async def connection(stream: tls.TlsStream, member: Member) -> None:
         session = session_factory(store, config.idle_timeout)
+        session.member = member.node_id
         if session.slots is None:  # factories take (store, idle_timeout): attach the rest
             session.slots = slots
         if session.leases is None:
@@ -129,9 +161,10 @@ async def run_storage(
             session.abort_all()  # the connection was the canary
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, connection)
+        address = await nursery.start(serve_node, node, config, gate, connection)
         nursery.start_soon(crawl_expired_leases, leases, config.expire_interval)
-        if config.introducer:
+        nursery.start_soon(gate.revocations.watch)
+        if config.introducer and credentials.member is not None:
             intro = NodeAddress.parse(config.introducer)
 
             def announcement() -> Announcement:
@@ -140,7 +173,9 @@ async def run_storage(
                     address, key.public_bytes, config.nickname, capacity, time.time_ns()
                 )
 
-            nursery.start_soon(announce_forever, intro, key, announcement)
+            nursery.start_soon(
+                announce_forever, intro, key, credentials, announcement, gate.revocations
+            )
         task_status.started(address)
 
 
@@ -156,15 +191,20 @@ async def crawl_expired_leases(leases: LeaseDB, interval: float, batch: int = 10
 
 
 async def announce_forever(
-    introducer: NodeAddress, key: NodeKey, announcement: Callable[[], Announcement]
+    introducer: NodeAddress,
+    key: NodeKey,
+    credentials: tls.Credentials,
+    announcement: Callable[[], Announcement],
+    revocations: Revocations,
 ) -> None:
-    """Keep an announcement at the introducer: reconnect with backoff when the
-    connection drops (an introducer restart), refresh it now and then."""
+    """Keep an announcement at the introducer, and fetch the grid's newer
+    revocation lists from it: reconnect with backoff when the connection
+    drops (an introducer restart), refresh the announcement now and then."""
     backoff = 0.5
     while True:
         try:
-            stream = await tls.connect(introducer)
-            rpc = RpcClient(stream, default_timeout=30.0)
+            stream = await tls.connect(introducer, credentials, kind="introducer")
+            rpc = RpcClient(stream, default_timeout=REVOCATION_WAIT + 15.0)
             async with trio.open_nursery() as nursery:
                 await nursery.start(rpc.run)
                 backoff = 0.5
@@ -176,30 +216,58 @@ async def announce_forever(
                         await trio.sleep(ANNOUNCE_INTERVAL)
 
                 nursery.start_soon(refresh)
+                nursery.start_soon(follow_revocations, rpc, revocations)
                 await rpc.wait_closed()
                 nursery.cancel_scope.cancel()
         except* GridError as group:  # (lost inside the nursery: as a group)
-            log.info("introducer %s: %s", introducer, unwrap(group))
+            error = unwrap(group)
+            level = logging.WARNING if is_refusal(error) else logging.INFO
+            log.log(level, "introducer %s: %s", introducer, error)
         await trio.sleep(backoff)
         backoff = min(backoff * 2, 10.0)
+
+
+async def follow_revocations(rpc: RpcClient, revocations: Revocations) -> None:
+    """Long-poll the introducer for revocation lists newer than ours."""
+    while True:
+        reply = await rpc.call(
+            "get_revocations", {"after": revocations.current.seq, "wait": REVOCATION_WAIT}
+        )
+        blob = reply.get("revocations") if isinstance(reply, dict) else None
+        if isinstance(blob, bytes):
+            try:
+                revocations.update(blob)
+            except MembershipError as e:
+                log.warning("the introducer sent a bad revocation list: %s", e)
+                await trio.sleep(REVOCATION_WAIT)
 
 
 async def run_introducer(
     node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
 ) -> None:
     config = node.config()
-    state = IntroducerState()
+    credentials = node.credentials()
+    if credentials.member is None:
+        raise NotMemberError(
+            f"{node.path} has no grid (an introducer made before grids: run gridfs grid start "
+            "on its grid directory, or make a new one with gridfs introducer create)"
+        )
+    if credentials.member.kind != "introducer":
+        raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
+    gate = Gate(credentials, node.private, ("client", "storage", "introducer"))
+    state = IntroducerState(gate.revocations)
     hello = hello_info("introducer", node.key())
 
-    async def connection(stream: tls.TlsStream) -> None:
-        session = IntroducerSession(state)
+    async def connection(stream: tls.TlsStream, member: Member) -> None:
+        session = IntroducerSession(state, member)
         try:
             await serve_rpc(stream, session.handle, lambda: hello)
         finally:
             session.closed()
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, connection)
+        address = await nursery.start(serve_node, node, config, gate, connection)
+        nursery.start_soon(gate.revocations.watch)
         task_status.started(address)
 
 

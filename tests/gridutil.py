@@ -1,6 +1,8 @@
 """An in-process grid for tests: real TLS storage servers on loopback, real disks.
 
-Every server runs :func:`gridfs.node.run_storage` in its own cancel scope, so
+Every server and client is a member of one test grid (:data:`MEMBERS`, a
+grid key made once per test process).  Every server runs
+:func:`gridfs.node.run_storage` in its own cancel scope, so
 a test can kill one (its listener and connections close, as when the process
 dies) and start it again on the same directory and port.  Each server's
 sessions are :class:`GridSession`, which logs every ``read`` and, when the
@@ -28,11 +30,55 @@ from gridfs.codec import params_for_size
 from gridfs.config import NodeConfig, NodeDir
 from gridfs.errors import unwrap
 from gridfs.hashes import storage_index
-from gridfs.net.identity import NodeAddress
+from gridfs.membership import GridKey, Member, write_membership
+from gridfs.net.identity import NodeAddress, NodeKey
+from gridfs.net.tls import Credentials
 from gridfs.node import run_storage
 from gridfs.offline import file_key
 from gridfs.storage.service import StorageSession
 from gridfs.storage.store import ShareStore
+
+
+class Membership:
+    """A grid key for tests, and members of its grid made on request."""
+
+    def __init__(self) -> None:
+        self.key = GridKey.generate()
+        self.ca = self.key.ca_certificate()
+        self._count = 0
+        self._cached: dict[str, Credentials] = {}
+
+    def enroll(self, node: NodeDir, kind: str, name: str | None = None) -> Member:
+        """Make an existing node directory a member of the test grid."""
+        self._count += 1
+        name = name or f"{kind}-{self._count}"
+        key = node.key()
+        write_membership(node.private, self.ca, self.key.issue(key.public_bytes, name, kind))
+        return Member(key.node_id, name, kind)
+
+    def credentials(
+        self, kind: str = "client", name: str | None = None, private: Path | None = None
+    ) -> Credentials:
+        """A new member's credentials, its key and certificates written in
+        ``private`` (a new temporary directory by default)."""
+        private = private or Path(tempfile.mkdtemp(prefix="gridfs-member-"))
+        key = NodeKey.generate()
+        key.write(private)
+        self._count += 1
+        cert = self.key.issue(key.public_bytes, name or f"{kind}-{self._count}", kind)
+        write_membership(private, self.ca, cert)
+        return Credentials.load(private)
+
+    def client(self) -> Credentials:
+        """The same client member's credentials, for every broker that does
+        not ask for its own."""
+        if "client" not in self._cached:
+            self._cached["client"] = self.credentials("client", "test-client")
+        return self._cached["client"]
+
+
+MEMBERS = Membership()
+
 
 TamperMode = Literal["flip", "swap", "truncate", "garbage", "hang"]
 TAMPER_MODES: tuple[TamperMode, ...] = ("flip", "swap", "truncate", "garbage", "hang")
@@ -206,6 +252,7 @@ class Grid:
             node_dir = NodeDir(self.root / f"s{i}")
             config = NodeConfig("storage", f"s{i}", reserved_space=reserved_space, **settings)
             node_dir.create(config)
+            MEMBERS.enroll(node_dir, "storage", f"s{i}")
             node = StorageNode(self, i, node_dir)
             self.nodes.append(node)
             await node.start()
@@ -258,11 +305,17 @@ async def open_grid(
 
 @contextlib.asynccontextmanager
 async def open_broker(
-    addresses: list[NodeAddress], call_timeout: float = CALL_TIMEOUT
+    addresses: list[NodeAddress],
+    call_timeout: float = CALL_TIMEOUT,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[StorageBroker]:
-    """A client's broker over a static server list; its connections close on exit."""
+    """A client's broker over a static server list; its connections close on
+    exit.  It is the test grid's client member unless ``credentials`` say
+    otherwise."""
     async with trio.open_nursery() as nursery:
-        broker = StorageBroker(nursery, static=addresses, call_timeout=call_timeout)
+        broker = StorageBroker(
+            nursery, credentials or MEMBERS.client(), static=addresses, call_timeout=call_timeout
+        )
         try:
             yield broker
         finally:

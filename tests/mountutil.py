@@ -147,8 +147,9 @@ class Grid:
     def new_node(self, parent: Path) -> Path:
         """A fresh client node with its own root tree (alias grid:)."""
         node = parent / f"node-{uuid.uuid4().hex[:8]}"
+        invite = gridfs("grid", "invite", self.dir).stdout.strip()  # (a member of the grid)
         gridfs(
-            "init", "--node", node, "--introducer", self.introducer,
+            "init", "--node", node, "--invite", invite,
             "--k", K, "--n", N, "--happy", HAPPY,
         )  # fmt: skip
         return node

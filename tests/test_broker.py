@@ -15,10 +15,13 @@ import trio
 
 from gridfs.announce import Announcement
 from gridfs.client.broker import Server, ServerUnavailable, StorageBroker
+from gridfs.gatekeeper import Revocations
 from gridfs.net import tls
 from gridfs.net.identity import NodeAddress, NodeKey
 from gridfs.net.rpc import serve_rpc
 from gridfs.node import announce_forever, hello_info
+
+from .gridutil import MEMBERS
 
 
 class Resetter:
@@ -59,7 +62,7 @@ async def test_a_server_that_resets_during_the_handshake_is_unavailable(
     and took the mount daemon down."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(resetter.serve)
-        server = Server(resetter.address, nursery)
+        server = Server(resetter.address, nursery, MEMBERS.client())
         with trio.fail_after(10), pytest.raises(ServerUnavailable):
             await server.call("stats", {})
         assert not server.connected
@@ -72,13 +75,16 @@ async def test_an_introducer_reset_during_the_handshake_is_retried(resetter: Res
     key = NodeKey.generate()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(resetter.serve)
+        storage = MEMBERS.credentials("storage")
         nursery.start_soon(
             announce_forever,
             resetter.address,
             key,
+            storage,
             lambda: pytest.fail("announced without a connection"),
+            Revocations(storage, None),
         )
-        broker = StorageBroker(nursery, introducer=resetter.address)
+        broker = StorageBroker(nursery, MEMBERS.client(), introducer=resetter.address)
         with trio.fail_after(10):
             while resetter.resets < 4:  # both tasks came back after a reset
                 await trio.sleep(0.05)
@@ -91,9 +97,9 @@ class DyingIntroducer:
     of the next call (an introducer restarting)."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.key = NodeKey.generate()
-        key_path, cert_path = self.key.write(tmp_path / "introducer")
-        self.ctx = tls.server_context(cert_path, key_path)
+        private = tmp_path / "introducer"
+        self.ctx = MEMBERS.credentials("introducer", private=private).server
+        self.key = NodeKey.from_pem((private / "node.key").read_bytes())
         self.accepted = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[NodeAddress]) -> None:
@@ -124,9 +130,13 @@ async def test_an_introducer_dying_mid_call_is_reconnected_to(who: str, tmp_path
     async with trio.open_nursery() as nursery:
         address = await nursery.start(introducer.serve)
         if who == "client":
-            StorageBroker(nursery, introducer=address)
+            StorageBroker(nursery, MEMBERS.client(), introducer=address)
         else:
-            nursery.start_soon(announce_forever, address, NodeKey.generate(), announcement)
+            storage = MEMBERS.credentials("storage")
+            revocations = Revocations(storage, None)
+            nursery.start_soon(
+                announce_forever, address, NodeKey.generate(), storage, announcement, revocations
+            )
         with trio.fail_after(15):
             while introducer.accepted < 3:  # came back twice (backoff 0.5 s, 1 s)
                 await trio.sleep(0.05)
@@ -148,5 +158,5 @@ async def test_tls_connect_failures_are_connect_errors(resetter: Resetter) -> No
         nursery.start_soon(resetter.serve)
         for address in (refused, resetter.address):
             with trio.fail_after(10), pytest.raises(tls.ConnectError, match=r"127\.0\.0\.1:"):
-                await tls.connect(address)
+                await tls.connect(address, MEMBERS.client())
         nursery.cancel_scope.cancel()

@@ -34,7 +34,15 @@ from gridfs.reach import storage_index_of
 from gridfs.storage.leases import CANCELLED, DELETED, KEPT, NONE, LeaseDB, secret_hash
 from gridfs.workqueue import PATH
 
-from .gridutil import Grid, download_bytes, open_broker, open_grid, upload_bytes, write_temp
+from .gridutil import (
+    MEMBERS,
+    Grid,
+    download_bytes,
+    open_broker,
+    open_grid,
+    upload_bytes,
+    write_temp,
+)
 
 TIMEOUT = 60
 PARAMS = UploadParams(k=3, happy=5, n=5)
@@ -302,6 +310,7 @@ async def client_node(
     if not node.exists():
         servers = [str(a) for a in grid.addresses]
         node.create(NodeConfig("client", path.name, servers=servers, k=k, happy=happy, n=n))
+        MEMBERS.enroll(node, "client")
         if convergence is not None:
             (node.private / "convergence").write_bytes(convergence)
     async with open_client(node) as client:

@@ -638,7 +638,10 @@ VALID_ARGS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "signature": st.binary(min_size=64, max_size=64),
         }
     ),
-    "get_peers": st.fixed_dictionaries({"after": u64s, "wait": u64s}),
+    "get_peers": st.fixed_dictionaries(
+        {"after": u64s, "wait": u64s, "start": st.binary(max_size=20)}
+    ),
+    "get_revocations": st.fixed_dictionaries({"after": u64s, "wait": u64s}),
 }
 valid_requests = st.sampled_from(sorted(VALID_ARGS)).flatmap(
     lambda m: st.tuples(st.just(m), VALID_ARGS[m])

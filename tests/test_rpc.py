@@ -41,6 +41,7 @@ from gridfs.protocol.connection import (
 )
 from gridfs.protocol.schema import MAX_FRAME, MAX_READ
 
+from .gridutil import MEMBERS
 from .test_protocol import HELLO, drain, frame, hostile_pieces
 
 SI = bytes(range(STORAGE_INDEX_SIZE))
@@ -500,7 +501,7 @@ class StorageServer:
     async def assert_healthy(self) -> None:
         """A fresh, well-behaved client is served, and its connection ends cleanly."""
         with trio.fail_after(10):
-            stream = await tls.connect(self.address)
+            stream = await tls.connect(self.address, MEMBERS.client())
             port = local_port(stream)
             client = RpcClient(stream, default_timeout=10)
             async with trio.open_nursery() as nursery:
@@ -518,6 +519,7 @@ class StorageServer:
 def storage_dir(tmp_path: Path) -> NodeDir:
     node = NodeDir(tmp_path / "s")
     node.create(NodeConfig("storage", "s1", reserved_space=0))
+    MEMBERS.enroll(node, "storage")
     return node
 
 
@@ -553,7 +555,7 @@ async def test_stats_and_get_buckets_over_tls(
 ) -> None:
     async with storage_server(storage_dir, monkeypatch, caplog) as server:
         with trio.fail_after(10):
-            stream = await tls.connect(server.address)
+            stream = await tls.connect(server.address, MEMBERS.client())
             port = local_port(stream)
             client = RpcClient(stream)
             async with trio.open_nursery() as nursery:
@@ -586,7 +588,7 @@ async def test_a_node_with_another_key_is_refused(
         impostor = NodeAddress(bytes(20), server.address.host, server.address.port)
         assert impostor.node_id != server.address.node_id
         with trio.fail_after(10), pytest.raises(tls.WrongNodeError):
-            await tls.connect(impostor)
+            await tls.connect(impostor, MEMBERS.client())
         await server.assert_healthy()
 
 
@@ -595,7 +597,7 @@ async def test_a_node_with_another_key_is_refused(
 
 async def open_raw(address: NodeAddress) -> trio.SSLStream[trio.SocketStream]:
     tcp = await trio.open_tcp_stream(address.host, address.port)
-    stream = trio.SSLStream(tcp, tls.client_context(), server_hostname=None)
+    stream = trio.SSLStream(tcp, MEMBERS.client().client, server_hostname=None)
     await stream.do_handshake()
     return stream
 

@@ -10,24 +10,26 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
 
 from gridfs.net import tls
-from gridfs.net.identity import NodeAddress, NodeKey
+from gridfs.net.identity import NodeAddress
 from gridfs.net.rpc import serve_rpc
 from gridfs.protocol.connection import Connection, Role, hello_args
+
+from .gridutil import MEMBERS
 
 Pair = tuple[tls.TlsStream, tls.TlsStream]
 
 
 @pytest.fixture
-def server_ctx(tmp_path: Path) -> tuple[ssl.SSLContext, bytes]:
-    key = NodeKey.generate()
-    key_path, cert_path = key.write(tmp_path / "node")
-    return tls.server_context(cert_path, key_path), key.node_id
+def server_ctx() -> tuple[ssl.SSLContext, bytes]:
+    """A storage member's server context, and its node id."""
+    credentials = MEMBERS.credentials("storage")
+    assert credentials.member is not None
+    return credentials.server, credentials.member.node_id
 
 
 async def listen() -> trio.SocketListener:
@@ -47,7 +49,9 @@ async def tls_pair(server_ctx: tuple[ssl.SSLContext, bytes]) -> AsyncIterator[Pa
             result: list[tls.TlsStream] = []
 
             async def connect() -> None:
-                result.append(await tls.connect(NodeAddress(node_id, "127.0.0.1", port)))
+                result.append(
+                    await tls.connect(NodeAddress(node_id, "127.0.0.1", port), MEMBERS.client())
+                )
 
             nursery.start_soon(connect)
             server = tls.server_side(await listener.accept(), ctx)
@@ -155,7 +159,7 @@ async def test_a_broken_record_breaks_the_stream_after_the_good_ones(
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         # The client speaks TLS by hand, so it can cut a record short.
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = tls.client_context().wrap_bio(incoming, outgoing)
+        obj = MEMBERS.client().client.wrap_bio(incoming, outgoing)
         server = tls.server_side(await listener.accept(), ctx)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.do_handshake)

@@ -1,6 +1,12 @@
-"""``gridfs grid start|stop|status``: a local grid on loopback in one directory.
+"""``gridfs grid start|stop|status|invite|revoke``: a private grid on loopback
+in one directory.
 
 DIR/introducer   DIR/storage-1 … DIR/storage-N   DIR/client
+
+The introducer's directory holds the grid key; every node of the directory
+is a member (``grid start`` issues their certificates, and upgrades a grid
+made before membership existed).  ``invite`` lets other nodes join, and
+``revoke`` ends a member (see docs/operations.md, "Membership").
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import trio
 from ..client.broker import StorageBroker
 from ..config import DEFAULT_HAPPY, NodeConfig, NodeDir
 from ..errors import GridError, UsageError
-from ..fileutil import make_private_dir, open_private_log
+from ..fileutil import atomic_output, make_private_dir, open_private_log
+from ..gatekeeper import WATCH_INTERVAL
+from ..membership import REVOCATIONS_NAME, GridAuthority
 from ..net.identity import NodeAddress
+from .nodes import add_invite_options, enroll, found_grid, print_invite, revoke_member
 from .util import parse_size
 
 START_TIMEOUT = 30.0
@@ -49,6 +58,14 @@ def register(sub: Any) -> None:
     status = gsub.add_parser("status", help="show the nodes of the grid in DIR")
     status.add_argument("dir", type=Path, metavar="DIR")
     status.set_defaults(func=cmd_status)
+    invite = gsub.add_parser("invite", help="print an invite for a new member of the grid in DIR")
+    invite.add_argument("dir", type=Path, metavar="DIR")
+    add_invite_options(invite)
+    invite.set_defaults(func=cmd_invite)
+    revoke = gsub.add_parser("revoke", help="end the membership of NAME in the grid in DIR")
+    revoke.add_argument("dir", type=Path, metavar="DIR")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(func=cmd_revoke)
 
 
 def server_dirs(root: Path) -> list[NodeDir]:
@@ -92,6 +109,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     intro = NodeDir(root / "introducer")
     if not intro.exists():
         intro.create(NodeConfig("introducer", "introducer"))
+    authority = GridAuthority(intro.private)
+    if not authority.exists():  # a new grid, or one made before membership
+        found_grid(intro)
     spawn(intro, "introducer")
     intro_url = intro.address()
     assert intro_url is not None
@@ -111,6 +131,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             if config.introducer != str(intro_url):
                 config.introducer = str(intro_url)
                 node.save(config)
+        enroll_local(authority, node, f"storage-{i}", "storage")
         spawn(node, "storage")
     client = NodeDir(root / "client")
     if not client.exists():
@@ -120,8 +141,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         config = client.config()
         config.introducer = str(intro_url)
         client.save(config)
+    enroll_local(authority, client, "client", "client")
     total = len(server_dirs(root)) - 1
-    connected = trio.run(count_servers, intro_url, total, START_TIMEOUT)
+    connected = trio.run(count_servers, client, intro_url, total, START_TIMEOUT)
     if connected < total:
         raise GridError(f"only {connected} of {total} storage servers connected to the introducer")
     trio.run(give_root, client)
@@ -130,9 +152,19 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-async def count_servers(introducer: NodeAddress, want: int, timeout: float) -> int:
+def enroll_local(authority: GridAuthority, node: NodeDir, name: str, kind: str) -> None:
+    """Make a local node of the grid a member if it is not one yet (a node
+    made before membership existed), restarting it if it runs."""
+    if node.credentials().member is not None:
+        return
+    enroll(authority, node, name, kind)
+    if node.pid() is not None:
+        stop_node(node)
+
+
+async def count_servers(client: NodeDir, introducer: NodeAddress, want: int, timeout: float) -> int:
     async with trio.open_nursery() as nursery:
-        broker = StorageBroker(nursery, introducer)
+        broker = StorageBroker(nursery, client.credentials(), introducer)
         count = await broker.wait_for_servers(want, timeout)
         nursery.cancel_scope.cancel()
     return count
@@ -195,14 +227,68 @@ def cmd_status(args: argparse.Namespace) -> int:
     nodes = [n for n in server_dirs(args.dir) if n.exists()]
     if not nodes:
         raise UsageError(f"no grid in {args.dir}")
+    revoked = revoked_names(NodeDir(args.dir / "introducer"))
     running = 0
     for node in nodes:
         pid = node.pid()
         running += pid is not None
         state = f"running (pid {pid})" if pid else "stopped"
-        print(f"{node.path.name:12} {state:22} {node.address() or ''}")
+        stand = membership(node, revoked)
+        print(f"{node.path.name:12} {state:22} {stand:22} {node.address() or ''}")
     client = NodeDir(args.dir / "client")
     if client.exists():
-        print(f"{'client':12} {'':22} {client.path}")
-    print(f"{running} of {len(nodes)} nodes running")
+        print(f"{'client':12} {'':22} {membership(client, revoked):22} {client.path}")
+    intro = NodeDir(args.dir / "introducer")
+    if GridAuthority(intro.private).exists():
+        issued = len(GridAuthority(intro.private).ledger())
+        names = f" ({', '.join(sorted(revoked))})" if revoked else ""
+        print(f"{issued} members issued, {len(revoked)} revoked{names}")
+    print(f"{running} of {len(nodes)} nodes running")  # (last: scripts read it)
     return 0 if running == len(nodes) else 1
+
+
+def revoked_names(intro: NodeDir) -> set[str]:
+    if not GridAuthority(intro.private).exists():
+        return set()
+    ledger = GridAuthority(intro.private).ledger()
+    return {name for name, entry in ledger.items() if entry.get("revoked")}
+
+
+def membership(node: NodeDir, revoked: set[str]) -> str:
+    """How a node stands in its grid, for the status table."""
+    try:
+        member = node.credentials().member
+    except (GridError, OSError, ValueError) as e:
+        return f"bad membership ({str(e)[:40]})"
+    if member is None:
+        return "not a member"
+    return f"{member.name} (revoked)" if member.name in revoked else f"member {member.name}"
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    intro = NodeDir(args.dir / "introducer")
+    if not intro.exists():
+        raise UsageError(f"no grid in {args.dir}")
+    print_invite(intro, args)
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    intro = NodeDir(args.dir / "introducer")
+    if not intro.exists():
+        raise UsageError(f"no grid in {args.dir}")
+    blob, member = revoke_member(intro, args.name)
+    running = False
+    for node in server_dirs(args.dir)[1:]:  # the local servers act at once
+        if node.exists():
+            write_revocations(node, blob)
+            running |= node.pid() is not None
+    if running or intro.pid() is not None:
+        time.sleep(2 * WATCH_INTERVAL)  # (they re-read it within a second)
+    print(f"revoked {member}")
+    return 0
+
+
+def write_revocations(node: NodeDir, blob: bytes) -> None:
+    with atomic_output(node.private / REVOCATIONS_NAME) as f:
+        f.write(blob)

@@ -34,6 +34,7 @@ from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
 from .files import add_node_option, client_logging
+from .nodes import read_invite
 from .util import progress_bar
 
 T = TypeVar("T")
@@ -42,6 +43,12 @@ T = TypeVar("T")
 def register(sub: Any) -> None:
     init = sub.add_parser("init", help="create a client node with a root directory (alias grid:)")
     add_node_option(init)
+    init.add_argument(
+        "--invite",
+        default="",
+        metavar="INVITE",
+        help="join a grid with this invite ('-': read it from stdin)",
+    )
     init.add_argument("--introducer", default="", metavar="URL")
     init.add_argument("--server", action="append", default=[], metavar="URL", dest="servers")
     init.add_argument("--k", type=int, default=3)
@@ -147,19 +154,27 @@ async def flush(session: TreeSession, label: str = "") -> None:
 # -- init and aliases -----------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     node = NodeDir(resolve_node_dir(args.node))
+    if args.invite and node.exists():
+        raise UsageError(
+            f"{node.path} already holds a gridfs node (an invite makes a new one; "
+            "to finish its init, run gridfs init without --invite)"
+        )
     if not node.exists():
-        if not args.introducer and not args.servers:
-            raise UsageError("gridfs init needs --introducer URL or --server URL")
+        invite = read_invite(args.invite) if args.invite else None
+        if invite is None and not args.introducer and not args.servers:
+            raise UsageError("gridfs init needs --invite INVITE, --introducer URL or --server URL")
+        introducer = str(invite.introducer) if invite is not None else args.introducer
         node.create(
             NodeConfig(
                 "client",
-                "client",
-                introducer=args.introducer,
+                invite.name if invite is not None else "client",
+                introducer=introducer,
                 servers=args.servers,
                 k=args.k,
                 happy=args.happy,
                 n=args.n,
-            )
+            ),
+            invite,
         )
     cap = run_with_grid(args, ensure_root)
     print(f"{DEFAULT_ALIAS}: {cap}")

@@ -2,21 +2,29 @@
 
 Servers come from the introducer (a long-poll subscription that survives
 introducer restarts) and from the static ``servers`` list of the config.
-Each :class:`Server` connects on first use, keeps its connection open, and
-reconnects with backoff after it breaks.
+Each :class:`Server` connects on first use, as a member of the grid (the
+node's :class:`~gridfs.net.tls.Credentials`), keeps its connection open, and
+reconnects with backoff after it breaks.  Only storage members of our grid
+are used: a server whose certificate does not verify is unavailable, and one
+on the grid's revocation list (fetched from the introducer) is left out.  If
+a server or the introducer refuses *us* (revoked), :attr:`StorageBroker.refusal`
+says so, and operations report that rather than a shortage of servers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from ..announce import Announcement
-from ..errors import FormatError, GridError, unwrap
+from ..errors import FormatError, GridError, NotMemberError, unwrap
+from ..gatekeeper import Revocations, is_refusal, refused
 from ..hashes import lease_secrets, server_permutation
+from ..membership import MembershipError, RevocationList
 from ..net import tls
 from ..net.identity import NodeAddress
 from ..net.rpc import ConnectionLost, RpcClient
@@ -38,10 +46,14 @@ class Server:
         self,
         address: NodeAddress,
         nursery: trio.Nursery,
+        credentials: tls.Credentials,
         call_timeout: float = CALL_TIMEOUT,
         lease_secret: bytes = b"",
     ) -> None:
         self.address = address
+        self.credentials = credentials
+        self.refusal: NotMemberError | None = None
+        """set when the server refused us as a member (revoked)"""
         self.lease_secret = lease_secret or os.urandom(32)
         self.announcement: Announcement | None = None
         self.call_timeout = call_timeout
@@ -72,12 +84,16 @@ class Server:
             if now < self._retry_at:
                 raise ServerUnavailable(f"{self.name}: unreachable, retrying later")
             try:
-                stream = await tls.connect(self.address, CONNECT_TIMEOUT)
+                stream = await tls.connect(
+                    self.address, self.credentials, CONNECT_TIMEOUT, kind="storage"
+                )
                 rpc = RpcClient(stream, self.call_timeout)
                 await self._nursery.start(rpc.run)
             except GridError as e:
                 self._failures += 1
                 self._retry_at = now + min(0.5 * 2 ** (self._failures - 1), 30.0)
+                if is_refusal(e):
+                    self.refusal = refused(f"server {self.name}", e)
                 raise ServerUnavailable(f"{self.name}: {e}") from None
             self._failures = 0
             self._rpc = rpc
@@ -107,14 +123,22 @@ class StorageBroker:
     def __init__(
         self,
         nursery: trio.Nursery,
+        credentials: tls.Credentials,
         introducer: NodeAddress | None = None,
         static: list[NodeAddress] | None = None,
         call_timeout: float = CALL_TIMEOUT,
         lease_secret: bytes = b"",
+        revocations: Path | None = None,
     ) -> None:
         """``lease_secret`` is the node's (a random one, good for this process
-        only, if none is given)."""
+        only, if none is given); ``revocations`` is where the node keeps the
+        newest revocation list it knows (none: only in memory)."""
         self._nursery = nursery
+        self.credentials = credentials
+        self.revocations = Revocations(credentials, revocations)
+        self.revocations.reload()
+        self.revocations.listeners.append(self._forget_revoked)
+        self.introducer_refusal: NotMemberError | None = None
         self.introducer = introducer
         self.call_timeout = call_timeout
         self.lease_secret = lease_secret or os.urandom(32)
@@ -130,10 +154,26 @@ class StorageBroker:
         if introducer is not None:
             nursery.start_soon(self._subscribe, introducer)
 
-    def _add(self, address: NodeAddress, ann: Announcement | None = None) -> Server:
+    @property
+    def refusal(self) -> NotMemberError | None:
+        """Why the grid refuses this node, if the introducer or a server did."""
+        if self.introducer_refusal is not None:
+            return self.introducer_refusal
+        return next((s.refusal for s in self.servers.values() if s.refusal), None)
+
+    def _forget_revoked(self, revocations: RevocationList) -> None:
+        for node in revocations.revoked & set(self.servers):
+            log.info("server %s was revoked from the grid", self.servers[node].name)
+            del self.servers[node]
+
+    def _add(self, address: NodeAddress, ann: Announcement | None = None) -> Server | None:
+        if self.revocations.revoked(address.node_id):
+            return None
         server = self.servers.get(address.node_id)
         if server is None or server.address != address:
-            server = Server(address, self._nursery, self.call_timeout, self.lease_secret)
+            server = Server(
+                address, self._nursery, self.credentials, self.call_timeout, self.lease_secret
+            )
             self.servers[address.node_id] = server
         if ann is not None:
             server.announcement = ann
@@ -142,23 +182,54 @@ class StorageBroker:
         return server
 
     async def _subscribe(self, introducer: NodeAddress) -> None:
-        version, backoff = 0, 0.5
+        backoff = 0.5
         while True:
             try:
-                stream = await tls.connect(introducer, CONNECT_TIMEOUT)
+                stream = await tls.connect(
+                    introducer, self.credentials, CONNECT_TIMEOUT, kind="introducer"
+                )
                 rpc = RpcClient(stream, POLL_WAIT + 15.0)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(rpc.run)
                     self.introducer_connected, backoff = True, 0.5
-                    while True:
-                        reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT})
-                        version = self._apply(reply)
-                        self.introduced.set()
+                    nursery.start_soon(self._follow_revocations, rpc)
+                    await self._follow_peers(rpc)
             except* GridError as group:  # (lost inside the nursery: as a group)
-                log.info("introducer %s: %s", introducer, unwrap(group))
-            self.introducer_connected, version = False, 0
+                error = unwrap(group)
+                log.info("introducer %s: %s", introducer, error)
+                if is_refusal(error):
+                    self.introducer_refusal = refused("the introducer", error)
+                    self.introduced.set()  # (an answer, of a kind: nobody waits longer)
+            self.introducer_connected = False
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
+
+    async def _follow_peers(self, rpc: RpcClient) -> None:
+        """Long-poll the peer list; read each new one in all its pages."""
+        version = 0
+        while True:
+            start: bytes = b""
+            reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT, "start": b""})
+            latest = self._apply(reply)
+            while isinstance(reply.get("next"), bytes) and reply["next"] > start:
+                start = reply["next"]
+                reply = await rpc.call("get_peers", {"after": version, "wait": 0, "start": start})
+                self._apply(reply)
+            version = latest
+            self.introduced.set()
+
+    async def _follow_revocations(self, rpc: RpcClient) -> None:
+        while True:
+            reply = await rpc.call(
+                "get_revocations", {"after": self.revocations.current.seq, "wait": POLL_WAIT}
+            )
+            blob = reply.get("revocations") if isinstance(reply, dict) else None
+            if isinstance(blob, bytes):
+                try:
+                    self.revocations.update(blob)
+                except MembershipError as e:
+                    log.warning("the introducer sent a bad revocation list: %s", e)
+                    await trio.sleep(POLL_WAIT)
 
     def _apply(self, reply: Any) -> int:
         if not isinstance(reply, dict) or type(reply.get("version")) is not int:

@@ -12,7 +12,8 @@ import trio
 
 from ..caps import LITERAL_MAX, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
 from ..config import NodeDir
-from ..errors import UsageError, plain_grid_errors
+from ..errors import GridError, UsageError, plain_grid_errors, unwrap
+from ..membership import REVOCATIONS_NAME
 from ..net.identity import NodeAddress
 from ..pack import open_slice
 from .broker import StorageBroker
@@ -42,8 +43,11 @@ class GridClient:
 
     async def wait_for_servers(self, count: int | None = None, timeout: float = SERVER_WAIT) -> int:
         """Give the introducer a moment to tell us about servers: its first list,
-        and then (a short while longer) until ``count`` are known."""
+        and then (a short while longer) until ``count`` are known.  Raises
+        NotMemberError if the introducer refused us."""
         known = await self.broker.ready(timeout)
+        if self.broker.introducer_refusal is not None:
+            raise self.broker.introducer_refusal
         if known >= (count or self.params.n):
             return known
         return await self.broker.wait_for_servers(count or self.params.n, min(timeout, 2.0))
@@ -107,6 +111,10 @@ class GridClient:
 
 @contextlib.asynccontextmanager
 async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
+    """The grid as this client node sees it.  A node that is not a member of
+    its grid raises NotMemberError here, before any connection; a failure
+    inside, after a server or the introducer refused us, is reported as that
+    refusal (one line: not a member) rather than as its consequence."""
     config = node.config()
     if config.kind != "client":
         raise UsageError(f"{node.path} is a {config.kind} node, not a client node")
@@ -114,11 +122,24 @@ async def open_grid(node: NodeDir) -> AsyncIterator[GridClient]:
     static = [NodeAddress.parse(s) for s in config.servers]
     if introducer is None and not static:
         raise UsageError(f"{node.path}: no introducer and no servers configured")
+    credentials = node.credentials()
+    credentials.require_member(str(node.path))
     async with trio.open_nursery() as nursery:
-        broker = StorageBroker(nursery, introducer, static, lease_secret=node.lease_secret())
+        broker = StorageBroker(
+            nursery,
+            credentials,
+            introducer,
+            static,
+            lease_secret=node.lease_secret(),
+            revocations=node.private / REVOCATIONS_NAME,
+        )
         grid = GridClient(node, broker)
         try:
             yield grid
+        except (GridError, BaseExceptionGroup) as e:
+            if broker.refusal is not None and isinstance(unwrap(e), GridError):
+                raise broker.refusal from e
+            raise
         finally:
             grid.seen.close()
             nursery.cancel_scope.cancel()

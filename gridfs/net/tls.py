@@ -1,4 +1,9 @@
-"""TLS on trio streams, authenticated by node id instead of by a CA."""
+"""Mutual TLS on trio streams between members of a grid.
+
+Both ends present member certificates and trust only their grid's CA (see
+gridfs/membership.py); a client also checks that the server's key is the one
+the node id in its address names.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,25 @@ import re
 import socket
 import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography import x509
 
-from ..errors import GridError
-from .identity import NodeAddress, node_id_from_certificate
+from ..errors import GridError, NotMemberError
+from ..membership import (
+    GRID_CERT_NAME,
+    MEMBER_CERT_NAME,
+    Member,
+    MembershipError,
+    ca_public,
+    grid_id,
+    load_certificate,
+    verify_member,
+)
+from .identity import NodeAddress, NodeKey, node_id_from_certificate
 
 
 class WrongNodeError(GridError):
@@ -23,6 +40,11 @@ class WrongNodeError(GridError):
 
 class ConnectError(GridError):
     """No TLS connection could be made (refused, reset, timed out)."""
+
+
+class NotGridMemberError(ConnectError):
+    """The server is not a member of our grid (its certificate does not
+    verify against the grid CA), or not of the kind we asked for."""
 
 
 class DrainingSSLObject(ssl.SSLObject):
@@ -67,26 +89,89 @@ class DrainingSSLObject(ssl.SSLObject):
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _context(protocol: int, chain: tuple[Path, Path], anchor: Path | None) -> ssl.SSLContext:
+    """TLS 1.3 presenting ``chain`` (certificate, key) and requiring a peer
+    certificate signed by ``anchor``, the grid CA: without one, no peer
+    certificate verifies and every handshake fails."""
+    ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
+    ctx.check_hostname = False  # the node id in the address names the server, not DNS
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(*chain)
+    if anchor is not None:
+        ctx.load_verify_locations(cafile=str(anchor))
     ctx.sslobject_class = DrainingSSLObject
     return ctx
 
 
-def client_context() -> ssl.SSLContext:
-    # No CA: the certificate is checked against the node id in the address
-    # after the handshake, which proved the server holds the certified key.
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.sslobject_class = DrainingSSLObject
-    return ctx
+@dataclass(frozen=True)
+class Credentials:
+    """A node's TLS material: what it presents and whom it trusts.
+
+    A member presents its member certificate and trusts only its grid's CA,
+    as a client and as a server; a node that is no member (no
+    ``member.crt``) presents its self-signed node certificate, trusts nobody,
+    and so completes no handshake with anyone."""
+
+    client: ssl.SSLContext
+    server: ssl.SSLContext
+    member: Member | None
+    grid_ca: x509.Certificate | None
+    grid_public: bytes
+    """the grid key (b"" for a non-member)"""
+
+    @property
+    def grid_id(self) -> bytes:
+        return grid_id(self.grid_public) if self.grid_public else b""
+
+    @classmethod
+    def load(cls, private: Path) -> Credentials:
+        """From a node's ``private`` directory (``node.key``, ``member.crt``,
+        ``grid.crt``)."""
+        key_path, member_path = private / "node.key", private / MEMBER_CERT_NAME
+        ca_path = private / GRID_CERT_NAME
+        if not member_path.exists() or not ca_path.exists():
+            chain = (private / "node.crt", key_path)
+            return cls(
+                _context(ssl.PROTOCOL_TLS_CLIENT, chain, None),
+                _context(ssl.PROTOCOL_TLS_SERVER, chain, None),
+                None,
+                None,
+                b"",
+            )
+        ca = load_certificate(ca_path.read_bytes())
+        public = ca_public(ca)
+        member = verify_member(load_certificate(member_path.read_bytes()), ca)
+        own = NodeKey.from_pem(key_path.read_bytes())
+        if own.node_id != member.node_id:
+            raise MembershipError(f"{member_path} is not for this node's key")
+        chain = (member_path, key_path)
+        return cls(
+            _context(ssl.PROTOCOL_TLS_CLIENT, chain, ca_path),
+            _context(ssl.PROTOCOL_TLS_SERVER, chain, ca_path),
+            member,
+            ca,
+            public,
+        )
+
+    def require_member(self, what: str) -> Member:
+        """Our own membership, or NotMemberError naming ``what`` (a node dir)."""
+        if self.member is None:
+            raise NotMemberError(
+                f"{what} is not a member of the grid (join with an invite: gridfs init --invite)"
+            )
+        return self.member
+
+    def peer(self, stream: trio.SSLStream[Any]) -> Member:
+        """The member at the other end of a handshaken stream.  OpenSSL checked
+        the chain against the grid CA already; this checks the signature
+        again, and reads who the certificate names."""
+        der = stream.getpeercert(binary_form=True)
+        if der is None or self.grid_ca is None:
+            raise MembershipError("the peer presented no member certificate")
+        return verify_member(load_certificate(der), self.grid_ca)
 
 
-_CLIENT_CTX = client_context()
 SOCKET_RECEIVE_SIZE = 256 * 1024
 RECORD_SLACK = 17 * 1024
 """More than one TLS record (16 KiB of data, a 5-byte header and at most 256
@@ -180,24 +265,40 @@ def server_side(tcp: trio.SocketStream, ctx: ssl.SSLContext) -> TlsStream:
     return trio.SSLStream(LargeReads(tcp), ctx, server_side=True)
 
 
-async def connect(address: NodeAddress, timeout: float = 10.0) -> TlsStream:
-    """Open a TLS connection to ``address`` and check the server's key; any
-    failure is a GridError (ConnectError, WrongNodeError)."""
+async def connect(
+    address: NodeAddress,
+    credentials: Credentials,
+    timeout: float = 10.0,
+    kind: str | None = None,
+) -> TlsStream:
+    """Open a TLS connection to ``address`` as a member: the server must be
+    a member of our grid (of ``kind``, if given) holding the key its address
+    names.  Any failure is a GridError (ConnectError, WrongNodeError,
+    NotGridMemberError)."""
     where = f"{address.host}:{address.port}"
     try:
         with trio.fail_after(timeout):
             tcp = await trio.open_tcp_stream(address.host, address.port)
-            stream = trio.SSLStream(LargeReads(tcp), _CLIENT_CTX, server_hostname=None)
+            stream = trio.SSLStream(LargeReads(tcp), credentials.client, server_hostname=None)
             try:
                 await stream.do_handshake()
                 der = stream.getpeercert(binary_form=True)
                 if der is None or node_id_from_certificate(der) != address.node_id:
                     raise WrongNodeError(f"{where} is not node {address.short_id}")
+                peer = credentials.peer(stream)
+                if kind is not None and peer.kind != kind:
+                    raise NotGridMemberError(f"{where} is a {peer.kind} member, not a {kind}")
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
     except trio.TooSlowError:
         raise ConnectError(f"{where}: no TLS connection within {timeout:g}s") from None
+    except MembershipError as e:
+        raise NotGridMemberError(f"{where} is not a member of this grid ({e})") from None
     except (OSError, trio.BrokenResourceError) as e:  # refused; reset during the handshake
+        cause = e if isinstance(e, ssl.SSLError) else e.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            message = f"{where} is not a member of this grid ({cause.verify_message})"
+            raise NotGridMemberError(message) from None
         raise ConnectError(f"{where}: {e}") from None
     return stream

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..hashes import STORAGE_INDEX_SIZE
+from ..hashes import NODE_ID_SIZE, STORAGE_INDEX_SIZE
 from ..mutable import MAX_SLOT_RECORD, SIGNATURE_SIZE  # MAX_SLOT_RECORD: most bytes of a record
 
 PROTOCOL_NAME = "gridfs"
@@ -160,7 +160,8 @@ REQUESTS: dict[str, dict[str, Check]] = {
     },
     # introducer
     "announce": {"announcement": binary(most=MAX_ANNOUNCEMENT), "signature": binary(64)},
-    "get_peers": {"after": u64, "wait": u64},
+    "get_peers": {"after": u64, "wait": u64, "start": binary(most=NODE_ID_SIZE)},
+    "get_revocations": {"after": u64, "wait": u64},
     # a mount's control socket (local, Unix domain)
     "ctl_status": {},
     "ctl_flush": {},

@@ -81,6 +81,8 @@ class StorageSession:
         self.leases = leases
         self.idle_timeout = idle_timeout
         self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
+        self.member: bytes = b""
+        """the node id of the authenticated member (set by the server node)"""
 
     async def handle(self, method: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "rpc_" + method, None)
