@@ -39,7 +39,7 @@ from gridfs.storage.slots import SlotStore
 from gridfs.tree import Put, Tree, empty_dir_cap, pack_root, unpack_root
 
 from . import hostile
-from .gridutil import Grid, StorageNode, open_broker
+from .gridutil import MEMBERS, Grid, StorageNode, open_broker
 from .hostile import attack, holders, open_hostile_grid
 
 SERVERS = 20
@@ -109,6 +109,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         node = NodeDir(tmp_path / "client")
         servers = [str(a) for a in grid.addresses]
         node.create(NodeConfig("client", "client", servers=servers, k=3, happy=7, n=10))
+        MEMBERS.enroll(node, "client")
         seen = SeenVersions.of_node(node.private)
         with trio.fail_after(TIMEOUT):
             async with open_broker(grid.addresses) as broker:
