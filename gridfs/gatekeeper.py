@@ -26,6 +26,7 @@ import trio
 from .errors import GridError, NotMemberError
 from .fileutil import atomic_output
 from .membership import REVOCATIONS_NAME, Member, MembershipError, RevocationList
+from .net.calls import IntroducerCalls
 from .net.rpc import serve_rpc
 from .net.tls import Credentials, TlsStream
 
@@ -91,6 +92,18 @@ class Revocations:
         while True:
             self.reload()
             await trio.sleep(interval)
+
+    async def follow(self, introducer: IntroducerCalls, wait: int) -> None:
+        """Long-poll the introducer for lists newer than ours (a bad one is
+        logged, and asked for again only after ``wait`` seconds)."""
+        while True:
+            blob = await introducer.get_revocations(self.current.seq, wait)
+            if blob is not None:
+                try:
+                    self.update(blob)
+                except MembershipError as e:
+                    log.warning("the introducer sent a bad revocation list: %s", e)
+                    await trio.sleep(wait)
 
     async def wait_newer(self, seq: int, timeout: float) -> None:
         with trio.move_on_after(timeout):

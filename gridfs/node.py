@@ -25,6 +25,7 @@ from .gatekeeper import Gate, Revocations, is_refusal, refuse
 from .introducer import IntroducerSession, IntroducerState
 from .membership import Member, MembershipError
 from .net import tls
+from .net.calls import IntroducerCalls
 from .net.identity import NodeAddress, NodeKey
 from .net.rpc import RpcClient, serve_rpc
 from .protocol import schema
@@ -209,14 +210,15 @@ async def announce_forever(
                 await nursery.start(rpc.run)
                 backoff = 0.5
 
-                async def refresh(rpc: RpcClient = rpc) -> None:
+                calls = IntroducerCalls(rpc.call)
+
+                async def refresh(calls: IntroducerCalls = calls) -> None:
                     while True:
-                        data, sig = announcement().sign(key)
-                        await rpc.call("announce", {"announcement": data, "signature": sig})
+                        await calls.announce(*announcement().sign(key))
                         await trio.sleep(ANNOUNCE_INTERVAL)
 
                 nursery.start_soon(refresh)
-                nursery.start_soon(follow_revocations, rpc, revocations)
+                nursery.start_soon(revocations.follow, calls, REVOCATION_WAIT)
                 await rpc.wait_closed()
                 nursery.cancel_scope.cancel()
         except* GridError as group:  # (lost inside the nursery: as a group)
@@ -225,21 +227,6 @@ async def announce_forever(
             log.log(level, "introducer %s: %s", introducer, error)
         await trio.sleep(backoff)
         backoff = min(backoff * 2, 10.0)
-
-
-async def follow_revocations(rpc: RpcClient, revocations: Revocations) -> None:
-    """Long-poll the introducer for revocation lists newer than ours."""
-    while True:
-        reply = await rpc.call(
-            "get_revocations", {"after": revocations.current.seq, "wait": REVOCATION_WAIT}
-        )
-        blob = reply.get("revocations") if isinstance(reply, dict) else None
-        if isinstance(blob, bytes):
-            try:
-                revocations.update(blob)
-            except MembershipError as e:
-                log.warning("the introducer sent a bad revocation list: %s", e)
-                await trio.sleep(REVOCATION_WAIT)
 
 
 async def run_introducer(

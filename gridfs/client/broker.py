@@ -24,8 +24,9 @@ from ..announce import Announcement
 from ..errors import FormatError, GridError, NotMemberError, unwrap
 from ..gatekeeper import Revocations, is_refusal, refused
 from ..hashes import lease_secrets, server_permutation
-from ..membership import MembershipError, RevocationList
+from ..membership import RevocationList
 from ..net import tls
+from ..net.calls import IntroducerCalls, PeerPage, StorageCalls
 from ..net.identity import NodeAddress
 from ..net.rpc import ConnectionLost, RpcClient
 
@@ -102,6 +103,11 @@ class Server:
     async def call(self, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         rpc = await self.connect()
         return await rpc.call(method, args, timeout)
+
+    @property
+    def calls(self) -> StorageCalls:
+        """This server's requests, typed (connecting as :meth:`call` does)."""
+        return StorageCalls(self.call)
 
     def lease_secrets(self, storage_index: bytes) -> tuple[bytes, bytes]:
         """Our (renew, cancel) secrets for ``storage_index`` on this server."""
@@ -192,8 +198,9 @@ class StorageBroker:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(rpc.run)
                     self.introducer_connected, backoff = True, 0.5
-                    nursery.start_soon(self._follow_revocations, rpc)
-                    await self._follow_peers(rpc)
+                    calls = IntroducerCalls(rpc.call)
+                    nursery.start_soon(self.revocations.follow, calls, POLL_WAIT)
+                    await self._follow_peers(calls)
             except* GridError as group:  # (lost inside the nursery: as a group)
                 error = unwrap(group)
                 log.info("introducer %s: %s", introducer, error)
@@ -204,44 +211,27 @@ class StorageBroker:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _follow_peers(self, rpc: RpcClient) -> None:
+    async def _follow_peers(self, introducer: IntroducerCalls) -> None:
         """Long-poll the peer list; read each new one in all its pages."""
         version = 0
         while True:
-            start: bytes = b""
-            reply = await rpc.call("get_peers", {"after": version, "wait": POLL_WAIT, "start": b""})
-            latest = self._apply(reply)
-            while isinstance(reply.get("next"), bytes) and reply["next"] > start:
-                start = reply["next"]
-                reply = await rpc.call("get_peers", {"after": version, "wait": 0, "start": start})
-                self._apply(reply)
+            page = await introducer.get_peers(version, POLL_WAIT, b"")
+            latest = self._apply(page)
+            while page.next is not None:
+                page = await introducer.get_peers(version, 0, page.next)
+                self._apply(page)
             version = latest
             self.introduced.set()
 
-    async def _follow_revocations(self, rpc: RpcClient) -> None:
-        while True:
-            reply = await rpc.call(
-                "get_revocations", {"after": self.revocations.current.seq, "wait": POLL_WAIT}
-            )
-            blob = reply.get("revocations") if isinstance(reply, dict) else None
-            if isinstance(blob, bytes):
-                try:
-                    self.revocations.update(blob)
-                except MembershipError as e:
-                    log.warning("the introducer sent a bad revocation list: %s", e)
-                    await trio.sleep(POLL_WAIT)
-
-    def _apply(self, reply: Any) -> int:
-        if not isinstance(reply, dict) or type(reply.get("version")) is not int:
-            raise ConnectionLost("introducer sent a malformed peer list")
-        for item in reply.get("announcements", []):
+    def _apply(self, page: PeerPage) -> int:
+        for data, signature in page.announcements:
             try:
-                ann = Announcement.verify(item[0], item[1])
-            except (FormatError, IndexError, TypeError, KeyError):
+                ann = Announcement.verify(data, signature)
+            except FormatError:
                 log.warning("ignoring a bad announcement from the introducer")
                 continue
             self._add(ann.address, ann)
-        return int(reply["version"])
+        return page.version
 
     async def wait_for_servers(self, count: int, timeout: float) -> int:
         """Wait until ``count`` servers are known; return how many are."""

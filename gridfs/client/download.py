@@ -27,6 +27,7 @@ from ..caps import ReadCap, VerifyCap
 from ..errors import CorruptShareError, GridError, NotEnoughSharesError
 from ..immutable import DecodedSegment, FileDecoder, ForeignShareError, VerifiedBlock
 from ..layout import HEADER
+from ..net.calls import BadReplyError
 from ..protocol.schema import MAX_READ
 from .broker import Server, StorageBroker
 
@@ -115,17 +116,14 @@ class Downloader:
         async def ask(server: Server) -> None:
             try:
                 with trio.fail_after(LOCATE_TIMEOUT):
-                    shares = await server.call("get_buckets", {"si": self.decoder.storage_index})
+                    shares = await server.calls.get_buckets(self.decoder.storage_index)
             except (GridError, trio.TooSlowError) as e:
                 log.info("%s: %s", server.name, e)
                 return
             self.servers_answered += 1
-            if not isinstance(shares, list):
-                return
-            for item in shares[:256]:
-                if isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item):
-                    await self._add_source(Source(server, item[0], item[1]))
-                    maybe_ready()
+            for num, size in shares:
+                await self._add_source(Source(server, num, size))
+                maybe_ready()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -159,16 +157,12 @@ class Downloader:
         self._wake()
 
     async def _read(self, source: Source, offset: int, length: int) -> bytes:
-        data = await source.server.call(
-            "read",
-            {
-                "si": self.decoder.storage_index,
-                "sharenum": source.sharenum,
-                "offset": offset,
-                "length": length,
-            },
-        )
-        if not isinstance(data, bytes) or len(data) != length:
+        si, num = self.decoder.storage_index, source.sharenum
+        try:
+            data = await source.server.calls.read(si, num, offset, length)
+        except BadReplyError as e:
+            raise CorruptShareError(num, str(e)) from None
+        if len(data) != length:
             raise CorruptShareError(source.sharenum, "server returned a short or malformed read")
         return data
 

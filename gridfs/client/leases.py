@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import trio
 
@@ -79,17 +79,15 @@ async def _on_servers(
             nursery.start_soon(one, server)
 
 
-async def _call_batched(
-    server: Server, method: str, items: list[list[Any]], extra: dict[str, Any]
-) -> list[Any]:
+T = TypeVar("T")
+A = TypeVar("A")
+
+
+async def _batched(request: Callable[[list[T]], Awaitable[list[A]]], items: list[T]) -> list[A]:
     """One lease request per batch of items; the answers, one per item."""
-    answers: list[Any] = []
+    answers: list[A] = []
     for i in range(0, len(items), MAX_LEASES):
-        batch = items[i : i + MAX_LEASES]
-        reply = await server.call(method, {"leases": batch, **extra}, TIMEOUT)
-        if not isinstance(reply, list) or len(reply) != len(batch):
-            raise GridError(f"malformed {method} answer")
-        answers += reply
+        answers += await request(items[i : i + MAX_LEASES])
     return answers
 
 
@@ -101,10 +99,12 @@ async def renew(broker: StorageBroker, storage_indexes: Iterable[bytes]) -> Rene
     held: set[bytes] = set()
 
     async def job(server: Server) -> None:
-        leases = [[si, *server.lease_secrets(si)] for si in sis]
-        counts = await _call_batched(server, "add_leases", leases, {})
+        def add(batch: list[tuple[bytes, bytes, bytes]]) -> Awaitable[list[int]]:
+            return server.calls.add_leases(batch, timeout=TIMEOUT)
+
+        counts = await _batched(add, [(si, *server.lease_secrets(si)) for si in sis])
         for si, n in zip(sis, counts, strict=True):
-            if isinstance(n, int) and n > 0:
+            if n > 0:
                 report.leases += 1
                 held.add(si)
 
@@ -120,11 +120,11 @@ async def take_fences(broker: StorageBroker) -> Fences:
 
     async def one(server: Server) -> None:
         try:
-            stats = await server.call("stats", {}, 10.0)
+            stats = await server.calls.stats(timeout=10.0)
         except GridError as e:
             log.info("no fence from %s: %s", server.name, e)
             return
-        fence = stats.get("lease_fence") if isinstance(stats, dict) else None
+        fence = stats.get("lease_fence")
         if isinstance(fence, int):
             fences[server.node_id] = fence
 
@@ -142,9 +142,12 @@ async def cancel(
     report = CancelReport(objects=len(sis))
 
     async def job(server: Server) -> None:
-        leases = [[si, server.lease_secrets(si)[1]] for si in sis]
-        fence = {"renewed_before": fences[server.node_id]}
-        answers = await _call_batched(server, "cancel_leases", leases, fence)
+        fence = fences[server.node_id]
+
+        def cancel(batch: list[tuple[bytes, bytes]]) -> Awaitable[list[str]]:
+            return server.calls.cancel_leases(batch, fence, timeout=TIMEOUT)
+
+        answers = await _batched(cancel, [(si, server.lease_secrets(si)[1]) for si in sis])
         report.cancelled += sum(a in ("cancelled", "deleted") for a in answers)
         report.freed += answers.count("deleted")
         report.kept += answers.count("kept")

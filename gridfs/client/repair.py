@@ -81,22 +81,22 @@ async def _allocate(
             break
         num = pending[0]
         try:
-            args = {"si": si, "sharenums": [num], "share_size": share_size}
-            reply = await server.call("allocate_buckets", {**args, **server.lease_args(si)})
+            renew, cancel = server.lease_secrets(si)
+            allocation = await server.calls.allocate_buckets(si, [num], share_size, renew, cancel)
         except GridError as e:
             log.info("%s cannot take share %d: %s", server.name, num, e)
             continue
-        if num in reply.get("allocated", []):
+        if num in allocation.allocated:
             placed[num] = server
             pending.pop(0)
     return placed
 
 
 async def _write(server: Server, si: bytes, num: int, chunks: list[list[object]]) -> None:
-    await server.call("write", {"si": si, "sharenum": num, "chunks": chunks})
+    await server.calls.write(si, num, chunks)
 
 
 async def _finish(server: Server, si: bytes, num: int, chunks: list[tuple[int, bytes]]) -> None:
     for batch in write_batches(chunks):
         await _write(server, si, num, batch)
-    await server.call("close", {"si": si, "sharenum": num})
+    await server.calls.close(si, num)

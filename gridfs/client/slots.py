@@ -31,7 +31,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -368,15 +368,13 @@ async def _survey(
         for rank, server in queue:  # shared: each worker takes the next server left
             try:
                 with trio.fail_after(timeout):
-                    reply = await server.call("slot_read", {"si": si}, timeout)
+                    reply = await server.calls.slot_read(si, timeout=timeout)
             except (GridError, trio.TooSlowError) as e:
                 problems.append(f"{server.name}: {_reason(e)}")
                 log.info("slot: %s: %s", server.name, _reason(e))
                 survey.unreachable.append(server)
                 continue
-            held = None if reply is None else _stored(reply)
-            if reply is not None and held is None:
-                problems.append(f"{server.name}: malformed slot_read answer")
+            held = None if reply is None else SignedVersion(*reply)
             version = None if held is None else _check(si, held, server, problems)
             survey.answers.append(_Answer(server, rank, held, version))
             if _enough(survey.answers, n, happy, floor):
@@ -493,36 +491,21 @@ async def _write(
 ) -> SignedVersion | None:
     """None if the server took the version, else what it holds instead (if any:
     an empty ``SignedVersion`` stands for "nothing")."""
-    args = {
-        "si": si,
-        "record": signed.record,
-        "signature": signed.signature,
-        "check": expected is not None,
-        "expected_seq": expected or 0,
+    written = await server.calls.slot_write(
+        si,
+        signed.record,
+        signed.signature,
+        expected is not None,
+        expected or 0,
         **server.lease_args(si),
-    }
-    reply = await server.call("slot_write", args, timeout)
-    if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
-        raise _Lie(f"{server.name} sent a malformed slot_write answer")
-    if reply["ok"]:
+        timeout=timeout,
+    )
+    if written.ok:
         return None
-    current = reply.get("current")
-    if current is None:
-        return _NOTHING
-    held = _stored(current)
-    if held is None:
-        raise _Lie(f"{server.name} sent a malformed slot version")
-    return held
+    return _NOTHING if written.current is None else SignedVersion(*written.current)
 
 
 _NOTHING = SignedVersion(b"", b"")
-
-
-def _stored(item: Any) -> SignedVersion | None:
-    """A [record, signature] pair from the wire, or None if it is not one."""
-    if isinstance(item, list) and len(item) == 2 and all(isinstance(x, bytes) for x in item):
-        return SignedVersion(item[0], item[1])
-    return None
 
 
 def _check(si: bytes, held: SignedVersion, server: Server, problems: list[str]) -> Version | None:

@@ -244,17 +244,12 @@ class _Upload:
         return placed
 
     async def _allocate(self, num: int, server: Server) -> Bucket | None:
-        args = {
-            "si": self.si,
-            "sharenums": [num],
-            "share_size": self.geometry.share_size,
-            **server.lease_args(self.si),
-        }
+        size, (renew, cancel) = self.geometry.share_size, server.lease_secrets(self.si)
         async for _ in _while_busy():
-            reply = await server.call("allocate_buckets", args)
-            if num in reply.get("already", []):
+            allocation = await server.calls.allocate_buckets(self.si, [num], size, renew, cancel)
+            if num in allocation.already:
                 return Bucket(num, server, existing=True)
-            if num in reply.get("allocated", []):
+            if num in allocation.allocated:
                 return Bucket(num, server)
         return None
 
@@ -269,10 +264,10 @@ class _Upload:
 
         async def put(num: int, server: Server) -> Bucket | None:
             async for _ in _while_busy():
-                args = {"si": self.si, "sharenum": num, "data": shares[num]}
-                reply = await server.call("put_share", {**args, **server.lease_args(self.si)})
-                if reply.get("stored") or reply.get("already"):
-                    return Bucket(num, server, existing=bool(reply.get("already")))
+                renew, cancel = server.lease_secrets(self.si)
+                put = await server.calls.put_share(self.si, num, shares[num], renew, cancel)
+                if put.stored or put.already:
+                    return Bucket(num, server, existing=put.already)
             return None
 
         buckets = await self.place(list(range(self.params.n)), set(), put)
@@ -355,9 +350,7 @@ class _Upload:
         if bucket.error:
             return
         try:
-            await bucket.server.call(
-                "write", {"si": self.si, "sharenum": bucket.sharenum, "chunks": chunks}
-            )
+            await bucket.server.calls.write(self.si, bucket.sharenum, chunks)
         except GridError as e:
             bucket.fail(str(e))
 
@@ -375,7 +368,7 @@ class _Upload:
             if bucket.error:
                 return
             try:
-                await bucket.server.call("close", {"si": self.si, "sharenum": num})
+                await bucket.server.calls.close(self.si, num)
             except GridError as e:
                 bucket.fail(str(e))
 
@@ -389,9 +382,7 @@ class _Upload:
             for bucket in buckets:  # type: ignore[attr-defined]
                 if not bucket.existing and bucket.server.connected:
                     with contextlib.suppress(GridError):
-                        await bucket.server.call(
-                            "abort", {"si": self.si, "sharenum": bucket.sharenum}, timeout=2
-                        )
+                        await bucket.server.calls.abort(self.si, bucket.sharenum, timeout=2)
 
 
 async def _while_busy(patience: float = 30.0) -> AsyncIterator[None]:

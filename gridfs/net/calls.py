@@ -271,3 +271,44 @@ class StorageCalls(_Calls):
         ):
             raise _fail("cancel_leases", "one known verdict per lease expected")
         return reply
+
+
+@dataclass(frozen=True)
+class PeerPage:
+    """One page of the introducer's peer list (docs/protocol.md §9.2)."""
+
+    version: int
+    announcements: list[tuple[bytes, bytes]]
+    """(announcement, signature) pairs, each still to be verified"""
+    next: bytes | None
+    """where the next page starts, or None on the last page"""
+
+
+class IntroducerCalls(_Calls):
+    """The introducer's requests (docs/protocol.md §9)."""
+
+    async def announce(
+        self, announcement: bytes, signature: bytes, *, timeout: float | None = None
+    ) -> None:
+        await self._send("announce", timeout, announcement=announcement, signature=signature)
+
+    async def get_peers(
+        self, after: int, wait: int, start: bytes, *, timeout: float | None = None
+    ) -> PeerPage:
+        reply = await self._send("get_peers", timeout, after=after, wait=wait, start=start)
+        reply = _map("get_peers", reply, version=int, announcements=list)
+        pairs = [_pair("get_peers", item) for item in reply["announcements"]]
+        following = reply.get("next")
+        if following is not None and (not isinstance(following, bytes) or following <= start):
+            raise _fail("get_peers", "next must start after this page")
+        return PeerPage(reply["version"], pairs, following)
+
+    async def get_revocations(
+        self, after: int, wait: int, *, timeout: float | None = None
+    ) -> bytes | None:
+        """The signed revocation list if newer than ``after``, else None."""
+        reply = await self._send("get_revocations", timeout, after=after, wait=wait)
+        blob = _map("get_revocations", reply).get("revocations")
+        if blob is not None and not isinstance(blob, bytes):
+            raise _fail("get_revocations", "revocations must be bytes or nil")
+        return blob
