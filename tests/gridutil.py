@@ -173,7 +173,7 @@ class StorageNode:
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                factory = functools.partial(GridSession, node=self)
+                factory = functools.partial(self.grid.session_class, node=self)
                 await run_storage(self.dir, session_factory=factory, task_status=task_status)
         finally:
             self._stopped.set()
@@ -237,10 +237,14 @@ class GridSession(StorageSession):
 class Grid:
     """Storage servers under ``root``, running in ``nursery``."""
 
-    def __init__(self, nursery: trio.Nursery, root: Path) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, root: Path, session_class: type[GridSession] | None = None
+    ) -> None:
         self.nursery = nursery
         self.root = root
         self.nodes: list[StorageNode] = []
+        self.session_class = session_class or GridSession
+        """What each server's connections are served by (a subclass: a hostile server)."""
 
     async def add_servers(
         self, count: int, reserved_space: int = 0, **settings: Any
@@ -290,12 +294,16 @@ class Grid:
 
 @contextlib.asynccontextmanager
 async def open_grid(
-    root: Path, servers: int = 10, reserved_space: int = 0, **settings: Any
+    root: Path,
+    servers: int = 10,
+    reserved_space: int = 0,
+    session_class: type[GridSession] | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Grid]:
     """A grid of ``servers`` storage servers; all of them stop on exit.
     ``settings`` are more NodeConfig fields for every server."""
     async with trio.open_nursery() as nursery:
-        grid = Grid(nursery, root)
+        grid = Grid(nursery, root, session_class)
         await grid.add_servers(servers, reserved_space, **settings)
         try:
             yield grid

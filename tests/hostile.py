@@ -22,19 +22,15 @@ write any server receives is logged in :data:`SLOT_WRITES` (what writers
 sent, taken or not), so a test can look at the records two racing writers
 made.
 
-The hook: :class:`tests.gridutil.StorageNode` makes its sessions with
-``functools.partial(GridSession, node=self)``, resolving ``GridSession`` in
-its module when the server starts; :func:`open_hostile_grid` points that
-name at :class:`HostileSession` while its servers start.  (A
-``session_class`` argument of ``gridutil.open_grid`` would do this without
-the patch.)
+:func:`open_hostile_grid` passes :class:`HostileSession` as the grid's
+``session_class``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -132,28 +128,17 @@ class HostileSession(GridSession):
         return await super().rpc_slot_write(si, record, signature, **args)
 
 
-@contextlib.contextmanager
-def _hostile_sessions() -> Iterator[None]:
-    saved = gridutil.GridSession
-    gridutil.GridSession = HostileSession  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        gridutil.GridSession = saved  # type: ignore[misc]
-
-
 @contextlib.asynccontextmanager
 async def open_hostile_grid(root: Path, servers: int = 20, **settings: Any) -> AsyncIterator[Grid]:
     """:func:`tests.gridutil.open_grid` whose servers can be armed; every
     attack and the write log are cleared on exit."""
-    with _hostile_sessions():
-        async with gridutil.open_grid(root, servers, **settings) as grid:
-            try:
-                yield grid
-            finally:
-                for node in grid.nodes:
-                    disarm(node)
-                SLOT_WRITES.clear()
+    async with gridutil.open_grid(root, servers, session_class=HostileSession, **settings) as grid:
+        try:
+            yield grid
+        finally:
+            for node in grid.nodes:
+                disarm(node)
+            SLOT_WRITES.clear()
 
 
 def holders(grid: Grid, si: bytes) -> list[StorageNode]:
