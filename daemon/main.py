@@ -251,7 +251,9 @@ class MountDaemon:
             await self.view.rebuild()
             ops = GridOperations(self, self.session, self.view, self.options.sync)
             fuse_options = set(pyfuse3.default_options)
-            fuse_options |= {"fsname=gridfs", "subtype=gridfs"}
+            # The kernel checks permissions against the owners and modes the
+            # daemon reports (daemon/perms.py does what it leaves to us).
+            fuse_options |= {"fsname=gridfs", "subtype=gridfs", "default_permissions"}
             if self.options.allow_other:
                 fuse_options.add("allow_other")
             pyfuse3.init(ops, str(self.mountpoint), fuse_options)
