@@ -18,6 +18,7 @@ its fsuid away from 0, and FUSE tells the daemon only the ids.
 from __future__ import annotations
 
 import errno
+import functools
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -31,15 +32,22 @@ PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
 @dataclass(frozen=True)
 class Caller:
-    """Who makes a request: fsuid, fsgid and supplementary groups."""
+    """Who makes a request: fsuid, fsgid and supplementary groups (those of
+    task ``pid``, read only when a rule asks: most requests need none)."""
 
     uid: int
     gid: int
-    groups: frozenset[int] = frozenset()
+    given_groups: frozenset[int] = frozenset()
+    pid: int = 0
+    """the caller's task, whose groups to read (0: ``given_groups`` are all)"""
 
     @property
     def privileged(self) -> bool:
         return self.uid == 0
+
+    @functools.cached_property
+    def groups(self) -> frozenset[int]:
+        return self.given_groups | (supplementary_groups(self.pid) if self.pid else frozenset())
 
     def in_group(self, gid: int) -> bool:
         return gid == self.gid or gid in self.groups
@@ -73,8 +81,7 @@ def supplementary_groups(pid: int) -> frozenset[int]:
 
 def caller_of(ctx: Any) -> Caller:
     """The :class:`Caller` of a pyfuse3 RequestContext."""
-    groups = frozenset() if ctx.uid == 0 else supplementary_groups(ctx.pid)
-    return Caller(ctx.uid, ctx.gid, groups)
+    return Caller(ctx.uid, ctx.gid, pid=0 if ctx.uid == 0 else ctx.pid)
 
 
 def allowed(owner: Owner, caller: Caller, want: int) -> bool:
