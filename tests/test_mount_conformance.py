@@ -17,9 +17,11 @@ import ctypes
 import errno
 import os
 import pickle
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from typing import Any
 import pytest
 
 pytest.register_assert_rewrite("tests.mountutil")
-from .mountutil import Grid, Mount, mounted  # noqa: E402
+from .mountutil import GRIDFS, Grid, Mount, is_mounted, mounted  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
 pytestmark = pytest.mark.skipif(
@@ -59,9 +61,10 @@ class Case:
 
 
 # -- running a case ------------------------------------------------------------
-def as_user(user: str, directory: int, fn: Callable[[], Any]) -> tuple[str, Any]:
-    """Run ``fn`` in a child process as ``user``, in the directory open as
-    ``directory``: ("ok", its result) or ("error", errno name)."""
+def as_user(user: str, directory: int | Path, fn: Callable[[], Any]) -> tuple[str, Any]:
+    """Run ``fn`` in a child process as ``user``, in ``directory`` (a path,
+    or a directory open as that descriptor): ("ok", its result) or ("error",
+    errno name)."""
     uid, gid, groups = USERS[user]
     read, write = os.pipe()
     pid = os.fork()
@@ -73,7 +76,10 @@ def as_user(user: str, directory: int, fn: Callable[[], Any]) -> tuple[str, Any]
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             os.umask(0o022)
-            os.fchdir(directory)
+            if isinstance(directory, Path):
+                os.chdir(directory)
+            else:
+                os.fchdir(directory)
             try:
                 outcome: tuple[str, Any] = ("ok", fn())
             except OSError as e:
@@ -535,3 +541,77 @@ def test_utimes(worlds: tuple[Path, Path], case: Case) -> None:
 @pytest.mark.parametrize("case", KILLPRIV, ids=str)
 def test_setuid_cleared(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
+
+
+@pytest.mark.skipif(
+    os.path.exists("/dev/fuse") and not os.stat("/dev/fuse").st_mode & 0o006,
+    reason="a user's own FUSE mount needs /dev/fuse open to all (0666, as distributions set it)",
+)
+def test_a_users_own_mount_is_single_user(mount_grid: Grid) -> None:
+    """Mounted by a user without allow_other, everything is that user's, as
+    before owners were kept: entries another machine's root made too, and
+    chown to anyone else is EPERM; what the user makes records their ids."""
+    base = Path(tempfile.mkdtemp(prefix="gridfs-user-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        node, mnt = mount_grid.new_node(base), base / "mnt"
+        with mounted(node, mnt):  # root's mount: the file is root's
+            make(str(mnt / "roots"), 0o644)
+            assert os.stat(mnt / "roots").st_uid == 0
+        subprocess.run(["chown", "-R", f"{ALICE}:{ALICE}", node, mnt], check=True)
+        daemon = user_daemon(ALICE, mnt, node, base / "daemon.log")
+        mount = Mount(mnt, node).adopt(daemon.pid)
+        try:
+            assert as_user("root", base, lambda: os.stat("mnt/roots")) == ("error", "EACCES")
+
+            def ids(path: str) -> tuple[int, int]:
+                s = os.lstat(path)
+                return s.st_uid, s.st_gid
+
+            seen = as_user("alice", mnt, lambda: (ids("roots"), write("roots"), ids(".")))
+            assert seen == ("ok", ((ALICE, ALICE), 4, (ALICE, ALICE)))
+            made = as_user("alice", mnt, steps(lambda: create("new"), lambda: os.mkfifo("p")))
+            assert made == ("ok", None)
+            assert as_user("alice", mnt, lambda: os.chown("new", BOB, -1)) == ("error", "EPERM")
+            assert as_user("alice", mnt, lambda: os.chown("new", -1, STAFF)) == ("error", "EPERM")
+            assert as_user("alice", mnt, lambda: os.chown("new", ALICE, ALICE)) == ("ok", None)
+        finally:
+            mount.unmount(strict=True)
+            daemon.wait(10)
+        with mounted(node, mnt):  # root's mount shows what was stored
+            assert {n: ids_of(mnt / n) for n in ("roots", "new", "p")} == {
+                "roots": (0, 0),
+                "new": (ALICE, ALICE),
+                "p": (ALICE, ALICE),
+            }
+            assert (mnt / "roots").read_bytes() == b"xmore"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def user_daemon(uid: int, mnt: Path, node: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``gridfs mount --foreground`` run by ``uid``, once it is mounted.  The
+    venv's interpreter lives under /root here, out of another user's reach:
+    the system's Python of the same version runs it with the venv's packages."""
+    packages = Path(GRIDFS).parent.parent / "lib" / "python3.11" / "site-packages"
+    code = (
+        f"import site, sys; site.addsitedir({str(packages)!r}); "
+        "from gridfs.__main__ import main; sys.exit(main())"
+    )
+    args = ["mount", str(mnt), "--foreground", "--node", str(node), "-o", "refresh=1"]
+    user = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen(
+            ["setpriv", *user, "/usr/bin/python3.11", "-c", code, *args],
+            stdout=out, stderr=out, env={"HOME": str(mnt.parent), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not is_mounted(mnt):
+        assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return daemon
+
+
+def ids_of(path: Path) -> tuple[int, int]:
+    s = os.lstat(path)
+    return s.st_uid, s.st_gid
