@@ -482,8 +482,8 @@ class GridOperations(pyfuse3.Operations):
             killed = perms.write_mode(owner, caller)
             if killed != owner.mode:
                 changes["mode"] = killed & 0o7777
-        if fields.update_size or fields.update_ctime or changes:
-            changes["ctime_ns"] = time.time_ns()
+        if fields.update_size or fields.update_ctime or fields.update_atime or changes:
+            changes["ctime_ns"] = time.time_ns()  # (atime is not kept; its change is)
         if fields.update_size:
             if entry.kind != "file":
                 raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)

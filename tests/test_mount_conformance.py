@@ -274,6 +274,29 @@ def utime_at(path: str) -> int:
     return os.lstat(path).st_mtime_ns
 
 
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path: str, atime: tuple[int, int], mtime: tuple[int, int]) -> int | str:
+    """utimensat(2) with (seconds, nanoseconds) or UTIME_NOW/UTIME_OMIT in
+    the nanoseconds; the mtime after it ("recent": set by the clock)."""
+    times = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+    if _libc.utimensat(-100, path.encode(), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    mtime_ns = os.lstat(path).st_mtime_ns
+    return mtime_ns if mtime_ns < 1_700_000_000 * 10**9 else "recent"
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def mknod_chr(path: str, major: int = 1, minor: int = 3) -> None:
     os.mknod(path, 0o640 | stat.S_IFCHR, os.makedev(major, minor))
 
@@ -475,6 +498,14 @@ TIMES = [
          lambda: make("f", 0o664, owner=(BOB, STAFF))),
     Case("root-explicit", lambda: utime_at("f"), setup=lambda: make("f", owner=BOBS)),
     Case("root-explicit-fifo", lambda: utime_at("p"), setup=lambda: os.mkfifo("p")),
+    Case("omit-mtime", lambda: utimensat("f", (5, 0), (0, UTIME_OMIT)),
+         setup=lambda: steps(lambda: make("f"), lambda: utime_at("f"))()),
+    Case("set-mtime-omit-atime", lambda: utimensat("f", (0, UTIME_OMIT), (7, 11)),
+         setup=lambda: make("f")),
+    Case("other-now-omit-atime", lambda: utimensat("f", (0, UTIME_OMIT), (0, UTIME_NOW)),
+         user="alice", setup=lambda: make("f", 0o666, owner=BOBS)),
+    Case("other-both-omit", lambda: utimensat("f", (0, UTIME_OMIT), (0, UTIME_OMIT)),
+         user="alice", setup=lambda: make("f", 0o644, owner=BOBS)),
 ]  # fmt: skip
 
 KILLPRIV = [
@@ -497,6 +528,24 @@ KILLPRIV = [
          lambda: make("f", 0o4777, BOBS, b"y" * 50_000)),
 ]  # fmt: skip
 
+ACCESS = [
+    Case("owner-reads", lambda: read("f"), "alice", lambda: make("f", 0o600, ALICES)),
+    Case("other-reads-private", lambda: read("f"), "bob", lambda: make("f", 0o600, ALICES)),
+    Case("group-reads", lambda: read("f"), "alice", lambda: make("f", 0o640, (BOB, STAFF))),
+    Case("group-writes-read-only", lambda: write("f"), "alice",
+         lambda: make("f", 0o640, (BOB, STAFF))),
+    Case("owner-bits-win-over-group", lambda: read("f"), "alice",
+         lambda: make("f", 0o070, (ALICE, STAFF))),
+    Case("search-denied", lambda: os.stat("d/f"), "bob",
+         steps(lambda: mkdir("d", 0o750, ALICES), lambda: make("d/f"))),
+    Case("list-without-read", lambda: os.listdir("d"), "bob",
+         lambda: mkdir("d", 0o711, ALICES)),
+    Case("access-write", lambda: os.access("f", os.W_OK), "bob", lambda: make("f", 0o664)),
+    Case("access-exec-root", lambda: os.access("f", os.X_OK), setup=lambda: make("f", 0o644)),
+    Case("readlink-fifo", lambda: os.readlink("p"), setup=lambda: os.mkfifo("p")),
+    Case("stat-through-fifo", lambda: os.stat("p/x"), setup=lambda: os.mkfifo("p")),
+]  # fmt: skip
+
 TABLES = {
     "chown": CHOWN,
     "chmod": CHMOD,
@@ -505,6 +554,7 @@ TABLES = {
     "remove": REMOVE,
     "times": TIMES,
     "killpriv": KILLPRIV,
+    "access": ACCESS,
 }
 
 
@@ -535,6 +585,11 @@ def test_unlink_rename(worlds: tuple[Path, Path], case: Case) -> None:
 
 @pytest.mark.parametrize("case", TIMES, ids=str)
 def test_utimes(worlds: tuple[Path, Path], case: Case) -> None:
+    check(worlds, case)
+
+
+@pytest.mark.parametrize("case", ACCESS, ids=str)
+def test_access(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
 
 
