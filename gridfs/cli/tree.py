@@ -29,7 +29,7 @@ from ..client.session import (
     split_grid_path,
 )
 from ..config import NodeConfig, NodeDir, resolve_node_dir
-from ..dirnode import DEFAULT_DIR_MODE, INLINE_MAX, Entry, split_path
+from ..dirnode import DEFAULT_DIR_MODE, INLINE_MAX, SPECIAL_KINDS, Entry, split_path
 from ..errors import UsageError
 from ..fileutil import atomic_output
 from ..tree import NotFoundError, new_dir_entry
@@ -426,6 +426,8 @@ async def _fetch(
 ) -> None:
     if entry.kind == "symlink":
         os.symlink(entry.target, target)
+    elif entry.kind in SPECIAL_KINDS:  # a FIFO, socket or device node (devices: root only)
+        os.mknod(target, entry.st_mode, entry.rdev)
     elif entry.kind == "file":
         with atomic_output(target, entry.mode, durable=False) as f:
             await download(grid, entry, f)
