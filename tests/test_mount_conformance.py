@@ -312,6 +312,14 @@ def renameat2(src: str, dst: str, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def rename_moves_ctime(src: str, dst: str) -> bool:
+    """Whether renaming ``src`` moved its ctime (as rename(2) does on Linux)."""
+    before = os.lstat(src).st_ctime_ns
+    time.sleep(0.01)
+    os.rename(src, dst)
+    return os.lstat(dst).st_ctime_ns > before
+
+
 def listing() -> list[str]:
     return sorted(os.listdir("."))
 
@@ -482,6 +490,10 @@ REMOVE = [
          steps(sticky(), lambda: os.chmod("t", 0o755))),
     Case("rename-into-unwritable", lambda: os.rename("t/b", "u/b"), "bob",
          steps(sticky(), lambda: mkdir("u", 0o755))),
+    Case("rename-moves-ctime", lambda: rename_moves_ctime("t/b", "t/c"), "bob", sticky()),
+    Case("rename-dir-moves-ctime", lambda: rename_moves_ctime("t", "u"), setup=sticky()),
+    Case("rename-fifo-moves-ctime", lambda: rename_moves_ctime("p", "q"),
+         setup=lambda: os.mkfifo("p")),
     Case("rmdir-nonempty", lambda: os.rmdir("t"), setup=sticky()),
     Case("rename-dir-into-itself", lambda: os.rename("t", "t/x"), setup=sticky()),
 ]  # fmt: skip
