@@ -510,6 +510,14 @@ TIMES = [
          lambda: make("f", 0o664, owner=(BOB, STAFF))),
     Case("root-explicit", lambda: utime_at("f"), setup=lambda: make("f", owner=BOBS)),
     Case("root-explicit-fifo", lambda: utime_at("p"), setup=lambda: os.mkfifo("p")),
+    Case("open-trunc-moves-ctime", lambda: open_trunc("f"), setup=lambda: make("f")),
+    Case("ftruncate-moves-ctime", lambda: ftruncate("f", 5), setup=lambda: make("f")),
+    Case("truncate-same-size", lambda: os.truncate("f", 1), setup=lambda: make("f")),
+    Case("write-moves-ctime", lambda: write("f"), setup=lambda: make("f")),
+    Case("setxattr-moves-ctime", lambda: os.setxattr("f", "user.k", b"v"),
+         setup=lambda: make("f")),
+    Case("setxattr-by-other", lambda: os.setxattr("f", "user.k", b"v"), "bob",
+         lambda: make("f", 0o644, ALICES)),
     Case("omit-mtime", lambda: utimensat("f", (5, 0), (0, UTIME_OMIT)),
          setup=lambda: steps(lambda: make("f"), lambda: utime_at("f"))()),
     Case("set-mtime-omit-atime", lambda: utimensat("f", (0, UTIME_OMIT), (7, 11)),
@@ -558,6 +566,35 @@ ACCESS = [
     Case("stat-through-fifo", lambda: os.stat("p/x"), setup=lambda: os.mkfifo("p")),
 ]  # fmt: skip
 
+
+def bind(path: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)
+
+
+EXISTING = {
+    "file": lambda: make("x"),
+    "dir": lambda: os.mkdir("x"),
+    "dangling-symlink": lambda: os.symlink("nowhere", "x"),
+    "fifo": lambda: os.mkfifo("x"),
+    "socket": lambda: os.mknod("x", 0o755 | stat.S_IFSOCK),
+    "chr": lambda: mknod_chr("x"),
+}
+MAKERS = {
+    "open-excl": lambda: create("x"),
+    "mkdir": lambda: os.mkdir("x"),
+    "mkfifo": lambda: os.mkfifo("x"),
+    "mknod-chr": lambda: mknod_chr("x"),
+    "symlink": lambda: os.symlink("t", "x"),
+    "bind": lambda: bind("x"),
+}
+EEXIST = [
+    Case(f"{maker}-onto-{kind}", make_it, setup=existing)
+    for maker, make_it in MAKERS.items()
+    for kind, existing in EXISTING.items()
+]
+"""Every way to make a name, onto every kind of entry already there."""
+
 TABLES = {
     "chown": CHOWN,
     "chmod": CHMOD,
@@ -567,6 +604,7 @@ TABLES = {
     "times": TIMES,
     "killpriv": KILLPRIV,
     "access": ACCESS,
+    "eexist": EEXIST,
 }
 
 
@@ -602,6 +640,11 @@ def test_utimes(worlds: tuple[Path, Path], case: Case) -> None:
 
 @pytest.mark.parametrize("case", ACCESS, ids=str)
 def test_access(worlds: tuple[Path, Path], case: Case) -> None:
+    check(worlds, case)
+
+
+@pytest.mark.parametrize("case", EEXIST, ids=str)
+def test_making_an_existing_name(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
 
 
