@@ -113,7 +113,7 @@ class Entry:
         if self.kind not in KINDS:
             raise FormatError(f"unknown entry kind {self.kind!r}")
         if (self.uid is None) != (self.gid is None):
-            raise FormatError("an entry has both a uid and a gid, or neither")
+            raise FormatError("an entry needs both a uid and a gid, or neither")
         if self.data is not None and (self.kind != "file" or len(self.data) > INLINE_MAX):
             raise FormatError("only files up to INLINE_MAX bytes can be inline")
 
