@@ -462,28 +462,7 @@ class GridOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         entry = await self.entry_of(inode)
         path = self.inodes.path(inode)
-        caller, owner = self.owners.caller(ctx), self.owners.of(entry)
-        changes: dict[str, Any] = {}
-        uid = attr.st_uid if fields.update_uid else None
-        gid = attr.st_gid if fields.update_gid else None
-        others = (fields.update_mode, fields.update_size, fields.update_mtime, fields.update_atime)
-        if uid is not None or gid is not None or not any(others):
-            # (a SETATTR of nothing, or of the ctime alone, is a chown(-1, -1))
-            changes.update(self.owners.chown(owner, caller, uid, gid))
-        if fields.update_mode:
-            changes["mode"] = perms.check_chmod(owner, caller, attr.st_mode)
-        if fields.update_mtime or fields.update_atime:
-            # The kernel refused explicit times to non-owners; to now, it
-            # checked write permission on what it cached: again here.
-            perms.check_times(owner, caller, to_now=True)
-        if fields.update_mtime:
-            changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_size and "mode" not in changes:
-            killed = perms.write_mode(owner, caller)
-            if killed != owner.mode:
-                changes["mode"] = killed & 0o7777
-        if fields.update_size or fields.update_ctime or fields.update_atime or changes:
-            changes["ctime_ns"] = time.time_ns()  # (atime is not kept; its change is)
+        changes = self.owners.setattr_changes(entry, self.owners.caller(ctx), attr, fields)
         if fields.update_size:
             if entry.kind != "file":
                 raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)

@@ -149,3 +149,52 @@ def test_owners_of_a_multi_user_mount_and_of_a_users_own() -> None:
     parent = Entry("dir", "", 0, 0o2775, uid=0, gid=3000)
     made = multi.created(Entry("dir", "", 0, 0o755), parent, BOB)
     assert (made.uid, made.gid, made.mode) == (1002, 3000, 0o2755)
+
+
+def setattr_of(**set_: int) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """pyfuse3's (attr, fields) for a SETATTR of ``set_`` (st_uid=..., ...)."""
+    names = ("uid", "gid", "mode", "size", "mtime", "atime", "ctime")
+    fields = SimpleNamespace(
+        **{f"update_{n}": f"st_{n}" in set_ or f"st_{n}_ns" in set_ for n in names}
+    )
+    return SimpleNamespace(**set_), fields
+
+
+@pytest.mark.parametrize(
+    ("caller", "mode", "set_", "expected"),
+    [
+        (ROOT, 0o4755, {"st_uid": 7}, {"uid": 7, "gid": 1001, "mode": 0o755}),
+        (ALICE, 0o644, {"st_gid": 3000}, {"uid": 1001, "gid": 3000, "mode": 0o644}),
+        (BOB, 0o4755, {}, {"uid": 1001, "gid": 1001, "mode": 0o755}),  # chown(-1, -1)
+        (ALICE, 0o644, {"st_mode": REG | 0o2600}, {"mode": 0o600}),  # not in group 1002
+        (BOB, 0o6777, {"st_mode": REG | 0o777}, {"mode": 0o777}),  # the kernel's killpriv
+        (BOB, 0o4666, {"st_size": 0}, {"mode": 0o666}),
+        (ROOT, 0o4666, {"st_size": 0}, {}),
+        (BOB, 0o666, {"st_mtime_ns": 5, "st_atime_ns": 5}, {"mtime_ns": 5}),  # "now", writable
+        (ALICE, 0o644, {"st_atime_ns": 5}, {}),  # the atime alone: only the ctime moves
+    ],
+)
+def test_setattr_changes(caller: Caller, mode: int, set_: dict, expected: dict) -> None:
+    from gridfs.dirnode import Entry
+
+    entry = Entry("file", "", 0, mode, uid=1001, gid=1002 if "st_mode" in set_ else 1001)
+    attr, fields = setattr_of(**set_)
+    changes = perms.Owners(0, 0, True).setattr_changes(entry, caller, attr, fields)
+    assert changes.pop("ctime_ns") > 0
+    assert changes == expected
+
+
+@pytest.mark.parametrize(
+    ("caller", "mode", "set_", "code"),
+    [
+        (BOB, 0o666, {"st_mode": REG | 0o600}, errno.EPERM),
+        (BOB, 0o644, {"st_mtime_ns": 5}, errno.EACCES),
+        (ALICE, 0o644, {"st_uid": 1002}, errno.EPERM),
+    ],
+)
+def test_setattr_refusals(caller: Caller, mode: int, set_: dict, code: int) -> None:
+    from gridfs.dirnode import Entry
+
+    attr, fields = setattr_of(**set_)
+    owners, entry = perms.Owners(0, 0, True), Entry("file", "", 0, mode, uid=1001, gid=1001)
+    assert errno_of(owners.setattr_changes, entry, caller, attr, fields) == code
