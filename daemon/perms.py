@@ -5,10 +5,12 @@ The kernel checks most permissions itself (the mount always has
 it leaves to a FUSE filesystem is here: the owner and group of a new entry
 (a setgid directory passes its group on), clearing setuid/setgid where
 Linux does (on chown, and on write or truncate by a caller without
-CAP_FSETID: libfuse asks for FUSE_CAP_HANDLE_KILLPRIV, so the kernel sends
-no mode change of its own), and the same checks again where the daemon can
-make them (chown, chmod, times, the sticky bit), so that a change never
-rests on attributes the kernel cached before another writer changed them.
+CAP_FSETID) for a kernel that leaves that to the filesystem (one that
+granted FUSE_HANDLE_KILLPRIV; Linux 6.18 with libfuse 3.14 here does not,
+and sends the mode change itself, on behalf of the writer), and the same
+checks again where the daemon can make them (chown, chmod, times, the
+sticky bit), so that a change never rests on attributes the kernel cached
+before another writer changed them.
 
 "Privileged" is a caller whose fsuid is 0: the kernel drops the file
 capabilities (CAP_CHOWN, CAP_FOWNER, CAP_FSETID) when a process switches
