@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,12 +29,14 @@ import trio
 
 from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
-from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry, check_name
+from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, KIND_OF_FORMAT, Entry, check_name
 from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
+from . import perms
 from .files import CapReader, OpenFile, content_source
+from .perms import Caller, Owners
 from .segcache import SegmentCache
 from .view import View
 
@@ -56,6 +59,8 @@ def errors_to_errno(fn: F) -> F:
             raise
         except NotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except PermissionError as e:  # daemon.perms: EPERM or EACCES
+            raise pyfuse3.FUSEError(e.errno or errno.EPERM) from None
         except UsageError as e:
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
@@ -143,6 +148,9 @@ class GridOperations(pyfuse3.Operations):
             keep_scans=daemon.options.cache_scans,
         )
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.owners = Owners(self.uid, self.gid, self.uid == 0 or daemon.options.allow_other)
+        self.killpriv: dict[int, Caller] = {}
+        """Handles whose writes clear setuid/setgid: by their opener (see perms)."""
         self.staging_dir = self.queue.directory / "staging"
         """Files being written; the queue never sees (or cleans) them until handed over."""
         shutil.rmtree(self.staging_dir, ignore_errors=True)  # never acknowledged: discard
@@ -164,7 +172,8 @@ class GridOperations(pyfuse3.Operations):
         a.attr_timeout = TIMEOUT
         a.st_mode = entry.st_mode
         a.st_nlink = 2 if entry.is_dir else 1
-        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_uid, a.st_gid = self.owners.ids(entry)
+        a.st_rdev = entry.rdev
         of = self.open_files.get(ino)
         size = of.size if of is not None and of.staged else entry.size
         if entry.kind == "symlink":
@@ -180,6 +189,13 @@ class GridOperations(pyfuse3.Operations):
         a.st_ctime_ns = entry.ctime_ns or entry.mtime_ns
         a.st_atime_ns = entry.mtime_ns
         return a
+
+    async def new_entry(self, path: Path_, entry: Entry, ctx: Any) -> Entry:
+        """``entry``, about to be made at ``path`` by ``ctx``'s caller, with
+        its owner and group (and a setgid directory's bits)."""
+        parent = await self.view.lookup(path[:-1])
+        assert parent is not None
+        return self.owners.created(entry, parent, self.owners.caller(ctx))
 
     async def entry_of(self, ino: int) -> Entry:
         of = self.open_files.get(ino)
@@ -307,7 +323,7 @@ class GridOperations(pyfuse3.Operations):
         path, existing = await self._child(parent_inode, name)
         if existing is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        entry = new_dir_entry().with_(mode=mode & 0o7777)
+        entry = await self.new_entry(path, new_dir_entry().with_(mode=mode & 0o7777), ctx)
         await self.put_entry(path, entry)
         return self.attrs(self.inodes.get(path), entry)
 
@@ -320,6 +336,29 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         now = time.time_ns()
         entry = Entry("symlink", "", 0, 0o777, now, now, os.fsdecode(target))
+        entry = await self.new_entry(path, entry, ctx)
+        await self.put_entry(path, entry)
+        return self.attrs(self.inodes.get(path), entry)
+
+    @errors_to_errno
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        """FIFOs, sockets (bind), device nodes: entries with no content (the
+        kernel itself serves what is opened: a FIFO is a local pipe)."""
+        path, existing = await self._child(parent_inode, name)
+        if existing is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode) or stat.S_IFREG)
+        if kind is None or kind in ("dir", "symlink"):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        now = time.time_ns()
+        entry = Entry(kind, "", 0, mode & 0o7777, now, now)
+        if kind == "file":
+            entry = entry.with_(data=b"")
+        elif kind in ("chr", "blk"):
+            entry = entry.with_(rdev=rdev)
+        entry = await self.new_entry(path, entry, ctx)
         await self.put_entry(path, entry)
         return self.attrs(self.inodes.get(path), entry)
 
@@ -330,7 +369,15 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        await self.check_sticky(path, entry, ctx)
         await self._remove(path)
+
+    async def check_sticky(self, path: Path_, entry: Entry, ctx: Any) -> None:
+        """EPERM if ``entry`` at ``path`` is in a sticky directory and the
+        caller owns neither (the kernel checks too, on what it cached)."""
+        parent = await self.view.lookup(path[:-1])
+        assert parent is not None
+        perms.check_sticky(self.owners.of(parent), self.owners.of(entry), self.owners.caller(ctx))
 
     @errors_to_errno
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -342,6 +389,7 @@ class GridOperations(pyfuse3.Operations):
         listing = await self.view.dir(path)
         if listing is not None and len(listing):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self.check_sticky(path, entry, ctx)
         await self._remove(path)
 
     async def _remove(self, path: Path_) -> None:
@@ -386,6 +434,9 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if src == dst:
             return
+        await self.check_sticky(src, entry, ctx)
+        if target is not None:
+            await self.check_sticky(dst, target, ctx)
         for of in self.open_files.values():  # a dirty file commits under its new name
             if of.path[: len(src)] == src:
                 await self.commit(of)
@@ -411,17 +462,7 @@ class GridOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         entry = await self.entry_of(inode)
         path = self.inodes.path(inode)
-        if (fields.update_uid and attr.st_uid not in (self.uid, -1)) or (
-            fields.update_gid and attr.st_gid not in (self.gid, -1)
-        ):
-            raise pyfuse3.FUSEError(errno.EPERM)
-        changes: dict[str, Any] = {}
-        if fields.update_mode:
-            changes["mode"] = attr.st_mode & 0o7777
-        if fields.update_mtime:
-            changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_size or changes:
-            changes["ctime_ns"] = time.time_ns()
+        changes = self.owners.setattr_changes(entry, self.owners.caller(ctx), attr, fields)
         if fields.update_size:
             if entry.kind != "file":
                 raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)
@@ -435,24 +476,45 @@ class GridOperations(pyfuse3.Operations):
                     of.mtime_set = fields.update_mtime
                 if not of.handles:
                     await self.commit(of)
+                elif "mode" in changes and not of.unlinked:  # shown at once, as chmod
+                    mode, ctime = changes["mode"], changes["ctime_ns"]
+                    await self.put_entry(path, entry.with_(mode=mode, ctime_ns=ctime))
             finally:
                 await self.drop_if_unused(of)
             return self.attrs(inode, of.entry)
-        if changes and not path:
-            # The top directory: the root slot keeps no attributes, so its
-            # mode and times live with the mount (a clear EINVAL would make
-            # rsync -a into the mountpoint fail).
-            self.view.root_entry = self.view.root_entry.with_(**changes)
-            return self.attrs(inode, self.view.root_entry)
         if changes:
-            current = self.open_files.get(inode)
-            if current is not None:
-                current.entry = current.entry.with_(**changes)
-                current.mtime_set = current.mtime_set or fields.update_mtime
-            if not (current is not None and current.unlinked):
-                entry = entry.with_(**changes)
-                await self.put_entry(path, entry)
-        return self.attrs(inode, (await self.entry_of(inode)) if not changes else entry)
+            entry = await self.set_attrs(inode, entry, changes, fields.update_mtime)
+        return self.attrs(inode, entry)
+
+    async def set_attrs(
+        self, inode: int, entry: Entry, changes: dict[str, Any], mtime_set: bool = False
+    ) -> Entry:
+        """Store ``changes`` to the attributes of ``inode`` (now ``entry``);
+        its entry after them."""
+        path = self.inodes.path(inode)
+        if not path:
+            # The top directory: the root slot keeps no attributes, so its
+            # mode, owner and times live with the mount (a clear EINVAL would
+            # make rsync -a into the mountpoint fail).
+            self.view.root_entry = self.view.root_entry.with_(**changes)
+            return self.view.root_entry
+        current = self.open_files.get(inode)
+        if current is not None:
+            current.entry = current.entry.with_(**changes)
+            current.mtime_set = current.mtime_set or mtime_set
+            if current.unlinked:
+                return current.entry
+        entry = entry.with_(**changes)
+        await self.put_entry(path, entry)
+        return entry
+
+    async def kill_privileges(self, inode: int, caller: Caller) -> None:
+        """Clear setuid/setgid of a file ``caller`` writes (see perms.write_mode)."""
+        entry = await self.entry_of(inode)
+        owner = self.owners.of(entry)
+        mode = perms.write_mode(owner, caller)
+        if mode != owner.mode:
+            await self.set_attrs(inode, entry, {"mode": mode & 0o7777, "ctime_ns": time.time_ns()})
 
     # -- directories ----------------------------------------------------------
     @errors_to_errno
@@ -549,11 +611,13 @@ class GridOperations(pyfuse3.Operations):
                     await self.stage(of, keep=False)
                     self._truncate(of, 0)
                     of.dirty = True
+                if of.entry.mode & (stat.S_ISUID | stat.S_ISGID):
+                    await self.kill_privileges(inode, self.owners.caller(ctx))
         except BaseException:
             of.handles -= 1
             await self.drop_if_unused(of)
             raise
-        return self._file_info(inode, flags)
+        return self._file_info(inode, flags, ctx)
 
     @errors_to_errno
     async def create(
@@ -564,6 +628,7 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         now = time.time_ns()
         entry = Entry("file", "", 0, mode & 0o7777, now, now, data=b"")
+        entry = await self.new_entry(path, entry, ctx)
         # Not fsynced: close() after writing, fsync() of the file or of its
         # directory (or any synced change) makes it durable; one fsync a file.
         await self.put_entry(path, entry, sync=False)
@@ -576,10 +641,14 @@ class GridOperations(pyfuse3.Operations):
         of.handles += 1
         async with of.lock:
             await self.stage(of, keep=False)
-        return self._file_info(ino, flags), self.attrs(ino, entry)
+        return self._file_info(ino, flags, ctx), self.attrs(ino, entry)
 
-    def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    def _file_info(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         info = pyfuse3.FileInfo(fh=self._new_fh(ino))
+        caller = self.owners.caller(ctx)
+        if flags & os.O_ACCMODE != os.O_RDONLY and not caller.privileged:
+            # FUSE tells write() nobody's identity: its opener's stands in
+            self.killpriv[info.fh] = caller
         info.keep_cache = False  # (an open sees the current version)
         # A write-only handle bypasses the kernel's page cache: its bytes go
         # to staging without first filling page-cache pages nobody reads
@@ -712,6 +781,9 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         of = self.open_files[self.handles[fh]]
+        writer = self.killpriv.get(fh)
+        if writer is not None and of.entry.mode & (stat.S_ISUID | stat.S_ISGID):
+            await self.kill_privileges(of.ino, writer)
         async with of.lock:
             await self.stage(of, keep=True)
             end = off + len(buf)
@@ -790,6 +862,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh)
+        self.killpriv.pop(fh, None)
         of = self.open_files.get(ino)
         if of is None:
             return

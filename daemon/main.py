@@ -97,6 +97,9 @@ class MountOptions:
         """The mount options given to libfuse (and so to mount(2) or
         fusermount3): nosuid and nodev unless opted out, for root too."""
         out = set(pyfuse3.default_options) | {"fsname=gridfs", "subtype=gridfs"}
+        # The kernel checks permissions against the owners and modes the
+        # daemon reports (daemon/perms.py does what it leaves to us).
+        out.add("default_permissions")
         out.add("suid" if self.suid else "nosuid")
         out.add("dev" if self.dev else "nodev")
         if self.allow_other:

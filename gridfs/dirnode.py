@@ -8,11 +8,14 @@ canonical msgpack::
     {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs, data], ...],
      "version": 1}
 
-with entries sorted by name.  ``kind`` is "file", "dir" or "symlink"; ``cap``
-is the child's read cap ("" for symlinks and inline files); ``xattrs`` maps
-user attribute names to bytes; ``data`` is nil, or the whole content of a
-small file kept inside its directory (encrypted with it): such a file costs
-no upload of its own.
+with entries sorted by name.  ``kind`` is "file", "dir", "symlink", or a
+special file: "fifo", "chr", "blk", "sock"; ``cap`` is the child's read cap
+("" for symlinks, special files and inline files); ``xattrs`` maps user
+attribute names to bytes; ``data`` is nil, or the whole content of a small
+file kept inside its directory (encrypted with it): such a file costs no
+upload of its own.  An entry with an owner has three more fields, ``uid,
+gid, rdev``; one without (written before owners were kept) belongs to
+whoever mounts the tree.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from .errors import FormatError, UsageError
 
 log = logging.getLogger(__name__)
 VERSION = 1
-KINDS = ("file", "dir", "symlink")
+SPECIAL_KINDS = ("fifo", "chr", "blk", "sock")
+"""Special files: metadata only (mode, owner, and ``rdev`` for devices)."""
+KINDS = ("file", "dir", "symlink", *SPECIAL_KINDS)
 MAX_NAME_BYTES = 255
 MAX_ENTRIES = 1_000_000
 """Entries of one directory at most (a listing larger than this is refused)."""
@@ -45,7 +50,18 @@ INLINE_MAX = 16 * 1024
 DIR_INLINE_BUDGET = 1024 * 1024
 """At most this many bytes of inline files per directory, so that rewriting a
 directory for one change stays cheap; beyond it files get their own upload."""
-_S_IFMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+_S_IFMT = {
+    "file": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "chr": stat.S_IFCHR,
+    "blk": stat.S_IFBLK,
+    "sock": stat.S_IFSOCK,
+}
+KIND_OF_FORMAT = {fmt: kind for kind, fmt in _S_IFMT.items()}
+"""``stat.S_IFMT(mode)`` → entry kind."""
+_LEGACY_FIELDS, _OWNED_FIELDS = 10, 13
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
@@ -113,10 +129,18 @@ class Entry:
     xattrs: Mapping[str, bytes] = field(default_factory=dict)
     data: bytes | None = None
     """The content of a small file kept inline (then ``cap`` is "")."""
+    uid: int | None = None
+    """The owner's numeric id as stored (None: an entry written before owners
+    were kept, or made by the tree commands; it belongs to whoever mounts)."""
+    gid: int | None = None
+    rdev: int = 0
+    """The device number of a "chr" or "blk" entry (Linux encoding, as st_rdev)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise FormatError(f"unknown entry kind {self.kind!r}")
+        if (self.uid is None) != (self.gid is None):
+            raise FormatError("an entry needs both a uid and a gid, or neither")
         if self.data is not None and (self.kind != "file" or len(self.data) > INLINE_MAX):
             raise FormatError("only files up to INLINE_MAX bytes can be inline")
 
@@ -132,7 +156,14 @@ class Entry:
     def st_mode(self) -> int:
         return _S_IFMT[self.kind] | (self.mode & 0o7777)
 
+    @property
+    def owned(self) -> bool:
+        return self.uid is not None
+
     def to_wire(self, name: str) -> list[Any]:
+        """The msgpack form; an entry without owner keeps the 10 fields it
+        always had (so older directories and queues read back unchanged)."""
+        owner = [self.uid, self.gid, self.rdev] if self.owned or self.rdev else []
         return [
             name,
             self.kind,
@@ -144,13 +175,19 @@ class Entry:
             self.target,
             dict(sorted(self.xattrs.items())),
             self.data,
+            *owner,
         ]
 
     @classmethod
     def from_wire(cls, item: Any) -> tuple[str, Entry]:
-        if not isinstance(item, list) or len(item) != 10:
+        if not isinstance(item, list) or len(item) not in (_LEGACY_FIELDS, _OWNED_FIELDS):
             raise FormatError("directory entry has the wrong shape")
-        name, kind, cap, size, mode, mtime, ctime, target, xattrs, data = item
+        name, kind, cap, size, mode, mtime, ctime, target, xattrs, data = item[:_LEGACY_FIELDS]
+        uid, gid, rdev = item[_LEGACY_FIELDS:] or (None, None, 0)
+        if not all(v is None or (type(v) is int and 0 <= v < 1 << 32) for v in (uid, gid)):
+            raise FormatError("directory entry has a bad owner")
+        if type(rdev) is not int or not 0 <= rdev < 1 << 64:
+            raise FormatError("directory entry has a bad device number")
         if data is not None and not isinstance(data, bytes):
             raise FormatError("directory entry has bad inline data")
         ints = (size, mode, mtime, ctime)
@@ -171,7 +208,7 @@ class Entry:
             raise FormatError("directory entry has a field out of range")
         if "\0" in target or len(target.encode("utf-8", "replace")) > MAX_TARGET_BYTES:
             raise FormatError("directory entry has a bad symlink target (NUL, or too long)")
-        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs, data)
+        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs, data, uid, gid, rdev)
 
     def with_(self, **changes: Any) -> Entry:
         return replace(self, **changes)

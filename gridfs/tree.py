@@ -447,6 +447,8 @@ class Batch:
         if entry.is_dir and any(p[: len(change.src)] == change.src for p in self.dirty):
             # Pending changes inside the moved directory: write them first.
             entry = entry.with_(cap=await self.write_subtree(change.src))
+        # As on Linux, the entry renamed changes too: its ctime moves.
+        entry = entry.with_(ctime_ns=change.when_ns or self.now)
         await self.put(Put(change.dst, entry), change.when_ns)
         self.set(change.src[:-1], change.src[-1], None)
         self._touch(change.src[:-1], change.when_ns)

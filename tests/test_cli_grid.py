@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import trio
 from gridfs.client.grid import open_grid
 from gridfs.client.session import TreeSession
 from gridfs.config import NodeConfig, NodeDir
+from gridfs.dirnode import Entry
 from gridfs.net.identity import NodeAddress
 
 from .helpers import filesystem_type, resident_pages
@@ -173,6 +175,31 @@ def test_get_with_grid_stopped_fails_cleanly(grid: Path, tmp_path: Path) -> None
     assert proc.returncode not in (0, 2)
     assert "no usable share found: 0 of 0 servers answered" in one_clean_error_line(proc)
     assert list(out_dir.iterdir()) == []  # neither the file nor a temporary
+
+
+def test_cp_r_from_the_grid_makes_fifos_and_sockets(grid: Path, tmp_path: Path) -> None:
+    """A tree a mount filled with a FIFO and a socket copies out as such
+    (with their modes), not as directories."""
+
+    async def put_specials() -> None:
+        async with open_grid(NodeDir(grid / "client")) as client:
+            session = TreeSession(client, "grid")
+            for name, kind, mode in (("p", "fifo", 0o640), ("s", "sock", 0o755)):
+                entry = Entry(kind, "", 0, mode, 1, 1, uid=0, gid=0)
+                session.queue.add_file(None, f"/specials/{name}", entry)
+            await session.queue.flush(session)
+
+    trio.run(put_specials)
+    ok(gridfs("cp", "-r", "grid:/specials", str(tmp_path / "out"), node=grid / "client"))
+    fifo, sock = os.lstat(tmp_path / "out" / "p"), os.lstat(tmp_path / "out" / "s")
+    assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o640 & ~current_umask()
+    assert stat.S_ISSOCK(sock.st_mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_cp_r_keeps_the_directories_times(grid: Path, tmp_path: Path) -> None:

@@ -35,7 +35,11 @@ data = st.one_of(
 )
 offsets = st.sampled_from([0, 1, 100, 4095, 4096, 16_384, 70_000])
 sizes = st.sampled_from([0, 1, 50, 5000, 16_385, 1_200_000])
-modes = st.sampled_from([0o600, 0o644, 0o755, 0o400])
+modes = st.sampled_from([0o600, 0o644, 0o755, 0o400, 0o4755, 0o2755, 0o6711, 0o1777])
+ids = st.sampled_from([-1, 0, 1001, 1002, 65534])
+NB = os.O_NONBLOCK
+"""Every open is non-blocking: a path may be a FIFO, whose open would
+otherwise wait for the other end (on a regular file the flag does nothing)."""
 
 Outcome = tuple[str, Any]
 
@@ -47,18 +51,21 @@ def attempt(fn: Callable[[Path], Any], root: Path) -> Outcome:
         return ("error", errno.errorcode.get(e.errno or 0, e.errno))
 
 
-def tree(root: Path) -> dict[str, tuple[str, int, int, bytes]]:
-    """Everything under root: kind, permission bits, size and content."""
+def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
+    """Everything under root: kind, permission bits, owner, group, size and content."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st_ = os.lstat(p)
             rel = str(p.relative_to(root))
+            mode, ids = stat.S_IMODE(st_.st_mode), (st_.st_uid, st_.st_gid)
             if stat.S_ISDIR(st_.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st_.st_mode), 0, b"")
+                out[rel] = ("dir", mode, *ids, 0, b"")
+            elif stat.S_ISFIFO(st_.st_mode):
+                out[rel] = ("fifo", mode, *ids, 0, b"")
             else:
-                out[rel] = ("file", stat.S_IMODE(st_.st_mode), st_.st_size, p.read_bytes())
+                out[rel] = ("file", mode, *ids, st_.st_size, p.read_bytes())
     return out
 
 
@@ -91,7 +98,7 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
         @rule(path=paths, content=data, offset=offsets)
         def write_at(self, path: str, content: bytes, offset: int) -> None:
             def op(root: Path) -> int:
-                fd = os.open(root / path, os.O_WRONLY | os.O_CREAT, 0o644)
+                fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | NB, 0o644)
                 try:
                     return os.pwrite(fd, content, offset)
                 finally:
@@ -101,12 +108,19 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
 
         @rule(path=paths, content=data)
         def create_truncating(self, path: str, content: bytes) -> None:
-            self.same(lambda root: (root / path).write_bytes(content))
+            def op(root: Path) -> int:
+                fd = os.open(root / path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NB, 0o666)
+                try:
+                    return os.write(fd, content)
+                finally:
+                    os.close(fd)
+
+            self.same(op)
 
         @rule(path=paths, content=data)
         def append(self, path: str, content: bytes) -> None:
             def op(root: Path) -> int:
-                fd = os.open(root / path, os.O_WRONLY | os.O_APPEND)
+                fd = os.open(root / path, os.O_WRONLY | os.O_APPEND | NB)
                 try:
                     os.write(fd, content)
                     return os.fstat(fd).st_size
@@ -122,7 +136,9 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
         @rule(path=paths, offset=offsets)
         def read(self, path: str, offset: int) -> None:
             def op(root: Path) -> bytes:
-                with open(root / path, "rb") as f:
+                with open(os.open(root / path, os.O_RDONLY | NB), "rb") as f:
+                    if not f.seekable():
+                        return f.read(20_000)
                     f.seek(offset)
                     return f.read(20_000)
 
@@ -148,6 +164,14 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
         def chmod(self, path: str, mode: int) -> None:
             self.same(lambda root: os.chmod(root / path, mode))
 
+        @rule(path=paths, uid=ids, gid=ids)
+        def chown(self, path: str, uid: int, gid: int) -> None:
+            self.same(lambda root: os.chown(root / path, uid, gid))
+
+        @rule(path=paths, mode=st.sampled_from([0o644, 0o600]))
+        def mkfifo(self, path: str, mode: int) -> None:
+            self.same(lambda root: os.mkfifo(root / path, mode))
+
         @rule(path=st.sampled_from(["", *NAMES, "a/a", "d/a", "d/d", "b/d"]))
         def listdir(self, path: str) -> None:
             self.same(lambda root: sorted(os.listdir(root / path)))
@@ -167,7 +191,7 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
             fds: dict[Path, int] = {}
 
             def op(root: Path) -> None:
-                fds[root] = os.open(root / path, os.O_RDWR)
+                fds[root] = os.open(root / path, os.O_RDWR | NB)
 
             if self.same(op)[0] == "ok":
                 self.held = fds

@@ -371,6 +371,15 @@ async def test_a_view_and_its_commit_agree_on_directory_times() -> None:
     assert view.root_mtime_ns == 400
 
 
+async def test_a_move_sets_the_ctime_of_what_it_moves() -> None:
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/d/f"), Entry("file", "gridfs:lit:aa", 1, 0o644, 5, 6))])
+    await tree.commit([Move(p("/d/f"), p("/g"), when_ns=700), Move(p("/d"), p("/e"), when_ns=800)])
+    moved, moved_dir = await tree.lookup(p("/g")), await tree.lookup(p("/e"))
+    assert (moved.mtime_ns, moved.ctime_ns, moved.cap) == (5, 700, "gridfs:lit:aa")
+    assert moved_dir.ctime_ns == 800
+
+
 async def test_two_conflicts_in_one_second_keep_both_losers() -> None:
     tree = Tree(MemStore())
     when = 1_700_000_000 * 10**9

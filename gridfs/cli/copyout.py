@@ -26,7 +26,14 @@ import trio
 from ..caps import parse_read_cap
 from ..client.grid import GridClient
 from ..client.session import TreeSession
-from ..dirnode import DEFAULT_DIR_MODE, Directory, Entry, name_problem, shown_name
+from ..dirnode import (
+    DEFAULT_DIR_MODE,
+    SPECIAL_KINDS,
+    Directory,
+    Entry,
+    name_problem,
+    shown_name,
+)
 from ..errors import FormatError, UsageError
 from ..fileutil import atomic_output
 
@@ -87,6 +94,9 @@ class CopyOut:
             raise FormatError(f"{where}: refusing to write {target}: outside {self.top}")
         if entry.kind == "symlink":
             os.symlink(entry.target, target)
+        elif entry.kind in SPECIAL_KINDS:  # a FIFO, socket or device node (devices: root only)
+            mode = local_mode(entry.mode, self.preserve_mode)
+            os.mknod(target, stat.S_IFMT(entry.st_mode) | mode, entry.rdev)
         elif entry.kind == "file":
             mode = local_mode(entry.mode, self.preserve_mode)
             with atomic_output(target, mode, durable=False) as f:  # replaces, never follows
