@@ -264,11 +264,16 @@ async def test_new_leases_past_the_quota_are_refused_but_renewals_never(tmp_path
     await store_share(alice, f)
     await store_share(alice, g)
     size = len(f.shares[0])
-    await store_share(bob, encoded(40_000))
+    bobs = encoded(40_000)
+    await store_share(bob, bobs)
+    renewed = server.leases.leases(bobs.si)[0].renewed_ns
     server.store.limits = dataclasses.replace(server.limits, client_quota=size + size // 2)
-    with pytest.raises(QuotaExceededError):
-        await bob.handle("add_leases", {"leases": [(f.si, *secrets(f.si, BOB).values())]})
+    # Bob's new lease would pass his quota: refused alone, his renewal goes on.
+    mine = (bobs.si, *secrets(bobs.si, BOB).values())
+    new = (f.si, *secrets(f.si, BOB).values())
+    assert await bob.handle("add_leases", {"leases": [mine, new]}) == [1, -1]
     assert server.leases.count(f.si) == 1 and await used(bob) == size  # nothing added
+    assert server.leases.leases(bobs.si)[0].renewed_ns > renewed
     # Alice is over the (lowered) quota, yet renews what she holds.
     renewals = [(s.si, *secrets(s.si, ALICE).values()) for s in (f, g)]
     assert await alice.handle("add_leases", {"leases": renewals}) == [1, 1]

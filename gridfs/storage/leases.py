@@ -113,6 +113,8 @@ CANCELLED = "cancelled"
 """cancel: the lease is gone; other leases keep the storage."""
 DELETED = "deleted"
 """cancel: that was the last lease; the storage is freed."""
+REFUSED = -1
+"""add_many: a new lease that would take its member past the quota; not added."""
 
 
 def secret_hash(secret: bytes) -> bytes:
@@ -192,24 +194,29 @@ class LeaseDB:
         that hold something (asked under the lock, so a collection cannot
         slip in between); returns how many objects each holds then, else
         every lease's expiry.  A member's first lease on an index charges it
-        for what is there; if that takes it past ``quota`` (0: none), nothing
-        is added and QuotaExceededError is raised.  Renewals are never
-        refused: they charge nothing."""
+        for what is there; one that would take it past ``quota`` (0: none)
+        is not added and answers REFUSED.  Renewals are never refused (they
+        charge nothing), so one new lease too many never costs the others
+        of its batch."""
         now = self._clock()
         expires = now + self.duration_ns
         with self._lock:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
-                charged = False
                 answers = []
                 for si, renew, cancel in items:
                     objects = held(si) if held else None
                     answers.append(expires if objects is None else len(objects))
                     if objects is not None and not objects:
                         continue
-                    charged |= self._lease_locked(si, renew, cancel, member, now, expires, objects)
-                if charged:
-                    self._check_quota_locked(member, quota)
+                    self.db.execute("SAVEPOINT item")
+                    if self._lease_locked(si, renew, cancel, member, now, expires, objects):
+                        try:
+                            self._check_quota_locked(member, quota)
+                        except QuotaExceededError:
+                            self.db.execute("ROLLBACK TO item")
+                            answers[-1] = REFUSED
+                    self.db.execute("RELEASE item")
                 self._bump_generation_locked()
             self._generation += 1  # committed
         return answers

@@ -27,7 +27,7 @@ from ..caps import ReadCap, VerifyCap, b32encode
 from ..caps import parse as parse_cap
 from ..errors import GridError, UsageError
 from ..protocol.schema import MAX_OPEN_BUCKETS
-from .leases import SLOT, LeaseDB, Objects
+from .leases import REFUSED, SLOT, LeaseDB, Objects
 from .selfcheck import check_share, ueb_hash_of
 from .slots import SlotStore, StaleVersionError
 from .store import BucketWriter, NoSuchShareError, ShareStore
@@ -391,12 +391,16 @@ class StorageSession:
         """Add or renew a lease on each storage index that has something here;
         answers, per index, how many things the lease covers (0: nothing is
         stored, no lease added).  A new lease charges the caller for what it
-        covers: past its quota, the call adds nothing (quota-exceeded)."""
+        covers; one past its quota is not added and answers -1 (renewals
+        never are refused)."""
         db = self._lease_db()
-
-        return await trio.to_thread.run_sync(
+        answers = await trio.to_thread.run_sync(
             db.add_many, leases, self._objects, self.member, self.quota
         )
+        refused = answers.count(REFUSED)
+        if refused:
+            log.info("refused %d new leases past a member's quota", refused)
+        return answers
 
     async def rpc_cancel_leases(
         self, leases: list[tuple[bytes, bytes]], renewed_before: int
