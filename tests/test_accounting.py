@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import trio
 
+from gridfs.client.upload import UploadParams
 from gridfs.codec import params_for_size
 from gridfs.config import NodeConfig, NodeDir
-from gridfs.errors import GridError
+from gridfs.errors import GridError, unwrap
 from gridfs.hashes import lease_secrets
 from gridfs.immutable import FileEncoder, encode_shares
 from gridfs.mutable import MAX_SLOT_RECORD, SlotWriteCap, sign_version
@@ -28,6 +29,8 @@ from gridfs.storage.leases import SLOT, LeaseDB, QuotaExceededError
 from gridfs.storage.service import VERIFY_CONCURRENCY, StorageSession, server_state
 from gridfs.storage.slots import SlotStore
 from gridfs.storage.store import ShareStore, StoreLimits
+
+from .gridutil import open_broker, upload_bytes
 
 ALICE = b"a" * 20
 BOB = b"b" * 20
@@ -437,3 +440,23 @@ async def test_a_flood_of_reports_waits_for_its_turn_and_leases_go_on(tmp_path: 
             assert all(not r["quarantined"] for r in replies)
             assert state.most_verifying == VERIFY_CONCURRENCY
             assert sessions[0].store.shares(big.si) == {0: len(share)}
+
+
+async def test_an_upload_past_the_quota_fails_with_one_clear_error(
+    tmp_path: Path, secret: bytes
+) -> None:
+    """A real client's upload: the first fits, the next would pass the
+    member's quota and fails saying so; nothing of it stays on the server."""
+    params = UploadParams(k=1, happy=1, n=1)
+    with trio.fail_after(TIMEOUT):
+        async with (
+            one_server(tmp_path, quota=150_000) as (address, sessions),
+            open_broker([address]) as broker,
+        ):
+            await upload_bytes(broker, os.urandom(100_000), tmp_path, params, secret)
+            with pytest.raises(GridError) as caught:
+                await upload_bytes(broker, os.urandom(100_000), tmp_path, params, secret)
+            message = str(unwrap(caught.value))
+            assert "quota exceeded" in message and "\n" not in message, message
+            store = sessions[0].store
+            assert store.capacity()["shares"] == 1 and store.open_buckets() == 0
