@@ -162,6 +162,10 @@ class LeaseDB:
         if "member" not in columns:  # a database from before accounting
             self.db.execute("ALTER TABLE leases ADD COLUMN member BLOB NOT NULL DEFAULT x''")
         self.db.execute("CREATE INDEX IF NOT EXISTS leases_member ON leases (si, member)")
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        """A second connection for :meth:`usage`: in WAL mode it reads the
+        last commit without waiting for a writer (``stats`` never waits)."""
+        self._reader_lock = threading.Lock()
         self.collected = 0
         """Storage indexes freed since this object was made."""
         (gen,) = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
@@ -170,8 +174,9 @@ class LeaseDB:
         self.finish_garbage()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._reader_lock:
             self.db.close()
+            self._reader.close()
 
     def now(self) -> int:
         return self._clock()
@@ -291,9 +296,12 @@ class LeaseDB:
         return len(rows)
 
     def usage(self, member: bytes) -> int:
-        """Bytes charged to ``member`` (settled, and promised to its uploads)."""
-        with self._lock:
-            row = self.db.execute("SELECT bytes FROM usage WHERE member = ?", (member,)).fetchone()
+        """Bytes charged to ``member`` (settled, and promised to its uploads),
+        as of the last commit; never waits for the writer's lock."""
+        with self._reader_lock:
+            row = self._reader.execute(
+                "SELECT bytes FROM usage WHERE member = ?", (member,)
+            ).fetchone()
         return 0 if row is None else int(row[0])
 
     def charges(self, member: bytes) -> dict[tuple[bytes, int], int]:

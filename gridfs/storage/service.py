@@ -201,9 +201,13 @@ class StorageSession:
             self.leases.settle(si, num, size)
 
     def _drop(self, bucket: BucketWriter) -> None:
-        """Abort an upload and its charge."""
+        """Abort an upload and its charge (the charge waits for the lease
+        database: call it from a thread, or where blocking is acceptable)."""
         bucket.abort()
         self._settle(bucket.storage_index, bucket.sharenum, None)
+
+    async def _drop_soon(self, bucket: BucketWriter) -> None:
+        await trio.to_thread.run_sync(self._drop, bucket)
 
     async def rpc_allocate_buckets(
         self,
@@ -242,7 +246,7 @@ class StorageSession:
             bucket.write_all(chunks)
         except GridError:
             self.buckets.pop((si, sharenum), None)
-            self._drop(bucket)
+            await self._drop_soon(bucket)
             raise
 
     async def rpc_put_share(
@@ -290,7 +294,7 @@ class StorageSession:
     async def rpc_abort(self, si: bytes, sharenum: int) -> None:
         bucket = self.buckets.pop((si, sharenum), None)
         if bucket is not None:
-            self._drop(bucket)
+            await self._drop_soon(bucket)
 
     async def rpc_report_corrupt(self, si: bytes, sharenum: int, verify_cap: str) -> dict[str, Any]:
         """A client says this share failed verification against its cap.
@@ -330,7 +334,7 @@ class StorageSession:
             )
             log.warning("report_corrupt: %s not quarantined: %s", name, why)
             return {"quarantined": False, "reason": why}
-        self._quarantine(si, sharenum)
+        await trio.to_thread.run_sync(self._quarantine, si, sharenum)
         log.warning("report_corrupt: quarantined %s: %s", name, reason)
         return {"quarantined": True, "reason": reason}
 
@@ -421,6 +425,8 @@ class StorageSession:
         return self.leases
 
     def abort_all(self) -> None:
+        """The connection ended: abort its uploads and their charges (this
+        waits for the lease database, rarely and briefly, on the event loop)."""
         for bucket in self.buckets.values():
             self._drop(bucket)
         self.buckets.clear()
@@ -434,4 +440,4 @@ class StorageSession:
                 if now - bucket.last_activity > self.idle_timeout:
                     log.info("aborting idle bucket %r", bucket)
                     self.buckets.pop(key, None)
-                    self._drop(bucket)
+                    await self._drop_soon(bucket)
