@@ -307,6 +307,8 @@ async def test_charges_survive_a_restart_and_a_crash_leaves_none_for_nothing(
     assert server.leases.usage(ALICE) == 3 * size
     server.restart()  # no abort_all: the process died
     fresh = server.session(ALICE)
+    empty = {"si": lost.si, "sharenums": [], "share_size": size} | secrets(lost.si, ALICE)
+    await fresh.handle("allocate_buckets", empty)  # the first upload call reconciles
     assert await used(fresh) == 2 * size  # kept and closed, not lost
     assert server.leases.charges(ALICE) == {(kept.si, 0): size, (closed.si, 0): size}
 

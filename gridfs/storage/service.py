@@ -70,6 +70,10 @@ ERROR_CODES = {
 }
 
 
+_CHARGING = frozenset({"allocate_buckets", "put_share", "slot_write"})
+"""The methods that open unsettled charges: the first of them on a server
+reconciles those a crash left first."""
+
 VERIFY_CONCURRENCY = 2
 """Most share checks peers' reports may run at once on one server."""
 
@@ -133,15 +137,15 @@ class StorageSession:
         if fn is None:
             raise WrongServerError(f"a storage server does not answer {method}")
         try:
-            if not self.server.ready:
+            if method in _CHARGING and not self.server.ready:
                 await self._reconcile()
             return await fn(**args)
         except GridError as e:
             raise _coded(e) from None
 
     async def _reconcile(self) -> None:
-        """On a server's first request, before any upload: set the charges a
-        crash left unsettled from what the disk holds."""
+        """Before a server's first upload: set the charges a crash left
+        unsettled from what the disk holds."""
         async with self.server.ready_lock:
             if self.server.ready:
                 return
@@ -161,7 +165,7 @@ class StorageSession:
         if self.leases is not None:
             stats["lease_duration"] = self.leases.duration_ns // 10**9
             stats["lease_fence"] = self.leases.fence()
-            stats["member_used"] = await trio.to_thread.run_sync(self.leases.usage, self.member)
+            stats["member_used"] = self.leases.usage(self.member)  # never waits for a writer
             stats["member_quota"] = self.quota
         return stats
 
@@ -432,7 +436,10 @@ class StorageSession:
         self.buckets.clear()
 
     async def reap_idle(self) -> None:
-        """Abort buckets nobody wrote to for ``idle_timeout`` seconds."""
+        """Abort buckets nobody wrote to for ``idle_timeout`` seconds (and,
+        on a server's first connection, reconcile its charges at once)."""
+        if not self.server.ready:
+            await self._reconcile()
         while True:
             await trio.sleep(min(self.idle_timeout / 4, 5.0))
             now = time.monotonic()
