@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -369,11 +370,15 @@ async def connected(address: Any) -> AsyncIterator[RpcClient]:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_flood_of_reports_waits_for_its_turn_and_leases_go_on(tmp_path: Path) -> None:
+async def test_a_flood_of_reports_waits_for_its_turn_and_leases_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Six connections report a 4 MiB share corrupt 40 times each (forged
     caps: the server must hash it to see it is fine).  Another member's
-    add_leases and a whole upload finish while the flood still waits, and at
-    most VERIFY_CONCURRENCY checks ever run at once."""
+    add_leases and a whole upload finish while the flood still waits, at
+    most VERIFY_CONCURRENCY checks ever run at once, and the log gets one
+    warning, not 240."""
+    caplog.set_level(logging.INFO, logger="gridfs")
     big, small = encoded(4 << 20), encoded(20_000)
     forged = big.verify_cap.rsplit(":", 4)
     forged[1] = "a" * len(forged[1])  # another extension block hash
@@ -442,6 +447,10 @@ async def test_a_flood_of_reports_waits_for_its_turn_and_leases_go_on(tmp_path: 
             assert all(not r["quarantined"] for r in replies)
             assert state.most_verifying == VERIFY_CONCURRENCY
             assert sessions[0].store.shares(big.si) == {0: len(share)}
+        warnings = [r for r in caplog.records if "not quarantined" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+        for cap in (big.verify_cap, forged_cap):  # no cap in the log
+            assert cap.split(":")[3] not in caplog.text
 
 
 async def test_an_upload_past_the_quota_fails_with_one_clear_error(

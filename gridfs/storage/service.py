@@ -92,6 +92,19 @@ class ServerState:
     ready: bool = False
     """Charges left unsettled by the last run were reconciled with the disk."""
     ready_lock: trio.Lock = field(default_factory=trio.Lock)
+    reported: dict[tuple[bytes, int], None] = field(default_factory=dict)
+    """Shares lately reported and kept, oldest first (bounded)."""
+
+    def first_report(self, si: bytes, sharenum: int) -> bool:
+        """Whether a kept share was not reported lately: repeats are logged
+        quietly, so a flood of reports cannot flood the log."""
+        key = (si, sharenum)
+        if key in self.reported:
+            return False
+        self.reported[key] = None
+        if len(self.reported) > 4096:
+            del self.reported[next(iter(self.reported))]
+        return True
 
 
 _servers: weakref.WeakKeyDictionary[ShareStore, ServerState] = weakref.WeakKeyDictionary()
@@ -319,16 +332,16 @@ class StorageSession:
             return self.store.read(si, sharenum, offset, length)
 
         def check() -> tuple[str | None, bool]:
-            server = self.server
+            return check_share(read, si, sharenum, size), ueb_hash_of(read) == ueb_hash
+
+        server = self.server
+        async with server.verify_limiter:  # a flood waits here, not for threads
             server.verifying += 1
             server.most_verifying = max(server.most_verifying, server.verifying)
             try:
-                return check_share(read, si, sharenum, size), ueb_hash_of(read) == ueb_hash
+                reason, matches = await trio.to_thread.run_sync(check)
             finally:
                 server.verifying -= 1
-
-        # Peers' checks take threads only from their own small limiter.
-        reason, matches = await trio.to_thread.run_sync(check, limiter=self.server.verify_limiter)
         name = f"share {sharenum} of {b32encode(si)}"
         if reason is None:
             why = (
@@ -336,7 +349,8 @@ class StorageSession:
                 + ("" if matches else ", and the reporter's cap is for another file")
                 + "; a server cannot check more without the cap, so it is kept"
             )
-            log.warning("report_corrupt: %s not quarantined: %s", name, why)
+            level = logging.WARNING if server.first_report(si, sharenum) else logging.DEBUG
+            log.log(level, "report_corrupt: %s not quarantined: %s", name, why)
             return {"quarantined": False, "reason": why}
         await trio.to_thread.run_sync(self._quarantine, si, sharenum)
         log.warning("report_corrupt: quarantined %s: %s", name, reason)
