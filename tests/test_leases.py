@@ -186,7 +186,13 @@ def test_a_database_from_before_accounting_is_upgraded(tmp_path: Path) -> None:
     old.close()
     db = open_db(tmp_path, Collector(), Clock())
     assert db.count(SI1) == 1 and db.usage(b"") == 0
-    assert db.cancel(SI1, cancel_secret) == DELETED
+    # Its client renews it as a member: the lease becomes that member's,
+    # charged to it, and cancelling it leaves no charge behind.
+    assert db.add_many([(SI1, renew, cancel_secret)], lambda si: {0: 500}, b"m") == [1]
+    assert db.count(SI1) == 1 and db.usage(b"m") == 500 and db.usage(b"") == 0
+    db.add(SI1, *secrets("other"), member=b"n")  # keeps SI1 after m's lease goes
+    assert db.cancel(SI1, cancel_secret) == CANCELLED
+    assert db.usage(b"m") == 0 and db.charges(b"m") == {}
     db.close()
 
 

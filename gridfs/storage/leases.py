@@ -415,9 +415,18 @@ class LeaseDB:
     ) -> bool:
         """Add or renew one lease (in the caller's transaction); on the
         member's first lease on ``si``, charge it for ``held``.  Whether
-        anything was charged."""
+        anything was charged.  A renewal keeps the lease's member, except
+        that a lease of no member (made before accounting) is adopted by
+        the member renewing it, whose secret proves it is the same client."""
+        renew_hash = secret_hash(renew)
+        row = self.db.execute(
+            "SELECT member FROM leases WHERE si = ? AND renew_hash = ?", (si, renew_hash)
+        ).fetchone()
+        previous = None if row is None else bytes(row[0])
+        owner = member if previous in (None, b"") else previous
         first = (
-            self.db.execute(
+            owner == member
+            and self.db.execute(
                 "SELECT 1 FROM leases WHERE si = ? AND member = ? LIMIT 1", (si, member)
             ).fetchone()
             is None
@@ -425,17 +434,12 @@ class LeaseDB:
         self.db.execute(
             "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (si, renew_hash) "
             "DO UPDATE SET renewed_ns = excluded.renewed_ns, "
-            "expires_ns = excluded.expires_ns, renewed_gen = excluded.renewed_gen",
-            (
-                si,
-                secret_hash(renew),
-                secret_hash(cancel),
-                now,
-                expires,
-                self._generation + 1,
-                member,
-            ),
+            "expires_ns = excluded.expires_ns, renewed_gen = excluded.renewed_gen, "
+            "member = excluded.member",
+            (si, renew_hash, secret_hash(cancel), now, expires, self._generation + 1, owner),
         )
+        if previous is not None and previous != owner:
+            self._uncharge_locked(si, previous)
         self.db.execute("DELETE FROM garbage WHERE si = ?", (si,))
         if not first or not held:
             return False
