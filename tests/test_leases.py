@@ -116,7 +116,8 @@ def usage_table(db: LeaseDB) -> dict[bytes, int]:
 def test_usage_always_equals_the_sum_of_charges(tmp_path: Path) -> None:
     """Random leases, uploads, settlements, cancels, expiries and collections
     by three members: the usage the triggers keep never drifts from the
-    charges, and a refused lease changes neither."""
+    charges, a member is charged only while it holds a lease, and none
+    passes the quota."""
     import random
 
     rng = random.Random(14)
@@ -165,6 +166,11 @@ def test_usage_always_equals_the_sum_of_charges(tmp_path: Path) -> None:
         else:
             db.reconcile(lambda s, n: stored.get(s, {}).get(n))
         assert usage_table(db) == usage_from_charges(db), step
+        orphans = db.db.execute(
+            "SELECT count(*) FROM charges c WHERE NOT EXISTS "
+            "(SELECT 1 FROM leases l WHERE l.si = c.si AND l.member = c.member)"
+        ).fetchone()[0]
+        assert orphans == 0, step  # a charge only while its member holds a lease
         assert all(db.usage(m) <= 3000 for m in members)
     db.close()
 
