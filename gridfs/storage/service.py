@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,7 +286,7 @@ class StorageSession:
         await self._finish(bucket, lambda: bucket.write(0, data))
         return {"stored": True, "already": False}
 
-    async def _finish(self, bucket: BucketWriter, before: Any = None) -> None:
+    async def _finish(self, bucket: BucketWriter, before: Callable[[], None] | None = None) -> None:
         """Close a bucket (after ``before()``) and settle its charge; on a
         failure, abort both."""
 
