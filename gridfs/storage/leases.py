@@ -44,7 +44,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,12 +265,17 @@ class LeaseDB:
         """An upload of object ``num`` of ``si`` ended: it now holds ``size``
         bytes, or nothing (None).  Not fsynced: a settlement lost in a crash
         is redone from the disk on the next start (see :meth:`reconcile`)."""
+        self.settle_many([(si, num, size)])
+
+    def settle_many(self, items: Sequence[tuple[bytes, int, int | None]]) -> None:
+        """:meth:`settle` each (si, num, size), in one transaction."""
         with self._lock:
             self.db.execute("PRAGMA synchronous=NORMAL")
             try:
                 with self.db:
                     self.db.execute("BEGIN IMMEDIATE")
-                    self._settle_locked(si, num, size)
+                    for si, num, size in items:
+                        self._settle_locked(si, num, size)
             finally:
                 self.db.execute("PRAGMA synchronous=FULL")
 

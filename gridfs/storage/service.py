@@ -444,11 +444,28 @@ class StorageSession:
         return self.leases
 
     def abort_all(self) -> None:
-        """The connection ended: abort its uploads and their charges (this
-        waits for the lease database, rarely and briefly, on the event loop)."""
-        for bucket in self.buckets.values():
-            self._drop(bucket)
+        """The connection ended: abort its uploads at once (another client
+        may be about to upload the same shares), then drop their charges in
+        a thread, so the event loop never waits for the lease database."""
+        buckets = list(self.buckets.values())
         self.buckets.clear()
+        for bucket in buckets:
+            bucket.abort()
+        if not buckets or self.leases is None:
+            return
+        leases = self.leases
+        dropped = [(b.storage_index, b.sharenum, None) for b in buckets]
+
+        async def settle() -> None:
+            try:
+                await trio.to_thread.run_sync(leases.settle_many, dropped)
+            except Exception as e:  # the next start reconciles them
+                log.warning("could not drop the charges of aborted uploads: %s", e)
+
+        try:
+            trio.lowlevel.spawn_system_task(settle)
+        except RuntimeError:  # not in a trio run
+            leases.settle_many(dropped)
 
     async def reap_idle(self) -> None:
         """Abort buckets nobody wrote to for ``idle_timeout`` seconds (and,
