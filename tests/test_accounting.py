@@ -474,3 +474,13 @@ async def test_an_upload_past_the_quota_fails_with_one_clear_error(
             assert "quota exceeded" in message and "\n" not in message, message
             store = sessions[0].store
             assert store.capacity()["shares"] == 1 and store.open_buckets() == 0
+
+
+def test_client_quota_is_a_storage_setting(tmp_path: Path) -> None:
+    config = NodeConfig("storage", "s", client_quota=10 << 30)
+    assert "client_quota = 10737418240" in config.to_toml()
+    assert NodeConfig.from_toml(config.to_toml()).client_quota == 10 << 30
+    assert NodeConfig("storage", "s").client_quota == 0  # no limit by default
+    for bad in (-1, 1.5, "10G"):
+        with pytest.raises(GridError, match="client_quota"):
+            NodeConfig("storage", "s", client_quota=bad)  # type: ignore[arg-type]
