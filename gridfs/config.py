@@ -82,6 +82,7 @@ class NodeConfig:
     servers: list[str] = field(default_factory=list)
     reserved_space: int = 1 << 30
     max_share_size: int = 1 << 40
+    client_quota: int = 0
     idle_timeout: float = 300.0
     lease_duration: float = 31 * 24 * 3600.0
     expire_interval: float = 60.0
@@ -109,6 +110,8 @@ class NodeConfig:
             raise UsageError("check_rate must be positive and repair_threshold in 0..n")
         if self.reserved_space < 0 or self.max_share_size < 1:
             raise UsageError("reserved_space must be >= 0 and max_share_size >= 1")
+        if type(self.client_quota) is not int or self.client_quota < 0:
+            raise UsageError("client_quota must be a size in bytes >= 0 (0: no limit)")
         for url in ([self.introducer] if self.introducer else []) + self.servers:
             NodeAddress.parse(url)
 
@@ -124,6 +127,7 @@ class NodeConfig:
             tables["storage"] = {
                 "reserved_space": self.reserved_space,
                 "max_share_size": self.max_share_size,
+                "client_quota": self.client_quota,
                 "idle_timeout": self.idle_timeout,
                 "lease_duration": self.lease_duration,
                 "expire_interval": self.expire_interval,

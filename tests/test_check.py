@@ -1,15 +1,20 @@
 """gridfs check: counting good shares and verifying every block, never trusting servers."""
 
+import json
 import os
 from pathlib import Path
 
 import trio
 
-from gridfs.caps import ReadCap, parse
+from gridfs.caps import LiteralCap, ReadCap, VerifyCap, b32encode, parse
 from gridfs.client.check import check_file
 from gridfs.client.upload import UploadParams
+from gridfs.codec import params_for_size
+from gridfs.immutable import FileEncoder, encode_shares
+from gridfs.layout import HEADER, ShareHeader
+from gridfs.storage.selfcheck import check_share
 
-from .gridutil import open_broker, open_grid, upload_bytes
+from .gridutil import download_bytes, open_broker, open_grid, upload_bytes
 
 PARAMS = UploadParams(3, 7, 10, segment_size=64 * 1024)
 TIMEOUT = 60
@@ -148,5 +153,119 @@ async def test_a_false_corruption_report_is_refused(tmp_path: Path, secret: byte
                     "verify_cap": cap.verify_cap().to_string(),
                 },
             )
-            assert reply == {"quarantined": False, "reason": ""}
+            assert reply["quarantined"] is False and "kept" in reply["reason"]
             assert 1 in holder.shares(cap.storage_index)
+
+
+def forged_cap(cap: ReadCap) -> str:
+    """A verify cap for the real storage index with another extension block hash."""
+    v = cap.verify_cap()
+    return VerifyCap(v.storage_index, os.urandom(32), v.k, v.n, v.size).to_string()
+
+
+async def test_a_forged_report_removes_no_share_anywhere(tmp_path: Path, secret: bytes) -> None:
+    """Anyone who knows a storage index reports every share of it corrupt,
+    with a made-up verify cap: every server keeps its share, the file still
+    downloads, and each reply says why it was kept."""
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+            data = os.urandom(300_000)
+            report = await upload_bytes(broker, data, tmp_path, PARAMS, secret)
+            cap = report.cap
+            assert isinstance(cap, ReadCap)
+            si = cap.storage_index
+            for server in broker.servers.values():
+                node = next(n for n in grid.nodes if n.address == server.address)
+                for num in node.shares(si):
+                    for verify_cap in (forged_cap(cap), cap.verify_cap().to_string()):
+                        reply = await server.call(
+                            "report_corrupt", {"si": si, "sharenum": num, "verify_cap": verify_cap}
+                        )
+                        assert reply["quarantined"] is False and "kept" in reply["reason"]
+            assert sorted(n for node in grid.nodes for n in node.shares(si)) == list(range(10))
+            assert not any((n.dir.storage_path / "quarantine").exists() for n in grid.nodes)
+            assert await download_bytes(broker, cap) == data
+            assert (await check_file(broker, cap, verify=True)).healthy
+
+
+async def test_a_rotted_share_reported_is_quarantined(tmp_path: Path, secret: bytes) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+            cap = await upload(broker, tmp_path, 300_000, secret)
+            si = cap.storage_index
+            holder = grid.holder(si, 5)
+            path = holder.share_dir(si) / "5"
+            rotted = bytearray(path.read_bytes())
+            rotted[-10] ^= 0x04  # in the last block
+            path.write_bytes(bytes(rotted))
+            server = next(s for s in broker.servers.values() if s.address == holder.address)
+            # Even a reporter with a made-up cap is believed here: the share
+            # is provably bad by itself.
+            reply = await server.call(
+                "report_corrupt", {"si": si, "sharenum": 5, "verify_cap": forged_cap(cap)}
+            )
+            assert reply["quarantined"] is True and "block" in reply["reason"]
+            assert 5 not in holder.shares(si)
+            assert [5] not in [b[:1] for b in await server.call("get_buckets", {"si": si})]
+            (moved,) = (holder.dir.storage_path / "quarantine").iterdir()
+            assert moved.read_bytes() == bytes(rotted)
+
+
+def encoded(size: int, segment_size: int = 64 * 1024) -> tuple[bytes, list[bytes]]:
+    params = params_for_size(3, 5, segment_size, size)
+    finished, shares = encode_shares(FileEncoder(os.urandom(32), params, size), os.urandom(size))
+    return finished.cap.storage_index, shares
+
+
+def damaged(share: bytes, offset: int) -> bytes:
+    out = bytearray(share)
+    out[offset] ^= 0x20
+    return bytes(out)
+
+
+def self_check(si: bytes, num: int, share: bytes) -> str | None:
+    return check_share(lambda off, n: share[off : off + n], si, num, len(share))
+
+
+def test_a_server_checks_a_share_by_itself() -> None:
+    """What check_share proves without the cap: rot in a block, a block
+    proof, the chain or the header; a share of another number or index; a
+    truncated share.  Rot in a ciphertext proof it cannot see (readers do)."""
+    si, shares = encoded(300_000)
+    share = shares[2]
+    g = ShareHeader.unpack(share[: HEADER.size]).geometry
+    assert g.num_segments > 2
+    assert all(self_check(si, n, s) is None for n, s in enumerate(shares))
+    rec1, _ = g.record_span(1)
+    block1 = rec1 + g.proof_size
+    cases = {
+        "block": damaged(share, block1 + 7),
+        "last block": damaged(share, len(share) - 1),
+        "block proof": damaged(share, rec1 + 3),
+        "chain": damaged(share, g.chain_offset + 1),
+        "header": damaged(share, 9),
+        "extension block": damaged(share, g.ueb_offset + 3),
+        "truncated": share[:-1],
+    }
+    for what, bad in cases.items():
+        assert self_check(si, 2, bad) is not None, what
+    assert self_check(si, 3, share) == "its header names share 2"
+    assert self_check(os.urandom(16), 2, share) == "its header names another storage index"
+    ciphertext_proof = rec1 + g.proof_size // 2
+    assert self_check(si, 2, damaged(share, ciphertext_proof)) is None
+
+
+async def test_check_json_gives_the_verify_cap(tmp_path: Path, secret: bytes, capsys) -> None:  # type: ignore[no-untyped-def]
+    from gridfs.cli.check import report
+
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid") as grid, open_broker(grid.addresses) as broker:
+            cap = await upload(broker, tmp_path, 100_000, secret)
+            result = await check_file(broker, cap)
+    report("grid:/f", result, as_json=True)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["cap"] == cap.to_string()
+    assert doc["verify_cap"] == cap.verify_cap().to_string()
+    assert "chk-verify" in doc["verify_cap"] and b32encode(cap.key) not in doc["verify_cap"]
+    lit = await check_file(broker, LiteralCap(b"tiny"))
+    assert lit.to_json()["verify_cap"] is None

@@ -31,7 +31,15 @@ from gridfs.dirnode import Entry
 from gridfs.errors import GridError, unwrap
 from gridfs.hashes import lease_secrets
 from gridfs.reach import storage_index_of
-from gridfs.storage.leases import CANCELLED, DELETED, KEPT, NONE, LeaseDB, secret_hash
+from gridfs.storage.leases import (
+    CANCELLED,
+    DELETED,
+    KEPT,
+    NONE,
+    LeaseDB,
+    QuotaExceededError,
+    secret_hash,
+)
 from gridfs.workqueue import PATH
 
 from .gridutil import (
@@ -101,6 +109,105 @@ def garbage_of(tmp_path: Path) -> list[bytes]:
         return [r[0] for r in db.execute("SELECT si FROM garbage ORDER BY si")]
     finally:
         db.close()
+
+
+def usage_from_charges(db: LeaseDB) -> dict[bytes, int]:
+    rows = db.db.execute("SELECT member, sum(bytes) FROM charges GROUP BY member").fetchall()
+    return {m: int(b) for m, b in rows}
+
+
+def usage_table(db: LeaseDB) -> dict[bytes, int]:
+    rows = db.db.execute("SELECT member, bytes FROM usage WHERE bytes != 0").fetchall()
+    return {m: int(b) for m, b in rows}
+
+
+def test_usage_always_equals_the_sum_of_charges(tmp_path: Path) -> None:
+    """Random leases, uploads, settlements, cancels, expiries and collections
+    by three members: the usage the triggers keep never drifts from the
+    charges, a member is charged only while it holds a lease, and none
+    passes the quota."""
+    import random
+
+    rng = random.Random(14)
+    clock, collect = Clock(), Collector()
+    db = open_db(tmp_path, collect, clock, duration=50.0)
+    members = [b"m0", b"m1", b"m2"]
+    stored: dict[bytes, dict[int, int]] = {}
+    sis = [bytes([i]) * 16 for i in range(1, 9)]
+    for step in range(600):
+        si, member = rng.choice(sis), rng.choice(members)
+        renew, cancel_secret = secrets(f"{member.decode()}-{si[0]}")
+        op = rng.randrange(5)
+        if op == 0:
+            num = rng.randrange(4)
+            size = rng.randrange(1, 1000)
+            try:
+                db.reserve(
+                    si,
+                    renew,
+                    cancel_secret,
+                    member,
+                    lambda s: dict(stored.get(s, {})),
+                    {num: size},
+                    quota=3000,
+                )
+            except QuotaExceededError:
+                continue
+            if rng.random() < 0.7:
+                stored.setdefault(si, {})[num] = size
+                db.settle(si, num, size)
+            else:
+                db.settle(si, num, stored.get(si, {}).get(num))
+        elif op == 1:
+            db.add_many(
+                [(si, renew, cancel_secret)], lambda s: dict(stored.get(s, {})), member, 3000
+            )
+        elif op == 2:
+            if db.cancel(si, cancel_secret) == DELETED:
+                stored.pop(si, None)
+        elif op == 3:
+            clock.advance(rng.randrange(0, 20))
+            db.expire_step()
+            for freed in collect.freed:
+                stored.pop(freed, None)
+            collect.freed.clear()
+        else:
+            db.reconcile(lambda s, n: stored.get(s, {}).get(n))
+        assert usage_table(db) == usage_from_charges(db), step
+        orphans = db.db.execute(
+            "SELECT count(*) FROM charges c WHERE NOT EXISTS "
+            "(SELECT 1 FROM leases l WHERE l.si = c.si AND l.member = c.member)"
+        ).fetchone()[0]
+        assert orphans == 0, step  # a charge only while its member holds a lease
+        assert all(db.usage(m) <= 3000 for m in members)
+    db.close()
+
+
+def test_a_database_from_before_accounting_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE leases (si BLOB NOT NULL, renew_hash BLOB NOT NULL, "
+        "cancel_hash BLOB NOT NULL, renewed_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL, "
+        "renewed_gen INTEGER NOT NULL, PRIMARY KEY (si, renew_hash));"
+    )
+    renew, cancel_secret = secrets("old")
+    old.execute(
+        "INSERT INTO leases VALUES (?, ?, ?, 1, ?, 1)",
+        (SI1, secret_hash(renew), secret_hash(cancel_secret), T0 + 100 * SEC),
+    )
+    old.commit()
+    old.close()
+    db = open_db(tmp_path, Collector(), Clock())
+    assert db.count(SI1) == 1 and db.usage(b"") == 0
+    # Its client renews it as a member: the lease becomes that member's,
+    # charged to it, and cancelling it leaves no charge behind.
+    assert db.add_many([(SI1, renew, cancel_secret)], lambda si: {0: 500}, b"m") == [1]
+    assert db.count(SI1) == 1 and db.usage(b"m") == 500 and db.usage(b"") == 0
+    db.add(SI1, *secrets("other"), member=b"n")  # keeps SI1 after m's lease goes
+    assert db.cancel(SI1, cancel_secret) == CANCELLED
+    assert db.usage(b"m") == 0 and db.charges(b"m") == {}
+    db.close()
 
 
 def test_renewing_keeps_one_lease_and_extends_its_expiry(tmp_path: Path) -> None:

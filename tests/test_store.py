@@ -265,6 +265,25 @@ def test_crash_keeps_closed_shares_and_drops_partial_ones(tmp_path: Path) -> Non
     assert have == {0} and sorted(buckets) == [1, 2]
 
 
+def test_room_outside_buckets_respects_the_reserve_and_open_buckets(tmp_path: Path) -> None:
+    """check_room (what slots use) keeps the reserved space, and counts what
+    open buckets were promised, like an allocation."""
+    free = ShareStore(tmp_path, NO_RESERVE).capacity()["free"]
+    margin = 1024 * MiB
+    if free < 2 * margin:
+        pytest.skip("not enough free disk space for this test")
+    store = ShareStore(tmp_path, StoreLimits(reserved_space=free - margin))
+    store.check_room(256 * MiB)
+    with pytest.raises(NoSpaceError):
+        store.check_room(2 * margin)
+    si, _ = make_file()
+    _, buckets = store.allocate(si, [0], 700 * MiB)
+    with pytest.raises(NoSpaceError):
+        store.check_room(700 * MiB)
+    buckets[0].abort()
+    store.check_room(256 * MiB)
+
+
 def test_reserved_space_is_never_promised(tmp_path: Path) -> None:
     # Free space moves while other processes run: every size below keeps
     # hundreds of MiB between "fits" and "does not fit".

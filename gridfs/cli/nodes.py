@@ -45,6 +45,13 @@ def register(sub: Any) -> None:
             create.add_argument(
                 "--max-share-size", type=parse_size, default=1 << 40, metavar="SIZE"
             )
+            create.add_argument(
+                "--client-quota",
+                type=parse_size,
+                default=0,
+                metavar="SIZE",
+                help="most bytes each member may store here (default 0: no limit)",
+            )
         create.set_defaults(func=cmd_create, kind=kind)
         run = ksub.add_parser("run", help=f"run a {kind} node in the foreground")
         run.add_argument("dir", type=Path, metavar="DIR")
@@ -84,6 +91,7 @@ def cmd_create(args: argparse.Namespace) -> int:
             "introducer": args.introducer,
             "reserved_space": args.reserved_space,
             "max_share_size": args.max_share_size,
+            "client_quota": args.client_quota,
         }
         if args.invite:
             invite = read_invite(args.invite)

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..caps import LiteralCap, ReadCap, VerifyCap, b32encode
+from ..caps import parse as parse_cap
 from ..errors import GridError, IntegrityError
 from ..immutable import FileDecoder
 from .broker import Server, StorageBroker
@@ -54,9 +55,22 @@ class CheckResult:
     def recoverable(self) -> bool:
         return self.good_shares >= self.needed
 
+    @property
+    def verify_cap(self) -> str | None:
+        """The verify cap of the file (what a repairer needs, never a key),
+        or None for a literal cap (nothing on servers to verify)."""
+        try:
+            cap = parse_cap(self.cap)
+        except GridError:
+            return None
+        if isinstance(cap, ReadCap):
+            return cap.verify_cap().to_string()
+        return cap.to_string() if isinstance(cap, VerifyCap) else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "cap": self.cap,
+            "verify_cap": self.verify_cap,
             "healthy": self.healthy,
             "recoverable": self.recoverable,
             "verified": self.verified,
@@ -113,13 +127,22 @@ def _problem(text: str) -> tuple[str, int, str]:
 
 
 async def _report(source: Source, verify_cap: str, si: bytes) -> None:
-    """Tell the server its share failed verification (it checks for itself)."""
+    """Tell the server its share failed verification.  It quarantines the
+    share only if it can prove it bad by itself; else it logs the report."""
     with contextlib.suppress(GridError, trio.TooSlowError), trio.fail_after(CHECK_TIMEOUT):
         reply = await source.server.call(
             "report_corrupt",
             {"si": si, "sharenum": source.sharenum, "verify_cap": verify_cap},
         )
-        log.info("%s: share %d quarantined: %s", source.server.name, source.sharenum, reply)
+        if isinstance(reply, dict):
+            done = "quarantined" if reply.get("quarantined") else "kept"
+            log.info(
+                "%s: share %d reported corrupt, %s: %s",
+                source.server.name,
+                source.sharenum,
+                done,
+                reply.get("reason"),
+            )
 
 
 async def _verify_all(

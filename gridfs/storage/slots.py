@@ -74,6 +74,13 @@ class SlotStore:
         name = b32encode(storage_index)
         return self._slots / name[:2] / name
 
+    def size(self, storage_index: bytes) -> int | None:
+        """Bytes the slot takes on disk, or None if it is not stored."""
+        try:
+            return self.path(storage_index).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def read(self, storage_index: bytes) -> StoredVersion | None:
         """The stored (record, signature), unverified, or None if there is none
         (or the file no longer parses, which a writer may then repair)."""

@@ -81,6 +81,9 @@ class StoreLimits:
     reserved_space: int = 1 << 30
     """Bytes of free disk space never to promise to uploaders."""
     max_share_size: int = 1 << 40
+    client_quota: int = 0
+    """Most bytes one member may have charged here (0: no limit); see
+    :mod:`gridfs.storage.leases` for what is charged to whom."""
 
 
 class ShareStore:
@@ -161,6 +164,13 @@ class ShareStore:
             for n, b in buckets.items():
                 self._open[storage_index, n] = b
         return have, buckets
+
+    def check_room(self, nbytes: int) -> None:
+        """NoSpaceError unless ``nbytes`` more fit above the reserved space
+        (for what is written outside buckets: slots)."""
+        with self._lock, _disk_errors("statvfs"):
+            if self._free_locked()[1] - self.limits.reserved_space < nbytes:
+                raise NoSpaceError(f"no room for {nbytes} bytes")
 
     def shares(self, storage_index: bytes) -> dict[int, int]:
         """The closed shares of ``storage_index`` here: share number -> size."""
