@@ -136,7 +136,8 @@ async def run_storage(
     elif credentials.member.kind != "storage":
         raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
     gate = Gate(credentials, node.private, ("client",))
-    store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
+    limits = StoreLimits(config.reserved_space, config.max_share_size, config.client_quota)
+    store = ShareStore(node.storage_path, limits)
     slots = SlotStore(node.storage_path)
 
     def collect(si: bytes) -> None:

@@ -31,7 +31,7 @@ from gridfs.storage.service import VERIFY_CONCURRENCY, StorageSession, server_st
 from gridfs.storage.slots import SlotStore
 from gridfs.storage.store import ShareStore, StoreLimits
 
-from .gridutil import open_broker, upload_bytes
+from .gridutil import MEMBERS, open_broker, open_grid, upload_bytes
 
 ALICE = b"a" * 20
 BOB = b"b" * 20
@@ -337,20 +337,18 @@ async def test_expiry_and_collection_release_the_charges(tmp_path: Path) -> None
 
 @contextlib.asynccontextmanager
 async def one_server(
-    tmp_path: Path, quota: int = 0, members: list[bytes] | None = None
+    tmp_path: Path, quota: int = 0
 ) -> AsyncIterator[tuple[Any, list[StorageSession]]]:
-    """A real storage node on loopback; connection i is member ``members[i]``
-    (until node.py sets members from the TLS peer).  Yields its address and
-    the sessions made so far."""
+    """A real storage node of the test grid on loopback (each connection's
+    member is its peer's, from TLS).  Yields its address and the sessions
+    made so far."""
     node = NodeDir(tmp_path / "node")
     node.create(NodeConfig("storage", "s", reserved_space=0, client_quota=quota))
+    MEMBERS.enroll(node, "storage")
     sessions: list[StorageSession] = []
-    names = iter(members or [])
 
     def factory(store: ShareStore, idle_timeout: float) -> StorageSession:
-        # node.py does not pass client_quota to the store yet: set it here.
-        store.limits = dataclasses.replace(store.limits, client_quota=node.config().client_quota)
-        session = StorageSession(store, idle_timeout, member=next(names, b""))
+        session = StorageSession(store, idle_timeout)
         sessions.append(session)
         return session
 
@@ -364,7 +362,8 @@ async def one_server(
 
 @contextlib.asynccontextmanager
 async def connected(address: Any) -> AsyncIterator[RpcClient]:
-    stream = await tls.connect(address)
+    """A connection of a new member of the test grid (an account of its own)."""
+    stream = await tls.connect(address, MEMBERS.credentials("client"))
     client = RpcClient(stream, default_timeout=30)
     async with trio.open_nursery() as nursery:
         await nursery.start(client.run)
@@ -386,10 +385,9 @@ async def test_a_flood_of_reports_waits_for_its_turn_and_leases_go_on(
     forged = big.verify_cap.rsplit(":", 4)
     forged[1] = "a" * len(forged[1])  # another extension block hash
     forged_cap = ":".join(forged)
-    members = [ALICE, BOB] + [b"m%d" % i for i in range(6)]
     with trio.fail_after(TIMEOUT):
         async with (
-            one_server(tmp_path, members=members) as (address, sessions),
+            one_server(tmp_path) as (address, sessions),
             connected(address) as alice,
             connected(address) as bob,
         ):
@@ -484,3 +482,22 @@ def test_client_quota_is_a_storage_setting(tmp_path: Path) -> None:
     for bad in (-1, 1.5, "10G"):
         with pytest.raises(GridError, match="client_quota"):
             NodeConfig("storage", "s", client_quota=bad)  # type: ignore[arg-type]
+
+
+async def test_a_quota_in_the_config_is_enforced_per_member(tmp_path: Path, secret: bytes) -> None:
+    """``[storage] client_quota`` of a server run from its node directory:
+    one member is refused past it, another member still stores."""
+    params = UploadParams(k=1, happy=1, n=1)
+    with trio.fail_after(TIMEOUT):
+        async with open_grid(tmp_path / "grid", servers=1, client_quota=150_000) as grid:
+            async with open_broker(grid.addresses) as broker:
+                await upload_bytes(broker, os.urandom(100_000), tmp_path, params, secret)
+                with pytest.raises(GridError, match="quota exceeded"):
+                    try:
+                        await upload_bytes(broker, os.urandom(100_000), tmp_path, params, secret)
+                    except BaseExceptionGroup as group:
+                        raise unwrap(group) from None
+            other = MEMBERS.credentials("client", "other-member")
+            async with open_broker(grid.addresses, credentials=other) as broker:
+                await upload_bytes(broker, os.urandom(100_000), tmp_path, params, secret)
+            assert len(grid.all_shares()) == 2

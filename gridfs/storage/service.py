@@ -145,8 +145,6 @@ class StorageSession:
         """The client's node id, whose account pays for what it stores."""
         self.server = server_state(store)
         self.buckets: dict[tuple[bytes, int], BucketWriter] = {}
-        self.member: bytes = b""
-        """the node id of the authenticated member (set by the server node)"""
 
     async def handle(self, method: str, args: dict[str, Any]) -> Any:
         fn = getattr(self, "rpc_" + method, None)
