@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -23,6 +24,7 @@ from .errors import GridError, unwrap
 from .introducer import IntroducerSession, IntroducerState
 from .net import tls
 from .net.identity import NodeAddress, NodeKey
+from .net.limits import DEFAULT_LIMITS, ConnectionGate, ConnectionLimits
 from .net.rpc import RpcClient, serve_rpc
 from .protocol import schema
 from .storage.leases import LeaseDB
@@ -60,9 +62,11 @@ async def serve_node(
     config: NodeConfig,
     connection: Callable[[tls.TlsStream], Awaitable[None]],
     *,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen with TLS and hand each handshaken connection to ``connection``."""
+    """Listen with TLS and hand each handshaken connection to ``connection``;
+    a :class:`ConnectionGate` admits connections within ``limits`` first."""
     key = node.key()
     ctx = tls.server_context(node.cert_path, node.key_path)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -88,7 +92,7 @@ async def serve_node(
 
     log.info("%s listening at %s", config.kind, address)
     task_status.started(address)
-    await trio.serve_listeners(handle, listeners)
+    await trio.serve_listeners(ConnectionGate(limits).wrap(handle), listeners)
 
 
 SessionFactory = Callable[[ShareStore, float], StorageSession]
@@ -98,10 +102,12 @@ async def run_storage(
     node: NodeDir,
     *,
     session_factory: SessionFactory = StorageSession,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node``'s share store; ``session_factory(store, idle_timeout)``
-    makes each connection's session (tests substitute misbehaving ones)."""
+    makes each connection's session (tests substitute misbehaving ones);
+    ``limits`` bound connections (tests make them small)."""
     config = node.config()
     key = node.key()
     store = ShareStore(node.storage_path, StoreLimits(config.reserved_space, config.max_share_size))
@@ -129,7 +135,7 @@ async def run_storage(
             session.abort_all()  # the connection was the canary
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, connection)
+        address = await nursery.start(partial(serve_node, limits=limits), node, config, connection)
         nursery.start_soon(crawl_expired_leases, leases, config.expire_interval)
         if config.introducer:
             intro = NodeAddress.parse(config.introducer)
@@ -185,7 +191,10 @@ async def announce_forever(
 
 
 async def run_introducer(
-    node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
+    node: NodeDir,
+    *,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
+    task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config = node.config()
     state = IntroducerState()
@@ -199,7 +208,7 @@ async def run_introducer(
             session.closed()
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, connection)
+        address = await nursery.start(partial(serve_node, limits=limits), node, config, connection)
         task_status.started(address)
 
 
