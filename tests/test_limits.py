@@ -34,7 +34,7 @@ from gridfs.net import tls
 from gridfs.net.identity import NodeAddress
 from gridfs.net.limits import ConnectionLimits, peer_key
 from gridfs.net.rpc import REPLY_OVERHEAD, ReplyBudget, RpcClient, serve_rpc
-from gridfs.node import SessionFactory, run_storage
+from gridfs.node import SessionFactory, run_introducer, run_storage
 from gridfs.protocol.connection import (
     MAX_HELLO_FRAME,
     MAX_OBJECTS,
@@ -574,3 +574,19 @@ def test_the_hello_frame_of_this_protocol_fits_the_limit_before_hello() -> None:
     body = msgpack.packb([0, 2**32 - 1, "hello", hello_args()])
     assert len(body) < MAX_HELLO_FRAME // 10
     assert struct.calcsize(">I") + len(body) < MAX_HELLO_FRAME
+
+
+async def test_the_introducer_caps_connections_too(tmp_path: Path) -> None:
+    node = NodeDir(tmp_path / "i")
+    node.create(NodeConfig("introducer", "i"))
+    limits = ConnectionLimits(max_per_address=2, idle_timeout=1.0)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(lambda **kw: run_introducer(node, limits=limits, **kw))
+        with trio.fail_after(10):
+            async with clients(address, 2) as held:
+                assert await refused(address, "127.0.0.1")
+                reply = await held[0].call("get_peers", {"after": 0, "wait": 0})
+                assert reply["announcements"] == []
+            async with clients(address, 1, "127.0.0.2") as [idle]:
+                await idle.rpc.wait_closed()  # closed by the introducer after 1 s
+        nursery.cancel_scope.cancel()
