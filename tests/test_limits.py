@@ -469,10 +469,11 @@ async def test_connections_that_never_read_replies_pin_at_most_the_budget(
     well-behaved client reads the same share meanwhile."""
     limits = ConnectionLimits(send_timeout=1.5)
     async with limited_server(storage_dir, monkeypatch, caplog, limits, ZeroShares) as server:
-        ports = []
+        ports, deaf = [], []  # (held: a stream collected would close its socket)
         async with trio.open_nursery() as nursery:
             for source in ["127.0.0.1", "127.0.0.2"]:
                 stream = await open_tls(server.address, source)
+                deaf.append(stream)
                 ports.append(local_port(stream))
                 client, hello = handshaken_client()
                 await stream.send_all(hello)
@@ -486,6 +487,8 @@ async def test_connections_that_never_read_replies_pin_at_most_the_budget(
                 for port in ports:
                     await server.connection_ended(port)
             nursery.cancel_scope.cancel()
+        for stream in deaf:
+            await trio.aclose_forcefully(stream)
         for port in ports:
             budget = server.budgets[port]
             assert budget.limit - (MAX_READ + REPLY_OVERHEAD) < budget.peak <= budget.limit
