@@ -21,7 +21,9 @@ from gridfs.protocol.connection import (
     MAX_HELLO_ANSWER,
     MAX_HELLO_FRAME,
     MAX_ID,
+    MAX_MAP,
     MAX_OBJECTS,
+    MAX_STR,
     NEED_DATA,
     BadRequest,
     Closed,
@@ -33,6 +35,7 @@ from gridfs.protocol.connection import (
     Response,
     Role,
     hello_args,
+    unpack_bounded,
 )
 from gridfs.protocol.schema import (
     MAX_ANNOUNCEMENT,
@@ -597,6 +600,7 @@ def test_the_frame_limit_grows_to_max_frame_once_hello_is_done() -> None:
 
 
 def test_a_client_takes_a_hello_answer_up_to_its_own_limit() -> None:
+    assert Connection(Role.CLIENT).frame_limit == MAX_HELLO_ANSWER
     info = {"mountpoint": "/m" * 2000}  # a hello answer bigger than a hello request may be
     for limit, accepted in [(MAX_HELLO_ANSWER, True), (4000, False)]:
         client = Connection(Role.CLIENT, max_hello_frame=limit)
@@ -662,6 +666,21 @@ def test_deep_or_huge_count_frames_after_hello_are_protocol_errors(body: bytes) 
     data = raw_frame(body)
     cpu, peak, _ = decoding_cost(server, data)
     assert peak < 2**20 and cpu < 0.1
+
+
+@pytest.mark.parametrize(
+    ("at_bound", "over"),
+    [
+        (list(range(MAX_ARRAY)), list(range(MAX_ARRAY + 1))),
+        ({f"k{i}": 0 for i in range(MAX_MAP)}, {f"k{i}": 0 for i in range(MAX_MAP + 1)}),
+        ("s" * MAX_STR, "s" * (MAX_STR + 1)),
+    ],
+    ids=["array", "map", "str"],
+)
+def test_container_and_string_bounds_are_inclusive(at_bound: Any, over: Any) -> None:
+    assert unpack_bounded(msgpack.packb(at_bound)) == at_bound
+    with pytest.raises(ValueError):
+        unpack_bounded(msgpack.packb(over))
 
 
 def test_a_write_of_max_chunks_stays_within_the_object_bound() -> None:
