@@ -148,8 +148,10 @@ class ConnectionGate:
         now = trio.current_time()
         if now - self._logged_at >= self.limits.log_interval:
             self._logged_at = now
-            counts = ", ".join(f"{n} for {why}" for why, n in self._unlogged.most_common(3))
-            log.warning("refused %d connections: %s", self._unlogged.total(), counts)
+            counts = "; ".join(f"{n} for {why}" for why, n in self._unlogged.most_common(3))
+            log.warning(
+                "refused %d connection(s) since the last report: %s", self._unlogged.total(), counts
+            )
             self._unlogged.clear()
 
     def _leave_unauthenticated(self, key: str) -> None:
