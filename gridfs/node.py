@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -27,6 +28,7 @@ from .membership import Member, MembershipError
 from .net import tls
 from .net.calls import IntroducerCalls
 from .net.identity import NodeAddress, NodeKey
+from .net.limits import DEFAULT_LIMITS, ConnectionGate, ConnectionLimits
 from .net.rpc import RpcClient, serve_rpc
 from .protocol import schema
 from .storage.leases import LeaseDB
@@ -69,10 +71,12 @@ async def serve_node(
     gate: Gate,
     connection: Connection,
     *,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen with TLS and hand each admitted member's connection to
-    ``connection``."""
+    ``connection``; a :class:`ConnectionGate` admits connections within
+    ``limits`` first."""
     key = node.key()
     ctx = gate.credentials.server
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -98,7 +102,7 @@ async def serve_node(
 
     log.info("%s listening at %s", config.kind, address)
     task_status.started(address)
-    await trio.serve_listeners(handle, listeners)
+    await trio.serve_listeners(ConnectionGate(limits).wrap(handle), listeners)
 
 
 async def admit(stream: tls.TlsStream, gate: Gate, connection: Connection) -> None:
@@ -124,10 +128,12 @@ async def run_storage(
     node: NodeDir,
     *,
     session_factory: SessionFactory = StorageSession,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node``'s share store; ``session_factory(store, idle_timeout)``
-    makes each connection's session (tests substitute misbehaving ones)."""
+    makes each connection's session (tests substitute misbehaving ones);
+    ``limits`` bound connections (tests make them small)."""
     config = node.config()
     key = node.key()
     credentials = node.credentials()
@@ -136,8 +142,8 @@ async def run_storage(
     elif credentials.member.kind != "storage":
         raise UsageError(f"{node.path} holds the membership of a {credentials.member.kind}")
     gate = Gate(credentials, node.private, ("client",))
-    limits = StoreLimits(config.reserved_space, config.max_share_size, config.client_quota)
-    store = ShareStore(node.storage_path, limits)
+    room = StoreLimits(config.reserved_space, config.max_share_size, config.client_quota)
+    store = ShareStore(node.storage_path, room)
     slots = SlotStore(node.storage_path)
 
     def collect(si: bytes) -> None:
@@ -163,7 +169,9 @@ async def run_storage(
             session.abort_all()  # the connection was the canary
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, gate, connection)
+        address = await nursery.start(
+            partial(serve_node, limits=limits), node, config, gate, connection
+        )
         nursery.start_soon(crawl_expired_leases, leases, config.expire_interval)
         nursery.start_soon(gate.revocations.watch)
         if config.introducer and credentials.member is not None:
@@ -231,7 +239,10 @@ async def announce_forever(
 
 
 async def run_introducer(
-    node: NodeDir, *, task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED
+    node: NodeDir,
+    *,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
+    task_status: trio.TaskStatus[NodeAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config = node.config()
     credentials = node.credentials()
@@ -254,7 +265,9 @@ async def run_introducer(
             session.closed()
 
     async with trio.open_nursery() as nursery:
-        address = await nursery.start(serve_node, node, config, gate, connection)
+        address = await nursery.start(
+            partial(serve_node, limits=limits), node, config, gate, connection
+        )
         nursery.start_soon(gate.revocations.watch)
         task_status.started(address)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import struct
+import time
+import tracemalloc
 from typing import Any
 
 import hypothesis
@@ -15,7 +17,13 @@ from hypothesis import strategies as st
 
 from gridfs.hashes import STORAGE_INDEX_SIZE
 from gridfs.protocol.connection import (
+    MAX_ARRAY,
+    MAX_HELLO_ANSWER,
+    MAX_HELLO_FRAME,
     MAX_ID,
+    MAX_MAP,
+    MAX_OBJECTS,
+    MAX_STR,
     NEED_DATA,
     BadRequest,
     Closed,
@@ -27,6 +35,7 @@ from gridfs.protocol.connection import (
     Response,
     Role,
     hello_args,
+    unpack_bounded,
 )
 from gridfs.protocol.schema import (
     MAX_ANNOUNCEMENT,
@@ -534,6 +543,152 @@ def test_arguments_at_the_limits_are_accepted(method: str, args: dict[str, Any])
     event = request(client, server, method, args)
     assert isinstance(event, Request), event
     assert plain(event.args) == args
+
+
+# -- bounded parsing -------------------------------------------------------------
+
+
+def empty_arrays(size: int, width: int = 4096) -> bytes:
+    """A frame body of about ``size`` bytes that is nothing but empty arrays:
+    one byte each, some 64 bytes each as Python lists."""
+    inner = b"\xdd" + struct.pack(">I", width) + b"\x90" * width
+    count = max(1, size // len(inner))
+    return b"\xdd" + struct.pack(">I", count) + inner * count
+
+
+def decoding_cost(conn: Connection, data: bytes) -> tuple[float, int, str]:
+    """CPU seconds and peak bytes allocated (beyond ``data``) while ``conn``
+    takes in ``data``, and the protocol error it raised."""
+    tracemalloc.start()
+    started = time.process_time()
+    try:
+        conn.receive_data(data)
+        with pytest.raises(RemoteProtocolError) as caught:
+            drain(conn)
+        cpu = time.process_time() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return cpu, peak - len(data), str(caught.value)
+
+
+def padded_hello(size: int) -> bytes:
+    """A hello frame (with a field too many) whose body is exactly ``size`` bytes."""
+    for n in range(size):
+        body = msgpack.packb([0, 1, "hello", {**hello_args(), "pad": "x" * n}])
+        if len(body) == size:
+            return raw_frame(body)
+    raise AssertionError(f"no hello body of {size} bytes")
+
+
+def test_a_stranger_may_send_only_a_small_frame_before_hello() -> None:
+    server = Connection(Role.SERVER)
+    assert server.frame_limit == MAX_HELLO_FRAME
+    event = only_event(server, padded_hello(MAX_HELLO_FRAME))  # read and parsed
+    assert isinstance(event, BadRequest) and "unexpected" in event.reason
+
+    server = Connection(Role.SERVER)
+    server.receive_data(padded_hello(MAX_HELLO_FRAME + 1)[:4])  # the header alone
+    with pytest.raises(RemoteProtocolError, match="before hello exceeds the 4096 limit"):
+        server.next_event()
+
+
+def test_the_frame_limit_grows_to_max_frame_once_hello_is_done() -> None:
+    client, server = handshaken_pair()
+    assert server.frame_limit == client.frame_limit == MAX_FRAME
+    assert isinstance(only_event(server, padded_request(2, MAX_HELLO_FRAME + 1)), BadRequest)
+
+
+def test_a_client_takes_a_hello_answer_up_to_its_own_limit() -> None:
+    assert Connection(Role.CLIENT).frame_limit == MAX_HELLO_ANSWER
+    info = {"mountpoint": "/m" * 2000}  # a hello answer bigger than a hello request may be
+    for limit, accepted in [(MAX_HELLO_ANSWER, True), (4000, False)]:
+        client = Connection(Role.CLIENT, max_hello_frame=limit)
+        rid, _ = client.send_request("hello", hello_args())
+        answer = frame([1, rid, info])
+        assert 4000 < len(answer) < MAX_HELLO_ANSWER
+        if accepted:
+            assert only_event(client, answer) == Response(rid, info)
+        else:
+            with pytest.raises(RemoteProtocolError, match="before hello"):
+                drain(client, answer)
+
+
+def test_a_megabyte_of_empty_arrays_before_hello_is_refused_unread() -> None:
+    data = raw_frame(empty_arrays(1_000_000))
+    cpu, peak, error = decoding_cost(Connection(Role.SERVER), data)
+    assert "before hello exceeds" in error  # refused by its header: nothing decoded
+    assert cpu < 0.05 and peak < 64 * 1024  # (decoded, it cost ~195 ms and ~61 MiB)
+
+
+@pytest.mark.parametrize("shape", ["arrays", "maps", "small ints", "strings"])
+def test_a_frame_of_countless_small_objects_after_hello_is_refused_cheaply(shape: str) -> None:
+    items = {"arrays": b"\x90", "maps": b"\x80", "small ints": b"\xe0", "strings": b"\xa2ab"}
+    item = items[shape]
+    width = 4096
+    inner = b"\xdd" + struct.pack(">I", width) + item * width
+    body = b"\xdd" + struct.pack(">I", MAX_FRAME // len(inner)) + inner * (MAX_FRAME // len(inner))
+    _, server = handshaken_pair()
+    cpu, peak, error = decoding_cost(server, raw_frame(body))
+    assert f"more than {MAX_OBJECTS} objects" in error
+    # Decoded in full, 4 MiB of empty arrays made ~244 MiB of lists in ~1 s.
+    assert peak < 8 * 2**20, peak
+    assert cpu < 0.5, cpu
+
+
+def test_the_object_bound_is_inclusive() -> None:
+    # Each array or map counts itself and its items: 31 + 2 + 5 = 38.
+    body = msgpack.packb([0, 2, "m", {"a": list(range(30))}])
+    for bound, ok in [(38, True), (37, False)]:
+        server = Connection(Role.SERVER, max_objects=bound)
+        assert isinstance(only_event(server, frame([0, 1, "hello", hello_args()])), Request)
+        if ok:
+            assert isinstance(only_event(server, raw_frame(body)), BadRequest)
+        else:
+            with pytest.raises(RemoteProtocolError, match=f"more than {bound} objects"):
+                drain(server, raw_frame(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x91" * 5000 + b"\x90",  # arrays nested 5000 deep
+        b"\x81\xa1k" * 5000 + b"\xc0",  # maps nested 5000 deep
+        b"\xdd" + struct.pack(">I", MAX_ARRAY + 1) + b"\x90" * (MAX_ARRAY + 1),
+        b"\xdf\xff\xff\xff\xff",  # a map claiming 4 billion pairs
+        b"\xc6\xff\xff\xff\xff" + b"x" * 10,  # a bin claiming 4 GiB
+        b"\xdb\xff\xff\xff\xff" + b"x" * 10,  # a string claiming 4 GiB
+    ],
+    ids=["deep-arrays", "deep-maps", "long-array", "huge-map", "huge-bin", "huge-str"],
+)
+def test_deep_or_huge_count_frames_after_hello_are_protocol_errors(body: bytes) -> None:
+    _, server = handshaken_pair()
+    data = raw_frame(body)
+    cpu, peak, _ = decoding_cost(server, data)
+    assert peak < 2**20 and cpu < 0.1
+
+
+@pytest.mark.parametrize(
+    ("at_bound", "over"),
+    [
+        (list(range(MAX_ARRAY)), list(range(MAX_ARRAY + 1))),
+        ({f"k{i}": 0 for i in range(MAX_MAP)}, {f"k{i}": 0 for i in range(MAX_MAP + 1)}),
+        ("s" * MAX_STR, "s" * (MAX_STR + 1)),
+    ],
+    ids=["array", "map", "str"],
+)
+def test_container_and_string_bounds_are_inclusive(at_bound: Any, over: Any) -> None:
+    assert unpack_bounded(msgpack.packb(at_bound)) == at_bound
+    with pytest.raises(ValueError):
+        unpack_bounded(msgpack.packb(over))
+
+
+def test_a_write_of_max_chunks_stays_within_the_object_bound() -> None:
+    client, server = handshaken_pair()
+    chunks = [[i, b"z"] for i in range(MAX_CHUNKS)]
+    args = {"si": SI, "sharenum": 0, "chunks": chunks}
+    assert isinstance(request(client, server, "write", args), Request)
+    assert 3 * MAX_CHUNKS + 10 < MAX_OBJECTS
 
 
 # -- end of stream and delivery ----------------------------------------------------

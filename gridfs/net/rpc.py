@@ -2,7 +2,8 @@
 
 :class:`RpcClient` multiplexes many calls over one stream; :func:`serve_rpc`
 answers requests with a handler, several at a time, and never lets a bad
-request or a handler bug take the server down.
+request, a handler bug or a peer that stops reading take the server down
+(see :mod:`gridfs.net.limits` for what one connection may hold).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import trio
 
 from ..errors import GridError
+from ..mutable import MAX_SLOT_RECORD, SIGNATURE_SIZE
 from ..protocol.connection import (
     NEED_DATA,
     BadRequest,
@@ -27,6 +29,10 @@ from ..protocol.connection import (
     Role,
     hello_args,
 )
+from ..protocol.schema import MAX_FRAME
+from .limits import DEFAULT_LIMITS, ConnectionLimits
+from .limits import authenticated as mark_authenticated
+from .limits import current as current_admission
 from .tls import wake_after
 
 log = logging.getLogger(__name__)
@@ -35,7 +41,8 @@ SEND_PIECE = 1024 * 1024
 """A request is sent in pieces of this size, each within the call's patience
 (a block write is one piece; smaller pieces cost measurable CPU)."""
 SEND_PATIENCE = 60.0
-"""Patience for a piece of a call that has no timeout."""
+"""Patience for a piece of a call that has no timeout (a server's patience
+for its replies is :attr:`ConnectionLimits.send_timeout`)."""
 
 
 class ConnectionLost(GridError):
@@ -196,11 +203,62 @@ class RpcClient:
 
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+REPLY_OVERHEAD = 64
+"""Bytes a reply frame adds to its data (length, kind, id, msgpack headers)."""
+SMALL_REPLY = 16 * 1024
+"""What a reply of a method not in :func:`reply_estimate` is assumed to cost."""
+_REPLY_SIZES = {"slot_read": MAX_SLOT_RECORD + SIGNATURE_SIZE, "get_peers": MAX_FRAME}
 
 
 def error_code(exc: BaseException) -> str:
     """Wire error code of an exception: its class's ``code`` or its class name."""
     return getattr(exc, "code", None) or type(exc).__name__
+
+
+def reply_estimate(request: Request) -> int:
+    """The most bytes the reply to ``request`` should take: a read's length,
+    a method known for large answers its bound, and little for the rest."""
+    length = request.args.get("length")
+    if request.method == "read" and type(length) is int:
+        return length + REPLY_OVERHEAD
+    return _REPLY_SIZES.get(request.method, SMALL_REPLY) + REPLY_OVERHEAD
+
+
+class ReplyBudget:
+    """Bytes of replies a connection owes: reserved by estimate when a
+    request starts, set to the real size when its reply is made, given back
+    once the reply is sent.  A request starts only if its estimate fits (or
+    nothing is owed, so one reply bigger than the budget still gets through),
+    so what a peer that reads no replies pins stays within the budget."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.owed = 0
+        self.peak = 0
+        """The most bytes owed at once (for tests and diagnostics)."""
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def reserve(self, size: int) -> None:
+        while self.owed and self.owed + size > self.limit:
+            await self._lot.park()
+        self._add(size)
+
+    def adjust(self, reserved: int, actual: int) -> None:
+        """A reply turned out ``actual`` bytes, not the ``reserved`` estimate."""
+        self._add(actual - reserved)
+
+    def release(self, size: int) -> None:
+        self._add(-size)
+
+    def _add(self, delta: int) -> None:
+        self.owed += delta
+        self.peak = max(self.peak, self.owed)
+        if delta < 0:
+            self._lot.unpark_all()
+
+
+class _SendTimeout(Exception):
+    """The peer took in nothing of a reply for the send time-out."""
 
 
 async def serve_rpc(
@@ -209,37 +267,80 @@ async def serve_rpc(
     hello: Callable[[], dict[str, Any]],
     max_concurrent: int = 8,
     max_frame: int | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
+    replies: ReplyBudget | None = None,
 ) -> None:
     """Answer requests on ``stream`` until it closes or the peer misbehaves.
 
     ``handler(method, args)`` returns the result or raises a GridError (sent
     as an error reply with its code); any other exception is logged and sent
-    as ``internal``.  At most ``max_concurrent`` requests run at once; beyond
-    that the stream is not read, so a flooding peer is slowed, not buffered.
+    as ``internal``.  At most ``max_concurrent`` requests run at once, and a
+    request starts only while the replies owed fit ``replies`` (by default a
+    :class:`ReplyBudget` of ``limits.reply_budget``); beyond that the stream
+    is not read, so a flooding peer is slowed, not buffered.  A peer that
+    takes in nothing of a reply for ``limits.send_timeout`` seconds, or sends
+    nothing for ``limits.idle_timeout`` seconds while no request is in
+    flight, loses the connection.  ``limits`` defaults to those of the
+    connection's admission (:func:`gridfs.net.limits.current`), if any.
+
+    ``hello`` is answered at once, before the next request is read (so its
+    answer is the first frame the client receives), and marks the connection
+    authenticated for its gate.
     """
+    if limits is None:
+        admission = current_admission()
+        limits = admission.limits if admission is not None else DEFAULT_LIMITS
     conn = Connection(Role.SERVER) if max_frame is None else Connection(Role.SERVER, max_frame)
     send_lock = trio.Lock()
     limiter = trio.Semaphore(max_concurrent)
+    budget = replies if replies is not None else ReplyBudget(limits.reply_budget)
+    in_flight = 0
+    reading: trio.CancelScope | None = None
+    """The receive under way, if any: its deadline is the idle time-out."""
+
+    def idle_deadline() -> float:
+        return trio.current_time() + limits.idle_timeout if in_flight == 0 else math.inf
+
+    stalled = ""
+    """Why sending stopped: a frame was cut short, nothing may follow it."""
 
     async def send(data: bytes) -> None:
+        nonlocal stalled
+        view = memoryview(data)
         async with send_lock:
-            await stream.send_all(data)
+            for start in range(0, len(view), SEND_PIECE):
+                if stalled:
+                    raise _SendTimeout(stalled)
+                with trio.move_on_after(limits.send_timeout) as sending:
+                    await stream.send_all(view[start : start + SEND_PIECE])
+                if sending.cancelled_caught:
+                    stalled = f"the peer took nothing in for {limits.send_timeout:g}s"
+                    raise _SendTimeout(stalled)
 
-    async def answer(req: Request) -> None:
+    async def answer(req: Request, reserved: int) -> None:
+        nonlocal in_flight
+        size = reserved
         try:
             try:
-                result = hello() if req.method == "hello" else await handler(req.method, req.args)
+                result = await handler(req.method, req.args)
                 data = conn.send_response(req.id, result)
             except GridError as e:
                 data = conn.send_error(req.id, error_code(e), str(e))
             except Exception as e:
                 log.exception("handler for %s failed", req.method)
                 data = conn.send_error(req.id, "internal", f"{type(e).__name__}")
+            budget.adjust(reserved, len(data))
+            size = len(data)
             await send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            budget.release(size)
             limiter.release()
+            in_flight -= 1
+            if reading is not None:
+                reading.deadline = idle_deadline()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -252,15 +353,37 @@ async def serve_rpc(
                 if event is NEED_DATA:
                     wanted = conn.wanted
                     wake_after(stream, wanted)
-                    conn.receive_data(await stream.receive_some(max(wanted, RECEIVE_SIZE)))
+                    size = max(wanted, RECEIVE_SIZE if conn.handshaken else conn.frame_limit)
+                    data: bytes | bytearray | None = None
+                    with trio.CancelScope(deadline=idle_deadline()) as reading:
+                        data = await stream.receive_some(size)
+                    reading = None
+                    if data is None:
+                        log.info("closing a connection idle for %gs", limits.idle_timeout)
+                        break
+                    conn.receive_data(data)
                 elif isinstance(event, Closed):
                     break
                 elif isinstance(event, BadRequest):
                     await send(conn.send_error(event.id, "bad-request", event.reason))
-                elif isinstance(event, Request):
+                elif not isinstance(event, Request):
+                    log.info("closing connection: a client sent an answer")
+                    break
+                elif event.method == "hello":
+                    await send(conn.send_response(event.id, hello()))
+                    mark_authenticated()
+                else:
                     await limiter.acquire()
-                    nursery.start_soon(answer, event)
+                    reserved = reply_estimate(event)
+                    await budget.reserve(reserved)
+                    if stalled:  # the connection is ending: start nothing more
+                        budget.release(reserved)
+                        break
+                    in_flight += 1
+                    nursery.start_soon(answer, event, reserved)
             nursery.cancel_scope.cancel()
+    except* _SendTimeout as group:
+        log.info("closing connection: %s", group.exceptions[0])
     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError):
         pass  # except*: the nursery wraps a broken stream in an ExceptionGroup
     finally:

@@ -9,7 +9,10 @@ Frames are a 4-byte big-endian length and a msgpack body, one of::
 Ids are chosen by the requester, unique among its outstanding requests, so
 many calls share one connection and answers may come in any order.  The first
 request on a connection is ``hello`` (the version handshake).  The frame
-length is checked before the frame is buffered, and a request's arguments
+length is checked before the frame is buffered (until the hello exchange is
+done, against a small limit: a stranger gets no big buffer), the frame is
+decoded with a bound on the objects it may make (a megabyte of empty arrays
+would be some sixty megabytes of Python lists), and a request's arguments
 against its schema before the application sees them.  Anything malformed is a
 :class:`RemoteProtocolError`, after which the connection is dead.
 """
@@ -28,6 +31,20 @@ from .schema import MAX_FRAME, PROTOCOL_NAME, PROTOCOL_VERSION, SchemaError, val
 _LEN = struct.Struct(">I")
 REQUEST, RESPONSE, ERROR = 0, 1, 2
 MAX_ID = 2**32 - 1
+MAX_HELLO_FRAME = 4096
+"""Largest frame a server accepts before the hello exchange is done (a hello
+request is some 40 bytes)."""
+MAX_HELLO_ANSWER = 64 * 1024
+"""Largest frame a client accepts before the answer to its hello (a server's
+hello information, a mount's path in it)."""
+MAX_OBJECTS = 65536
+"""Most msgpack objects (containers and their items) one frame may decode to:
+a write of MAX_CHUNKS chunks is some 12,300.  Each costs up to ~64 bytes of
+Python objects, so a frame decodes to at most a few MiB besides its data."""
+MAX_ARRAY = 16384
+"""Most items in one array (the largest list of any message is MAX_CHUNKS)."""
+MAX_MAP = 4096
+MAX_STR = 65536
 
 
 class ProtocolError(Exception):
@@ -91,6 +108,44 @@ NEED_DATA = _NeedData()
 Event = Request | BadRequest | Response | ErrorReply | Closed
 
 
+class TooManyObjects(ValueError):
+    """A frame would decode to more objects than allowed."""
+
+
+def unpack_bounded(body: bytes | memoryview, max_objects: int = MAX_OBJECTS) -> Any:
+    """Decode one msgpack body, refusing it as soon as it has made more than
+    ``max_objects`` objects.
+
+    msgpack's own limits bound each container (and each container by the bytes
+    left, so a forged count allocates nothing big) but not their total; the
+    hooks, called as each array or map is complete, add up its items and stop
+    the decoding at the bound.  So a frame makes at most ``max_objects`` plus
+    one container's items before it is refused.  Raises TooManyObjects, or
+    msgpack's errors for malformed input (its nesting depth is bounded too)."""
+    size = len(body)
+    count = 0
+
+    def counted(items: Any) -> Any:
+        nonlocal count
+        count += len(items) + 1
+        if count > max_objects:
+            raise TooManyObjects(f"frame holds more than {max_objects} objects")
+        return items
+
+    return msgpack.unpackb(
+        body,
+        raw=False,
+        strict_map_key=True,
+        list_hook=counted,
+        object_hook=counted,
+        max_str_len=min(MAX_STR, size),
+        max_bin_len=size,
+        max_array_len=min(MAX_ARRAY, size),
+        max_map_len=min(MAX_MAP, size),
+        max_ext_len=0,
+    )
+
+
 def hello_args() -> dict[str, Any]:
     return {"protocol": PROTOCOL_NAME, "versions": [PROTOCOL_VERSION]}
 
@@ -100,9 +155,21 @@ class Connection:
     read events with :meth:`next_event`, and turn calls into bytes with the
     ``send_*`` methods."""
 
-    def __init__(self, role: Role, max_frame: int = MAX_FRAME) -> None:
+    def __init__(
+        self,
+        role: Role,
+        max_frame: int = MAX_FRAME,
+        *,
+        max_hello_frame: int | None = None,
+        max_objects: int = MAX_OBJECTS,
+    ) -> None:
         self.role = role
         self.max_frame = max_frame
+        if max_hello_frame is None:
+            max_hello_frame = MAX_HELLO_FRAME if role is Role.SERVER else MAX_HELLO_ANSWER
+        self.max_hello_frame = max_hello_frame
+        """Frame limit until the hello exchange is done."""
+        self.max_objects = max_objects
         self._buffer = bytearray()
         self._consumed = 0
         self._eof = False
@@ -152,14 +219,22 @@ class Connection:
             self._dead = True
             raise
 
+    @property
+    def frame_limit(self) -> int:
+        """The largest frame body acceptable now."""
+        return self.max_frame if self.handshaken else min(self.max_frame, self.max_hello_frame)
+
     def _next_frame(self) -> memoryview | None:
         if len(self._buffer) < _LEN.size:
             if self._eof and self._buffer:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
             return None
         (length,) = _LEN.unpack_from(self._buffer)
-        if length > self.max_frame:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame} limit")
+        if length > self.frame_limit:
+            before = "" if self.handshaken else " before hello"
+            raise RemoteProtocolError(
+                f"frame of {length} bytes{before} exceeds the {self.frame_limit} limit"
+            )
         if len(self._buffer) < _LEN.size + length:
             if self._eof:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
@@ -170,15 +245,9 @@ class Connection:
 
     def _parse(self, body: memoryview) -> Event:
         try:
-            msg = msgpack.unpackb(
-                body,
-                raw=False,
-                strict_map_key=True,
-                max_str_len=65536,
-                max_array_len=65536,
-                max_map_len=4096,
-                max_ext_len=0,
-            )
+            msg = unpack_bounded(body, self.max_objects)
+        except TooManyObjects as e:
+            raise RemoteProtocolError(str(e)) from None
         except Exception as e:
             raise RemoteProtocolError(f"undecodable frame: {type(e).__name__}") from None
         if not isinstance(msg, list) or not msg or type(msg[0]) is not int:
