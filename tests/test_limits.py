@@ -46,6 +46,7 @@ from gridfs.protocol.connection import (
 from gridfs.protocol.schema import MAX_FRAME, MAX_READ
 from gridfs.storage.service import StorageSession
 
+from .gridutil import MEMBERS
 from .test_protocol import drain, empty_arrays, raw_frame
 from .test_rpc import (
     SI,
@@ -245,6 +246,7 @@ def test_peers_are_counted_by_address_and_ipv6_by_its_64() -> None:
 def storage_dir(tmp_path: Path) -> NodeDir:
     node = NodeDir(tmp_path / "s")
     node.create(NodeConfig("storage", "s1", reserved_space=0))
+    MEMBERS.enroll(node, "storage")
     return node
 
 
@@ -297,7 +299,8 @@ async def open_tls(address: NodeAddress, source: str = "127.0.0.1") -> tls.TlsSt
     """A TLS connection to the node from ``source``; the one place this file
     opens one (made as tests/test_rpc.py's ``open_raw`` makes its own)."""
     tcp = await trio.open_tcp_stream(address.host, address.port, local_address=source)
-    stream = trio.SSLStream(tls.LargeReads(tcp), tls.client_context(), server_hostname=None)
+    context = MEMBERS.client().client
+    stream = trio.SSLStream(tls.LargeReads(tcp), context, server_hostname=None)
     try:
         await stream.do_handshake()
     except BaseException:
@@ -561,7 +564,7 @@ async def test_an_idle_connection_is_closed_and_the_client_reconnects(
     limits = ConnectionLimits(idle_timeout=0.5)
     async with limited_server(storage_dir, monkeypatch, caplog, limits) as server:
         async with trio.open_nursery() as nursery:
-            peer = Server(server.address, nursery)
+            peer = Server(server.address, nursery, MEMBERS.client())
             assert "total" in await peer.call("stats", {})
             first = await peer.connect()
             with trio.fail_after(10):
@@ -582,13 +585,14 @@ def test_the_hello_frame_of_this_protocol_fits_the_limit_before_hello() -> None:
 async def test_the_introducer_caps_connections_too(tmp_path: Path) -> None:
     node = NodeDir(tmp_path / "i")
     node.create(NodeConfig("introducer", "i"))
+    MEMBERS.enroll(node, "introducer")
     limits = ConnectionLimits(max_per_address=2, idle_timeout=1.0)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(lambda **kw: run_introducer(node, limits=limits, **kw))
         with trio.fail_after(10):
             async with clients(address, 2) as held:
                 assert await refused(address, "127.0.0.1")
-                reply = await held[0].call("get_peers", {"after": 0, "wait": 0})
+                reply = await held[0].call("get_peers", {"after": 0, "wait": 0, "start": b""})
                 assert reply["announcements"] == []
             async with clients(address, 1, "127.0.0.2") as [idle]:
                 await idle.rpc.wait_closed()  # closed by the introducer after 1 s
