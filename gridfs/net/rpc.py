@@ -370,7 +370,12 @@ async def serve_rpc(
                     log.info("closing connection: a client sent an answer")
                     break
                 elif event.method == "hello":
-                    await send(conn.send_response(event.id, hello()))
+                    try:
+                        reply = conn.send_response(event.id, hello())
+                    except GridError as e:  # a refusal (gatekeeper.refuse): say why
+                        await send(conn.send_error(event.id, error_code(e), str(e)))
+                        continue
+                    await send(reply)
                     mark_authenticated()
                 else:
                     await limiter.acquire()
