@@ -160,3 +160,27 @@ async def test_tls_connect_failures_are_connect_errors(resetter: Resetter) -> No
             with trio.fail_after(10), pytest.raises(tls.ConnectError, match=r"127\.0\.0\.1:"):
                 await tls.connect(address, MEMBERS.client())
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_left_idle_is_replaced_before_the_server_closes_it(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A call after IDLE_REOPEN seconds of quiet goes over a new connection,
+    never over the old one that the server may be closing just then; a
+    connection in use is kept."""
+    from gridfs.client.broker import IDLE_REOPEN
+
+    from .gridutil import open_broker, open_grid
+
+    with trio.fail_after(3 * IDLE_REOPEN):  # (virtual time: the clock jumps)
+        async with open_grid(tmp_path, servers=1) as grid, open_broker(grid.addresses) as broker:
+            (server,) = broker.servers.values()
+            await server.calls.stats()
+            first = await server.connect()
+            mock_clock.jump(IDLE_REOPEN / 2)
+            await server.calls.stats()
+            assert await server.connect() is first  # used recently: kept
+            mock_clock.jump(IDLE_REOPEN + 1)
+            await server.calls.stats()
+            second = await server.connect()
+            assert second is not first and first.closed

@@ -32,6 +32,10 @@ from ..net.rpc import ConnectionLost, RpcClient
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
+IDLE_REOPEN = 240.0
+"""A connection unused this long is replaced before the next call, rather
+than used just as the server closes it (servers close idle connections after
+300 s by default: gridfs/net/limits.py)."""
 CALL_TIMEOUT = 30.0
 POLL_WAIT = 30
 
@@ -63,6 +67,8 @@ class Server:
         self._lock = trio.Lock()
         self._failures = 0
         self._retry_at = 0.0
+        self._in_flight = 0
+        self._last_used = 0.0
 
     @property
     def node_id(self) -> bytes:
@@ -79,9 +85,11 @@ class Server:
 
     async def connect(self) -> RpcClient:
         async with self._lock:
-            if self._rpc is not None and not self._rpc.closed:
-                return self._rpc
             now = trio.current_time()
+            if self._rpc is not None and not self._rpc.closed:
+                if self._in_flight or now - self._last_used < IDLE_REOPEN:
+                    return self._rpc
+                await self._rpc.aclose("idle: replaced before the server closes it")
             if now < self._retry_at:
                 raise ServerUnavailable(f"{self.name}: unreachable, retrying later")
             try:
@@ -97,12 +105,17 @@ class Server:
                     self.refusal = refused(f"server {self.name}", e)
                 raise ServerUnavailable(f"{self.name}: {e}") from None
             self._failures = 0
-            self._rpc = rpc
+            self._rpc, self._last_used = rpc, now
             return rpc
 
     async def call(self, method: str, args: dict[str, Any], timeout: float | None = None) -> Any:
         rpc = await self.connect()
-        return await rpc.call(method, args, timeout)
+        self._in_flight += 1
+        try:
+            return await rpc.call(method, args, timeout)
+        finally:
+            self._in_flight -= 1
+            self._last_used = trio.current_time()
 
     @property
     def calls(self) -> StorageCalls:
