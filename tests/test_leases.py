@@ -8,6 +8,7 @@ on a partial picture, and background check-and-repair.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -304,12 +305,18 @@ async def client_node(
     happy: int = PARAMS.happy,
     n: int = PARAMS.n,
     convergence: bytes | None = None,
+    snapshots: bool = False,
 ) -> AsyncIterator[GridClient]:
-    """A client node (made on first use) over the grid's servers, and its GridClient."""
+    """A client node (made on first use) over the grid's servers, and its
+    GridClient; unless ``snapshots``, it keeps no old root versions (what a
+    commit drops is given up at once)."""
     node = NodeDir(path)
     if not node.exists():
         servers = [str(a) for a in grid.addresses]
-        node.create(NodeConfig("client", path.name, servers=servers, k=k, happy=happy, n=n))
+        config = NodeConfig("client", path.name, servers=servers, k=k, happy=happy, n=n)
+        if not snapshots:
+            config = dataclasses.replace(config, snapshot_retention=0.0, snapshot_keep=1)
+        node.create(config)
         MEMBERS.enroll(node, "client")
         if convergence is not None:
             (node.private / "convergence").write_bytes(convergence)

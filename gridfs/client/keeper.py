@@ -50,6 +50,7 @@ from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
 from .slots import read_slot
+from .snapshots import Snapshot, SnapshotLog, expired, tree_key
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ class Keeper:
         """One Tree (with its directory cache) per root cap, kept across walks."""
         self.unwalkable: list[str] = []
         """Trees the last lenient walk could not read (and why)."""
+        self.snapshot_stats: dict[str, dict[str, int]] = {}
+        """Per tree (by :func:`tree_key`), from its last walk: how many
+        versions are kept, and how many objects only old versions hold."""
 
     def share_tree(self, root_cap: str, tree: Tree) -> None:
         """Let walks use ``tree`` (and its cache) for the tree at ``root_cap``."""
@@ -184,8 +188,74 @@ class Keeper:
                 f"({need} needed to be sure of its newest version)"
             )
         root = unpack_root(read.plaintext or b"")
-        with plain_grid_errors():  # a directory that cannot be read: one GridError
-            return {root_cap} | await subtree_caps(self.tree(root_cap), root)
+        tree = self.tree(root_cap)
+        key = tree_key(cap)
+        with SnapshotLog(self.node) as snaplog:
+            snapshots = [s for s in snaplog.versions(key) if s.root != root]
+        unreadable: list[Snapshot] = []
+        while True:  # again without a snapshot that failed half-way
+            with plain_grid_errors():  # a directory that cannot be read: one GridError
+                found = await subtree_caps(tree, root, {root_cap})
+            live = len(found)
+            failed = None
+            for snap in snapshots:
+                try:
+                    with plain_grid_errors():
+                        await subtree_caps(tree, snap.root, found)
+                except GridError as e:
+                    failed = snap
+                    log.warning("snapshot %d of %s cannot be walked: %s", snap.seq, key[:12], e)
+                    break
+            if failed is None:
+                break
+            snapshots.remove(failed)
+            unreadable.append(failed)
+        if strict and unreadable:
+            # Its current version walked, a version that cannot: its
+            # directories are gone, and it can never be browsed again.
+            with SnapshotLog(self.node) as snaplog:
+                snaplog.forget(key, [s.seq for s in unreadable])
+        self.snapshot_stats[key] = {"snapshots": len(snapshots) + 1, "held": len(found) - live}
+        return found
+
+    async def expire_snapshots(self, force: bool = False) -> tuple[int, set[str]]:
+        """Forget the snapshots the retention policy lets go (of every
+        tree); (how many, the caps they referenced) for an unlink to give
+        up what nothing else keeps.  Cheap when nothing expired."""
+        config = self.node.config()
+        now = time.time_ns()
+        doomed: list[tuple[str, Snapshot]] = []
+        with SnapshotLog(self.node) as snaplog:
+            for key in snaplog.trees():
+                for snap in expired(
+                    snaplog.versions(key), config.snapshot_retention, config.snapshot_keep, now
+                ):
+                    doomed.append((key, snap))
+            for key in {k for k, _ in doomed}:
+                snaplog.forget(key, [s.seq for k, s in doomed if k == key])
+        caps: set[str] = set()
+        for key, snap in doomed:
+            tree = self._tree_by_key(key)
+            if tree is None:
+                continue  # a tree the node no longer keeps: nothing of it is kept
+            try:
+                with plain_grid_errors():
+                    await subtree_caps(tree, snap.root, caps)
+            except GridError as e:
+                log.warning("expired snapshot %d of %s cannot be walked: %s", snap.seq, key[:12], e)
+        if doomed:
+            log.info("%d snapshots expired", len(doomed))
+        return len(doomed), caps
+
+    def _tree_by_key(self, key: str) -> Tree | None:
+        from .session import load_aliases  # session imports this module
+
+        for cap_text in load_aliases(self.node).values():
+            with contextlib.suppress(Exception):
+                cap = parse_slot_cap(cap_text)
+                if isinstance(cap, SlotWriteCap | SlotReadCap) and tree_key(cap) == key:
+                    return self.tree(cap_text)
+        return None
 
     async def reachable(self, strict: bool = True) -> set[str]:
         """Every cap this node keeps.  ``strict`` (for unlinks): raise if any
@@ -219,15 +289,37 @@ class Keeper:
 
     async def renew_all(self) -> RenewReport:
         """Renew this node's lease on everything it keeps, at every server."""
+        count, doomed = await self.expire_snapshots()
+        if count:
+            try:
+                await self.unlink(doomed)
+            except GridError as e:  # not renewed from now on: their leases run out
+                log.warning("could not give up what expired snapshots held: %s", e)
         caps = await self.reachable(strict=False)
         report = await renew(self.grid.broker, filter(None, map(storage_index_of, caps)))
         record(self.node, "renew", _renew_summary(report))
+        self.record_snapshots()
         return report
+
+    def record_snapshots(self) -> None:
+        """What the last walk found the snapshots hold (for gridfs status)."""
+        stats = self.snapshot_stats.values()
+        record(
+            self.node,
+            "snapshots",
+            {
+                "trees": len(stats),
+                "snapshots": sum(s["snapshots"] for s in stats),
+                "held": sum(s["held"] for s in stats),
+            },
+        )
 
     async def unlink(self, caps: Iterable[str]) -> CancelReport:
         """Give up this node's leases on ``caps``, except on what the node
         still keeps."""
         dropped = set(caps)
+        _, doomed = await self.expire_snapshots()
+        dropped |= doomed
         sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
         if not sis:
             return CancelReport()
@@ -243,6 +335,7 @@ class Keeper:
             report.kept,
         )
         record(self.node, "unlink", {"objects": len(sis - keep), "freed": report.freed})
+        self.record_snapshots()
         return report
 
 
