@@ -33,8 +33,10 @@ from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
+from .capattrs import CAP_XATTRS, cap_xattr
 from .files import CapReader, OpenFile, content_source
 from .segcache import SegmentCache
+from .snapshots import in_snapshots
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ DIR_SIZE = 4096
 
 class GridOperations(pyfuse3.Operations):
     supports_dot_lookup = False
+    readonly = False
+    """Refuse every change with EROFS (a read-only tree, or -o ro)."""
 
     def __init__(self, daemon: Any, session: TreeSession, view: View, sync: bool) -> None:
         super().__init__()
@@ -296,8 +300,16 @@ class GridOperations(pyfuse3.Operations):
             return Path(f"/proc/self/fd/{of.pinned}")
         return source
 
+    def check_writable(self, path: Path_) -> None:
+        """EROFS, before anything is looked at or queued, for a change on a
+        read-only mount or under .snapshots."""
+        if self.readonly or in_snapshots(path):
+            raise pyfuse3.FUSEError(errno.EROFS)
+
     async def _child(self, parent_inode: int, name: bytes) -> tuple[Path_, Entry | None]:
+        """The path and entry of a name about to be made, removed or renamed."""
         path = (*self.inodes.path(parent_inode), fuse_name(name))
+        self.check_writable(path)
         return path, await self.view.lookup(path)
 
     @errors_to_errno
@@ -403,14 +415,16 @@ class GridOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        self.check_writable(self.inodes.path(new_parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)  # documented: no hard links
 
     @errors_to_errno
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        entry = await self.entry_of(inode)
         path = self.inodes.path(inode)
+        self.check_writable(path)
+        entry = await self.entry_of(inode)
         if (fields.update_uid and attr.st_uid not in (self.uid, -1)) or (
             fields.update_gid and attr.st_gid not in (self.gid, -1)
         ):
@@ -536,6 +550,8 @@ class GridOperations(pyfuse3.Operations):
 
     @errors_to_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self.check_writable(self.inodes.path(inode))
         entry = await self.entry_of(inode)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -808,6 +824,8 @@ class GridOperations(pyfuse3.Operations):
             # ENODATA: ls -l asks for security.selinux and the ACL of every
             # entry, and stops asking on this filesystem after one ENOTSUP.
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if key in CAP_XATTRS:
+            return await cap_xattr(self, inode, key, ctx)
         value = (await self.entry_of(inode)).xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -822,6 +840,9 @@ class GridOperations(pyfuse3.Operations):
         key = name.decode("utf-8", "replace")
         if not key.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        self.check_writable(self.inodes.path(inode))
+        if key in CAP_XATTRS:
+            raise pyfuse3.FUSEError(errno.EPERM)  # computed, never stored
         if len(value) > 64 * 1024:
             raise pyfuse3.FUSEError(errno.E2BIG)
         await self._set_xattrs(inode, key, value)
@@ -829,6 +850,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         key = name.decode("utf-8", "replace")
+        self.check_writable(self.inodes.path(inode))
         if key not in (await self.entry_of(inode)).xattrs:
             raise pyfuse3.FUSEError(errno.ENODATA)
         await self._set_xattrs(inode, key, None)
