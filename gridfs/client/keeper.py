@@ -50,7 +50,7 @@ from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
 from .slots import read_slot
-from .snapshots import Snapshot, SnapshotLog, expired, tree_key
+from .snapshots import SnapshotLog, expired, tree_key, update_held
 
 log = logging.getLogger(__name__)
 
@@ -189,33 +189,26 @@ class Keeper:
             )
         root = unpack_root(read.plaintext or b"")
         tree = self.tree(root_cap)
+        with plain_grid_errors():  # a directory that cannot be read: one GridError
+            found = await subtree_caps(tree, root, {root_cap})
+        live = len(found)
         key = tree_key(cap)
         with SnapshotLog(self.node) as snaplog:
-            snapshots = [s for s in snaplog.versions(key) if s.root != root]
-        unreadable: list[Snapshot] = []
-        while True:  # again without a snapshot that failed half-way
-            with plain_grid_errors():  # a directory that cannot be read: one GridError
-                found = await subtree_caps(tree, root, {root_cap})
-            live = len(found)
-            failed = None
-            for snap in snapshots:
-                try:
-                    with plain_grid_errors():
-                        await subtree_caps(tree, snap.root, found)
-                except GridError as e:
-                    failed = snap
-                    log.warning("snapshot %d of %s cannot be walked: %s", snap.seq, key[:12], e)
-                    break
-            if failed is None:
-                break
-            snapshots.remove(failed)
-            unreadable.append(failed)
-        if strict and unreadable:
-            # Its current version walked, a version that cannot: its
-            # directories are gone, and it can never be browsed again.
-            with SnapshotLog(self.node) as snaplog:
+            unreadable = await update_held(snaplog, key, tree)
+            if strict and unreadable:
+                # Its newest version walked, an older one cannot: its
+                # directories are gone, and it can never be browsed again.
                 snaplog.forget(key, [s.seq for s in unreadable])
-        self.snapshot_stats[key] = {"snapshots": len(snapshots) + 1, "held": len(found) - live}
+            versions = snaplog.versions(key)
+            found |= snaplog.held(key)
+        if versions and versions[-1].root != root:  # not the version read: walked whole
+            try:
+                with plain_grid_errors():
+                    await subtree_caps(tree, versions[-1].root, found)
+            except GridError:
+                if strict:
+                    raise
+        self.snapshot_stats[key] = {"snapshots": len(versions), "held": len(found) - live}
         return found
 
     async def expire_snapshots(self, force: bool = False) -> tuple[int, set[str]]:
@@ -224,28 +217,23 @@ class Keeper:
         up what nothing else keeps.  Cheap when nothing expired."""
         config = self.node.config()
         now = time.time_ns()
-        doomed: list[tuple[str, Snapshot]] = []
+        count = 0
+        caps: set[str] = set()
         with SnapshotLog(self.node) as snaplog:
             for key in snaplog.trees():
-                for snap in expired(
-                    snaplog.versions(key), config.snapshot_retention, config.snapshot_keep, now
-                ):
-                    doomed.append((key, snap))
-            for key in {k for k, _ in doomed}:
-                snaplog.forget(key, [s.seq for k, s in doomed if k == key])
-        caps: set[str] = set()
-        for key, snap in doomed:
-            tree = self._tree_by_key(key)
-            if tree is None:
-                continue  # a tree the node no longer keeps: nothing of it is kept
-            try:
-                with plain_grid_errors():
-                    await subtree_caps(tree, snap.root, caps)
-            except GridError as e:
-                log.warning("expired snapshot %d of %s cannot be walked: %s", snap.seq, key[:12], e)
-        if doomed:
-            log.info("%d snapshots expired", len(doomed))
-        return len(doomed), caps
+                policy = (config.snapshot_retention, config.snapshot_keep, now)
+                if not expired(snaplog.versions(key), *policy):
+                    continue
+                tree = self._tree_by_key(key)
+                if tree is not None:  # (else a tree the node no longer keeps)
+                    await update_held(snaplog, key, tree)
+                doomed = expired(snaplog.versions(key), *policy)
+                caps |= snaplog.held(key, [s.seq for s in doomed])
+                snaplog.forget(key, [s.seq for s in doomed])
+                count += len(doomed)
+        if count:
+            log.info("%d snapshots expired", count)
+        return count, caps
 
     def _tree_by_key(self, key: str) -> Tree | None:
         from .session import load_aliases  # session imports this module

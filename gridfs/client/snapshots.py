@@ -17,6 +17,8 @@ second (:func:`snapshot_names`).
 from __future__ import annotations
 
 import datetime
+import itertools
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -24,19 +26,24 @@ from dataclasses import dataclass
 
 from ..caps import b32encode
 from ..config import NodeDir
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, GridError, UsageError, plain_grid_errors
 from ..mutable import SlotCap
-from ..tree import unpack_root
+from ..reach import dropped_caps
+from ..tree import Tree, unpack_root
+
+log_ = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """One root version of a tree: its slot seq, when this node first saw
-    (or made) it, and the cap of its root directory."""
+    (or made) it, the cap of its root directory, and the version its held
+    caps were computed against (0: not yet; see :func:`update_held`)."""
 
     seq: int
     at_ns: int
     root: str
+    next_seq: int = 0
 
 
 def tree_key(cap: SlotCap) -> str:
@@ -55,7 +62,12 @@ class SnapshotLog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS snapshots (tree TEXT NOT NULL, seq INTEGER NOT NULL,"
-            " at_ns INTEGER NOT NULL, root TEXT NOT NULL, PRIMARY KEY (tree, seq))"
+            " at_ns INTEGER NOT NULL, root TEXT NOT NULL, next_seq INTEGER NOT NULL DEFAULT 0,"
+            " PRIMARY KEY (tree, seq))"
+        )
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS held (tree TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " cap TEXT NOT NULL, PRIMARY KEY (tree, seq, cap))"
         )
 
     def close(self) -> None:
@@ -71,25 +83,49 @@ class SnapshotLog:
         """Remember version ``seq`` of ``tree`` (the first sighting's time stays)."""
         now = time.time_ns() if at_ns is None else at_ns
         self.db.execute(
-            "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?)", (tree, seq, now, root)
+            "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?, 0)", (tree, seq, now, root)
         )
 
     def versions(self, tree: str) -> list[Snapshot]:
         """The tree's snapshots, oldest first."""
         rows = self.db.execute(
-            "SELECT seq, at_ns, root FROM snapshots WHERE tree = ? ORDER BY seq", (tree,)
+            "SELECT seq, at_ns, root, next_seq FROM snapshots WHERE tree = ? ORDER BY seq", (tree,)
         )
-        return [Snapshot(int(s), int(a), str(r)) for s, a, r in rows]
+        return [Snapshot(int(s), int(a), str(r), int(n)) for s, a, r, n in rows]
 
     def trees(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT tree FROM snapshots ORDER BY tree")]
 
     def forget(self, tree: str, seqs: Iterable[int]) -> None:
+        rows = [(tree, s) for s in seqs]
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("DELETE FROM snapshots WHERE tree = ? AND seq = ?", rows)
+            self.db.executemany("DELETE FROM held WHERE tree = ? AND seq = ?", rows)
+
+    def set_held(self, tree: str, seq: int, next_seq: int, caps: Iterable[str]) -> None:
+        """Version ``seq`` references ``caps`` that version ``next_seq`` does not."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM held WHERE tree = ? AND seq = ?", (tree, seq))
             self.db.executemany(
-                "DELETE FROM snapshots WHERE tree = ? AND seq = ?", [(tree, s) for s in seqs]
+                "INSERT OR IGNORE INTO held VALUES (?, ?, ?)", [(tree, seq, c) for c in caps]
             )
+            self.db.execute(
+                "UPDATE snapshots SET next_seq = ? WHERE tree = ? AND seq = ?",
+                (next_seq, tree, seq),
+            )
+
+    def held(self, tree: str, seqs: Iterable[int] | None = None) -> set[str]:
+        """The held caps of the tree's versions (of ``seqs`` only, if given)."""
+        if seqs is None:
+            rows = self.db.execute("SELECT cap FROM held WHERE tree = ?", (tree,))
+            return {r[0] for r in rows}
+        out: set[str] = set()
+        for seq in seqs:
+            rows = self.db.execute("SELECT cap FROM held WHERE tree = ? AND seq = ?", (tree, seq))
+            out |= {r[0] for r in rows}
+        return out
 
 
 class RootRecorder:
@@ -112,6 +148,33 @@ class RootRecorder:
         with SnapshotLog(self.node) as log:
             log.record(self.tree, seq, root)
         self.last_seq = seq
+
+
+async def update_held(log: SnapshotLog, key: str, tree: Tree) -> list[Snapshot]:
+    """Bring the held caps of the tree's versions up to date: each version's
+    are the caps it references that the next recorded version does not
+    reference at the same place (:func:`gridfs.reach.dropped_caps`).  By
+    induction over the versions, everything a version references is in the
+    newest version's walk or in the held caps of that version or a later
+    one: so the walk of the newest root and the held caps of the kept
+    versions cover every kept version, and only a new pair of versions
+    costs a comparison (of the directories that changed).  Returns the
+    versions that could not be compared (their directories, or their
+    successor's, cannot be fetched)."""
+    versions = log.versions(key)
+    failed: list[Snapshot] = []
+    for old, new in itertools.pairwise(versions):
+        if old.next_seq == new.seq:
+            continue
+        try:
+            with plain_grid_errors():
+                caps = await dropped_caps(tree, old.root, new.root)
+        except GridError as e:
+            log_.warning("snapshot %d of %s cannot be walked: %s", old.seq, key[:12], e)
+            failed.append(old)
+            continue
+        log.set_held(key, old.seq, new.seq, caps)
+    return failed
 
 
 def expired(
