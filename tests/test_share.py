@@ -282,3 +282,42 @@ def test_expired_snapshots_free_space_on_the_servers(
     assert len(out.strip().splitlines()) == 2, out  # the report and the current version
     assert not readable()
     assert before - storage_bytes(mount_grid) > 200_000 * 5 // 3
+
+
+def test_two_writers_through_a_shared_write_cap_lose_nothing(
+    mount_grid: Grid, owner: Path, tmp_path: Path
+) -> None:
+    """The friend mounts the owner's tree through the cap `gridfs share`
+    printed; both change one file at the same time, and each side's new
+    files show on the other: the conflict rule of docs/mount.md §6 holds."""
+    rw = gridfs("share", "grid:/", "--node", owner).stdout.strip()
+    friend = mount_grid.new_node(tmp_path / "friend")
+    gridfs("alias", "add", "shared", rw, "--node", friend)
+    theirs = Mount(tmp_path / "theirs", friend, "refresh=1000", tree="shared")
+    with mounted(owner, tmp_path / "ours") as ours:
+        theirs.mount()
+        try:
+            first, second, third = os.urandom(30_000), os.urandom(31_000), os.urandom(32_000)
+            (ours.mountpoint / "f").write_bytes(first)
+            ours.flush()
+            theirs.remount()  # (sees f as first; refreshes no more)
+            assert (theirs.mountpoint / "f").read_bytes() == first
+            (ours.mountpoint / "f").write_bytes(second)
+            ours.flush()
+            (theirs.mountpoint / "f").write_bytes(third)  # based on first
+            (theirs.mountpoint / "from-friend").write_bytes(b"hello")
+            theirs.flush()
+            wait_for(
+                lambda: "from-friend" in os.listdir(ours.mountpoint),
+                timeout=30,
+                what="the friend's changes on the owner's mount",
+            )
+            names = gridfs("ls", "grid:/", "--node", owner).stdout.split()
+            kept = [n for n in names if n.startswith("f.conflict-")]
+            assert len(kept) == 1, names
+            cat = [GRIDFS, "cat", "--node", str(owner)]
+            assert subprocess.run([*cat, "grid:/f"], capture_output=True).stdout == third
+            got = subprocess.run([*cat, f"grid:/{kept[0]}"], capture_output=True).stdout
+            assert got == second
+        finally:
+            theirs.unmount()
