@@ -321,3 +321,11 @@ def test_two_writers_through_a_shared_write_cap_lose_nothing(
             assert got == second
         finally:
             theirs.unmount()
+
+
+def test_a_snapshot_log_that_cannot_be_written_does_not_stop_reading(owner: Path) -> None:
+    log = owner / "private" / "snapshots.sqlite"
+    for p in owner.glob("private/snapshots.sqlite*"):
+        p.unlink()
+    log.mkdir()  # sqlite cannot open it
+    assert "big.bin" in gridfs("ls", "grid:/src", "--node", owner).stdout

@@ -145,8 +145,12 @@ class RootRecorder:
             root = unpack_root(payload)
         except FormatError:
             return
-        with SnapshotLog(self.node) as log:
-            log.record(self.tree, seq, root)
+        try:
+            with SnapshotLog(self.node) as log:
+                log.record(self.tree, seq, root)
+        except sqlite3.Error as e:  # reading the tree must not fail for it
+            log_.warning("could not record version %d of %s: %s", seq, self.tree[:12], e)
+            return
         self.last_seq = seq
 
 
