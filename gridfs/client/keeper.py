@@ -3,7 +3,10 @@
 A node keeps everything reachable from its *roots* and its *retained set*:
 
 * every tree it has an alias for: the root slot, and every directory and file
-  beneath the root (directories are immutable files of their own);
+  beneath the root (directories are immutable files of their own), and
+  beneath every older root version the snapshot log keeps
+  (:mod:`gridfs.client.snapshots`; expired versions are let go at each
+  unlink and renewal);
 * the node's retained set, ``private/retained.sqlite`` (``gridfs retain``,
   and every ``gridfs put``): a file cap keeps that file, a tree's slot cap
   keeps the whole tree;
@@ -211,7 +214,7 @@ class Keeper:
         self.snapshot_stats[key] = {"snapshots": len(versions), "held": len(found) - live}
         return found
 
-    async def expire_snapshots(self, force: bool = False) -> tuple[int, set[str]]:
+    async def expire_snapshots(self) -> tuple[int, set[str]]:
         """Forget the snapshots the retention policy lets go (of every
         tree); (how many, the caps they referenced) for an unlink to give
         up what nothing else keeps.  Cheap when nothing expired."""

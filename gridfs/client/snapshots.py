@@ -3,10 +3,12 @@
 Each version of a tree's root slot names an immutable root directory, so an
 old version stays readable for as long as its directories and files stay on
 the grid.  The node records each version it publishes or reads in its
-snapshot log, ``private/snapshots.sqlite`` (one table, see docs/formats.md,
-"Snapshot log"), and the keeper (:mod:`gridfs.client.keeper`) keeps leases on
-everything the recorded versions reference: a file a commit removed stays on
-the grid until the last snapshot that holds it expires.
+snapshot log, ``private/snapshots.sqlite`` (docs/formats.md §14.4), and the
+keeper (:mod:`gridfs.client.keeper`) keeps leases on everything the recorded
+versions reference: a file a commit removed stays on the grid until the last
+snapshot that holds it expires.  So that this costs little however many
+versions are kept, the log also holds what each version references that the
+next one does not (:func:`update_held`).
 
 A snapshot expires once it is older than ``snapshot_retention`` and is not
 among the tree's ``snapshot_keep`` newest versions (:func:`expired`).
