@@ -35,9 +35,11 @@ from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
 from . import perms
+from .capattrs import CAP_XATTRS, cap_xattr
 from .files import CapReader, OpenFile, content_source
 from .perms import Caller, Owners
 from .segcache import SegmentCache
+from .snapshots import in_snapshots
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,8 @@ DIR_SIZE = 4096
 
 class GridOperations(pyfuse3.Operations):
     supports_dot_lookup = False
+    readonly = False
+    """Refuse every change with EROFS (a read-only tree, or -o ro)."""
 
     def __init__(self, daemon: Any, session: TreeSession, view: View, sync: bool) -> None:
         super().__init__()
@@ -312,8 +316,16 @@ class GridOperations(pyfuse3.Operations):
             return Path(f"/proc/self/fd/{of.pinned}")
         return source
 
+    def check_writable(self, path: Path_) -> None:
+        """EROFS, before anything is looked at or queued, for a change on a
+        read-only mount or under .snapshots."""
+        if self.readonly or in_snapshots(path):
+            raise pyfuse3.FUSEError(errno.EROFS)
+
     async def _child(self, parent_inode: int, name: bytes) -> tuple[Path_, Entry | None]:
+        """The path and entry of a name about to be made, removed or renamed."""
         path = (*self.inodes.path(parent_inode), fuse_name(name))
+        self.check_writable(path)
         return path, await self.view.lookup(path)
 
     @errors_to_errno
@@ -454,14 +466,16 @@ class GridOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        self.check_writable(self.inodes.path(new_parent_inode))
         raise pyfuse3.FUSEError(errno.EPERM)  # documented: no hard links
 
     @errors_to_errno
     async def setattr(
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        entry = await self.entry_of(inode)
         path = self.inodes.path(inode)
+        self.check_writable(path)
+        entry = await self.entry_of(inode)
         changes = self.owners.setattr_changes(entry, self.owners.caller(ctx), attr, fields)
         if fields.update_size:
             if entry.kind != "file":
@@ -598,6 +612,8 @@ class GridOperations(pyfuse3.Operations):
 
     @errors_to_errno
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self.check_writable(self.inodes.path(inode))
         entry = await self.entry_of(inode)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -881,6 +897,8 @@ class GridOperations(pyfuse3.Operations):
             # ENODATA: ls -l asks for security.selinux and the ACL of every
             # entry, and stops asking on this filesystem after one ENOTSUP.
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if key in CAP_XATTRS:
+            return await cap_xattr(self, inode, key, ctx)
         value = (await self.entry_of(inode)).xattrs.get(key)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -895,6 +913,9 @@ class GridOperations(pyfuse3.Operations):
         key = name.decode("utf-8", "replace")
         if not key.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
+        self.check_writable(self.inodes.path(inode))
+        if key in CAP_XATTRS:
+            raise pyfuse3.FUSEError(errno.EPERM)  # computed, never stored
         if len(value) > 64 * 1024:
             raise pyfuse3.FUSEError(errno.E2BIG)
         await self._set_xattrs(inode, key, value)
@@ -902,6 +923,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         key = name.decode("utf-8", "replace")
+        self.check_writable(self.inodes.path(inode))
         if key not in (await self.entry_of(inode)).xattrs:
             raise pyfuse3.FUSEError(errno.ENODATA)
         await self._set_xattrs(inode, key, None)

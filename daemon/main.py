@@ -37,6 +37,7 @@ from gridfs.workqueue import CLEANUP, PATH
 
 from .control import serve_control
 from .fs import GridOperations
+from .snapshots import SnapshotView
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,18 @@ FSTAB_WORDS = frozenset(
 
 
 FLAGS = frozenset(
-    ["sync", "allow_other", "nomaintain", "cache_scans", "suid", "nosuid", "dev", "nodev"]
+    [
+        "sync",
+        "allow_other",
+        "nomaintain",
+        "cache_scans",
+        "suid",
+        "nosuid",
+        "dev",
+        "nodev",
+        "ro",
+        "show_snapshots",
+    ]
 )
 """Options that are on when named and take no value."""
 
@@ -92,6 +104,10 @@ class MountOptions:
     nosuid: anyone who can write the tree could plant a setuid program)"""
     dev: bool = False
     """honour device files (``-o dev``; default nodev)"""
+    readonly: bool = False
+    """refuse every change with EROFS (``-o ro``; always for a read-only cap)"""
+    show_snapshots: bool = False
+    """list ``.snapshots`` in the top directory (it is reachable by name anyway)"""
 
     def fuse_options(self) -> set[str]:
         """The mount options given to libfuse (and so to mount(2) or
@@ -104,6 +120,8 @@ class MountOptions:
         out.add("dev" if self.dev else "nodev")
         if self.allow_other:
             out.add("allow_other")
+        if self.readonly:
+            out.add("ro")
         return out
 
     @classmethod
@@ -122,6 +140,10 @@ class MountOptions:
                 opts.maintain = False
             elif key == "cache_scans":
                 opts.cache_scans = True
+            elif key == "ro":
+                opts.readonly = True
+            elif key == "show_snapshots":
+                opts.show_snapshots = True
             elif key in ("suid", "nosuid", "dev", "nodev"):
                 setattr(opts, key.removeprefix("no"), not key.startswith("no"))
             elif key == "cache_size":
@@ -269,9 +291,11 @@ class MountDaemon:
             await grid.wait_for_servers()
             self.session = TreeSession(grid, self.tree)
             lock = self._lock_tree(self.session)
-            self.view = View(self.session)
+            self.options.readonly = self.options.readonly or not self.session.writable
+            self.view = SnapshotView(self.session, self.options.show_snapshots)
             await self.view.rebuild()
             ops = GridOperations(self, self.session, self.view, self.options.sync)
+            ops.readonly = self.options.readonly
             pyfuse3.init(ops, str(self.mountpoint), self.options.fuse_options())
             unmounted = False
             try:

@@ -94,6 +94,10 @@ class NodeConfig:
     check_interval: float = 24 * 3600.0
     check_rate: float = 5.0
     repair_threshold: int = 0
+    snapshot_retention: float = 30 * 24 * 3600.0
+    """seconds every root version stays readable (gridfs.client.snapshots)"""
+    snapshot_keep: int = 10
+    """the newest root versions kept whatever their age"""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,6 +112,8 @@ class NodeConfig:
                 raise UsageError(f"{name} must be positive, not {getattr(self, name)}")
         if not self.check_rate > 0 or not 0 <= self.repair_threshold <= self.n:
             raise UsageError("check_rate must be positive and repair_threshold in 0..n")
+        if not self.snapshot_retention >= 0 or self.snapshot_keep < 1:
+            raise UsageError("snapshot_retention must be >= 0 and snapshot_keep >= 1")
         if self.reserved_space < 0 or self.max_share_size < 1:
             raise UsageError("reserved_space must be >= 0 and max_share_size >= 1")
         if type(self.client_quota) is not int or self.client_quota < 0:
@@ -142,6 +148,8 @@ class NodeConfig:
                 "check_interval": self.check_interval,
                 "check_rate": self.check_rate,
                 "repair_threshold": self.repair_threshold,
+                "snapshot_retention": self.snapshot_retention,
+                "snapshot_keep": self.snapshot_keep,
             }
         return dump_toml(tables)
 

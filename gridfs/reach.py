@@ -40,9 +40,15 @@ def storage_index_of(cap: str) -> bytes | None:
     return None
 
 
-async def subtree_caps(tree: Tree, dir_cap: str) -> set[str]:
-    """``dir_cap`` and every cap beneath it (directories fetched a few at a time)."""
-    found: set[str] = set()
+async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) -> set[str]:
+    """``dir_cap`` and every cap beneath it (directories fetched a few at a
+    time), added to ``found`` and returned: a directory already in
+    ``found`` is not walked again (walks of many versions of one tree share
+    most of their directories)."""
+    if found is None:
+        found = set()
+    elif dir_cap in found:
+        return found
     limiter = trio.Semaphore(WALK_CONCURRENCY)
 
     async def visit(cap: str, nursery: trio.Nursery) -> None:

@@ -34,6 +34,14 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         args = ["--servers", str(SERVERS), "--happy", str(SERVERS), "--n", str(SERVERS)]
         out = ok(gridfs("grid", "start", str(root), *args))
         assert f"{SERVERS} storage servers" in out
+        # No old root versions kept: what a commit drops is given up at once
+        # (tests/test_share.py has the snapshots).
+        config = root / "client" / "gridfs.toml"
+        config.write_text(
+            config.read_text()
+            .replace("snapshot_retention = 2592000.0", "snapshot_retention = 0.0")
+            .replace("snapshot_keep = 10", "snapshot_keep = 1")
+        )
         yield root
     finally:
         if root.exists():

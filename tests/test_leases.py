@@ -8,6 +8,7 @@ on a partial picture, and background check-and-repair.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -411,12 +412,18 @@ async def client_node(
     happy: int = PARAMS.happy,
     n: int = PARAMS.n,
     convergence: bytes | None = None,
+    snapshots: bool = False,
 ) -> AsyncIterator[GridClient]:
-    """A client node (made on first use) over the grid's servers, and its GridClient."""
+    """A client node (made on first use) over the grid's servers, and its
+    GridClient; unless ``snapshots``, it keeps no old root versions (what a
+    commit drops is given up at once)."""
     node = NodeDir(path)
     if not node.exists():
         servers = [str(a) for a in grid.addresses]
-        node.create(NodeConfig("client", path.name, servers=servers, k=k, happy=happy, n=n))
+        config = NodeConfig("client", path.name, servers=servers, k=k, happy=happy, n=n)
+        if not snapshots:
+            config = dataclasses.replace(config, snapshot_retention=0.0, snapshot_keep=1)
+        node.create(config)
         MEMBERS.enroll(node, "client")
         if convergence is not None:
             (node.private / "convergence").write_bytes(convergence)
@@ -758,3 +765,56 @@ async def test_background_check_repairs_a_kept_file(kept_as: str, tmp_path: Path
             live = [node for node in grid.nodes if node.running]
             assert len(live) == 10
             assert sorted(n for node in live for n in node.shares(si)) == list(range(10))
+
+
+async def test_snapshots_keep_what_commits_drop_and_walks_stay_cheap(tmp_path: Path) -> None:
+    """With snapshots, a file a commit dropped keeps its leases until its
+    version expires; a later walk of the node (a fresh process: cold
+    caches) fetches only the newest version's directories, however many
+    versions are kept."""
+    async with open_grid(tmp_path / "grid", servers=SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid, snapshots=True) as client:
+                root = await create_root(client)
+                add_alias(client.node, "grid", root.to_string())
+                session = TreeSession(client, "grid")
+                data = os.urandom(100_000)
+                session.queue.add_file(
+                    write_temp(tmp_path / "src", data), "/a/f.bin", file_entry(len(data))
+                )
+                await flush(session)
+                f_si = storage_index_of((await session.lookup("/a/f.bin")).cap)
+                assert f_si is not None
+                session.queue.add_deletepath("/a/f.bin")
+                await flush(session)
+                for i in range(6):  # more versions, each with a new directory
+                    session.queue.add_file(
+                        None, f"/d{i}/x", file_entry(0).with_(data=b"%d" % i * 100)
+                    )
+                    await flush(session)
+                assert held(grid, f_si) == 5  # its version is kept: so is it
+                session.queue.close()
+            async with client_node(tmp_path / "client", grid, snapshots=True) as fresh:
+                keeper = get_keeper(fresh)
+                tree = keeper.tree(root.to_string())
+                fetched: list[str] = []
+                get_bytes = tree.store.get_bytes
+
+                async def counting(cap: str) -> bytes:
+                    fetched.append(cap)
+                    return await get_bytes(cap)
+
+                tree.store.get_bytes = counting  # type: ignore[method-assign]
+                found = await keeper.reachable()
+                assert f_si in {storage_index_of(c) for c in found}
+                assert len(fetched) == 1 + 7  # the newest root, /a and /d0.../d5
+                assert keeper.snapshot_stats[b32encode(root.storage_index)]["snapshots"] == 9
+                # Expired (everything but the newest version): the file is given up.
+                config = fresh.node.config()
+                fresh.node.save(
+                    dataclasses.replace(config, snapshot_retention=0.0, snapshot_keep=1)
+                )
+                count, caps = await keeper.expire_snapshots()
+                assert count == 8 and f_si in {storage_index_of(c) for c in caps}
+                await keeper.unlink(caps)
+                assert held(grid, f_si) == 0

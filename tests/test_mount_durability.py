@@ -346,17 +346,28 @@ def test_a_root_another_writer_gave_up_is_left_for_the_new_one(
     """The view is built on another writer's root, whose directories only
     that writer holds; its next change gives them up (the servers delete
     them) before the view has read them: listing rebuilds on the new root
-    instead of failing with EIO until the next refresh."""
-    with mounted(mount_node, tmp_path / "mnt", "refresh=1000") as m:
-        (m.mountpoint / "mine").write_bytes(b"mine")
-        m.flush()
-        local = tmp_path / "theirs.txt"
-        local.write_bytes(b"theirs")
-        outside(mount_grid, mount_node, "cp", str(local), "t:/a")
-        m.flush()  # the view is now built on their root, not yet read
-        outside(mount_grid, mount_node, "cp", str(local), "t:/b")  # gives that root up
-        assert sorted(os.listdir(m.mountpoint)) == ["a", "b", "mine"]
-        assert "view rebuilt on the new one" in m.log()
+    instead of failing with EIO until the next refresh.  (That writer keeps
+    no snapshots: with them, the old root would stay readable.)"""
+    config = mount_grid.reader() / "gridfs.toml"
+    text = config.read_text()
+    config.write_text(
+        text.replace("snapshot_retention = 2592000.0", "snapshot_retention = 0.0").replace(
+            "snapshot_keep = 10", "snapshot_keep = 1"
+        )
+    )
+    try:
+        with mounted(mount_node, tmp_path / "mnt", "refresh=1000") as m:
+            (m.mountpoint / "mine").write_bytes(b"mine")
+            m.flush()
+            local = tmp_path / "theirs.txt"
+            local.write_bytes(b"theirs")
+            outside(mount_grid, mount_node, "cp", str(local), "t:/a")
+            m.flush()  # the view is now built on their root, not yet read
+            outside(mount_grid, mount_node, "cp", str(local), "t:/b")  # gives that root up
+            assert sorted(os.listdir(m.mountpoint)) == ["a", "b", "mine"]
+            assert "view rebuilt on the new one" in m.log()
+    finally:
+        config.write_text(text)
 
 
 def test_directory_attributes_keep_another_writers_files(
@@ -477,6 +488,17 @@ def test_second_mount_of_the_same_tree_is_refused(fresh_mount: Mount, tmp_path: 
     assert (fresh_mount.mountpoint / "still").read_bytes() == b"fine"
 
 
+def expire_snapshots(node: Path) -> None:
+    """Let every old root version of the node's trees go (docs/formats.md §14.4)."""
+    config = node / "gridfs.toml"
+    config.write_text(
+        config.read_text()
+        .replace("snapshot_retention = 2592000.0", "snapshot_retention = 0.0")
+        .replace("snapshot_keep = 10", "snapshot_keep = 1")
+    )
+    gridfs("snapshots", "grid:", "--prune", "--node", node)
+
+
 def share_sizes(grid: Grid) -> dict[str, int]:
     """Storage index directory → total bytes of its shares, over every server."""
     out: dict[str, int] = {}
@@ -495,6 +517,8 @@ def test_rm_through_the_mount_frees_the_shares(mount_grid: Grid, fresh_mount: Mo
     assert len(big) == 2, big  # the two files (directories are small)
     os.unlink(mp / "doomed.bin")
     fresh_mount.flush()  # runs the unlink step too
+    assert not big - set(share_sizes(mount_grid))  # kept for the tree's snapshots...
+    expire_snapshots(fresh_mount.node)  # ...until they expire
     after = share_sizes(mount_grid)
     assert len(big - set(after)) == 1  # one file's shares are gone from every server...
     assert (mp / "kept.bin").stat().st_size == 600_000  # ...the other's stay
@@ -574,7 +598,9 @@ def test_small_files_over_the_directory_budget_share_a_pack(
     for name in packed[:3]:
         os.unlink(mp / "many" / name)
     fresh_mount.flush()
-    assert not packs & set(share_sizes(mount_grid))  # the last one gone: so is the pack
+    assert packs <= set(share_sizes(mount_grid))  # the last one gone: kept for snapshots...
+    expire_snapshots(fresh_mount.node)
+    assert not packs & set(share_sizes(mount_grid))  # ...then the pack goes too
 
 
 def test_files_written_through_the_mount_keep_their_convergent_key(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import GridError, unwrap
 from ..malloc import keep_freed_memory
-from . import check, debug, files, grid, leases, mount, nodes, tree, web
+from . import check, debug, files, grid, leases, mount, nodes, share, tree, web
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid.register(sub)
     nodes.register(sub)
     tree.register(sub)
+    share.register(sub)
     mount.register(sub)
     check.register(sub)
     leases.register(sub)

@@ -258,7 +258,16 @@ async def gather_status(node: NodeDir, grid: GridClient | None) -> dict[str, Any
         "queues": [{"queue": q, "pending": p, "failing": f} for q, p, f in queue_backlog(node)],
         "mounts": mounts,
         "maintenance": load_record(node),
+        "snapshots": snapshot_counts(node),
     }
+
+
+def snapshot_counts(node: NodeDir) -> dict[str, int]:
+    """Snapshots in the node's log, by tree (its storage index, shortened)."""
+    from ..client.snapshots import SnapshotLog
+
+    with SnapshotLog(node) as log:
+        return {key[:8]: len(log.versions(key)) for key in log.trees()}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -281,6 +290,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         note = f" ({q['failing']} failing; see `gridfs queue`)" if q["failing"] else ""
         print(f"queue {q['queue'][:8]}: {q['pending']} pending steps{note}")
     show_maintenance(status["maintenance"])
+    for key, count in status["snapshots"].items():
+        print(f"tree {key}: {count} snapshots kept")
     if not status["mounts"]:
         print(f"no mount of {node.path} is running")
     for st in status["mounts"]:
@@ -314,6 +325,12 @@ def show_maintenance(record: dict[str, Any]) -> None:
     if "unlink" in record:
         u = record["unlink"]
         print(f"last unlink {ago(u)}: {u.get('objects', 0)} objects, {u.get('freed', 0)} freed")
+    if "snapshots" in record:
+        s = record["snapshots"]
+        print(
+            f"snapshots at the last walk {ago(s)}: {s.get('snapshots', 0)} versions of "
+            f"{s.get('trees', 0)} trees; {s.get('held', 0)} objects held only by snapshots"
+        )
     if "check" in record:
         c = record["check"]
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..caps import LITERAL_MAX, LiteralCap, SliceCap, parse_read_cap
@@ -90,6 +91,9 @@ class GridStore:
         self.timeout = timeout
         """Seconds each server has for a slot call."""
         self._last: SlotRead | None = None
+        self.on_root: Callable[[int, bytes], None] | None = None
+        """Called with (seq, payload) of every root version read or
+        published (the node's snapshot log, :mod:`gridfs.client.snapshots`)."""
 
     async def put_bytes(self, data: bytes) -> str:
         return await upload_bytes(self.broker, data, self.params, self.secret)
@@ -109,7 +113,10 @@ class GridStore:
             raise RootUnavailableError(
                 f"the root of this tree cannot be found on any reachable server ({e.detail})"
             ) from None
-        return self._last.seq, self._last.plaintext or b""
+        seq, payload = self._last.seq, self._last.plaintext or b""
+        if self.on_root is not None:
+            self.on_root(seq, payload)
+        return seq, payload
 
     async def publish_root(self, payload: bytes, expected_seq: int) -> int:
         """Publish the version after ``expected_seq``, which must be the one
@@ -121,7 +128,7 @@ class GridStore:
             raise SlotConflictError("the root moved on since it was read")
         p = self.params
         try:
-            return await publish_slot(
+            seq = await publish_slot(
                 self.broker,
                 self.root,
                 payload,
@@ -133,6 +140,9 @@ class GridStore:
             )
         except SlotRaceError as e:
             raise SlotConflictError(str(e)) from None
+        if self.on_root is not None:
+            self.on_root(seq, payload)
+        return seq
 
 
 class OverlayStore:

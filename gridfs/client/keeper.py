@@ -3,7 +3,10 @@
 A node keeps everything reachable from its *roots* and its *retained set*:
 
 * every tree it has an alias for: the root slot, and every directory and file
-  beneath the root (directories are immutable files of their own);
+  beneath the root (directories are immutable files of their own), and
+  beneath every older root version the snapshot log keeps
+  (:mod:`gridfs.client.snapshots`; expired versions are let go at each
+  unlink and renewal);
 * the node's retained set, ``private/retained.sqlite`` (``gridfs retain``,
   and every ``gridfs put``): a file cap keeps that file, a tree's slot cap
   keeps the whole tree;
@@ -50,6 +53,7 @@ from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
 from .slots import read_slot
+from .snapshots import SnapshotLog, expired, tree_key, update_held
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,9 @@ class Keeper:
         """One Tree (with its directory cache) per root cap, kept across walks."""
         self.unwalkable: list[str] = []
         """Trees the last lenient walk could not read (and why)."""
+        self.snapshot_stats: dict[str, dict[str, int]] = {}
+        """Per tree (by :func:`tree_key`), from its last walk: how many
+        versions are kept, and how many objects only old versions hold."""
 
     def share_tree(self, root_cap: str, tree: Tree) -> None:
         """Let walks use ``tree`` (and its cache) for the tree at ``root_cap``."""
@@ -184,8 +191,62 @@ class Keeper:
                 f"({need} needed to be sure of its newest version)"
             )
         root = unpack_root(read.plaintext or b"")
+        tree = self.tree(root_cap)
         with plain_grid_errors():  # a directory that cannot be read: one GridError
-            return {root_cap} | await subtree_caps(self.tree(root_cap), root)
+            found = await subtree_caps(tree, root, {root_cap})
+        live = len(found)
+        key = tree_key(cap)
+        with SnapshotLog(self.node) as snaplog:
+            unreadable = await update_held(snaplog, key, tree)
+            if strict and unreadable:
+                # Its newest version walked, an older one cannot: its
+                # directories are gone, and it can never be browsed again.
+                snaplog.forget(key, [s.seq for s in unreadable])
+            versions = snaplog.versions(key)
+            found |= snaplog.held(key)
+        if versions and versions[-1].root != root:  # not the version read: walked whole
+            try:
+                with plain_grid_errors():
+                    await subtree_caps(tree, versions[-1].root, found)
+            except GridError:
+                if strict:
+                    raise
+        self.snapshot_stats[key] = {"snapshots": len(versions), "held": len(found) - live}
+        return found
+
+    async def expire_snapshots(self) -> tuple[int, set[str]]:
+        """Forget the snapshots the retention policy lets go (of every
+        tree); (how many, the caps they referenced) for an unlink to give
+        up what nothing else keeps.  Cheap when nothing expired."""
+        config = self.node.config()
+        now = time.time_ns()
+        count = 0
+        caps: set[str] = set()
+        with SnapshotLog(self.node) as snaplog:
+            for key in snaplog.trees():
+                policy = (config.snapshot_retention, config.snapshot_keep, now)
+                if not expired(snaplog.versions(key), *policy):
+                    continue
+                tree = self._tree_by_key(key)
+                if tree is not None:  # (else a tree the node no longer keeps)
+                    await update_held(snaplog, key, tree)
+                doomed = expired(snaplog.versions(key), *policy)
+                caps |= snaplog.held(key, [s.seq for s in doomed])
+                snaplog.forget(key, [s.seq for s in doomed])
+                count += len(doomed)
+        if count:
+            log.info("%d snapshots expired", count)
+        return count, caps
+
+    def _tree_by_key(self, key: str) -> Tree | None:
+        from .session import load_aliases  # session imports this module
+
+        for cap_text in load_aliases(self.node).values():
+            with contextlib.suppress(Exception):
+                cap = parse_slot_cap(cap_text)
+                if isinstance(cap, SlotWriteCap | SlotReadCap) and tree_key(cap) == key:
+                    return self.tree(cap_text)
+        return None
 
     async def reachable(self, strict: bool = True) -> set[str]:
         """Every cap this node keeps.  ``strict`` (for unlinks): raise if any
@@ -219,15 +280,37 @@ class Keeper:
 
     async def renew_all(self) -> RenewReport:
         """Renew this node's lease on everything it keeps, at every server."""
+        count, doomed = await self.expire_snapshots()
+        if count:
+            try:
+                await self.unlink(doomed)
+            except GridError as e:  # not renewed from now on: their leases run out
+                log.warning("could not give up what expired snapshots held: %s", e)
         caps = await self.reachable(strict=False)
         report = await renew(self.grid.broker, filter(None, map(storage_index_of, caps)))
         record(self.node, "renew", _renew_summary(report))
+        self.record_snapshots()
         return report
+
+    def record_snapshots(self) -> None:
+        """What the last walk found the snapshots hold (for gridfs status)."""
+        stats = self.snapshot_stats.values()
+        record(
+            self.node,
+            "snapshots",
+            {
+                "trees": len(stats),
+                "snapshots": sum(s["snapshots"] for s in stats),
+                "held": sum(s["held"] for s in stats),
+            },
+        )
 
     async def unlink(self, caps: Iterable[str]) -> CancelReport:
         """Give up this node's leases on ``caps``, except on what the node
         still keeps."""
         dropped = set(caps)
+        _, doomed = await self.expire_snapshots()
+        dropped |= doomed
         sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
         if not sis:
             return CancelReport()
@@ -243,6 +326,7 @@ class Keeper:
             report.kept,
         )
         record(self.node, "unlink", {"objects": len(sis - keep), "freed": report.freed})
+        self.record_snapshots()
         return report
 
 

@@ -26,6 +26,7 @@ from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
 from .slots import create_slot
+from .snapshots import RootRecorder
 
 
 class TempfileDigests:
@@ -120,6 +121,7 @@ class TreeSession:
         if not isinstance(self.cap, SlotWriteCap | SlotReadCap):
             raise UsageError(f"alias {self.alias}: holds a verify cap, which cannot read")
         self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret, grid.seen)
+        self.store.on_root = RootRecorder(grid.node, self.cap)
         self.tree = Tree(self.store)
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
