@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 from cryptography import x509
@@ -33,7 +33,7 @@ from .caps import b32decode, b32encode
 from .errors import FormatError, GridError, UsageError
 from .fileutil import atomic_output
 from .hashes import NODE_ID_SIZE, TAG_GRID_ID, TAG_REVOCATIONS, node_id, tagged_hash
-from .net.identity import NodeAddress, NodeKey, raw_public
+from .net.identity import NodeAddress, NodeKey, SigningKey, raw_public
 
 MEMBER_KINDS = ("client", "storage", "introducer")
 CERT_DAYS = 365 * 100
@@ -87,36 +87,14 @@ def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
 
 
 @dataclass(frozen=True)
-class GridKey:
+class GridKey(SigningKey):
     """The grid's signing key (held by the introducer's operator)."""
 
-    private: Ed25519PrivateKey
-
-    @classmethod
-    def generate(cls) -> GridKey:
-        return cls(Ed25519PrivateKey.generate())
-
-    @property
-    def public_bytes(self) -> bytes:
-        return raw_public(self.private.public_key())
+    WHAT: ClassVar[str] = "grid key"
 
     @property
     def grid_id(self) -> bytes:
         return grid_id(self.public_bytes)
-
-    def private_pem(self) -> bytes:
-        return self.private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    @classmethod
-    def from_pem(cls, pem: bytes) -> GridKey:
-        key = serialization.load_pem_private_key(pem, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise UsageError("grid key is not an Ed25519 key")
-        return cls(key)
 
     def _name(self) -> x509.Name:
         return x509.Name(

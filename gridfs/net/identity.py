@@ -11,6 +11,7 @@ import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,20 +28,19 @@ def raw_public(key: Ed25519PublicKey) -> bytes:
 
 
 @dataclass(frozen=True)
-class NodeKey:
+class SigningKey:
+    """An Ed25519 private key: a node's, or a grid's (gridfs.membership)."""
+
     private: Ed25519PrivateKey
+    WHAT: ClassVar[str] = "signing key"
 
     @classmethod
-    def generate(cls) -> NodeKey:
+    def generate(cls) -> Self:
         return cls(Ed25519PrivateKey.generate())
 
     @property
     def public_bytes(self) -> bytes:
         return raw_public(self.private.public_key())
-
-    @property
-    def node_id(self) -> bytes:
-        return node_id(self.public_bytes)
 
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
@@ -53,11 +53,20 @@ class NodeKey:
         )
 
     @classmethod
-    def from_pem(cls, pem: bytes) -> NodeKey:
+    def from_pem(cls, pem: bytes) -> Self:
         key = serialization.load_pem_private_key(pem, password=None)
         if not isinstance(key, Ed25519PrivateKey):
-            raise UsageError("node key is not an Ed25519 key")
+            raise UsageError(f"{cls.WHAT} is not an Ed25519 key")
         return cls(key)
+
+
+@dataclass(frozen=True)
+class NodeKey(SigningKey):
+    WHAT: ClassVar[str] = "node key"
+
+    @property
+    def node_id(self) -> bytes:
+        return node_id(self.public_bytes)
 
     def certificate_pem(self) -> bytes:
         """A self-signed certificate for TLS; only its key matters."""
