@@ -85,10 +85,19 @@ def test_a_node_made_without_an_invite_can_do_nothing(grid: Path, tmp_path: Path
     assert "not a member of the grid" in one_clean_error_line(proc)
     src = tmp_path / "x.bin"
     src.write_bytes(os.urandom(100_000))
-    for args in (("put", str(src)), ("ls", "grid:/"), ("mkdir", "grid:/d")):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for args in (
+        ("put", str(src)),
+        ("ls", "grid:/"),
+        ("mkdir", "grid:/d"),
+        ("mount", str(mnt)),
+        ("status",),
+    ):
         proc = gridfs(*args, node=node)
         assert proc.returncode == 1, args
-        assert "not a member" in one_clean_error_line(proc)
+        line = one_clean_error_line(proc)
+        assert "not a member" in line and line.count("error:") == 1, line
     assert share_files(grid) == before
 
 

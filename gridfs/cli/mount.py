@@ -130,7 +130,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     while not is_mounted(mountpoint):
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-            raise GridError(f"mount failed: {tail[0] if tail else 'see ' + str(log_path)}")
+            why = tail[0].removeprefix("gridfs: error: ") if tail else f"see {log_path}"
+            raise GridError(f"mount failed: {why}")
         if time.monotonic() > deadline:
             proc.terminate()
             raise GridError(f"mount did not come up in {MOUNT_TIMEOUT:.0f}s (see {log_path})")
