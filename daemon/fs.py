@@ -480,6 +480,9 @@ class GridOperations(pyfuse3.Operations):
         if fields.update_size:
             if entry.kind != "file":
                 raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+            # A truncation moves the mtime, as on Linux, when it is made:
+            # the kernel asks no time with ftruncate (nor truncate).
+            changes.setdefault("mtime_ns", changes["ctime_ns"])
             of = await self.open_for(inode, entry)
             try:
                 async with of.lock:
@@ -487,7 +490,7 @@ class GridOperations(pyfuse3.Operations):
                     self._truncate(of, attr.st_size)
                     of.dirty = True
                     of.entry = of.entry.with_(**changes)
-                    of.mtime_set = fields.update_mtime
+                    of.mtime_set = True
                 if not of.handles:
                     await self.commit(of)
                 elif "mode" in changes and not of.unlinked:  # shown at once, as chmod

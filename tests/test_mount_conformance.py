@@ -598,6 +598,113 @@ EEXIST = [
 ]
 """Every way to make a name, onto every kind of entry already there."""
 
+LONG = "n" * 256
+"""A name one byte past NAME_MAX."""
+
+
+def times_moved(path: str, fn: Callable[[], Any]) -> tuple[bool, bool]:
+    """Whether ``fn`` moved the mtime and the ctime of ``path``."""
+    before = os.lstat(path)
+    time.sleep(0.01)
+    fn()
+    after = os.lstat(path)
+    return after.st_mtime_ns != before.st_mtime_ns, after.st_ctime_ns != before.st_ctime_ns
+
+
+def open_nofollow(path: str) -> None:
+    os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
+
+
+def loop() -> None:
+    os.symlink("b", "a")
+    os.symlink("a", "b")
+
+
+ERRORS = [
+    # ELOOP
+    Case("stat-symlink-loop", lambda: os.stat("a"), setup=loop),
+    Case("open-symlink-loop", lambda: read("a"), setup=loop),
+    Case("create-through-loop", lambda: create("a"), setup=loop),
+    Case("stat-through-loop-dir", lambda: os.stat("a/x"), setup=loop),
+    Case("stat-self-loop", lambda: os.stat("l"), setup=lambda: os.symlink("l", "l")),
+    Case("lstat-loop", lambda: os.lstat("a").st_size, setup=loop),
+    Case("open-nofollow-symlink", lambda: open_nofollow("l"),
+         setup=steps(lambda: make("f"), lambda: os.symlink("f", "l"))),
+    Case("open-nofollow-dangling", lambda: open_nofollow("l"),
+         setup=lambda: os.symlink("nowhere", "l")),
+    Case("open-nofollow-dir-symlink", lambda: open_nofollow("l"),
+         setup=steps(lambda: os.mkdir("d"), lambda: os.symlink("d", "l"))),
+    Case("open-nofollow-file", lambda: open_nofollow("f"), setup=lambda: make("f")),
+    # ENAMETOOLONG
+    Case("long-create", lambda: create(LONG)),
+    Case("long-mkdir", lambda: os.mkdir(LONG)),
+    Case("long-symlink", lambda: os.symlink("t", LONG)),
+    Case("long-rename", lambda: os.rename("f", LONG), setup=lambda: make("f")),
+    Case("long-mkfifo", lambda: os.mkfifo(LONG)),
+    Case("long-mknod-chr", lambda: mknod_chr(LONG)),
+    Case("long-stat", lambda: os.stat(LONG)),
+    Case("long-unlink", lambda: os.unlink(LONG)),
+    Case("long-component", lambda: os.stat(f"{LONG}/x")),
+    Case("long-component-create", lambda: create(f"d/{LONG}/f"), setup=lambda: os.mkdir("d")),
+    Case("long-open-read", lambda: read(LONG)),
+    Case("name-255-ok", lambda: create("m" * 255)),
+    Case("symlink-target-4095", lambda: len(os.readlink(steps(
+        lambda: os.symlink("t" * 4095, "l"), lambda: "l")()))),
+    # EINVAL, ENOTDIR, EISDIR, ENOTEMPTY
+    Case("rename-dir-into-grandchild", lambda: os.rename("d", "d/e/f"),
+         setup=lambda: os.makedirs("d/e")),
+    Case("rename-dir-onto-own-child", lambda: os.rename("d", "d/e"),
+         setup=lambda: os.makedirs("d/e")),
+    Case("rename-file-over-dir", lambda: os.rename("f", "d"),
+         setup=steps(lambda: make("f"), lambda: os.mkdir("d"))),
+    Case("rename-dir-over-file", lambda: os.rename("d", "f"),
+         setup=steps(lambda: make("f"), lambda: os.mkdir("d"))),
+    Case("rename-dir-over-empty-dir", lambda: os.rename("d", "e"),
+         setup=steps(lambda: os.mkdir("d"), lambda: os.mkdir("e"))),
+    Case("rename-dir-over-nonempty-dir", lambda: os.rename("d", "e"),
+         setup=steps(lambda: os.mkdir("d"), lambda: os.mkdir("e"), lambda: make("e/f"))),
+    Case("rename-file-over-symlink-to-dir", lambda: os.rename("f", "l"),
+         setup=steps(lambda: make("f"), lambda: os.mkdir("d"), lambda: os.symlink("d", "l"))),
+    Case("rename-under-a-file", lambda: os.rename("g", "f/g"),
+         setup=steps(lambda: make("f"), lambda: make("g"))),
+    Case("rename-from-under-a-file", lambda: os.rename("f/g", "g"), setup=lambda: make("f")),
+    Case("rename-file-trailing-slash", lambda: os.rename("f", "g/"), setup=lambda: make("f")),
+    Case("rename-missing", lambda: os.rename("nothing", "g")),
+    Case("rmdir-file", lambda: os.rmdir("f"), setup=lambda: make("f")),
+    Case("rmdir-symlink-to-dir", lambda: os.rmdir("l"),
+         setup=steps(lambda: os.mkdir("d"), lambda: os.symlink("d", "l"))),
+    Case("rmdir-dot", lambda: os.rmdir("d/."), setup=lambda: os.mkdir("d")),
+    Case("rmdir-nonempty-dir-only", lambda: os.rmdir("d"),
+         setup=steps(lambda: os.mkdir("d"), lambda: os.mkdir("d/e"))),
+    Case("unlink-dir", lambda: os.unlink("d"), setup=lambda: os.mkdir("d")),
+    Case("unlink-under-a-file", lambda: os.unlink("f/x"), setup=lambda: make("f")),
+    Case("unlink-file-trailing-slash", lambda: os.unlink("f/"), setup=lambda: make("f")),
+    Case("mkdir-under-a-file", lambda: os.mkdir("f/d"), setup=lambda: make("f")),
+    Case("create-under-a-file", lambda: create("f/g"), setup=lambda: make("f")),
+    Case("open-dir-for-write", lambda: write("d"), setup=lambda: os.mkdir("d")),
+    Case("open-file-as-dir", lambda: os.close(os.open("f", os.O_RDONLY | os.O_DIRECTORY)),
+         setup=lambda: make("f")),
+    Case("listdir-file", lambda: os.listdir("f"), setup=lambda: make("f")),
+    Case("truncate-dir", lambda: os.truncate("d", 0), setup=lambda: os.mkdir("d")),
+    Case("symlink-under-a-file", lambda: os.symlink("t", "f/l"), setup=lambda: make("f")),
+    # times of truncation
+    Case("open-trunc-times", lambda: times_moved("f", lambda: open_trunc("f")),
+         setup=lambda: make("f")),
+    Case("open-trunc-empty-times", lambda: times_moved("f", lambda: open_trunc("f")),
+         setup=lambda: make("f", data=b"")),
+    Case("ftruncate-times", lambda: times_moved("f", lambda: ftruncate("f", 0)),
+         setup=lambda: make("f")),
+    Case("ftruncate-grow-times", lambda: times_moved("f", lambda: ftruncate("f", 9)),
+         setup=lambda: make("f")),
+    Case("ftruncate-same-size-times", lambda: times_moved("f", lambda: ftruncate("f", 1)),
+         setup=lambda: make("f")),
+    Case("truncate-times", lambda: times_moved("f", lambda: os.truncate("f", 0)),
+         setup=lambda: make("f")),
+    Case("open-rdonly-trunc-times", lambda: times_moved("f", lambda: os.close(
+        os.open("f", os.O_RDONLY | os.O_TRUNC))), setup=lambda: make("f", 0o666)),
+]  # fmt: skip
+"""Errors POSIX names, and the times truncation moves (issue 16 §4)."""
+
 TABLES = {
     "chown": CHOWN,
     "chmod": CHMOD,
@@ -608,6 +715,7 @@ TABLES = {
     "killpriv": KILLPRIV,
     "access": ACCESS,
     "eexist": EEXIST,
+    "errors": ERRORS,
 }
 
 
@@ -648,6 +756,11 @@ def test_access(worlds: tuple[Path, Path], case: Case) -> None:
 
 @pytest.mark.parametrize("case", EEXIST, ids=str)
 def test_making_an_existing_name(worlds: tuple[Path, Path], case: Case) -> None:
+    check(worlds, case)
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=str)
+def test_exact_errors(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
 
 
