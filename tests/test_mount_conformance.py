@@ -769,6 +769,31 @@ def test_setuid_cleared(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
 
 
+def test_rename_across_trees_is_exdev(
+    worlds: tuple[Path, Path], mount_grid: Grid, tmp_path: Path
+) -> None:
+    """Another tree mounted beside the first: rename (of a file, of a
+    directory, with RENAME_NOREPLACE) and link between them are EXDEV, as
+    between two tmpfs, and nothing moves."""
+    here = worlds[0] / f"exdev-{uuid.uuid4().hex[:6]}"
+    here.mkdir()
+    make(str(here / "f"))
+    (here / "d").mkdir()
+    with mounted(mount_grid.new_node(tmp_path), tmp_path / "other") as other:
+        there = other.mountpoint
+        for op in (
+            lambda: os.rename(here / "f", there / "f"),
+            lambda: os.rename(here / "d", there / "d"),
+            lambda: renameat2(str(here / "f"), str(there / "g"), 1),
+            lambda: os.link(here / "f", there / "f"),
+        ):
+            with pytest.raises(OSError) as e:
+                op()
+            assert e.value.errno == errno.EXDEV, e.value
+        assert sorted(os.listdir(there)) == []
+    assert sorted(os.listdir(here)) == ["d", "f"]
+
+
 def test_a_users_own_mount_is_single_user(mount_grid: Grid) -> None:
     """Mounted by a user without allow_other, everything is that user's, as
     before owners were kept: entries another machine's root made too, and
