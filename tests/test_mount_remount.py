@@ -28,6 +28,11 @@ from .mountutil import (  # noqa: E402
 pytest_plugins = ["tests.mountutil"]
 
 
+def wake_all(servers: dict[int, int]) -> None:
+    for p in servers.values():
+        os.kill(p, signal.SIGCONT)
+
+
 def umount_while_draining(grid: Grid, m: Mount, name: str, data: bytes, tty: bool = False) -> None:
     """Write ``name`` with the servers stopped, let them go on 3 s later, and
     ``gridfs umount`` meanwhile: it must return with the daemon gone (and,
@@ -35,12 +40,7 @@ def umount_while_draining(grid: Grid, m: Mount, name: str, data: bytes, tty: boo
     servers = grid.storage_pids()
     for p in servers.values():
         os.kill(p, signal.SIGSTOP)
-
-    def wake() -> None:
-        for p in servers.values():
-            os.kill(p, signal.SIGCONT)
-
-    resume = threading.Timer(3.0, wake)
+    resume = threading.Timer(3.0, wake_all, [servers])
     try:
         (m.mountpoint / name).write_bytes(data)
         resume.start()
@@ -77,7 +77,7 @@ def umount_while_draining(grid: Grid, m: Mount, name: str, data: bytes, tty: boo
         m.pid = None
     finally:
         resume.cancel()
-        wake()
+        wake_all(servers)
 
 
 def test_umount_then_mount_at_once(mount_grid: Grid, mount_node: Path, tmp_path: Path) -> None:
@@ -114,3 +114,36 @@ def test_umount_of_what_is_not_mounted(tmp_path: Path) -> None:
     proc = gridfs("umount", tmp_path, check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"gridfs: error: {tmp_path} is not a gridfs mount"]
+
+
+def test_mount_waits_for_a_daemon_still_draining(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    """``fusermount3 -u M && gridfs mount M``: the unmount returns at once,
+    and the new mount waits for the old daemon, saying so."""
+    data = os.urandom(3 << 20)
+    m = Mount(tmp_path / "mnt", mount_node)
+    servers = mount_grid.storage_pids()
+    try:
+        m.mount()
+        old = m.pid
+        assert old is not None
+        for p in servers.values():
+            os.kill(p, signal.SIGSTOP)
+        (m.mountpoint / "big").write_bytes(data)
+        resume = threading.Timer(3.0, wake_all, [servers])
+        resume.start()
+        m._disarm()
+        run(["fusermount3", "-u", str(m.mountpoint)])
+        assert pid_alive(old)  # still draining
+        m.pid = None
+        proc = gridfs("mount", m.mountpoint, "--node", mount_node, "-o", "refresh=1")
+        assert "waiting for the daemon of the last mount" in proc.stderr, proc.stderr
+        assert not pid_alive(old)
+        pid = re.search(r"\(pid (\d+);", proc.stdout)
+        assert pid, proc.stdout
+        m.adopt(int(pid.group(1)))
+        assert (m.mountpoint / "big").read_bytes() == data
+    finally:
+        wake_all(servers)
+        m.unmount()

@@ -109,6 +109,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         trio.run(daemon.run)
         return 0
     log_path = node.path / "mount.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     cmd = [sys.executable, "-m", "gridfs", "mount", str(mountpoint)]
     cmd += ["--cap-file", "-"] if cap else [tree]
     cmd += ["--foreground", "--node", str(node.path), "-o", options_without_cap_file(args.options)]
@@ -127,7 +128,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
     deadline = time.monotonic() + MOUNT_TIMEOUT
+    waiting = ""
     while not is_mounted(mountpoint):
+        if not waiting:  # the daemon waits for the last one of the tree: say so
+            waiting = daemon_waits_for(log_path, log_start)
+            if waiting:
+                print(f"gridfs: {waiting}…", file=sys.stderr, flush=True)
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
             why = tail[0].removeprefix("gridfs: error: ") if tail else f"see {log_path}"
@@ -139,6 +145,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
     label = log_name(cap) if cap else tree
     print(f"mounted {label} at {mountpoint} (pid {proc.pid}; log {log_path})")
     return 0
+
+
+def daemon_waits_for(log_path: Path, start: int) -> str:
+    """What a starting daemon logged after ``start`` that it waits for, or ""."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        _, sep, what = line.partition(": waiting for ")
+        if sep:
+            return "waiting for " + what
+    return ""
 
 
 def tree_to_mount(args: argparse.Namespace, rest: dict[str, str]) -> tuple[str, str | None]:
