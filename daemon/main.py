@@ -47,6 +47,9 @@ BATCH_QUIET = 0.2
 """The background flush waits until changes stop coming for this many seconds..."""
 BATCH_MAX = 2.0
 """...but no longer than this after the first change it will carry."""
+EXIT_WAIT = 45.0
+"""A new mount waits this long for the last daemon of its tree, unmounted but
+still draining its queue (less than gridfs.cli.mount.MOUNT_TIMEOUT)."""
 
 
 FSTAB_WORDS = frozenset(
@@ -290,7 +293,7 @@ class MountDaemon:
         async with open_grid(self.node) as grid:
             await grid.wait_for_servers()
             self.session = TreeSession(grid, self.tree)
-            lock = self._lock_tree(self.session)
+            lock = await self._lock_tree(self.session)
             self.options.readonly = self.options.readonly or not self.session.writable
             self.view = SnapshotView(self.session, self.options.show_snapshots)
             await self.view.rebuild()
@@ -342,15 +345,37 @@ class MountDaemon:
         except OSError as e:
             log.info("kernel readahead stays at its default: %s: %s", knob, e.strerror)
 
-    def _lock_tree(self, session: TreeSession) -> Any:
-        """One mount per tree and node: it owns the tree's work queue."""
+    async def _lock_tree(self, session: TreeSession) -> Any:
+        """One mount per tree and node: it owns the tree's work queue.  A
+        daemon whose filesystem is unmounted but that still drains its queue
+        (``fusermount3 -u M && gridfs mount M``) is waited for, at most
+        EXIT_WAIT seconds; one whose mount is still there is refused."""
         f = open(session.queue.directory / "mount.lock", "a+")  # noqa: SIM115 - held while mounted
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            f.close()
-            raise UsageError(f"tree {self.label} of this node is mounted elsewhere") from None
+        deadline = trio.current_time() + EXIT_WAIT
+        said = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                pid, _, where = f.readline().rstrip("\n").partition(" ")
+                exiting = bool(where) and mount_device(Path(where)) is None
+                if not exiting or trio.current_time() > deadline:
+                    f.close()
+                    why = "mounted elsewhere" if not exiting else "still being unmounted"
+                    at = f" (pid {pid}, {where})" if where else ""
+                    raise UsageError(f"tree {self.label} of this node is {why}{at}") from None
+                if not said:
+                    log.info(
+                        "waiting for the daemon of the last mount of %s (pid %s, unmounted "
+                        "from %s) to finish its queue",
+                        self.label,
+                        pid,
+                        where,
+                    )
+                    said = True
+                await trio.sleep(0.1)
         f.truncate(0)
         f.write(f"{os.getpid()} {self.mountpoint}\n")
         f.flush()

@@ -270,14 +270,18 @@ class Mount:
         problem = ""
         try:
             if is_mounted(self.mountpoint):
-                proc = subprocess.run(
-                    [GRIDFS, "umount", str(self.mountpoint)],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                )
-                if proc.returncode != 0:  # busy or dead: detach it
-                    problem = f"gridfs umount failed: {proc.stderr.strip()}"
+                try:  # (it waits for the daemon to drain its queue and exit)
+                    proc = subprocess.run(
+                        [GRIDFS, "umount", str(self.mountpoint)],
+                        capture_output=True,
+                        text=True,
+                        timeout=timeout + 30,  # (the daemon's drain_timeout is 60 s)
+                    )
+                    failed = proc.returncode != 0
+                    problem = f"gridfs umount failed: {proc.stderr.strip()}" if failed else ""
+                except subprocess.TimeoutExpired:
+                    failed, problem = True, f"gridfs umount did not return in {timeout + 30:.0f}s"
+                if failed:  # busy or dead: detach it
                     subprocess.run(
                         ["fusermount3", "-u", "-z", str(self.mountpoint)],
                         capture_output=True,

@@ -109,6 +109,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         trio.run(daemon.run)
         return 0
     log_path = node.path / "mount.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     cmd = [sys.executable, "-m", "gridfs", "mount", str(mountpoint)]
     cmd += ["--cap-file", "-"] if cap else [tree]
     cmd += ["--foreground", "--node", str(node.path), "-o", options_without_cap_file(args.options)]
@@ -127,7 +128,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.close()
     deadline = time.monotonic() + MOUNT_TIMEOUT
+    waiting = ""
     while not is_mounted(mountpoint):
+        if not waiting:  # the daemon waits for the last one of the tree: say so
+            waiting = daemon_waits_for(log_path, log_start)
+            if waiting:
+                print(f"gridfs: {waiting}…", file=sys.stderr, flush=True)
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
             why = tail[0].removeprefix("gridfs: error: ") if tail else f"see {log_path}"
@@ -139,6 +145,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
     label = log_name(cap) if cap else tree
     print(f"mounted {label} at {mountpoint} (pid {proc.pid}; log {log_path})")
     return 0
+
+
+def daemon_waits_for(log_path: Path, start: int) -> str:
+    """What a starting daemon logged after ``start`` that it waits for, or ""."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        _, sep, what = line.partition(": waiting for ")
+        if sep:
+            return "waiting for " + what
+    return ""
 
 
 def tree_to_mount(args: argparse.Namespace, rest: dict[str, str]) -> tuple[str, str | None]:
@@ -196,14 +217,80 @@ def options_without_cap_file(text: str) -> str:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount, then wait for the daemon to drain or persist its queue and
+    exit, so that the tree can be mounted again at once."""
     from gridfs_daemon.main import unmount
 
     mountpoint: Path = args.mountpoint.absolute()
     if not is_mounted(mountpoint):
         raise UsageError(f"{mountpoint} is not a gridfs mount")
+    daemon = mount_daemon(mountpoint)
     unmount(mountpoint)
+    if daemon is not None:
+        wait_for_daemon(*daemon, progress=sys.stderr.isatty())
     print(f"unmounted {mountpoint}")
     return 0
+
+
+def mount_daemon(mountpoint: Path) -> tuple[int, Path] | None:
+    """(pid, queue database) of the daemon serving ``mountpoint``: the
+    process holding a tree's ``mount.lock`` that names it (the lock's first
+    line is ``PID MOUNTPOINT``; see gridfs_daemon.main), whatever its node."""
+    targets = {str(mountpoint), os.path.realpath(mountpoint)}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"gridfs" not in (proc / "cmdline").read_bytes():
+                continue
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if not link.endswith("/mount.lock"):
+                    continue
+                with open(link) as f:
+                    pid, _, where = f.readline().rstrip("\n").partition(" ")
+                if pid == proc.name and {where, os.path.realpath(where)} & targets:
+                    return int(pid), Path(link).parent / "queue.sqlite"
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _queued(db: Path) -> int | None:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+
+
+def wait_for_daemon(pid: int, db: Path, progress: bool) -> None:
+    """Wait until daemon ``pid`` has exited (it drains its queue for up to
+    its drain_timeout, then journals the rest); with ``progress``, say on
+    stderr how many queued changes it is still uploading."""
+    shown: int | None = None
+    next_line = 0.0
+    while _running(pid):
+        if progress and time.monotonic() >= next_line:
+            left = _queued(db)
+            if left and left != shown:
+                print(f"uploading {left} queued changes…", file=sys.stderr, flush=True)
+                shown = left
+            next_line = time.monotonic() + 1.0
+        time.sleep(0.05)
 
 
 async def control_call(
