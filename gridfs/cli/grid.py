@@ -29,7 +29,7 @@ from ..fileutil import atomic_output, make_private_dir, open_private_log
 from ..gatekeeper import WATCH_INTERVAL
 from ..membership import REVOCATIONS_NAME, GridAuthority
 from ..net.identity import NodeAddress
-from .nodes import add_invite_options, enroll, found_grid, print_invite, revoke_member
+from .nodes import add_member_commands, enroll, found_grid, print_invite, revoke_member
 from .util import parse_size
 
 START_TIMEOUT = 30.0
@@ -58,14 +58,7 @@ def register(sub: Any) -> None:
     status = gsub.add_parser("status", help="show the nodes of the grid in DIR")
     status.add_argument("dir", type=Path, metavar="DIR")
     status.set_defaults(func=cmd_status)
-    invite = gsub.add_parser("invite", help="print an invite for a new member of the grid in DIR")
-    invite.add_argument("dir", type=Path, metavar="DIR")
-    add_invite_options(invite)
-    invite.set_defaults(func=cmd_invite)
-    revoke = gsub.add_parser("revoke", help="end the membership of NAME in the grid in DIR")
-    revoke.add_argument("dir", type=Path, metavar="DIR")
-    revoke.add_argument("name", metavar="NAME")
-    revoke.set_defaults(func=cmd_revoke)
+    add_member_commands(gsub, "the grid in DIR", cmd_invite, cmd_revoke)
 
 
 def server_dirs(root: Path) -> list[NodeDir]:

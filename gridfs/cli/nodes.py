@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +58,25 @@ def register(sub: Any) -> None:
         run.add_argument("dir", type=Path, metavar="DIR")
         run.set_defaults(func=cmd_run, kind=kind)
         if kind == "introducer":
-            invite = ksub.add_parser("invite", help="print an invite for a new member of its grid")
-            invite.add_argument("dir", type=Path, metavar="DIR")
-            add_invite_options(invite)
-            invite.set_defaults(func=cmd_invite)
-            revoke = ksub.add_parser("revoke", help="end the membership of NAME in its grid")
-            revoke.add_argument("dir", type=Path, metavar="DIR")
-            revoke.add_argument("name", metavar="NAME")
-            revoke.set_defaults(func=cmd_revoke)
+            add_member_commands(ksub, "its grid", cmd_invite, cmd_revoke)
 
 
-def add_invite_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def add_member_commands(
+    sub: Any, grid: str, invite: Callable[..., int], revoke: Callable[..., int]
+) -> None:
+    """``invite DIR [--storage] [--name NAME]`` and ``revoke DIR NAME``, for
+    ``gridfs grid`` and ``gridfs introducer`` alike."""
+    p = sub.add_parser("invite", help=f"print an invite for a new member of {grid}")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument(
         "--storage", action="store_true", help="invite a storage server (default: a client)"
     )
-    parser.add_argument("--name", default="", help="the member's name (default: a new one)")
+    p.add_argument("--name", default="", help="the member's name (default: a new one)")
+    p.set_defaults(func=invite)
+    p = sub.add_parser("revoke", help=f"end the membership of NAME in {grid}")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=revoke)
 
 
 def read_invite(text: str) -> Invite:
