@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -49,6 +50,17 @@ def one_clean_error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
     assert "Traceback" not in stderr, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("gridfs: error: "), stderr
     return stderr
+
+
+@contextlib.contextmanager
+def three_server_grid(root: Path) -> Iterator[Path]:
+    """``gridfs grid start`` of 3 servers (3-of-3) in ``root``, stopped on exit."""
+    try:
+        ok(gridfs("grid", "start", str(root), "--servers", "3", "--n", "3", "--happy", "3"))
+        yield root
+    finally:
+        if root.exists():
+            gridfs("grid", "stop", str(root))
 
 
 @pytest.fixture(scope="module")

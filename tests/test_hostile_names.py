@@ -26,7 +26,7 @@ from gridfs.config import NodeDir
 from gridfs.dirnode import MAX_NAME_BYTES, Directory, Entry
 from gridfs.errors import FormatError, UsageError
 
-from .test_cli_grid import gridfs, ok
+from .test_cli_grid import gridfs, ok, three_server_grid
 
 HOSTILE = [
     "../../.bashrc",
@@ -197,13 +197,8 @@ def test_copy_into_an_existing_directory_leaves_its_mode(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("hostile") / "grid"
-    try:
-        ok(gridfs("grid", "start", str(root), "--servers", "3", "--n", "3", "--happy", "3"))
+    with three_server_grid(tmp_path_factory.mktemp("hostile") / "grid") as root:
         yield root
-    finally:
-        if root.exists():
-            gridfs("grid", "stop", str(root))
 
 
 def link_into_tree(client: Path, path: str, entry: Entry) -> None:

@@ -35,7 +35,7 @@ from gridfs.tree import pack_root
 from gridfs.workqueue import Step
 
 from .gridutil import open_grid
-from .test_cli_grid import gridfs, ok, one_clean_error_line
+from .test_cli_grid import gridfs, ok, one_clean_error_line, three_server_grid
 from .test_leases import TIMEOUT, client_node, put_bytes
 
 WINDOW = 20
@@ -228,13 +228,8 @@ def test_a_cap_file_must_be_private_and_hold_a_tree_cap(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cli_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("secrets") / "grid"
-    try:
-        ok(gridfs("grid", "start", str(root), "--servers", "3", "--n", "3", "--happy", "3"))
+    with three_server_grid(tmp_path_factory.mktemp("secrets") / "grid") as root:
         yield root
-    finally:
-        if root.exists():
-            gridfs("grid", "stop", str(root))
 
 
 def test_grid_start_makes_private_node_directories_and_logs(cli_grid: Path) -> None:
