@@ -5,17 +5,24 @@ so its contents are encrypted like any file and its cap sits in its parent's
 entry; the tree's root directory cap lives in a mutable slot.  Serialized as
 canonical msgpack::
 
-    {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs, data], ...],
-     "version": 1}
+    {"entries": [[name, kind, cap, size, mode, mtime_ns, ctime_ns, target, xattrs, data,
+                  uid, gid, rdev, extra], ...],
+     "version": 2}
 
 with entries sorted by name.  ``kind`` is "file", "dir", "symlink", or a
 special file: "fifo", "chr", "blk", "sock"; ``cap`` is the child's read cap
 ("" for symlinks, special files and inline files); ``xattrs`` maps user
 attribute names to bytes; ``data`` is nil, or the whole content of a small
 file kept inside its directory (encrypted with it): such a file costs no
-upload of its own.  An entry with an owner has three more fields, ``uid,
-gid, rdev``; one without (written before owners were kept) belongs to
-whoever mounts the tree.
+upload of its own.  ``uid`` and ``gid`` are nil for an entry without an
+owner (made by the tree commands): it belongs to whoever mounts the tree.
+``extra`` maps names of optional properties to values (absent: the default);
+new properties go there, so adding one needs no new format version.
+
+Version 1 directories (before chunked files) are refused with one error that
+names the version.  Queued entries (the work queue's ``addpath`` steps) may
+still have the 10 or 13 fields of older releases: :meth:`Entry.from_wire`
+reads those too.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import msgpack
 from .errors import FormatError, UsageError
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2
 SPECIAL_KINDS = ("fifo", "chr", "blk", "sock")
 """Special files: metadata only (mode, owner, and ``rdev`` for devices)."""
 KINDS = ("file", "dir", "symlink", *SPECIAL_KINDS)
@@ -61,7 +68,9 @@ _S_IFMT = {
 }
 KIND_OF_FORMAT = {fmt: kind for kind, fmt in _S_IFMT.items()}
 """``stat.S_IFMT(mode)`` → entry kind."""
-_LEGACY_FIELDS, _OWNED_FIELDS = 10, 13
+_LEGACY_FIELDS, _OWNED_FIELDS, _FIELDS = 10, 13, 14
+MAX_EXTRA = 32
+"""Optional properties of one entry at most."""
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 
@@ -135,6 +144,8 @@ class Entry:
     gid: int | None = None
     rdev: int = 0
     """The device number of a "chr" or "blk" entry (Linux encoding, as st_rdev)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Optional properties by name (msgpack values); see the module docstring."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -161,9 +172,7 @@ class Entry:
         return self.uid is not None
 
     def to_wire(self, name: str) -> list[Any]:
-        """The msgpack form; an entry without owner keeps the 10 fields it
-        always had (so older directories and queues read back unchanged)."""
-        owner = [self.uid, self.gid, self.rdev] if self.owned or self.rdev else []
+        """The msgpack form (the 14 fields of version 2)."""
         return [
             name,
             self.kind,
@@ -175,15 +184,23 @@ class Entry:
             self.target,
             dict(sorted(self.xattrs.items())),
             self.data,
-            *owner,
+            self.uid,
+            self.gid,
+            self.rdev,
+            dict(sorted(self.extra.items())),
         ]
 
     @classmethod
     def from_wire(cls, item: Any) -> tuple[str, Entry]:
-        if not isinstance(item, list) or len(item) not in (_LEGACY_FIELDS, _OWNED_FIELDS):
+        if not isinstance(item, list) or len(item) not in (_LEGACY_FIELDS, _OWNED_FIELDS, _FIELDS):
             raise FormatError("directory entry has the wrong shape")
         name, kind, cap, size, mode, mtime, ctime, target, xattrs, data = item[:_LEGACY_FIELDS]
-        uid, gid, rdev = item[_LEGACY_FIELDS:] or (None, None, 0)
+        uid, gid, rdev = item[_LEGACY_FIELDS:_OWNED_FIELDS] or (None, None, 0)
+        extra = item[_OWNED_FIELDS] if len(item) == _FIELDS else {}
+        if not isinstance(extra, dict) or len(extra) > MAX_EXTRA:
+            raise FormatError("directory entry has bad extra properties")
+        if not all(isinstance(k, str) and 0 < len(k) <= 64 for k in extra):
+            raise FormatError("directory entry has bad extra properties")
         if not all(v is None or (type(v) is int and 0 <= v < 1 << 32) for v in (uid, gid)):
             raise FormatError("directory entry has a bad owner")
         if type(rdev) is not int or not 0 <= rdev < 1 << 64:
@@ -208,7 +225,9 @@ class Entry:
             raise FormatError("directory entry has a field out of range")
         if "\0" in target or len(target.encode("utf-8", "replace")) > MAX_TARGET_BYTES:
             raise FormatError("directory entry has a bad symlink target (NUL, or too long)")
-        return name, cls(kind, cap, size, mode, mtime, ctime, target, xattrs, data, uid, gid, rdev)
+        return name, cls(
+            kind, cap, size, mode, mtime, ctime, target, xattrs, data, uid, gid, rdev, extra
+        )
 
     def with_(self, **changes: Any) -> Entry:
         return replace(self, **changes)
@@ -264,8 +283,11 @@ class Directory:
             d = msgpack.unpackb(data, raw=False)
         except Exception as e:
             raise FormatError(f"directory is not msgpack: {type(e).__name__}") from None
-        if not isinstance(d, dict) or d.get("version") != VERSION:
-            raise FormatError("not a version 1 directory")
+        if not isinstance(d, dict):
+            raise FormatError("directory is not a map")
+        version = d.get("version")
+        if version != VERSION:
+            raise FormatError(_version_problem(version))
         entries = d.get("entries")
         if not isinstance(entries, list):
             raise FormatError("directory has no entry list")
@@ -284,6 +306,16 @@ class Directory:
                 continue
             out[name] = entry
         return cls(out)
+
+
+def _version_problem(version: object) -> str:
+    if isinstance(version, int) and 0 < version < VERSION:
+        return (
+            f"this tree is in directory format version {version}, which this gridfs no "
+            f"longer reads (it reads version {VERSION}): copy it out with the release "
+            "that wrote it"
+        )
+    return f"directory format version {version!r} is unknown (this gridfs reads {VERSION})"
 
 
 EMPTY = Directory()

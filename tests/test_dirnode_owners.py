@@ -1,5 +1,5 @@
-"""Directory entries with owners and special files: the msgpack form, and
-directories written before owners were kept."""
+"""Directory entries with owners and special files: the msgpack form; queued
+entries written before owners were kept; directories of format version 1."""
 
 from __future__ import annotations
 
@@ -12,15 +12,30 @@ from gridfs.errors import FormatError
 LEGACY = [["f", "file", "gridfs:lit:aa", 1, 0o644, 5, 6, "", {}, None]]
 
 
-def packed(entries: list[list[object]]) -> bytes:
-    return msgpack.packb({"entries": entries, "version": 1})
+def packed(entries: list[list[object]], version: int = 2) -> bytes:
+    return msgpack.packb({"entries": entries, "version": version})
 
 
-def test_a_directory_written_before_owners_reads_as_unowned_and_packs_the_same() -> None:
-    d = Directory.unpack(packed(LEGACY))
-    entry = d.get("f")
-    assert entry is not None and entry.uid is None and entry.gid is None and entry.rdev == 0
-    assert d.pack() == packed(LEGACY)  # an unowned entry keeps its 10 fields
+def test_a_queued_entry_written_before_owners_reads_as_unowned() -> None:
+    name, entry = Entry.from_wire(LEGACY[0])
+    assert name == "f" and entry.uid is None and entry.gid is None and entry.rdev == 0
+    assert entry.to_wire("f") == [*LEGACY[0], None, None, 0, {}]  # written as version 2
+
+
+def test_a_version_1_directory_is_refused_with_one_error_naming_the_version() -> None:
+    with pytest.raises(FormatError, match="directory format version 1, which this gridfs"):
+        Directory.unpack(packed(LEGACY, version=1))
+    with pytest.raises(FormatError, match="version 7 is unknown"):
+        Directory.unpack(packed([], version=7))
+
+
+def test_extra_properties_round_trip_and_are_bounded() -> None:
+    entry = Entry("file", "gridfs:lit:aa", 1, extra={"atime_ns": 5, "z": b"x"})
+    back = Directory.unpack(Directory({"f": entry}).pack()).entries["f"]
+    assert back == entry
+    too_many = [*LEGACY[0], None, None, 0, {f"k{i}": i for i in range(33)}]
+    with pytest.raises(FormatError, match="extra properties"):
+        Directory.unpack(packed([too_many]))
 
 
 def test_owner_setuid_and_device_round_trip() -> None:
@@ -36,7 +51,7 @@ def test_owner_setuid_and_device_round_trip() -> None:
     back = Directory.unpack(d.pack())
     assert dict(back.entries) == entries
     wire = msgpack.unpackb(d.pack())["entries"]
-    assert wire[0] == ["b", "blk", "", 0, 0o600, 5, 6, "", {}, None, 0, 6, 0x801]
+    assert wire[0] == ["b", "blk", "", 0, 0o600, 5, 6, "", {}, None, 0, 6, 0x801, {}]
     kinds = [back.entries[name].st_mode >> 12 for name in back]  # b c d f p s
     assert kinds == [0o6, 0o2, 0o4, 0o10, 0o1, 0o14]
 

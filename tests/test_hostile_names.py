@@ -63,7 +63,7 @@ def test_unpack_keeps_the_first_of_two_entries_of_one_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = inline_file(b"1").to_wire("same"), inline_file(b"2").to_wire("same")
-    d = Directory.unpack(msgpack.packb({"entries": [first, second], "version": 1}))
+    d = Directory.unpack(msgpack.packb({"entries": [first, second], "version": 2}))
     assert list(d) == ["same"] and d.entries["same"].data == b"1"
     assert "a second entry of that name" in caplog.text
 
