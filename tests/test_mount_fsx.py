@@ -288,4 +288,4 @@ def test_fsx_against_a_local_file(mount_grid: Grid, lean_mount: Mount, tmp_path:
         ),
     )
     print(f"fsx steps: {seen}")  # (pytest -s shows what was exercised)
-    assert seen["remount"] >= seen["drain"] > 0  # (every example ends with both)
+    assert seen["remount"] > 0 and seen["drain"] > 0  # (every example ends with both)
