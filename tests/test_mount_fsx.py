@@ -282,7 +282,7 @@ def test_fsx_against_a_local_file(mount_grid: Grid, lean_mount: Mount, tmp_path:
         make_machine(mount_grid, lean_mount, local, baseline, seen),
         settings=settings(
             max_examples=int(os.environ.get("GRIDFS_FSX_EXAMPLES", "6")),
-            stateful_step_count=25,
+            stateful_step_count=20,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
