@@ -21,6 +21,8 @@ from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
 from ..errors import CapError, GridError, UsageError
 from ..fileutil import check_private_file, make_private_dir, open_private_log
+from ..localspace import describe as describe_local
+from ..localspace import snapshot_usage
 from ..net.rpc import RpcClient
 from .files import add_node_option
 
@@ -347,7 +349,16 @@ async def gather_status(node: NodeDir, grid: GridClient | None) -> dict[str, Any
         "mounts": mounts,
         "maintenance": load_record(node),
         "snapshots": snapshot_counts(node),
+        "local": snapshot_usage(node.path, node.config().local_limit_bytes()),
     }
+
+
+def show_local(local: dict[str, Any], indent: str) -> None:
+    """The node's local space (gridfs.localspace): usage, then any problem."""
+    if local:
+        print(indent + describe_local(local))
+        if local["problem"]:
+            print(indent + local["problem"])
 
 
 def snapshot_counts(node: NodeDir) -> dict[str, int]:
@@ -382,6 +393,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"tree {key}: {count} snapshots kept")
     if not status["mounts"]:
         print(f"no mount of {node.path} is running")
+        show_local(status["local"], "")
     for st in status["mounts"]:
         print(f"{st['mountpoint']}: tree {st['tree']}, pid {st['pid']}, {st['servers']} servers")
         print(
@@ -390,6 +402,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for failed in st["failed_steps"]:
             print(f"  failing: {failed}")
+        show_local(st.get("local", {}), "  ")
         show_transfers(st.get("transfers", {}))
         mem = st["memory"]
         print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
