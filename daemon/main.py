@@ -204,6 +204,7 @@ class MountDaemon:
         self.space: LocalSpace | None = None
         self.last_error: str | None = None
         self.flushed = 0
+        self.failed_flushes = 0
         self._kicked = trio.Event()
         self._capacity = (1 << 40, 1 << 40)
         self._terminated = False
@@ -258,9 +259,11 @@ class MountDaemon:
                 await self.flush_queue()
                 backoff = 1.0
             except LocalDiskError as e:  # space.watch kicks it once the disk has room
+                self.failed_flushes += 1
                 self.last_error = str(e)
                 log.error("the queue stopped: %s", e)
             except GridError as e:
+                self.failed_flushes += 1
                 self.last_error = str(e)
                 log.error("upload failed, will retry in %.0fs: %s", backoff, e)
                 await trio.sleep(backoff)
@@ -306,6 +309,7 @@ class MountDaemon:
             "last_error": self.last_error or "",
             "servers": len(self.session.grid.broker.servers),
             "flushes": self.flushed,
+            "failed_flushes": self.failed_flushes,
             "maintenance": load_record(self.node),
             "transfers": self.session.grid.transfers.snapshot(),
             "local": self.space.usage().to_json() if self.space else {},
