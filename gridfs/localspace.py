@@ -273,6 +273,7 @@ class LocalSpace:
         self.cache: Cache | None = None
         self.error = ""
         """the last disk error met (cleared by :meth:`ok`)"""
+        self.error_code: int | None = None
         self.waits = self.refused = 0
         self.refused_why = ""
         """why the last write was refused, until one gets room again"""
@@ -392,11 +393,11 @@ class LocalSpace:
         text = str(exc)
         if text != self.error:
             log.warning("local disk: %s", text)
-        self.error = text
+        self.error, self.error_code = text, disk_errno(exc)
 
     def ok(self) -> None:
         """The daemon wrote what it needed again: forget the last disk error."""
-        self.error = ""
+        self.error, self.error_code = "", None
 
     def metadata(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` (a transaction of the queue); if the disk is full, give
@@ -404,7 +405,8 @@ class LocalSpace:
         LocalDiskError (with ENOSPC or EIO)."""
         try:
             result = fn()
-            self.error = ""  # (the journal takes changes again)
+            if self.error:
+                self.ok()  # (the journal takes changes again)
             return result
         except (OSError, sqlite3.Error) as e:
             code = disk_errno(e)
@@ -467,9 +469,10 @@ class LocalSpace:
                 short = True
                 continue
             self.ensure_ballast()
-            if short or self.error:
+            if short or self.error_code == errno.ENOSPC:
                 short = False
                 self.refused_why = ""
+                self.ok()
                 self.measure()
                 self.changed()
                 on_room()
