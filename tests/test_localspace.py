@@ -15,8 +15,9 @@ import pytest
 import trio
 from gridfs_daemon.segcache import SegmentCache
 
+from gridfs.config import NodeConfig
 from gridfs.dirnode import Entry
-from gridfs.errors import GridError
+from gridfs.errors import GridError, UsageError
 from gridfs.localspace import (
     LocalDiskError,
     LocalSpace,
@@ -250,3 +251,15 @@ def test_a_commit_that_fails_leaves_no_transaction_open(node: Path) -> None:
     with queue.transaction():
         queue.add_deletepath("/after")
     assert len(queue) == 1
+
+
+def test_local_limit_is_a_size_or_auto() -> None:
+    assert NodeConfig("client").local_limit_bytes() is None  # "auto"
+    config = NodeConfig("client", local_limit="10G")
+    assert config.local_limit_bytes() == 10 << 30
+    again = NodeConfig.from_toml(config.to_toml())
+    assert again.local_limit_bytes() == 10 << 30
+    assert NodeConfig("client", local_limit=512 * MiB).local_limit_bytes() == 512 * MiB
+    for bad in ("lots", 0, -1, "0", 1.5):
+        with pytest.raises(UsageError, match="local_limit must be a size"):
+            NodeConfig("client", local_limit=bad)  # type: ignore[arg-type]
