@@ -267,6 +267,7 @@ class LocalSpace:
         self.root = Path(node_path)
         self.queues = self.root / "queues"
         self.ballast = self.root / "cache" / "reserve"
+        self._has_ballast = self.ballast.exists()
         self.wait = wait
         self.progress = progress or (lambda: 0)
         self.on_pressure = on_pressure or (lambda: None)
@@ -314,7 +315,7 @@ class LocalSpace:
     def floor(self) -> int:
         """Free bytes writers leave on the disk: keep_free, and the ballast's
         room while it is given up (that room is the journal's)."""
-        return self.keep_free + (0 if self.ballast.exists() else self.ballast_size)
+        return self.keep_free + (0 if self._has_ballast else self.ballast_size)
 
     def shortfall(self, nbytes: int) -> int:
         """Bytes to free before ``nbytes`` more fit (0: they fit)."""
@@ -425,6 +426,7 @@ class LocalSpace:
 
     def drop_ballast(self) -> bool:
         """Give up the ballast; False if it was not there."""
+        self._has_ballast = False
         try:
             self.ballast.unlink()
         except FileNotFoundError:
@@ -434,7 +436,8 @@ class LocalSpace:
 
     def ensure_ballast(self) -> None:
         """Make the ballast if it is missing and the disk has room for it."""
-        if self.ballast_size <= 0 or self.ballast.exists():
+        self._has_ballast = self.ballast.exists()
+        if self.ballast_size <= 0 or self._has_ballast:
             return
         free, _ = self.disk()
         if free - self.ballast_size < self.keep_free + self.ballast_size:
@@ -448,6 +451,7 @@ class LocalSpace:
             finally:
                 os.close(fd)
             os.replace(tmp, self.ballast)
+            self._has_ballast = True
         except OSError as e:
             log.info("no room for the local disk reserve yet: %s", e)
             with contextlib.suppress(OSError):
@@ -465,7 +469,7 @@ class LocalSpace:
             except OSError as e:
                 self.note(e)
                 continue
-            if free < self.floor() + (0 if self.ballast.exists() else self.ballast_size):
+            if free < self.floor() + (0 if self._has_ballast else self.ballast_size):
                 short = True
                 continue
             self.ensure_ballast()

@@ -115,6 +115,8 @@ def test_a_full_disk_gives_enospc_and_the_mount_carries_on(
         assert outside(mount_grid, small_node, "cat", "t:/after") == after
         assert b"big" not in outside(mount_grid, small_node, "ls", "t:/")
         wait_for(lambda: local(m)["problem"] == "", timeout=30, what="the problem to clear")
+    out = gridfs("status", "--no-servers", "--node", small_node).stdout  # (no mount)
+    assert "no mount of" in out and "local disk: " in out and " free on disk" in out
 
 
 def test_a_failure_recorded_on_a_full_disk_does_not_kill_the_daemon(
