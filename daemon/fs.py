@@ -866,7 +866,7 @@ class GridOperations(pyfuse3.Operations):
                     self.session.digests.add(self.queue.tempfile_path(name), digest)
                 async with self.view.lock:
                     source = self.queue.tempfile_path(name)
-                    add = lambda: self.queue.add_file(source, text, entry, base)  # noqa: E731
+                    add = functools.partial(self.queue.add_file, source, text, entry, base)
                     box = self.space.metadata(add)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")
                     await self.view.apply(Put(of.path, view_entry, base))
