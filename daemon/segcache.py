@@ -18,7 +18,8 @@ the page cache one file later, or as soon as it is read back (the kernel
 caches what the mount serves anyway): a long read then reuses a few pages
 instead of claiming fresh ones.
 
-A scan does not go to disk: a file larger than a quarter of the cache, read
+A scan does not go to disk: a file larger than a quarter of the cache (of
+at most DISK_BYTES of it, however large the node's local limit), read
 sequentially, would push out everything else kept there (a 1 GiB copy
 empties a 1 GiB cache), and writing it back costs about as much CPU as
 fetching it.  Its sequential segments stay in memory only, as PostgreSQL
@@ -151,7 +152,8 @@ class SegmentCache:
     def is_scan(self, file_size: int) -> bool:
         """Whether a sequential read of a file this large keeps its segments
         in memory only (see the module's docstring)."""
-        return not self.keep_scans and file_size > self.max_bytes // SCAN_SHARE
+        room = min(self.max_bytes, DISK_BYTES)  # (the node's whole local limit may be larger)
+        return not self.keep_scans and file_size > room // SCAN_SHARE
 
     async def put(self, key: Key, data: bytes, disk: bool = True) -> None:
         """Keep a segment in memory and (unless not ``disk``) on disk."""

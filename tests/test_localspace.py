@@ -263,3 +263,12 @@ def test_local_limit_is_a_size_or_auto() -> None:
     for bad in ("lots", 0, -1, "0", 1.5):
         with pytest.raises(UsageError, match="local_limit must be a size"):
             NodeConfig("client", local_limit=bad)  # type: ignore[arg-type]
+
+
+def test_a_large_limit_does_not_make_a_long_copy_go_to_the_cache() -> None:
+    """With the cache inside a 20 GiB local limit, a 1 GiB sequential read
+    still stays in memory (its disk writes cost a cold read 15-20 %)."""
+    cache = SegmentCache(None, 20 << 30)
+    assert cache.is_scan(1 << 30) and cache.is_scan(300 * MiB)
+    assert not cache.is_scan(200 * MiB)
+    assert SegmentCache(None, 64 * MiB).is_scan(17 * MiB)
