@@ -32,6 +32,7 @@ from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, KIND_OF_FORMAT, Entry, check_name
 from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir, written_once
+from gridfs.localspace import LocalSpace, disk_errno
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
 from . import perms
@@ -72,9 +73,11 @@ def errors_to_errno(fn: F) -> F:
         except OSError as e:
             log.warning("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            code = disk_errno(e)  # a full or failing local disk (e.g. SQLite's)
+            if code is None:
+                log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(code or errno.EIO) from None
 
     return cast(F, wrapper)
 
@@ -146,9 +149,10 @@ class GridOperations(pyfuse3.Operations):
         self.open_files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}
         self._next_fh = 1
+        self.space: LocalSpace = daemon.space
         self.cache = SegmentCache(
             session.grid.node.path / "cache" / "segments",
-            daemon.options.cache_size,
+            self.space.limit,
             keep_scans=daemon.options.cache_scans,
         )
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -240,7 +244,7 @@ class GridOperations(pyfuse3.Operations):
     async def change(self, enqueue: Callable[[], Any], change: Put | Delete | Move) -> None:
         """Queue a change (durably), then show it in the view."""
         async with self.view.lock:
-            enqueue()
+            self.space.metadata(enqueue)  # (even on a full disk: rm must work)
             await self.view.apply(change)
         self.daemon.kick()
 
@@ -740,6 +744,8 @@ class GridOperations(pyfuse3.Operations):
         of.staging, of.staging_name, of.handed_over, of.buffer = fd, name, False, None
 
     async def _stage_file(self, of: OpenFile, keep: bool) -> None:
+        if keep:  # the current bytes are copied: room for them first
+            await self.space.reserve(of.size if of.staging is not None else of.entry.size)
         name = uuid.uuid4().hex
         fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -806,6 +812,8 @@ class GridOperations(pyfuse3.Operations):
         async with of.lock:
             await self.stage(of, keep=True)
             end = off + len(buf)
+            if of.buffer is None or end > INLINE_MAX:  # to disk: room for it first
+                await self.space.reserve(len(buf) + len(of.buffer or b""))
             of.hash_write(off, buf)
             if of.buffer is not None and end > INLINE_MAX:
                 self._spill(of)
@@ -857,7 +865,9 @@ class GridOperations(pyfuse3.Operations):
                 if digest is not None:
                     self.session.digests.add(self.queue.tempfile_path(name), digest)
                 async with self.view.lock:
-                    box = self.queue.add_file(self.queue.tempfile_path(name), text, entry, base)
+                    source = self.queue.tempfile_path(name)
+                    add = functools.partial(self.queue.add_file, source, text, entry, base)
+                    box = self.space.metadata(add)
                     view_entry = entry.with_(cap=f"local:{box}:{name}")
                     await self.view.apply(Put(of.path, view_entry, base))
                 self.daemon.kick()

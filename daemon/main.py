@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from gridfs.client.maintain import maintain_forever
 from gridfs.client.session import TreeSession
 from gridfs.config import NodeDir
 from gridfs.errors import GridError, UsageError
+from gridfs.localspace import WAIT, WATCH, LocalDiskError, LocalSpace, as_grid_error, disk_errno
 from gridfs.malloc import trim_when_idle
 from gridfs.workqueue import CLEANUP, PATH
 
@@ -98,8 +100,13 @@ class MountOptions:
     drain_timeout: float = 60.0
     maintain: bool = True
     """renew leases and check/repair in the background (``-o nomaintain``: off)"""
-    cache_size: int = 1 << 30
-    """bytes of decoded segments kept on disk in NODE/cache/segments (0: none)"""
+    cache_size: int | None = None
+    """bytes of the node's disk the mount may use for staging, queue and
+    segment cache together (gridfs.localspace; None: the node's
+    ``local_limit``)"""
+    space_wait: float = WAIT
+    """seconds a writer short of local space waits for the queue to make
+    progress before it gets ENOSPC"""
     cache_scans: bool = False
     """also keep on disk large files read sequentially (SegmentCache.is_scan)"""
     suid: bool = False
@@ -153,10 +160,12 @@ class MountOptions:
                 try:
                     opts.cache_size = parse_size(value)
                 except argparse.ArgumentTypeError:
+                    opts.cache_size = 0
+                if opts.cache_size < 1:
                     raise UsageError(
                         f"-o cache_size= needs a size (e.g. 512M), not {value!r}"
                     ) from None
-            elif key in ("refresh", "drain_timeout"):
+            elif key in ("refresh", "drain_timeout", "space_wait"):
                 try:
                     setattr(opts, key, float(value))
                 except ValueError:
@@ -192,8 +201,10 @@ class MountDaemon:
         self.options = options
         self.session: TreeSession | None = None
         self.view: View | None = None
+        self.space: LocalSpace | None = None
         self.last_error: str | None = None
         self.flushed = 0
+        self.failed_flushes = 0
         self._kicked = trio.Event()
         self._capacity = (1 << 40, 1 << 40)
         self._terminated = False
@@ -204,11 +215,20 @@ class MountDaemon:
 
     async def flush_queue(self, through: int = CLEANUP) -> None:
         assert self.session is not None and self.view is not None
-        async with self.view.flushing:
-            await self.session.queue.flush(self.session, through=through)
-        self.flushed += 1
-        self.last_error = None
-        await self.view.rebuild()
+        assert self.space is not None
+        try:
+            async with self.view.flushing:
+                await self.session.queue.flush(self.session, through=through)
+            self.flushed += 1
+            self.last_error = None
+            await self.view.rebuild()
+        except Exception as e:  # a full disk: the flusher tries again when it has room
+            if disk_errno(e) is None:
+                raise
+            self.space.note(e)
+            raise as_grid_error(e) from None
+        self.space.ok()
+        self.space.changed()  # (tempfiles gone: waiting writers measure again)
 
     async def wait_synced(self) -> None:
         """For -o sync and gridfs queue flush: return once the grid has every
@@ -238,7 +258,12 @@ class MountDaemon:
             try:
                 await self.flush_queue()
                 backoff = 1.0
+            except LocalDiskError as e:  # space.watch kicks it once the disk has room
+                self.failed_flushes += 1
+                self.last_error = str(e)
+                log.error("the queue stopped: %s", e)
             except GridError as e:
+                self.failed_flushes += 1
                 self.last_error = str(e)
                 log.error("upload failed, will retry in %.0fs: %s", backoff, e)
                 await trio.sleep(backoff)
@@ -284,8 +309,10 @@ class MountDaemon:
             "last_error": self.last_error or "",
             "servers": len(self.session.grid.broker.servers),
             "flushes": self.flushed,
+            "failed_flushes": self.failed_flushes,
             "maintenance": load_record(self.node),
             "transfers": self.session.grid.transfers.snapshot(),
+            "local": self.space.usage().to_json() if self.space else {},
         }
 
     # -- running ----------------------------------------------------------------
@@ -294,21 +321,31 @@ class MountDaemon:
             await grid.wait_for_servers()
             self.session = TreeSession(grid, self.tree)
             lock = await self._lock_tree(self.session)
+            self.space = LocalSpace(
+                self.node.path,
+                self.options.cache_size or self.node.config().local_limit_bytes(),
+                self.options.space_wait,
+                progress=lambda: int(grid.transfers.snapshot()["uploaded_bytes"]),
+                on_pressure=self.kick,
+            )
             self.options.readonly = self.options.readonly or not self.session.writable
             self.view = SnapshotView(self.session, self.options.show_snapshots)
             await self.view.rebuild()
             ops = GridOperations(self, self.session, self.view, self.options.sync)
             ops.readonly = self.options.readonly
+            self.space.attach_cache(ops.cache)
+            ops.cache.admit = self.space.admit_cache
             pyfuse3.init(ops, str(self.mountpoint), self.options.fuse_options())
             unmounted = False
             try:
                 async with trio.open_nursery() as nursery:
                     ops.nursery = nursery
-                    nursery.start_soon(self.flusher)
-                    nursery.start_soon(self.refresher)
+                    nursery.start_soon(self._survive, self.flusher)
+                    nursery.start_soon(self._survive, self.refresher)
                     nursery.start_soon(self.capacity_poller)
+                    nursery.start_soon(self.space.watch, self.kick)
                     if self.options.maintain:
-                        nursery.start_soon(maintain_forever, grid)
+                        nursery.start_soon(self._survive, maintain_forever, grid)
                     nursery.start_soon(serve_control, self, self.node)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._read_ahead, ops.initialized)
@@ -328,6 +365,21 @@ class MountDaemon:
                 pyfuse3.close(unmount=self._terminated or not unmounted)
                 await self._drain()
                 lock.close()
+
+    async def _survive(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run a background task for the life of the mount: a full or failing
+        local disk (gridfs.localspace.disk_errno) does not end the daemon;
+        the task starts again a moment later."""
+        assert self.space is not None
+        while True:
+            try:
+                await task(*args)
+                return
+            except Exception as e:
+                if disk_errno(e) is None:
+                    raise
+                self.space.note(e)
+                await trio.sleep(WATCH)
 
     async def _read_ahead(self, initialized: trio.Event) -> None:
         """Let the kernel read ahead READ_AHEAD_KB on this mount, so that a
@@ -398,11 +450,16 @@ class MountDaemon:
             while len(self.session.queue):
                 try:
                     await self.session.queue.flush(self.session)
-                except GridError as e:  # a server away for a moment: try again
+                except Exception as e:  # a server away for a moment: try again
+                    if not isinstance(e, GridError) and disk_errno(e) is None:
+                        raise
                     log.warning("could not finish the queue yet: %s", e)
                     await trio.sleep(pause)
                     pause = min(pause * 2, 8.0)
-        self.session.queue.sync()
+        try:
+            self.session.queue.sync()
+        except OSError as e:  # (what it holds is journaled without the fsync)
+            log.warning("could not fsync the queue: %s", e)
         left = len(self.session.queue)
         if left:
             log.warning(

@@ -18,7 +18,8 @@ the page cache one file later, or as soon as it is read back (the kernel
 caches what the mount serves anyway): a long read then reuses a few pages
 instead of claiming fresh ones.
 
-A scan does not go to disk: a file larger than a quarter of the cache, read
+A scan does not go to disk: a file larger than a quarter of the cache (of
+at most DISK_BYTES of it, however large the node's local limit), read
 sequentially, would push out everything else kept there (a 1 GiB copy
 empties a 1 GiB cache), and writing it back costs about as much CPU as
 fetching it.  Its sequential segments stay in memory only, as PostgreSQL
@@ -26,6 +27,11 @@ keeps a large sequential scan out of its shared buffers; the segments read
 before it turns sequential (its head: file managers, ``file``) and those
 read at random still go to disk.  ``keep_scans`` (``-o cache_scans``) keeps
 scans too.
+
+The cache shares the node's local space with the files being written and
+uploaded (``gridfs.localspace``): it gives way first, evicting for them
+(:meth:`SegmentCache.shrink`), and writes a file only where it fits
+(:attr:`SegmentCache.admit`).
 
 The directory is as private as the staging files of the mount (mode 0700,
 inside the node directory): it holds plaintext, like them.
@@ -41,6 +47,7 @@ import os
 import struct
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -87,6 +94,9 @@ class SegmentCache:
         self._disk_size = 0
         self._last_written: str | None = None
         self.hits = {"memory": 0, "disk": 0, "miss": 0}
+        self.admit: Callable[[int], bool] = lambda nbytes: True
+        """Asked before a file of ``nbytes`` is written: the node's local
+        space (gridfs.localspace) lets it in, evicting others, or not."""
         if self.directory is not None:
             self._open_directory(self.directory)
 
@@ -142,7 +152,8 @@ class SegmentCache:
     def is_scan(self, file_size: int) -> bool:
         """Whether a sequential read of a file this large keeps its segments
         in memory only (see the module's docstring)."""
-        return not self.keep_scans and file_size > self.max_bytes // SCAN_SHARE
+        room = min(self.max_bytes, DISK_BYTES)  # (the node's whole local limit may be larger)
+        return not self.keep_scans and file_size > room // SCAN_SHARE
 
     async def put(self, key: Key, data: bytes, disk: bool = True) -> None:
         """Keep a segment in memory and (unless not ``disk``) on disk."""
@@ -155,6 +166,7 @@ class SegmentCache:
             or self.directory is None
             or len(data) + _HEAD.size > self.max_bytes
             or name in self._files
+            or not self.admit(len(data) + _HEAD.size)
         ):
             return
         before, self._last_written = self._last_written, name
@@ -175,6 +187,16 @@ class SegmentCache:
     def _evict(self) -> None:
         while self._disk_size > self.max_bytes and self._files:
             self._drop(next(iter(self._files)))
+
+    def shrink(self, nbytes: int) -> int:
+        """Evict the least recently used files until ``nbytes`` are freed
+        (writers need the room); the bytes freed."""
+        freed = 0
+        while freed < nbytes and self._files:
+            name = next(iter(self._files))
+            freed += self._files[name]
+            self._drop(name)
+        return freed
 
     def _drop(self, name: str) -> None:
         assert self.directory is not None

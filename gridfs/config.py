@@ -98,6 +98,9 @@ class NodeConfig:
     """seconds every root version stays readable (gridfs.client.snapshots)"""
     snapshot_keep: int = 10
     """the newest root versions kept whatever their age"""
+    local_limit: int | str = "auto"
+    """bytes of the node's disk its mounts may use for staging, queue and
+    segment cache (gridfs.localspace): a size (``10G``) or ``"auto"``"""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -118,8 +121,29 @@ class NodeConfig:
             raise UsageError("reserved_space must be >= 0 and max_share_size >= 1")
         if type(self.client_quota) is not int or self.client_quota < 0:
             raise UsageError("client_quota must be a size in bytes >= 0 (0: no limit)")
+        self.local_limit_bytes()
         for url in ([self.introducer] if self.introducer else []) + self.servers:
             NodeAddress.parse(url)
+
+    def local_limit_bytes(self) -> int | None:
+        """``local_limit`` in bytes, or None for the default (gridfs.localspace)."""
+        value = self.local_limit
+        if value == "auto":
+            return None
+        if isinstance(value, str):
+            import argparse
+
+            from .cli.util import parse_size
+
+            try:
+                value = parse_size(value)
+            except argparse.ArgumentTypeError:
+                value = -1
+        if type(value) is not int or value < 1:
+            raise UsageError(
+                f'local_limit must be a size (e.g. 10G, 512M) or "auto", not {self.local_limit!r}'
+            )
+        return value
 
     def to_toml(self) -> str:
         tables: dict[str, dict[str, Any]] = {
@@ -150,6 +174,7 @@ class NodeConfig:
                 "repair_threshold": self.repair_threshold,
                 "snapshot_retention": self.snapshot_retention,
                 "snapshot_keep": self.snapshot_keep,
+                "local_limit": self.local_limit,
             }
         return dump_toml(tables)
 

@@ -41,6 +41,7 @@ from .caps import log_name
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
+from .localspace import tolerate_disk_errors
 from .tree import Change, Delete, Move, Put, Tree
 
 log = logging.getLogger(__name__)
@@ -259,10 +260,13 @@ class WorkQueue:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # (also a COMMIT that failed, e.g. on a full disk: SQLite may
+                # leave its transaction open, and every later BEGIN would fail)
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
         finally:
             if not sync:
                 self.db.execute("PRAGMA synchronous=FULL")
@@ -528,10 +532,11 @@ class WorkQueue:
             self.db.executemany("DELETE FROM steps WHERE id = ?", [(s.id,) for s in steps])
 
     def _record_failure(self, steps: list[Step], error: str) -> None:
-        self.db.executemany(
-            "UPDATE steps SET attempts = attempts + 1, last_error = ? WHERE id = ?",
-            [(error[:500], s.id) for s in steps],
-        )
+        with tolerate_disk_errors("a failed step"):  # (the failure itself is raised on)
+            self.db.executemany(
+                "UPDATE steps SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                [(error[:500], s.id) for s in steps],
+            )
 
     def _empty_dirs(self) -> None:
         """The seed: with the queue empty, no tempfile or box can be referenced."""

@@ -21,13 +21,15 @@ def test_defaults() -> None:
     opts, rest = MountOptions.parse("")
     assert opts == MountOptions() and rest == {}
     assert not opts.sync and not opts.cache_scans and opts.maintain
-    assert opts.cache_size == 1 << 30
+    assert opts.cache_size is None  # the node's local_limit (gridfs.localspace)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("cache_size=lots", "-o cache_size= needs a size"),
+        ("cache_size=0", "-o cache_size= needs a size"),
+        ("space_wait=later", "-o space_wait= needs a number of seconds"),
         ("refresh=soon", "-o refresh= needs a number of seconds"),
         ("cache_scan", "unknown mount option 'cache_scan'"),
         ("cache_scans=no", "-o cache_scans takes no value"),

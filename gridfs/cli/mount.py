@@ -7,11 +7,13 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -21,9 +23,12 @@ from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
 from ..errors import CapError, GridError, UsageError
 from ..fileutil import check_private_file, make_private_dir, open_private_log
+from ..localspace import describe as describe_local
+from ..localspace import disk_errno, snapshot_usage
 from ..net.rpc import RpcClient
 from .files import add_node_option
 
+T = TypeVar("T")
 MOUNT_TIMEOUT = 60.0
 DEFAULT_TREE = "grid"
 CAP_LINE_MAX = 4096
@@ -346,8 +351,28 @@ async def gather_status(node: NodeDir, grid: GridClient | None) -> dict[str, Any
         "queues": [{"queue": q, "pending": p, "failing": f} for q, p, f in queue_backlog(node)],
         "mounts": mounts,
         "maintenance": load_record(node),
-        "snapshots": snapshot_counts(node),
+        "snapshots": unless_disk_full(lambda: snapshot_counts(node), dict[str, int]()),
+        "local": snapshot_usage(node.path, node.config().local_limit_bytes()),
     }
+
+
+def unless_disk_full(read: Callable[[], T], default: T) -> T:
+    """``read()``, or ``default`` when a full or failing local disk keeps a
+    database from opening (status shows the problem instead)."""
+    try:
+        return read()
+    except (OSError, sqlite3.Error) as e:
+        if disk_errno(e) is None:
+            raise
+        return default
+
+
+def show_local(local: dict[str, Any], indent: str) -> None:
+    """The node's local space (gridfs.localspace): usage, then any problem."""
+    if local:
+        print(indent + describe_local(local))
+        if local["problem"]:
+            print(indent + local["problem"])
 
 
 def snapshot_counts(node: NodeDir) -> dict[str, int]:
@@ -382,6 +407,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"tree {key}: {count} snapshots kept")
     if not status["mounts"]:
         print(f"no mount of {node.path} is running")
+        show_local(status["local"], "")
     for st in status["mounts"]:
         print(f"{st['mountpoint']}: tree {st['tree']}, pid {st['pid']}, {st['servers']} servers")
         print(
@@ -390,6 +416,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for failed in st["failed_steps"]:
             print(f"  failing: {failed}")
+        show_local(st.get("local", {}), "  ")
         show_transfers(st.get("transfers", {}))
         mem = st["memory"]
         print("  memory: " + ", ".join(f"{k} {v // 1024} KiB" for k, v in sorted(mem.items())))
