@@ -156,6 +156,22 @@ class RootRecorder:
         self.last_seq = seq
 
 
+class SharedRecorder:
+    """Records the versions of shared directories' slots a tree's store
+    reads or publishes (``GridStore.on_shared``): each slot has its own
+    snapshots, as a tree's root does, under its own :func:`tree_key`."""
+
+    def __init__(self, node: NodeDir) -> None:
+        self.node = node
+        self.recorders: dict[bytes, RootRecorder] = {}
+
+    def __call__(self, cap: SlotCap, seq: int, payload: bytes) -> None:
+        recorder = self.recorders.get(cap.storage_index)
+        if recorder is None:
+            recorder = self.recorders[cap.storage_index] = RootRecorder(self.node, cap)
+        recorder(seq, payload)
+
+
 async def update_held(log: SnapshotLog, key: str, tree: Tree) -> list[Snapshot]:
     """Bring the held caps of the tree's versions up to date: each version's
     are the caps it references that the next recorded version does not
