@@ -7,6 +7,8 @@ keeps still references it.  Directories are immutable files, so an unchanged
 subtree has the same cap in both versions and the difference walk never
 enters it: its cost follows the size of the change, not of the tree.
 Both name stored objects: a file kept in a pack is named by the pack's cap.
+A shared directory's entry names its slot too (its read cap); the keeper
+walks that slot's versions as it walks a tree's.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import trio
 
 from .caps import LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
 from .caps import parse as parse_cap
-from .errors import CapError
+from .dirnode import Entry
+from .errors import CapError, FormatError
 from .mutable import parse_slot_cap
+from .shares import slot_of
 from .tree import Tree
 
 WALK_CONCURRENCY = 8
@@ -55,6 +59,8 @@ async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) 
         async with limiter:
             d = await tree.load_dir(cap)
         for entry in d.entries.values():
+            if (slot := _shared_slot(entry)) is not None:
+                found.add(slot)  # (walked as a tree of its own: Keeper.reachable)
             if not entry.cap or (stored := stored_cap(entry.cap)) in found:
                 continue
             found.add(stored)
@@ -65,6 +71,16 @@ async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(visit, dir_cap, nursery)
     return found
+
+
+def _shared_slot(entry: Entry) -> str | None:
+    """The read cap of the slot a shared directory's entry links, if any
+    (a malformed one is nothing: it cannot be read, so nothing is kept)."""
+    try:
+        slot = slot_of(entry)
+    except FormatError:
+        return None
+    return None if slot is None else slot.to_string()
 
 
 async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:

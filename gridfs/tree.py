@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -202,6 +202,9 @@ class Tree:
         self.slots: dict[bytes, tuple[int, str]] = {}
         """(seq, directory cap) of the shared directories' slots read since
         the root was last read: each is read once per root read."""
+        self.version_at: Callable[[SlotReadCap, int], str | None] | None = None
+        """The directory cap a shared directory's slot held at a time, as
+        far as the node knows (its snapshot log): lookups in a snapshot."""
 
     async def shared_root(self, cap: SlotReadCap) -> tuple[int, str]:
         """(seq, directory cap) of the newest version of a shared directory's slot."""
@@ -211,12 +214,17 @@ class Tree:
             hit = self.slots[cap.storage_index] = (seq, unpack_root(payload))
         return hit
 
-    async def resolve(self, entry: Entry) -> Entry:
+    async def resolve(self, entry: Entry, at_ns: int | None = None) -> Entry:
         """``entry`` with the live cap of the directory it names (a shared
-        directory's entry holds a hint: its slot holds the current version)."""
+        directory's entry holds a hint: its slot holds the current version);
+        with ``at_ns``, the version its slot held then if the node knows it,
+        else the hint."""
         slot = slot_of(entry)
         if slot is None:
             return entry
+        if at_ns is not None:
+            cap = None if self.version_at is None else self.version_at(slot, at_ns)
+            return entry if cap is None else entry.with_(cap=cap)
         return entry.with_(cap=(await self.shared_root(slot))[1])
 
     async def load_dir(self, cap: str) -> Directory:
@@ -233,10 +241,12 @@ class Tree:
             return 0, empty_dir_cap()
         return seq, unpack_root(payload)
 
-    async def lookup(self, path: Path, root_cap: str | None = None, *, live: bool = True) -> Entry:
-        """The entry at ``path`` (the root itself for ``()``).  ``live``:
-        shared directories are followed to their slots' newest versions
-        (else to the hints their parents hold: a snapshot's view)."""
+    async def lookup(
+        self, path: Path, root_cap: str | None = None, *, at_ns: int | None = None
+    ) -> Entry:
+        """The entry at ``path`` (the root itself for ``()``).  Shared
+        directories are followed to their slots' newest versions, or with
+        ``at_ns`` (a lookup in a snapshot) to their versions at that time."""
         path = normal_path(path)
         if root_cap is None:
             root_cap = (await self.root())[1]
@@ -247,11 +257,13 @@ class Tree:
             child = (await self.load_dir(entry.cap)).get(name)
             if child is None:
                 raise NotFoundError(f"{join_path(list(path[: i + 1]))}: no such file or directory")
-            entry = await self.resolve(child) if live else child
+            entry = await self.resolve(child, at_ns)
         return entry
 
-    async def listdir(self, path: Path, root_cap: str | None = None) -> Directory:
-        entry = await self.lookup(path, root_cap)
+    async def listdir(
+        self, path: Path, root_cap: str | None = None, *, at_ns: int | None = None
+    ) -> Directory:
+        entry = await self.lookup(path, root_cap, at_ns=at_ns)
         if not entry.is_dir:
             raise NotADirectoryError_(f"{join_path(list(path))} is not a directory")
         return await self.load_dir(entry.cap)

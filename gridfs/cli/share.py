@@ -26,6 +26,7 @@ from ..client.snapshots import SnapshotLog, iso_time, pick, snapshot_names, tree
 from ..dirnode import split_path
 from ..errors import UsageError
 from ..mutable import SlotReadCap, SlotVerifyCap, SlotWriteCap
+from ..shares import unshared
 from ..tree import NotFoundError
 from .files import add_node_option
 from .tree import flush, grid_path, run_with_grid
@@ -145,7 +146,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         with SnapshotLog(grid.node) as log:
             snap = pick(log.versions(tree_key(session.cap)), args.at)
         try:
-            entry = await session.tree.lookup(tuple(split_path(path)), snap.root)
+            entry = await session.tree.lookup(tuple(split_path(path)), snap.root, at_ns=snap.at_ns)
         except NotFoundError:
             raise UsageError(f"{args.path}: not in the snapshot of {args.at}") from None
         dest_alias, dest = grid_path(args.to, aliases) if args.to else (alias, path)
@@ -157,6 +158,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             current = await target.lookup(dest)
         except NotFoundError:
             current = None
+        entry = unshared(entry)  # (the directory as it was: not its live slot)
         if current is not None and (current.is_dir or entry.is_dir):
             raise UsageError(f"{args.to or args.path}: exists (remove it, or restore with --to)")
         target.queue.add_file(None, dest, entry.with_(ctime_ns=time.time_ns()))

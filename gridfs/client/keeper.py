@@ -267,15 +267,19 @@ class Keeper:
                 roots.add(cap)
         found = set(kept)
         self.unwalkable = []
-        for root in sorted(roots):
-            try:
-                found |= await self.tree_caps(root, strict)
-            except GridError as e:
-                if strict:
-                    raise
-                found.add(root)
-                self.unwalkable.append(f"{log_name(root)}: {e}")
-                log.warning("cannot walk the tree %s: %s", log_name(root), e)
+        walked: set[str] = set()
+        while todo := sorted(roots - walked):
+            for root in todo:  # then the shared directories' slots the walks found
+                walked.add(root)
+                try:
+                    found |= await self.tree_caps(root, strict)
+                except GridError as e:
+                    if strict:
+                        raise
+                    found.add(root)
+                    self.unwalkable.append(f"{log_name(root)}: {e}")
+                    log.warning("cannot walk the tree %s: %s", log_name(root), e)
+            roots |= {c for c in found if c.startswith("gridfs:ssk")}
         return found
 
     async def renew_all(self) -> RenewReport:

@@ -172,6 +172,19 @@ class SharedRecorder:
         recorder(seq, payload)
 
 
+def version_at(node: NodeDir, cap: SlotCap, at_ns: int) -> str | None:
+    """The directory a shared directory's slot held at ``at_ns``, as far as
+    the node's snapshot log knows (the newest version recorded by then);
+    None if it recorded none (:attr:`gridfs.tree.Tree.version_at`)."""
+    try:
+        with SnapshotLog(node) as log:
+            versions = log.versions(tree_key(cap))
+    except sqlite3.Error:
+        return None
+    known = [s for s in versions if s.at_ns <= at_ns]
+    return max(known, key=lambda s: s.seq).root if known else None
+
+
 async def update_held(log: SnapshotLog, key: str, tree: Tree) -> list[Snapshot]:
     """Bring the held caps of the tree's versions up to date: each version's
     are the caps it references that the next recorded version does not
