@@ -7,8 +7,9 @@ keeps still references it.  Directories are immutable files, so an unchanged
 subtree has the same cap in both versions and the difference walk never
 enters it: its cost follows the size of the change, not of the tree.
 Both name stored objects: a file kept in a pack is named by the pack's cap.
-A shared directory's entry names its slot too (its read cap); the keeper
-walks that slot's versions as it walks a tree's.
+A shared directory's entry references its slot only (its read cap; the cap
+the entry holds is a hint, never read live): the keeper walks that slot's
+versions as it walks a tree's.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) 
             d = await tree.load_dir(cap)
         for entry in d.entries.values():
             if (slot := _shared_slot(entry)) is not None:
-                found.add(slot)  # (walked as a tree of its own: Keeper.reachable)
+                found.add(slot)  # walked as a tree of its own (Keeper.reachable);
+                continue  # its entry's cap is a hint, never read live
             if not entry.cap or (stored := stored_cap(entry.cap)) in found:
                 continue
             found.add(stored)
@@ -93,11 +95,17 @@ async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:
     before, after = await tree.load_dir(old), await tree.load_dir(new)
     for name, entry in before.entries.items():
         now = after.get(name)
-        if not entry.cap or (now is not None and now.cap == entry.cap):
+        old_slot = _shared_slot(entry)
+        new_slot = None if now is None else _shared_slot(now)
+        if old_slot is not None:  # it referenced its slot only
+            if old_slot != new_slot:
+                out.add(old_slot)
+            continue
+        if not entry.cap or (now is not None and now.cap == entry.cap and new_slot is None):
             continue
         if not entry.is_dir:
             out.add(stored_cap(entry.cap))
-        elif now is not None and now.is_dir and now.cap:
+        elif now is not None and now.is_dir and now.cap and new_slot is None:
             out |= await dropped_caps(tree, entry.cap, now.cap)
         else:
             out |= await subtree_caps(tree, entry.cap)

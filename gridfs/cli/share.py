@@ -21,7 +21,7 @@ from ..client.grid import GridClient
 from ..client.gridstore import upload_bytes
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
 from ..client.session import TreeSession, load_aliases
-from ..client.sharing import share_directory
+from ..client.sharing import share_directory, slot_maker
 from ..client.snapshots import SnapshotLog, iso_time, pick, snapshot_names, tree_key
 from ..dirnode import split_path
 from ..errors import UsageError
@@ -70,7 +70,7 @@ def cmd_share(args: argparse.Namespace) -> int:
         entry = await session.lookup(path)
         if entry.is_dir:
             await flush(session, "share")  # (the slot takes the committed directory)
-            live = await share_directory(session, tuple(split_path(path)))
+            live = await share_directory(session.tree, tuple(split_path(path)), slot_maker(grid))
             if args.ro or isinstance(live, SlotReadCap):
                 if not args.ro:
                     raise UsageError(f"{args.path}: is read-only here (share it with --ro)")

@@ -11,23 +11,44 @@ directory's newer version before it is linked.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from ..dirnode import join_path
 from ..errors import UsageError, plain_grid_errors
 from ..mutable import SlotReadCap, SlotWriteCap
 from ..shares import open_write_cap, share_extra, slot_of
-from ..tree import MAX_RETRIES, Batch, NotFoundError, SlotConflictError, pack_root, unpack_root
-from .session import TreeSession
+from ..tree import (
+    MAX_RETRIES,
+    Batch,
+    NotFoundError,
+    SlotConflictError,
+    Tree,
+    pack_root,
+    unpack_root,
+)
+from .grid import GridClient
 from .slots import create_slot
 
 Path = tuple[str, ...]
 
 
-async def share_directory(session: TreeSession, path: Path) -> SlotWriteCap | SlotReadCap:
+def slot_maker(grid: GridClient) -> Callable[[bytes], Awaitable[SlotWriteCap]]:
+    """Makes a new slot holding a payload, on ``grid``."""
+
+    async def make(payload: bytes) -> SlotWriteCap:
+        p = grid.params
+        return await create_slot(grid.broker, payload, p.n, p.happy, seen=grid.seen)
+
+    return make
+
+
+async def share_directory(
+    tree: Tree, path: Path, new_slot: Callable[[bytes], Awaitable[SlotWriteCap]]
+) -> SlotWriteCap | SlotReadCap:
     """The live cap of the directory at ``path`` (not the root): its write
     cap for whoever can write where it is stored, else its read cap.  A
-    directory not shared yet is made shared first (which needs the write
-    cap of the slot its parent is stored in)."""
-    tree, grid = session.tree, session.grid
+    directory not shared yet is made shared first, in a slot ``new_slot``
+    makes (which needs the write cap of the slot its parent is stored in)."""
     made: SlotWriteCap | None = None
     with plain_grid_errors():
         for _ in range(MAX_RETRIES):
@@ -49,10 +70,7 @@ async def share_directory(session: TreeSession, path: Path) -> SlotWriteCap | Sl
                     " (its owner can share it)"
                 )
             if made is None:
-                p = grid.params
-                made = await create_slot(
-                    grid.broker, pack_root(entry.cap), p.n, p.happy, seen=grid.seen
-                )
+                made = await new_slot(pack_root(entry.cap))
             else:  # built again on a newer root: the slot takes the directory as it is now
                 slot_seq, payload = await tree.store.read_dir_slot(made.read_cap())
                 if unpack_root(payload) != entry.cap:
