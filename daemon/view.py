@@ -53,7 +53,7 @@ class View:
         between (the view would lose them until the next rebuild)."""
         async with self.flushing:
             seq, root = await self.session.tree.root()
-            moved = await self._shared_moved()
+            moved = if_changed and await self._shared_moved()
             async with self.lock:
                 same = self.batch is not None and (seq, root) == (self.seq, self.batch.root_cap)
                 if if_changed and same and not moved:
