@@ -7,6 +7,7 @@ write cap."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -265,6 +266,7 @@ def test_leases_and_snapshots_follow_into_a_shared_directory(
     rw = gridfs("share", "grid:/src/sub", "--node", owner).stdout.strip()
     gridfs("alias", "add", "sub", rw, "--node", owner)
     more = gridfs("share", "grid:/src/sub/deeper/more.bin", "--node", owner).stdout.strip()
+    got_more = (tmp_path / "src" / "sub" / "deeper" / "more.bin").read_bytes()
     out = gridfs("check", "-r", "grid:/src", "--node", owner).stdout
     assert "7 objects checked: 7 healthy" in out, out  # src, big, small, sub, deeper, more, note
     gridfs("rm", "sub:/deeper/more.bin", "--node", owner)
@@ -276,6 +278,12 @@ def test_leases_and_snapshots_follow_into_a_shared_directory(
 
     assert readable()  # held by the snapshots
     assert snapshot_count(owner, "sub:") >= 2
+    # The tree's newest snapshot goes into the shared directory as it was then.
+    snaps = json.loads(gridfs("snapshots", "grid:", "--json", "--node", owner).stdout)
+    newest = snaps["snapshots"][-1]["name"]
+    gridfs("restore", "grid:/src/sub/deeper/more.bin", "--at", newest, "--node", owner)
+    assert cat("sub:/deeper/more.bin", owner) == got_more
+    gridfs("rm", "grid:/src/sub/deeper/more.bin", "--node", owner)
     out = gridfs("check", "-r", "grid:/src", "--node", owner).stdout
     assert "6 objects checked: 6 healthy" in out, out
     config = owner / "gridfs.toml"
