@@ -86,6 +86,18 @@ def test_share_a_subdirectory_read_write_and_read_only(
     gridfs("rm", "sub:/theirs.txt", "--node", friend)
     assert "theirs.txt" not in ls("grid:/src/sub", owner)
 
+    # A burst of changes inside the shared directory: one publish, of its slot.
+    burst = tmp_path / "burst"
+    burst.mkdir()
+    for i in range(12):
+        (burst / f"f{i}").write_bytes(os.urandom(i * 1000))
+    gridfs("alias", "add", "mysub", rw, "--node", owner)
+    root_versions, sub_versions = snapshot_count(owner), snapshot_count(owner, "mysub:")
+    gridfs("cp", "-r", burst, "grid:/src/sub/", "--node", owner)
+    assert len(ls("sub:/burst", friend)) == 12
+    assert snapshot_count(owner) == root_versions
+    assert snapshot_count(owner, "mysub:") == sub_versions + 1
+
     reader = mount_grid.new_node(tmp_path / "reader")
     gridfs("alias", "add", "subro", ro, "--node", reader)
     assert cat("subro:/deeper/mine.txt", reader) == b"from the owner"
