@@ -4,7 +4,9 @@ cap a parent's entry holds opens only under the enclosing slot's write key."""
 
 import pytest
 
+from gridfs.client.sharing import share_directory
 from gridfs.dirnode import Entry, split_path
+from gridfs.errors import UsageError
 from gridfs.mutable import SlotWriteCap
 from gridfs.shares import (
     SLOT,
@@ -133,3 +135,49 @@ async def test_mkdir_over_a_shared_directory_keeps_it_shared() -> None:
     child = await share(tree, store, "/d")
     await tree.commit([Put(p("/d"), new_dir_entry(5))])
     assert slot_of((await tree.listdir(p("/"))).entries["d"]) == child.read_cap()
+
+
+async def test_share_directory_makes_a_slot_once_and_keeps_what_raced_it() -> None:
+    """gridfs share's commit: the slot holds the directory as committed;
+    a writer that changed the directory meanwhile loses nothing (the share
+    is built again on the new root); sharing again gives the same cap."""
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p("/d/x"), f("gridfs:lit:aa"))])
+    made: list[SlotWriteCap] = []
+    raced = False
+
+    async def new_slot(payload: bytes) -> SlotWriteCap:
+        nonlocal raced
+        cap = SlotWriteCap.generate()
+        store.slots[cap.storage_index] = (1, payload)
+        made.append(cap)
+        if not raced:  # another writer adds to the directory before the link
+            raced = True
+            await Tree(store).commit([Put(p("/d/y"), f("gridfs:lit:bb"))])
+        return cap
+
+    cap = await share_directory(tree, p("/d"), new_slot)
+    assert made == [cap]
+    assert sorted(await tree.listdir(p("/d"))) == ["x", "y"]
+    assert store.slots[cap.storage_index][0] == 2  # took the newer version before the link
+    assert await share_directory(tree, p("/d"), new_slot) == cap
+    await tree.commit([Put(p("/e/z"), f("gridfs:lit:cc"))])
+    store.write_key = None
+    assert await share_directory(tree, p("/d"), new_slot) == cap.read_cap()
+    with pytest.raises(UsageError, match="read-only"):
+        await share_directory(tree, p("/e"), new_slot)
+
+
+async def test_the_parents_hint_follows_when_the_parent_is_written_anyway() -> None:
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p("/d/x"), f("gridfs:lit:aa"))])
+    child = await share(tree, store, "/d")
+    await tree.commit([Put(p("/d/y"), f("gridfs:lit:bb"))])
+    hint = (await tree.listdir(p("/"))).entries["d"].cap
+    live = unpack_root(store.slots[child.storage_index][1])
+    assert hint != live  # the parent was not written for the change inside d
+    await tree.commit([Put(p("/d/z"), f("gridfs:lit:cc")), Put(p("/top"), f("gridfs:lit:dd"))])
+    hint = (await tree.listdir(p("/"))).entries["d"].cap
+    assert hint == unpack_root(store.slots[child.storage_index][1])
