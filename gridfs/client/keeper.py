@@ -241,7 +241,7 @@ class Keeper:
     def _tree_by_key(self, key: str) -> Tree | None:
         from .session import load_aliases  # session imports this module
 
-        for cap_text in load_aliases(self.node).values():
+        for cap_text in [*load_aliases(self.node).values(), *self.trees]:  # (shared slots)
             with contextlib.suppress(Exception):
                 cap = parse_slot_cap(cap_text)
                 if isinstance(cap, SlotWriteCap | SlotReadCap) and tree_key(cap) == key:
