@@ -7,6 +7,7 @@ write cap."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -309,3 +310,27 @@ def test_leases_and_snapshots_follow_into_a_shared_directory(
     assert not readable()
     assert cat("grid:/src/sub/note", owner) == b"hi"  # the live directory kept its leases
     assert cat("sub:/note", owner) == b"hi"
+
+
+def test_a_read_only_mount_of_the_tree_gives_a_shared_directorys_read_cap_only(
+    mount_grid: Grid, owner: Path, tmp_path: Path
+) -> None:
+    ro = gridfs("share", "grid:/src/sub", "--ro", "--node", owner).stdout.strip()
+    tree_ro = gridfs("share", "grid:/", "--ro", "--node", owner).stdout.strip()
+    reader = mount_grid.new_node(tmp_path / "reader")
+    gridfs("alias", "add", "all", tree_ro, "--node", reader)
+    m = Mount(tmp_path / "mnt", reader, tree="all")
+    m.mount()
+    try:
+        shared = m.mountpoint / "src" / "sub"
+        assert (shared / "note").read_bytes() == b"hi"
+        assert os.getxattr(shared, "user.gridfs.cap").decode() == ro
+        with pytest.raises(OSError) as e:
+            os.getxattr(shared, "user.gridfs.rwcap")
+        assert e.value.errno == errno.ENODATA
+        with pytest.raises(OSError) as e:
+            os.open(shared / "new", os.O_CREAT | os.O_WRONLY, 0o644)
+        assert e.value.errno == errno.EROFS
+        assert pending(reader) == 0
+    finally:
+        m.unmount()
