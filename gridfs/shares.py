@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .changes import Put
 from .dirnode import Entry
 from .errors import CapError, FormatError, UsageError
 from .hashes import TAG_SHARE_WRITE_PAD, tagged_hash
@@ -109,7 +110,30 @@ def reseal(entry: Entry, child: SlotWriteCap, enclosing_write_key: bytes) -> Ent
     return entry.with_(extra=share_extra(child, enclosing_write_key, entry.extra))
 
 
+def link_of(current: Entry, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` with the link (``slot``, ``slotw``) ``current`` has, or
+    none if it has none: a change of a directory's attributes, made on a
+    view that may predate its sharing or a reseal, never changes its link."""
+    out = {k: v for k, v in extra.items() if k not in (SLOT, SLOT_WRITE)}
+    out.update({k: v for k, v in current.extra.items() if k in (SLOT, SLOT_WRITE)})
+    return out
+
+
 def unshared(entry: Entry) -> Entry:
     """``entry`` as an ordinary directory (its hint cap), without the link."""
     extra = {k: v for k, v in entry.extra.items() if k not in (SLOT, SLOT_WRITE)}
     return entry.with_(extra=extra)
+
+
+def keep_link(change: Put, current: Entry) -> Put:
+    """A put of a shared directory's entry as a writer saw it (same slot, or
+    no link and the hint it was linked with: a chmod queued before the
+    share) changes its attributes only: its link and newest hint stay."""
+    shared, given = slot_of(current), slot_of(change.entry)
+    if shared is None or given not in (shared, None):
+        return change
+    if given is None and change.entry.cap != current.cap:
+        return change
+    extra = link_of(current, change.entry.extra)
+    kept = change.entry.with_(cap=current.cap, size=current.size, extra=extra)
+    return Put(change.path, kept, change.base)

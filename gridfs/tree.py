@@ -36,7 +36,15 @@ from .dirnode import (
 from .errors import FormatError, GridError, UsageError, plain_grid_errors
 from .mutable import SlotReadCap, SlotWriteCap
 from .pack import build_pack, group_for_packs, pack_digest
-from .shares import ReadOnlyShareError, SharedDir, open_write_cap, reseal, slot_of
+from .shares import (
+    ReadOnlyShareError,
+    SharedDir,
+    keep_link,
+    link_of,
+    open_write_cap,
+    reseal,
+    slot_of,
+)
 
 MAX_RETRIES = 20
 
@@ -426,10 +434,13 @@ class Batch:
             and current.cap != change.entry.cap
         ):
             # mkdir over an existing directory keeps its contents (and their count).
-            kept = change.entry.with_(
-                cap=current.cap, size=current.size, extra={**current.extra, **change.entry.extra}
-            )
+            extra = link_of(current, change.entry.extra)
+            kept = change.entry.with_(cap=current.cap, size=current.size, extra=extra)
             change = Put(change.path, kept, change.base)
+            if current == change.entry:
+                return
+        if current is not None and current.is_dir and change.entry.is_dir:
+            change = keep_link(change, current)
             if current == change.entry:
                 return
         if change.entry.data is not None:

@@ -16,7 +16,17 @@ from gridfs.shares import (
     share_extra,
     slot_of,
 )
-from gridfs.tree import Batch, Delete, Move, Put, Tree, new_dir_entry, pack_root, unpack_root
+from gridfs.tree import (
+    Batch,
+    Delete,
+    Move,
+    Put,
+    Tree,
+    empty_dir_cap,
+    new_dir_entry,
+    pack_root,
+    unpack_root,
+)
 
 from .memstore import MemStore
 
@@ -181,3 +191,27 @@ async def test_the_parents_hint_follows_when_the_parent_is_written_anyway() -> N
     await tree.commit([Put(p("/d/z"), f("gridfs:lit:cc")), Put(p("/top"), f("gridfs:lit:dd"))])
     hint = (await tree.listdir(p("/"))).entries["d"].cap
     assert hint == unpack_root(store.slots[child.storage_index][1])
+
+
+async def test_a_stale_attribute_change_keeps_the_link_and_whats_inside() -> None:
+    """A chmod of a shared directory queued with an older hint (or from
+    before it was shared) changes its mode only: the changes inside it in
+    the same commit stay, and so does the link."""
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p("/d/x"), f("gridfs:lit:aa"))])
+    before_share = (await tree.listdir(p("/"))).entries["d"]
+    child = await share(tree, store, "/d")
+    seen = (await tree.listdir(p("/"))).entries["d"]
+    # The parent is written with a newer hint by another commit.
+    await tree.commit([Put(p("/d/y"), f("gridfs:lit:bb")), Put(p("/top"), f("gridfs:lit:cc"))])
+    # As the mount puts a directory's attributes (with the empty cap), or
+    # with the cap it saw; from a view of before the share, or after it.
+    for stale in (seen, before_share.with_(cap=empty_dir_cap()), seen.with_(cap=empty_dir_cap())):
+        await tree.commit(
+            [Put(p("/d/z"), f("gridfs:lit:dd")), Put(p("/d"), stale.with_(mode=0o700))]
+        )
+        d = (await tree.listdir(p("/"))).entries["d"]
+        assert d.mode == 0o700 and slot_of(d) == child.read_cap()
+        assert sorted(await tree.listdir(p("/d"))) == ["x", "y", "z"]
+        await tree.commit([Delete(p("/d/z"))])
