@@ -460,10 +460,15 @@ class Batch:
         current = d.get(change.path[-1]) if d is not None else None
         if current is None:
             return
-        if change.base is not None and current.cap != change.base:
+        if change.base is not None and change.base != await self._live_cap(current):
             return  # changed by another writer since: their version stays
         self.set(change.path[:-1], change.path[-1], None)
         self._touch(change.path[:-1], change.when_ns)
+
+    async def _live_cap(self, entry: Entry) -> str:
+        """The cap of ``entry`` as readers saw it: a shared directory's is
+        the version its slot held when this batch read it (not the hint)."""
+        return (await self.tree.resolve(entry)).cap
 
     async def move(self, change: Move) -> None:
         if not change.src or not change.dst:

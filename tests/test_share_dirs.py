@@ -121,6 +121,10 @@ def test_share_a_subdirectory_read_write_and_read_only(
     assert gridfs("share", "all:/src/sub", "--ro", "--node", reader).stdout.strip() == ro
     assert "read-only" in failing("share", "all:/src/sub", "--node", reader)
     assert "read-only" in failing("mkdir", "all:/src/sub/x", "--node", reader)
+    # The owner removes the shared directory from its tree; its holders keep it.
+    gridfs("rm", "-r", "grid:/src/sub", "--node", owner)
+    assert "sub/" not in ls("grid:/src", owner)
+    assert cat("sub:/deeper/mine.txt", friend) == b"from the owner"
 
 
 def fetch_all(node: Path, cap_text: str) -> tuple[list[bytes], list[Directory]]:

@@ -215,3 +215,19 @@ async def test_a_stale_attribute_change_keeps_the_link_and_whats_inside() -> Non
         assert d.mode == 0o700 and slot_of(d) == child.read_cap()
         assert sorted(await tree.listdir(p("/d"))) == ["x", "y", "z"]
         await tree.commit([Delete(p("/d/z"))])
+
+
+async def test_rm_r_of_a_shared_directory_names_its_live_version() -> None:
+    """gridfs rm -r deletes with the cap it looked up (the live one, not the
+    parent's hint): the shared directory goes; and stays if it moved on."""
+    store = MemStore()
+    tree = Tree(store)
+    await tree.commit([Put(p("/d/x"), f("gridfs:lit:aa")), Put(p("/e/x"), f("gridfs:lit:aa"))])
+    await share(tree, store, "/d")
+    await share(tree, store, "/e")
+    await tree.commit([Put(p("/d/y"), f("gridfs:lit:bb")), Put(p("/e/y"), f("gridfs:lit:bb"))])
+    seen_d, seen_e = await tree.lookup(p("/d")), await tree.lookup(p("/e"))
+    assert seen_d.cap != (await tree.listdir(p("/"))).entries["d"].cap  # live, not the hint
+    await tree.commit([Put(p("/e/z"), f("gridfs:lit:cc"))])  # e moves on after the lookup
+    await tree.commit([Delete(p("/d"), base=seen_d.cap), Delete(p("/e"), base=seen_e.cap)])
+    assert list(await tree.listdir(p("/"))) == ["e"]
