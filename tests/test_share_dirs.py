@@ -78,6 +78,8 @@ def test_share_a_subdirectory_read_write_and_read_only(
         "deeper/", "made-by-friend/", "note2", "theirs.txt"
     ]  # fmt: skip
     assert cat("grid:/src/sub/theirs.txt", owner) == b"from the friend"
+    gridfs("cp", "-r", "grid:/src", tmp_path / "copy", "--node", owner)
+    assert (tmp_path / "copy" / "sub" / "theirs.txt").read_bytes() == b"from the friend"
     assert snapshot_count(owner) == root_versions
     # ... and the friend sees the owner's changes.
     mine = tmp_path / "mine.txt"
