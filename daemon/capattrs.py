@@ -6,12 +6,14 @@ Computed on each ``getxattr``, never stored nor listed (``cp -a`` and
 
 * ``user.gridfs.cap`` of a file is its read cap (ENODATA for a small file
   kept inside its directory, which has none of its own: ``gridfs share``
-  stores it); of the top directory, the tree's slot read cap; of another
+  stores it); of the top directory, the tree's slot read cap; of a shared
+  directory (``gridfs share``), its slot's read cap (live); of another
   directory, the cap of its last committed version (immutable: a snapshot of
   it, which does not follow later changes).
-* ``user.gridfs.rwcap`` of the top directory is the tree's write cap, to the
-  mount's owner only (EACCES for anyone else, ENODATA on a read-only tree and
-  on every other inode).
+* ``user.gridfs.rwcap`` of the top directory is the tree's write cap, and of
+  a shared directory its slot's write cap, to the mount's owner only (EACCES
+  for anyone else; ENODATA where the mount has no write cap, and on every
+  other inode).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyfuse3
 
 from gridfs.caps import LITERAL_MAX, LiteralCap
 from gridfs.mutable import SlotReadCap, SlotWriteCap
+from gridfs.shares import open_write_cap, slot_of
 from gridfs.tree import NotFoundError
 
 from .snapshots import SNAPSHOTS, in_snapshots
@@ -37,20 +40,28 @@ async def cap_xattr(ops: Any, inode: int, key: str, ctx: Any) -> bytes:
     mount ``ops`` (a :class:`daemon.fs.GridOperations`)."""
     path = ops.inodes.path(inode)
     tree_cap = ops.session.cap
+    entry = None
+    if path and path != (SNAPSHOTS,):
+        entry = await ops.view.lookup(path)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+    shared = None if entry is None or in_snapshots(path) else slot_of(entry)
     if key == RWCAP_XATTR:
-        if path or not isinstance(tree_cap, SlotWriteCap):
+        write = tree_cap if not path and isinstance(tree_cap, SlotWriteCap) else None
+        if entry is not None and shared is not None:
+            write = open_write_cap(entry, ops.view.batch.write_key(path[:-1]))
+        if write is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         if getattr(ctx, "uid", None) != ops.uid:
             raise pyfuse3.FUSEError(errno.EACCES)
-        return tree_cap.to_string().encode()
+        return write.to_string().encode()
     if not path:
         assert isinstance(tree_cap, SlotWriteCap | SlotReadCap)
         return tree_cap.read_cap().to_string().encode()
-    if path == (SNAPSHOTS,):
-        raise pyfuse3.FUSEError(errno.ENODATA)
-    entry = await ops.view.lookup(path)
     if entry is None:
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+    if shared is not None:
+        return shared.to_string().encode()
     if entry.is_dir and not in_snapshots(path):
         try:  # the view's cap of a directory may hold queued changes: the committed one
             entry = await ops.session.tree.lookup(path)

@@ -60,7 +60,8 @@ class SnapshotView(View):
         if version is None:
             return None
         try:
-            return await self.session.tree.listdir(path[2:], version.cap)
+            tree = self.session.tree
+            return await tree.listdir(path[2:], version.cap, at_ns=version.mtime_ns)
         except (NotFoundError, UsageError):
             return None
 

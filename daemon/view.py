@@ -53,18 +53,31 @@ class View:
         between (the view would lose them until the next rebuild)."""
         async with self.flushing:
             seq, root = await self.session.tree.root()
+            moved = if_changed and await self._shared_moved()
             async with self.lock:
                 same = self.batch is not None and (seq, root) == (self.seq, self.batch.root_cap)
-                if if_changed and same:
+                if if_changed and same and not moved:
                     return False
+                self.overlay.slots.clear()  # (the view's own versions of shared directories)
                 overlay = Tree(self.overlay, self.session.tree.cache)
                 batch = Batch(overlay, root)
                 for change in self.session.queue.pending_changes():
                     await batch.apply(change)
-                changed = seq != self.seq
+                changed = seq != self.seq or moved
                 self.batch, self.seq = batch, seq
                 self._root_touched = batch.root_mtime_ns  # (re-applied: taken already)
                 return changed
+
+    async def _shared_moved(self) -> bool:
+        """Whether a shared directory the view loaded has a newer version in
+        its slot: it changes without its parent (its other holders' writes)."""
+        if self.batch is None:
+            return False
+        for shared in list(self.batch.shared.values()):
+            seq, _ = await self.session.store.read_dir_slot(shared.read)
+            if seq != shared.seq:
+                return True
+        return False
 
     async def dir(self, path: Path) -> Directory | None:
         assert self.batch is not None

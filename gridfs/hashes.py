@@ -33,6 +33,7 @@ TAG_SLOT_DATA_KEY = b"gridfs:v1:slot-data-key"
 """Keys of record-version-1 slot versions (read only; see mutable.data_key)."""
 TAG_SLOT_SALTED_DATA_KEY = b"gridfs:v1:slot-salted-data-key"
 TAG_SLOT_SIGNATURE = b"gridfs:v1:slot-signature"
+TAG_SHARE_WRITE_PAD = b"gridfs:v1:shared-dir-write-pad"
 TAG_LEASE_RENEW = b"gridfs:v1:lease-renew"
 TAG_LEASE_CANCEL = b"gridfs:v1:lease-cancel"
 # membership (gridfs/membership.py)

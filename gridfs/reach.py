@@ -7,6 +7,9 @@ keeps still references it.  Directories are immutable files, so an unchanged
 subtree has the same cap in both versions and the difference walk never
 enters it: its cost follows the size of the change, not of the tree.
 Both name stored objects: a file kept in a pack is named by the pack's cap.
+A shared directory's entry references its slot only (its read cap; the cap
+the entry holds is a hint, never read live): the keeper walks that slot's
+versions as it walks a tree's.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import trio
 
 from .caps import LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
 from .caps import parse as parse_cap
-from .errors import CapError
+from .dirnode import Entry
+from .errors import CapError, FormatError
 from .mutable import parse_slot_cap
+from .shares import slot_of
 from .tree import Tree
 
 WALK_CONCURRENCY = 8
@@ -55,6 +60,9 @@ async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) 
         async with limiter:
             d = await tree.load_dir(cap)
         for entry in d.entries.values():
+            if (slot := _shared_slot(entry)) is not None:
+                found.add(slot)  # walked as a tree of its own (Keeper.reachable);
+                continue  # its entry's cap is a hint, never read live
             if not entry.cap or (stored := stored_cap(entry.cap)) in found:
                 continue
             found.add(stored)
@@ -67,6 +75,16 @@ async def subtree_caps(tree: Tree, dir_cap: str, found: set[str] | None = None) 
     return found
 
 
+def _shared_slot(entry: Entry) -> str | None:
+    """The read cap of the slot a shared directory's entry links, if any
+    (a malformed one is nothing: it cannot be read, so nothing is kept)."""
+    try:
+        slot = slot_of(entry)
+    except FormatError:
+        return None
+    return None if slot is None else slot.to_string()
+
+
 async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:
     """Caps the directory ``old`` references (itself included) that ``new``
     does not reference at the same place.  A cap dropped here may still be
@@ -77,11 +95,17 @@ async def dropped_caps(tree: Tree, old: str, new: str) -> set[str]:
     before, after = await tree.load_dir(old), await tree.load_dir(new)
     for name, entry in before.entries.items():
         now = after.get(name)
-        if not entry.cap or (now is not None and now.cap == entry.cap):
+        old_slot = _shared_slot(entry)
+        new_slot = None if now is None else _shared_slot(now)
+        if old_slot is not None:  # it referenced its slot only
+            if old_slot != new_slot:
+                out.add(old_slot)
+            continue
+        if not entry.cap or (now is not None and now.cap == entry.cap and new_slot is None):
             continue
         if not entry.is_dir:
             out.add(stored_cap(entry.cap))
-        elif now is not None and now.is_dir and now.cap:
+        elif now is not None and now.is_dir and now.cap and new_slot is None:
             out |= await dropped_caps(tree, entry.cap, now.cap)
         else:
             out |= await subtree_caps(tree, entry.cap)

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgpack
@@ -23,6 +22,7 @@ import trio
 
 from .caps import LITERAL_MAX, LiteralCap, ReadCap
 from .caps import parse as parse_cap
+from .changes import Change, Delete, Move, Put, normal_path
 from .dirnode import (
     DEFAULT_DIR_MODE,
     DIR_INLINE_BUDGET,
@@ -34,7 +34,17 @@ from .dirnode import (
     join_path,
 )
 from .errors import FormatError, GridError, UsageError, plain_grid_errors
+from .mutable import SlotReadCap, SlotWriteCap
 from .pack import build_pack, group_for_packs, pack_digest
+from .shares import (
+    ReadOnlyShareError,
+    SharedDir,
+    keep_link,
+    link_of,
+    open_write_cap,
+    reseal,
+    slot_of,
+)
 
 MAX_RETRIES = 20
 
@@ -68,58 +78,20 @@ class Store(Protocol):
     async def publish_root(self, payload: bytes, expected_seq: int) -> int:
         """Publish if the slot is still at ``expected_seq``; raise SlotConflictError if not."""
 
+    @property
+    def root_write_key(self) -> bytes | None:
+        """The root slot's write key (None: read-only): it opens the write
+        caps of the shared directories the root slot's directories link."""
+
+    async def read_dir_slot(self, cap: SlotReadCap) -> tuple[int, bytes]:
+        """(seq, payload) of a shared directory's slot (:mod:`gridfs.shares`),
+        never older than a version seen before."""
+
+    async def publish_dir_slot(self, cap: SlotWriteCap, payload: bytes, expected_seq: int) -> int:
+        """:meth:`publish_root` for a shared directory's slot."""
+
 
 Path = tuple[str, ...]
-
-
-def normal_path(path: Path) -> Path:
-    """Names as directories store them (NFC, checked), so that a name spelled
-    in another Unicode form finds, replaces or deletes the same entry."""
-    return tuple(check_name(name) for name in path)
-
-
-@dataclass(frozen=True)
-class Put:
-    """Make ``path`` hold ``entry``.  ``base`` is the cap the writer saw there
-    (None: not checked); another cap found there instead is a conflict.  A
-    new name sets the parent directory's mtime to the entry's ctime."""
-
-    path: Path
-    entry: Entry
-    base: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", normal_path(self.path))
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Remove ``path`` (unless ``base`` is given and another cap is found
-    there).  ``when_ns``: the time of the change, which becomes the parent
-    directory's mtime (0: the time the change is applied)."""
-
-    path: Path
-    base: str | None = None
-    when_ns: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", normal_path(self.path))
-
-
-@dataclass(frozen=True)
-class Move:
-    """Rename ``src`` to ``dst``, replacing what is there (``when_ns``: see :class:`Delete`)."""
-
-    src: Path
-    dst: Path
-    when_ns: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "src", normal_path(self.src))
-        object.__setattr__(self, "dst", normal_path(self.dst))
-
-
-Change = Put | Delete | Move
 
 
 def pack_root(cap: str) -> bytes:
@@ -185,6 +157,33 @@ class Tree:
     def __init__(self, store: Store, cache: DirCache | None = None) -> None:
         self.store = store
         self.cache = cache or DirCache()
+        self.slots: dict[bytes, tuple[int, str]] = {}
+        """(seq, directory cap) of the shared directories' slots read since
+        the root was last read: each is read once per root read."""
+        self.version_at: Callable[[SlotReadCap, int], str | None] | None = None
+        """The directory cap a shared directory's slot held at a time, as
+        far as the node knows (its snapshot log): lookups in a snapshot."""
+
+    async def shared_root(self, cap: SlotReadCap) -> tuple[int, str]:
+        """(seq, directory cap) of the newest version of a shared directory's slot."""
+        hit = self.slots.get(cap.storage_index)
+        if hit is None:
+            seq, payload = await self.store.read_dir_slot(cap)
+            hit = self.slots[cap.storage_index] = (seq, unpack_root(payload))
+        return hit
+
+    async def resolve(self, entry: Entry, at_ns: int | None = None) -> Entry:
+        """``entry`` with the live cap of the directory it names (a shared
+        directory's entry holds a hint: its slot holds the current version);
+        with ``at_ns``, the version its slot held then if the node knows it,
+        else the hint."""
+        slot = slot_of(entry)
+        if slot is None:
+            return entry
+        if at_ns is not None:
+            cap = None if self.version_at is None else self.version_at(slot, at_ns)
+            return entry if cap is None else entry.with_(cap=cap)
+        return entry.with_(cap=(await self.shared_root(slot))[1])
 
     async def load_dir(self, cap: str) -> Directory:
         d = self.cache.get(cap)
@@ -195,12 +194,17 @@ class Tree:
 
     async def root(self) -> tuple[int, str]:
         seq, payload = await self.store.read_root()
+        self.slots.clear()
         if seq == 0:
             return 0, empty_dir_cap()
         return seq, unpack_root(payload)
 
-    async def lookup(self, path: Path, root_cap: str | None = None) -> Entry:
-        """The entry at ``path`` (the root itself for ``()``)."""
+    async def lookup(
+        self, path: Path, root_cap: str | None = None, *, at_ns: int | None = None
+    ) -> Entry:
+        """The entry at ``path`` (the root itself for ``()``).  Shared
+        directories are followed to their slots' newest versions, or with
+        ``at_ns`` (a lookup in a snapshot) to their versions at that time."""
         path = normal_path(path)
         if root_cap is None:
             root_cap = (await self.root())[1]
@@ -211,11 +215,13 @@ class Tree:
             child = (await self.load_dir(entry.cap)).get(name)
             if child is None:
                 raise NotFoundError(f"{join_path(list(path[: i + 1]))}: no such file or directory")
-            entry = child
+            entry = await self.resolve(child, at_ns)
         return entry
 
-    async def listdir(self, path: Path, root_cap: str | None = None) -> Directory:
-        entry = await self.lookup(path, root_cap)
+    async def listdir(
+        self, path: Path, root_cap: str | None = None, *, at_ns: int | None = None
+    ) -> Directory:
+        entry = await self.lookup(path, root_cap, at_ns=at_ns)
         if not entry.is_dir:
             raise NotADirectoryError_(f"{join_path(list(path))} is not a directory")
         return await self.load_dir(entry.cap)
@@ -290,6 +296,9 @@ class Batch:
         self.root_mtime_ns = 0
         """when a name last appeared in or went from the root (0: not in this
         batch); the root has no entry to keep it in"""
+        self.shared: dict[Path, SharedDir] = {}
+        """The loaded directories that live in slots of their own: written
+        to those slots, never linked into their parents"""
 
     async def dir(self, path: Path, create: bool) -> Directory | None:
         """The directory at ``path`` as changed so far (made if ``create``)."""
@@ -310,6 +319,11 @@ class Batch:
                 self.set(path[:-1], path[-1], new_dir_entry(self.now))
                 self._touch(path[:-1], self.now)
                 d = EMPTY
+            elif (slot := slot_of(entry)) is not None:
+                seq, cap = await self.tree.shared_root(slot)
+                write = open_write_cap(entry, self.write_key(path[:-1]))
+                self.shared[path] = SharedDir(slot, seq, write)
+                d = await self.tree.load_dir(cap)
             else:
                 d = await self.tree.load_dir(entry.cap)
         self.dirs[path] = d
@@ -342,6 +356,17 @@ class Batch:
                 del self.dirs[p]
                 self.entries.pop(p, None)
                 self.dirty.discard(p)
+                self.shared.pop(p, None)
+
+    def write_key(self, path: Path) -> bytes | None:
+        """The write key of the slot the directory at ``path`` is stored in
+        (its own if shared, else its nearest shared ancestor's, else the
+        root's); None when this writer has only a read cap of it."""
+        for i in range(len(path), 0, -1):
+            shared = self.shared.get(path[:i])
+            if shared is not None:
+                return None if shared.write is None else shared.write.write_key
+        return self.tree.store.root_write_key
 
     def _keep_aside(self, parent: Path, name: str, when_ns: int, entry: Entry) -> None:
         """Keep the loser of a conflict beside ``name``: under its conflict
@@ -363,6 +388,8 @@ class Batch:
         when = when_ns or self.now
         if not path:
             self.root_mtime_ns = when
+            return
+        if path in self.shared:  # its entry is its parent's: changing it would publish both
             return
         entries = self._own(path[:-1])
         entry = entries.get(path[-1])
@@ -407,8 +434,13 @@ class Batch:
             and current.cap != change.entry.cap
         ):
             # mkdir over an existing directory keeps its contents (and their count).
-            kept = change.entry.with_(cap=current.cap, size=current.size)
+            extra = link_of(current, change.entry.extra)
+            kept = change.entry.with_(cap=current.cap, size=current.size, extra=extra)
             change = Put(change.path, kept, change.base)
+            if current == change.entry:
+                return
+        if current is not None and current.is_dir and change.entry.is_dir:
+            change = keep_link(change, current)
             if current == change.entry:
                 return
         if change.entry.data is not None:
@@ -428,10 +460,15 @@ class Batch:
         current = d.get(change.path[-1]) if d is not None else None
         if current is None:
             return
-        if change.base is not None and current.cap != change.base:
+        if change.base is not None and change.base != await self._live_cap(current):
             return  # changed by another writer since: their version stays
         self.set(change.path[:-1], change.path[-1], None)
         self._touch(change.path[:-1], change.when_ns)
+
+    async def _live_cap(self, entry: Entry) -> str:
+        """The cap of ``entry`` as readers saw it: a shared directory's is
+        the version its slot held when this batch read it (not the hint)."""
+        return (await self.tree.resolve(entry)).cap
 
     async def move(self, change: Move) -> None:
         if not change.src or not change.dst:
@@ -447,6 +484,12 @@ class Batch:
         if entry.is_dir and any(p[: len(change.src)] == change.src for p in self.dirty):
             # Pending changes inside the moved directory: write them first.
             entry = entry.with_(cap=await self.write_subtree(change.src))
+        if slot_of(entry) is not None:  # its write cap is sealed for the slot it leaves
+            await self.dir(change.dst[:-1], create=True)
+            old_key, new_key = self.write_key(change.src[:-1]), self.write_key(change.dst[:-1])
+            write = open_write_cap(entry, old_key)
+            if write is not None and new_key is not None and new_key != old_key:
+                entry = reseal(entry, write, new_key)
         # As on Linux, the entry renamed changes too: its ctime moves.
         entry = entry.with_(ctime_ns=change.when_ns or self.now)
         await self.put(Put(change.dst, entry), change.when_ns)
@@ -461,10 +504,9 @@ class Batch:
             if not under:
                 return self._cap_of(top)
             path = max(under, key=len)
-            cap = await self._write_dir(path)
+            cap = await self._flush_dir(path)
             if path == top:
                 return cap
-            self._link(path, cap)
 
     def _cap_of(self, path: Path) -> str:
         parent = self.dirs[path[:-1]]
@@ -479,6 +521,34 @@ class Batch:
         self.tree.cache.put(cap, self.dirs[path])
         self.dirty.discard(path)
         return cap
+
+    async def _flush_dir(self, path: Path) -> str:
+        """Write the directory at ``path`` and put its new cap where it
+        belongs: in its own slot if it is shared, else in its parent."""
+        cap = await self._write_dir(path)
+        if path in self.shared:
+            await self._publish_shared(path, cap)
+        elif path:
+            self._link(path, cap)
+        return cap
+
+    async def _publish_shared(self, path: Path, cap: str) -> None:
+        """Publish a shared directory's new version in its slot (test-and-set
+        on the version this batch read: another writer's newer one is a
+        SlotConflictError, and the commit is re-applied).  The parent is not
+        changed for it; if the parent is being written anyway, its entry's
+        hint follows."""
+        shared = self.shared[path]
+        if shared.write is None:
+            raise ReadOnlyShareError(f"{join_path(list(path))}: a read-only shared directory")
+        seq = await self.tree.store.publish_dir_slot(shared.write, pack_root(cap), shared.seq)
+        self.shared[path] = SharedDir(shared.read, seq, shared.write)
+        self.tree.slots[shared.read.storage_index] = (seq, cap)
+        if path[:-1] in self.dirty:
+            entries = self._own(path[:-1])
+            entry = entries.get(path[-1])
+            if entry is not None and slot_of(entry) == shared.read:
+                entries[path[-1]] = entry.with_(cap=cap, size=len(self.dirs[path]))
 
     def _link(self, path: Path, cap: str) -> None:
         entries = self._own(path[:-1])
@@ -530,8 +600,7 @@ class Batch:
             await self.upload_overflow()
         while self.dirty:
             path = max(self.dirty, key=len)
-            cap = await self._write_dir(path)
+            cap = await self._flush_dir(path)
             if not path:
                 return cap
-            self._link(path, cap)
         return self.root_cap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from gridfs.caps import LITERAL_MAX, LiteralCap, ReadCap, SliceCap, parse
+from gridfs.mutable import SlotReadCap, SlotWriteCap
 from gridfs.pack import open_slice
 from gridfs.tree import SlotConflictError
 
@@ -16,6 +17,9 @@ class MemStore:
         self.payload = b""
         self.puts = 0
         self.publishes = 0
+        self.slots: dict[bytes, tuple[int, bytes]] = {}
+        """Shared directories' slots, by storage index."""
+        self.write_key: bytes | None = b"w" * 32
 
     async def put_bytes(self, data: bytes) -> str:
         if len(data) <= LITERAL_MAX:
@@ -46,3 +50,18 @@ class MemStore:
         self.seq += 1
         self.payload = payload
         return self.seq
+
+    @property
+    def root_write_key(self) -> bytes | None:
+        return self.write_key
+
+    async def read_dir_slot(self, cap: SlotReadCap) -> tuple[int, bytes]:
+        return self.slots[cap.storage_index]
+
+    async def publish_dir_slot(self, cap: SlotWriteCap, payload: bytes, expected_seq: int) -> int:
+        seq, _ = self.slots.get(cap.storage_index, (0, b""))
+        if expected_seq != seq:
+            raise SlotConflictError(f"slot is at {seq}, not {expected_seq}")
+        self.publishes += 1
+        self.slots[cap.storage_index] = (seq + 1, payload)
+        return seq + 1

@@ -102,7 +102,9 @@ def report(path: str, result: CheckResult, as_json: bool) -> None:
 
 
 async def walk(session: TreeSession, path: str, entry: Entry) -> list[tuple[str, Entry]]:
-    """Every object under ``path``: directories (their own CHK files) and files."""
+    """Every object under ``path``: directories (their own CHK files) and
+    files; a shared directory is checked in its live version (its slot's)."""
+    entry = await session.tree.resolve(entry)
     out = [(path, entry)]
     if entry.is_dir:
         listing = await session.listdir(path)

@@ -74,7 +74,9 @@ class CopyOut:
         self.preserve_mode = preserve_mode
 
     async def load_dir(self, entry: Entry) -> Directory:
-        return await self.session.tree.load_dir(entry.cap)
+        """The listing of a directory entry (a shared one's live version)."""
+        tree = self.session.tree
+        return await tree.load_dir((await tree.resolve(entry)).cap)
 
     def child(self, parent: Path, name: str, where: str) -> Path:
         """The local path of entry ``name`` of the directory copied to

@@ -1,7 +1,9 @@
 """Sharing and history: share, snapshots, restore.
 
-``gridfs share ALIAS:/path [--ro]`` prints a cap for the tree's root (its
-slot write cap, or with ``--ro`` its read cap) or for a file (its read cap);
+``gridfs share ALIAS:/path [--ro]`` prints a live cap for the tree's root or
+any directory (its slot's write cap, or with ``--ro`` its read cap; a
+directory gets a slot of its own the first time, see
+:mod:`gridfs.client.sharing`) or for a file (its read cap);
 ``gridfs snapshots ALIAS:`` lists the root versions the node keeps (see
 :mod:`gridfs.client.snapshots`); ``gridfs restore`` puts a file or directory
 of one of them back into a tree.
@@ -19,17 +21,21 @@ from ..client.grid import GridClient
 from ..client.gridstore import upload_bytes
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
 from ..client.session import TreeSession, load_aliases
+from ..client.sharing import share_directory, slot_maker
 from ..client.snapshots import SnapshotLog, iso_time, pick, snapshot_names, tree_key
 from ..dirnode import split_path
 from ..errors import UsageError
-from ..mutable import SlotVerifyCap, SlotWriteCap
+from ..mutable import SlotReadCap, SlotVerifyCap, SlotWriteCap
+from ..shares import unshared
 from ..tree import NotFoundError
 from .files import add_node_option
 from .tree import flush, grid_path, run_with_grid
 
 
 def register(sub: Any) -> None:
-    share = sub.add_parser("share", help="print a cap for a tree (--ro: read-only) or a file")
+    share = sub.add_parser(
+        "share", help="print a live cap for a directory (--ro: read-only) or a file's cap"
+    )
     share.add_argument("path", metavar="ALIAS:PATH")
     share.add_argument("--ro", action="store_true", help="a read-only cap")
     add_node_option(share)
@@ -63,9 +69,13 @@ def cmd_share(args: argparse.Namespace) -> int:
             return session.cap.to_string()
         entry = await session.lookup(path)
         if entry.is_dir:
-            raise UsageError(
-                f"{args.path}: a subdirectory has no live cap yet: share the tree's root"
-            )
+            await flush(session, "share")  # (the slot takes the committed directory)
+            live = await share_directory(session.tree, tuple(split_path(path)), slot_maker(grid))
+            if args.ro or isinstance(live, SlotReadCap):
+                if not args.ro:
+                    raise UsageError(f"{args.path}: is read-only here (share it with --ro)")
+                return live.read_cap().to_string()
+            return live.to_string()
         if entry.kind != "file":
             raise UsageError(f"{args.path}: not a file or directory")
         if entry.cap and not entry.cap.startswith(("local:", "pending:")):
@@ -136,7 +146,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         with SnapshotLog(grid.node) as log:
             snap = pick(log.versions(tree_key(session.cap)), args.at)
         try:
-            entry = await session.tree.lookup(tuple(split_path(path)), snap.root)
+            entry = await session.tree.lookup(tuple(split_path(path)), snap.root, at_ns=snap.at_ns)
         except NotFoundError:
             raise UsageError(f"{args.path}: not in the snapshot of {args.at}") from None
         dest_alias, dest = grid_path(args.to, aliases) if args.to else (alias, path)
@@ -148,6 +158,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             current = await target.lookup(dest)
         except NotFoundError:
             current = None
+        entry = unshared(entry)  # (the directory as it was: not its live slot)
         if current is not None and (current.is_dir or entry.is_dir):
             raise UsageError(f"{args.to or args.path}: exists (remove it, or restore with --to)")
         target.queue.add_file(None, dest, entry.with_(ctime_ns=time.time_ns()))

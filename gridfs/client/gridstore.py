@@ -91,6 +91,12 @@ class GridStore:
         self.timeout = timeout
         """Seconds each server has for a slot call."""
         self._last: SlotRead | None = None
+        self._shared: dict[bytes, SlotRead] = {}
+        """The last version read of each shared directory's slot (by
+        storage index): what a publish to it expects."""
+        self.on_shared: Callable[[SlotReadCap, int, bytes], None] | None = None
+        """Called with (cap, seq, payload) of every version of a shared
+        directory's slot read or published (the snapshot log)."""
         self.on_root: Callable[[int, bytes], None] | None = None
         """Called with (seq, payload) of every root version read or
         published (the node's snapshot log, :mod:`gridfs.client.snapshots`)."""
@@ -144,6 +150,53 @@ class GridStore:
             self.on_root(seq, payload)
         return seq
 
+    @property
+    def root_write_key(self) -> bytes | None:
+        return self.root.write_key if isinstance(self.root, SlotWriteCap) else None
+
+    async def read_dir_slot(self, cap: SlotReadCap) -> tuple[int, bytes]:
+        """(seq, payload) of a shared directory's slot, read as the root is:
+        never older than the node has seen (a rollback is an error)."""
+        await self.broker.ready(10.0)
+        p = self.params
+        try:
+            read = await read_slot(
+                self.broker, cap, p.n, happy=p.happy, seen=self.seen, timeout=self.timeout
+            )
+        except SlotMissingError as e:
+            raise RootUnavailableError(
+                f"a shared directory's slot cannot be found on any reachable server ({e.detail})"
+            ) from None
+        self._shared[cap.storage_index] = read
+        if self.on_shared is not None:
+            self.on_shared(cap, read.seq, read.plaintext or b"")
+        return read.seq, read.plaintext or b""
+
+    async def publish_dir_slot(self, cap: SlotWriteCap, payload: bytes, expected_seq: int) -> int:
+        """Publish the version after ``expected_seq`` of a shared directory's
+        slot, which must be the version read last (else SlotConflictError)."""
+        expected = self._shared.get(cap.storage_index)
+        if expected is None or expected.seq != expected_seq:
+            raise SlotConflictError("a shared directory moved on since it was read")
+        p = self.params
+        try:
+            seq = await publish_slot(
+                self.broker,
+                cap,
+                payload,
+                expected,
+                p.n,
+                p.happy,
+                seen=self.seen,
+                timeout=self.timeout,
+            )
+        except SlotRaceError as e:
+            raise SlotConflictError(str(e)) from None
+        del self._shared[cap.storage_index]  # (a next publish re-reads first)
+        if self.on_shared is not None:
+            self.on_shared(cap.read_cap(), seq, payload)
+        return seq
+
 
 class OverlayStore:
     """A store that keeps new directories in memory instead of uploading them:
@@ -152,6 +205,8 @@ class OverlayStore:
     def __init__(self, base: Store) -> None:
         self.base = base
         self.local: dict[str, bytes] = {}
+        self.slots: dict[bytes, tuple[int, bytes]] = {}
+        """Shared directories' versions "published" by a view, in memory."""
 
     async def put_bytes(self, data: bytes) -> str:
         if len(data) <= LITERAL_MAX:
@@ -170,3 +225,16 @@ class OverlayStore:
 
     async def publish_root(self, payload: bytes, expected_seq: int) -> int:
         raise AssertionError("an overlay never publishes")
+
+    @property
+    def root_write_key(self) -> bytes | None:
+        return self.base.root_write_key
+
+    async def read_dir_slot(self, cap: SlotReadCap) -> tuple[int, bytes]:
+        local = self.slots.get(cap.storage_index)
+        return local if local is not None else await self.base.read_dir_slot(cap)
+
+    async def publish_dir_slot(self, cap: SlotWriteCap, payload: bytes, expected_seq: int) -> int:
+        """Keep the view's version of a shared directory in memory."""
+        self.slots[cap.storage_index] = (expected_seq + 1, payload)
+        return expected_seq + 1

@@ -241,7 +241,7 @@ class Keeper:
     def _tree_by_key(self, key: str) -> Tree | None:
         from .session import load_aliases  # session imports this module
 
-        for cap_text in load_aliases(self.node).values():
+        for cap_text in [*load_aliases(self.node).values(), *self.trees]:  # (shared slots)
             with contextlib.suppress(Exception):
                 cap = parse_slot_cap(cap_text)
                 if isinstance(cap, SlotWriteCap | SlotReadCap) and tree_key(cap) == key:
@@ -267,15 +267,19 @@ class Keeper:
                 roots.add(cap)
         found = set(kept)
         self.unwalkable = []
-        for root in sorted(roots):
-            try:
-                found |= await self.tree_caps(root, strict)
-            except GridError as e:
-                if strict:
-                    raise
-                found.add(root)
-                self.unwalkable.append(f"{log_name(root)}: {e}")
-                log.warning("cannot walk the tree %s: %s", log_name(root), e)
+        walked: set[str] = set()
+        while todo := sorted(roots - walked):
+            for root in todo:  # then the shared directories' slots the walks found
+                walked.add(root)
+                try:
+                    found |= await self.tree_caps(root, strict)
+                except GridError as e:
+                    if strict:
+                        raise
+                    found.add(root)
+                    self.unwalkable.append(f"{log_name(root)}: {e}")
+                    log.warning("cannot walk the tree %s: %s", log_name(root), e)
+            roots |= {c for c in found if c.startswith("gridfs:ssk")}
         return found
 
     async def renew_all(self) -> RenewReport:

@@ -9,6 +9,7 @@ by ``gridfs queue flush``).
 
 from __future__ import annotations
 
+import functools
 import re
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -26,7 +27,7 @@ from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
 from .slots import create_slot
-from .snapshots import RootRecorder
+from .snapshots import RootRecorder, SharedRecorder, version_at
 
 
 class TempfileDigests:
@@ -122,7 +123,9 @@ class TreeSession:
             raise UsageError(f"alias {self.alias}: holds a verify cap, which cannot read")
         self.store = GridStore(grid.broker, self.cap, grid.params, grid.secret, grid.seen)
         self.store.on_root = RootRecorder(grid.node, self.cap)
+        self.store.on_shared = SharedRecorder(grid.node)
         self.tree = Tree(self.store)
+        self.tree.version_at = functools.partial(version_at, grid.node)
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
         qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
         self.queue = WorkQueue(qdir)

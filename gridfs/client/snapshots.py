@@ -156,6 +156,35 @@ class RootRecorder:
         self.last_seq = seq
 
 
+class SharedRecorder:
+    """Records the versions of shared directories' slots a tree's store
+    reads or publishes (``GridStore.on_shared``): each slot has its own
+    snapshots, as a tree's root does, under its own :func:`tree_key`."""
+
+    def __init__(self, node: NodeDir) -> None:
+        self.node = node
+        self.recorders: dict[bytes, RootRecorder] = {}
+
+    def __call__(self, cap: SlotCap, seq: int, payload: bytes) -> None:
+        recorder = self.recorders.get(cap.storage_index)
+        if recorder is None:
+            recorder = self.recorders[cap.storage_index] = RootRecorder(self.node, cap)
+        recorder(seq, payload)
+
+
+def version_at(node: NodeDir, cap: SlotCap, at_ns: int) -> str | None:
+    """The directory a shared directory's slot held at ``at_ns``, as far as
+    the node's snapshot log knows (the newest version recorded by then);
+    None if it recorded none (:attr:`gridfs.tree.Tree.version_at`)."""
+    try:
+        with SnapshotLog(node) as log:
+            versions = log.versions(tree_key(cap))
+    except sqlite3.Error:
+        return None
+    known = [s for s in versions if s.at_ns <= at_ns]
+    return max(known, key=lambda s: s.seq).root if known else None
+
+
 async def update_held(log: SnapshotLog, key: str, tree: Tree) -> list[Snapshot]:
     """Bring the held caps of the tree's versions up to date: each version's
     are the caps it references that the next recorded version does not
