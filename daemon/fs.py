@@ -34,7 +34,7 @@ from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
-from . import perms
+from . import links, perms
 from .capattrs import CAP_XATTRS, cap_xattr
 from .files import CapReader, OpenFile, content_source
 from .perms import Caller, Owners
@@ -175,7 +175,7 @@ class GridOperations(pyfuse3.Operations):
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_mode = entry.st_mode
-        a.st_nlink = 2 if entry.is_dir else 1
+        a.st_nlink = links.count(self.view, self.inodes.paths.get(ino, ()), entry)
         a.st_uid, a.st_gid = self.owners.ids(entry)
         a.st_rdev = entry.rdev
         of = self.open_files.get(ino)
@@ -217,14 +217,17 @@ class GridOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         path = (*self.inodes.path(parent_inode), fuse_name(name))
-        entry = await self.view.lookup(path)
+        path, entry = await links.resolve(self.view, path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await links.ensure_counted(self.view, path, entry)
         return self.attrs(self.inodes.get(path), entry)
 
     @errors_to_errno
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.attrs(inode, await self.entry_of(inode))
+        entry = await self.entry_of(inode)
+        await links.ensure_counted(self.view, self.inodes.path(inode), entry)
+        return self.attrs(inode, entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers stay stable for the daemon's lifetime
@@ -326,6 +329,8 @@ class GridOperations(pyfuse3.Operations):
         """The path and entry of a name about to be made, removed or renamed."""
         path = (*self.inodes.path(parent_inode), fuse_name(name))
         self.check_writable(path)
+        if links.hidden(path):  # the tree's records: a reserved name
+            raise pyfuse3.FUSEError(errno.EPERM)
         return path, await self.view.lookup(path)
 
     @errors_to_errno
@@ -381,8 +386,9 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        await self.check_sticky(path, entry, ctx)
-        await self._remove(path)
+        await self.check_sticky(path, (await links.resolve(self.view, path))[1] or entry, ctx)
+        if not await links.unlink(self, path, entry):
+            await self._remove(path)
 
     async def check_sticky(self, path: Path_, entry: Entry, ctx: Any) -> None:
         """EPERM if ``entry`` at ``path`` is in a sticky directory and the
@@ -444,11 +450,11 @@ class GridOperations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if dst[: len(src)] == src and dst != src:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if src == dst:
-            return
-        await self.check_sticky(src, entry, ctx)
+        if src == dst or links.same_inode(entry, target):
+            return  # (two names of one inode: POSIX's no-op)
+        await self.check_sticky(src, (await links.resolve(self.view, src))[1] or entry, ctx)
         if target is not None:
-            await self.check_sticky(dst, target, ctx)
+            await self.check_sticky(dst, (await links.resolve(self.view, dst))[1] or target, ctx)
         for of in self.open_files.values():  # a dirty file commits under its new name
             if of.path[: len(src)] == src:
                 await self.commit(of)
@@ -457,17 +463,23 @@ class GridOperations(pyfuse3.Operations):
             self.open_files[replaced].unlinked = True
         s, d = "/" + "/".join(src), "/" + "/".join(dst)
         now = time.time_ns()
-        await self.change(lambda: self.queue.add_move(s, d, now), Move(src, dst, now))
+        if links.link_id(entry) or links.link_id(target):
+            await links.rename(self, src, entry, dst, target, now)
+        else:
+            await self.change(lambda: self.queue.add_move(s, d, now), Move(src, dst, now))
         self.inodes.moved(src, dst)
         for of in self.open_files.values():
             if of.path[: len(src)] == src:
                 of.path = dst + of.path[len(src) :]
 
+    @errors_to_errno
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self.check_writable(self.inodes.path(new_parent_inode))
-        raise pyfuse3.FUSEError(errno.EPERM)  # documented: no hard links
+        path, existing = await self._child(new_parent_inode, new_name)
+        if existing is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        return self.attrs(*await links.link(self, inode, path))
 
     @errors_to_errno
     async def setattr(
@@ -557,11 +569,11 @@ class GridOperations(pyfuse3.Operations):
             parent = await self.getattr(self.inodes.get(path[:-1]))
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
-        names = list(listing)
+        names = [name for name in listing if not links.hidden((*path, name))]
         for i in range(max(0, start_id - 2), len(names)):
             name = names[i]
-            child = (*path, name)
-            attrs = self.attrs(self.inodes.get(child), listing.entries[name])
+            child, entry = await links.child(self.view, (*path, name), listing.entries[name])
+            attrs = self.attrs(self.inodes.get(child), entry)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 3):
                 break
 

