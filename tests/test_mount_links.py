@@ -96,15 +96,44 @@ def test_links_survive_a_flush_and_a_remount(mount_node: Path, tmp_path: Path) -
         assert a.st_ino == b.st_ino and a.st_nlink == 2
         assert (top / "d" / "big2").read_bytes() == big
         assert (top / "small").read_bytes() == b"after the flush"
-        # what the tree commands see: every name as the file it names
-        out = gridfs("cat", "grid:/d/big2", "--node", mount_node).stdout
-        assert out.encode(errors="surrogateescape") == big or len(out) > 0
-        listing = gridfs("ls", "-l", "grid:/d", "--node", mount_node).stdout
-        assert "300000" in listing, listing
-        assert ".gridfs-links" not in gridfs("ls", "grid:/", "--node", mount_node).stdout
         os.unlink(top / "big")
-        os.unlink(top / "d" / "big2")
-        m.flush()
+        assert os.stat(top / "d" / "big2").st_nlink == 1
+        assert (top / "d" / "big2").read_bytes() == big
+
+
+def test_tree_commands_follow_links(mount_node: Path, tmp_path: Path) -> None:
+    """ls, cat and cp out show every name as its file (cp -r keeps the link
+    locally); rm of one name keeps the others, of the last frees the record."""
+    big = os.urandom(200_000)
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        (top / "d").mkdir()
+        (top / "big").write_bytes(big)
+        os.link(top / "big", top / "d" / "big2")
+        (top / "s").write_bytes(b"small one")
+        os.link(top / "s", top / "d" / "s2")
+    node = ("--node", mount_node)
+    assert gridfs("cat", "grid:/d/s2", *node).stdout == "small one"
+    assert "200000" in gridfs("ls", "-l", "grid:/d", *node).stdout
+    assert ".gridfs-links" not in gridfs("ls", "grid:/", *node).stdout
+    gridfs("cp", "-r", "grid:/", tmp_path / "out", *node)
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["big", "d", "s"]
+    assert (out / "d" / "big2").read_bytes() == big
+    assert os.stat(out / "big").st_ino == os.stat(out / "d" / "big2").st_ino
+    gridfs("rm", "grid:/big", *node)
+    gridfs("cp", "grid:/d/s2", "grid:/copy", *node)  # a file of its own
+    gridfs("rm", "-r", "grid:/d", *node)
+    assert gridfs("cat", "grid:/s", *node).stdout == "small one"
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        assert sorted(os.listdir(top)) == ["copy", "s"]
+        assert os.stat(top / "s").st_nlink == 1 and os.stat(top / "copy").st_nlink == 1
+        (top / "s").write_bytes(b"changed")
+        assert (top / "copy").read_bytes() == b"small one"
+    # the big file's record went with its last name; the small one's stays
+    records = gridfs("ls", "-l", "grid:/.gridfs-links", *node).stdout.splitlines()
+    assert len(records) == 1 and " 7 " in records[0], records
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")

@@ -12,12 +12,14 @@ import os
 import stat
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
+from ..client import links
 from ..client.grid import GridClient, open_grid
 from ..client.session import (
     DEFAULT_ALIAS,
@@ -30,6 +32,7 @@ from ..client.session import (
 from ..config import NodeConfig, NodeDir, resolve_node_dir
 from ..dirnode import INLINE_MAX, Entry, split_path
 from ..errors import UsageError
+from ..links import as_copy, link_id
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
@@ -289,28 +292,52 @@ def cmd_mv(args: argparse.Namespace) -> int:
             raise UsageError("mv works within one tree; use cp and rm across trees")
         session = TreeSession(grid, a1)
         session.check_writable()
-        await session.lookup(src)  # a clear error for a missing source
+        moved = await session.lookup(src, follow=False)  # a clear error for a missing source
         try:
             target = await session.lookup(dst)
         except NotFoundError:
             target = None
         if target is not None and target.is_dir:
             dst = dst.rstrip("/") + "/" + src.rstrip("/").rsplit("/", 1)[-1]
-        session.queue.add_move(src, dst)
+        records = await _replaced_records(session, moved, dst)
+        with session.queue.transaction():  # (a hard link it replaces: one name less)
+            session.queue.add_move(src, dst)
+            links.queue_recount(session.queue, records)
         await flush(session)
 
     run_with_grid(args, main)
     return 0
 
 
+async def _replaced_records(
+    session: TreeSession, moved: Entry, dst: str
+) -> list[tuple[str, Entry | None]]:
+    """The records whose count a move onto ``dst`` lowers (the name it
+    replaces, when a hard link of another file)."""
+    try:
+        replaced = await session.lookup(dst, follow=False)
+    except NotFoundError:
+        return []
+    gone = link_id(replaced)
+    if gone is None or gone == link_id(moved):
+        return []
+    tree, root = await session.view_root()
+    return await links.recounted(tree, root, links.lost(Counter([gone])))
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     async def rm(session: TreeSession, text: str, path: str) -> None:
-        entry = await session.lookup(path)
+        entry = await session.lookup(path, follow=False)
         if not split_path(path):
             raise UsageError("refusing to remove the root directory")
         if entry.is_dir and not args.recursive:
             raise UsageError(f"{text}: is a directory (use rm -r)")
-        session.queue.add_deletepath(path, base=entry.cap)
+        tree, root = await session.view_root()
+        found = await links.references_under(tree, root, entry)
+        records = await links.recounted(tree, root, links.lost(found))
+        with session.queue.transaction():  # the names and their records' counts
+            session.queue.add_deletepath(path, base=entry.cap)
+            links.queue_recount(session.queue, records)
 
     run_with_grid(args, lambda grid: change_paths(grid, args.paths, rm))
     return 0
@@ -364,7 +391,15 @@ async def copy_to_grid(
             entry = await session.lookup(gsrc[1])
             if entry.is_dir and not recursive:
                 raise UsageError(f"{src}: is a directory (use cp -r)")
-            queue.add_file(None, target, entry.with_(ctime_ns=time.time_ns()))
+            # A copy of a hard-linked file is a file of its own; hard links
+            # inside a copied directory stay links (one more name each).
+            tree, root = await session.view_root()
+            records = await links.recounted(
+                tree, root, await links.references_under(tree, root, entry)
+            )
+            with queue.transaction():
+                queue.add_addpath(None, target, as_copy(entry).with_(ctime_ns=time.time_ns()))
+                links.queue_recount(queue, records)
             continue
         local = Path(src)
         if local.is_dir() and not local.is_symlink():
