@@ -34,9 +34,10 @@ from gridfs.errors import GridError, UsageError
 from gridfs.fileutil import fsync_dir, written_once
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
-from . import links, perms
+from . import atime, links, perms
 from .capattrs import CAP_XATTRS, cap_xattr
 from .files import CapReader, OpenFile, content_source
+from .inodes import Inodes
 from .perms import Caller, Owners
 from .segcache import SegmentCache
 from .snapshots import in_snapshots
@@ -90,42 +91,6 @@ def fuse_name(name: bytes) -> str:
         raise pyfuse3.FUSEError(errno.EINVAL) from None
 
 
-class Inodes:
-    """Stable inode numbers for paths while the daemon runs."""
-
-    def __init__(self) -> None:
-        self.paths: dict[int, Path_] = {pyfuse3.ROOT_INODE: ()}
-        self.by_path: dict[Path_, int] = {(): pyfuse3.ROOT_INODE}
-        self._next = pyfuse3.ROOT_INODE + 1
-
-    def get(self, path: Path_) -> int:
-        ino = self.by_path.get(path)
-        if ino is None:
-            ino = self.by_path[path] = self._next
-            self.paths[ino] = path
-            self._next += 1
-        return ino
-
-    def path(self, ino: int) -> Path_:
-        try:
-            return self.paths[ino]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-
-    def moved(self, src: Path_, dst: Path_) -> None:
-        """Paths at and under ``src`` are now under ``dst``."""
-        self.by_path.pop(dst, None)
-        for path, ino in list(self.by_path.items()):
-            if path[: len(src)] == src:
-                new = dst + path[len(src) :]
-                del self.by_path[path]
-                self.by_path[new] = ino
-                self.paths[ino] = new
-
-    def unlinked(self, path: Path_) -> None:
-        self.by_path.pop(path, None)
-
-
 DIR_SIZE = 4096
 """What stat reports as a directory's size (as ext4 does for a small one)."""
 
@@ -175,10 +140,11 @@ class GridOperations(pyfuse3.Operations):
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_mode = entry.st_mode
-        a.st_nlink = links.count(self.view, self.inodes.paths.get(ino, ()), entry)
+        of = self.open_files.get(ino)
+        gone = of is not None and of.unlinked  # (open, with no name left)
+        a.st_nlink = 0 if gone else links.count(self.view, self.inodes.paths.get(ino, ()), entry)
         a.st_uid, a.st_gid = self.owners.ids(entry)
         a.st_rdev = entry.rdev
-        of = self.open_files.get(ino)
         size = of.size if of is not None and of.staged else entry.size
         if entry.kind == "symlink":
             size = len(entry.target.encode())
@@ -191,7 +157,7 @@ class GridOperations(pyfuse3.Operations):
         a.st_blocks = (size + 511) // 512
         a.st_mtime_ns = entry.mtime_ns
         a.st_ctime_ns = entry.ctime_ns or entry.mtime_ns
-        a.st_atime_ns = entry.mtime_ns
+        a.st_atime_ns = atime.atime(entry)
         return a
 
     async def new_entry(self, path: Path_, entry: Entry, ctx: Any) -> Entry:
@@ -789,6 +755,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self.open_files[self.handles[fh]]
+        await atime.read_by(self, of)
         if of.buffer is not None:
             return bytes(of.buffer[off : off + size])
         if of.staging is not None:

@@ -28,6 +28,8 @@ from typing import Any
 
 from gridfs.dirnode import Entry
 
+from .atime import ATIME
+
 WRITE, EXEC = 2, 1
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 """Permission bits of one class (``want`` of :func:`allowed`)."""
@@ -266,10 +268,12 @@ class Owners:
             check_times(owner, caller, to_now=True)
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["extra"] = {**entry.extra, ATIME: attr.st_atime_ns}
         if fields.update_size and "mode" not in changes:
             mode = write_mode(owner, caller)
             if mode != owner.mode:
                 changes["mode"] = mode & 0o7777
         if fields.update_size or fields.update_ctime or fields.update_atime or changes:
-            changes["ctime_ns"] = time.time_ns()  # (the atime is not kept; its change is)
+            changes["ctime_ns"] = time.time_ns()
         return changes
