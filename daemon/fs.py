@@ -117,7 +117,8 @@ class GridOperations(pyfuse3.Operations):
             keep_scans=daemon.options.cache_scans,
         )
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.owners = Owners(self.uid, self.gid, self.uid == 0 or daemon.options.allow_other)
+        multiuser = self.uid == 0 or daemon.options.allow_other
+        self.owners = Owners(self.uid, self.gid, multiuser, *daemon.options.idmaps)
         self.killpriv: dict[int, Caller] = {}
         """Handles whose writes clear setuid/setgid: by their opener (see perms)."""
         self.staging_dir = self.queue.directory / "staging"

@@ -1099,3 +1099,19 @@ def test_owners_modes_and_special_files_survive_a_remount(mount_node: Path, tmp_
     with mounted(mount_node, mnt, options="refresh=1,allow_other"):
         assert seen() == before
         assert oct(stat.S_IMODE(os.stat(mnt / "top").st_mode)) == "0o3777"
+
+
+def test_uidmap_shows_stored_ids_as_local_ones(mount_node: Path, tmp_path: Path) -> None:
+    """-o uidmap=/gidmap=: a stored id shows as its local one, and a local
+    one is stored as the stored one (new entries, chown); other ids pass."""
+    mnt = tmp_path / "mnt"
+    maps = "uidmap=1001:2001,uidmap=5000:6000:10,gidmap=3000:4000"
+    with mounted(mount_node, mnt, options=f"refresh=1,allow_other,{maps}"):
+        make(str(mnt / "f"), owner=(2001, 4000))  # stored as alice, staff
+        make(str(mnt / "g"), owner=(6005, BOB))  # 5005, and bob as bob
+        os.chown(mnt / "g", -1, 4000)
+        shown = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in "fg"}
+        assert shown == {"f": (2001, 4000), "g": (6005, 4000)}
+    with mounted(mount_node, mnt, options="refresh=1,allow_other"):
+        stored = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in "fg"}
+        assert stored == {"f": (ALICE, STAFF), "g": (5005, STAFF)}
