@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("tests.mountutil")
-from .mountutil import Mount, gridfs, mounted  # noqa: E402
+from .mountutil import Grid, Mount, gridfs, mounted  # noqa: E402
+from .test_mount_durability import expire_snapshots, share_sizes  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -156,3 +157,52 @@ def test_cp_al_and_rsync_ah_round_trip(
     subprocess.run(["rsync", "-aH", f"{copy}/", f"{back}/"], check=True)
     assert os.stat(back / "f").st_ino == os.stat(back / "sub" / "g").st_ino
     assert (back / "sub" / "g").read_bytes() == b"one inode"
+
+
+def test_a_linked_files_data_stays_while_a_name_keeps_it(
+    mount_grid: Grid, fresh_mount: Mount
+) -> None:
+    """Leases follow the record: unlinking the first name (the one the data
+    was uploaded under) frees nothing; unlinking the last frees the shares
+    once the snapshots that still hold them expire."""
+    mp = fresh_mount.mountpoint
+    before = share_sizes(mount_grid)
+    data = os.urandom(600_000)
+    (mp / "big").write_bytes(data)
+    fresh_mount.flush()
+    big = {si for si, size in share_sizes(mount_grid).items() if si not in before and size > 1e6}
+    assert big
+    (mp / "d").mkdir()
+    os.link(mp / "big", mp / "d" / "big2")
+    fresh_mount.flush()
+    os.unlink(mp / "big")
+    fresh_mount.flush()
+    expire_snapshots(fresh_mount.node)
+    assert big <= set(share_sizes(mount_grid))  # d/big2 keeps it
+    out = gridfs("check", "-r", "grid:/", "--node", fresh_mount.node).stdout
+    # the top, d, d/big2, the records directory and the record
+    assert "5 objects checked: 5 healthy" in out, out
+    assert (mp / "d" / "big2").read_bytes() == data
+    os.unlink(mp / "d" / "big2")
+    fresh_mount.flush()
+    expire_snapshots(fresh_mount.node)
+    assert not big & set(share_sizes(mount_grid))
+
+
+def test_snapshots_show_links_as_they_were(fresh_mount: Mount) -> None:
+    mp = fresh_mount.mountpoint
+    (mp / "f").write_bytes(b"as it was")
+    os.link(mp / "f", mp / "g")
+    fresh_mount.flush()
+    (mp / "g").write_bytes(b"changed since")
+    os.unlink(mp / "f")
+    fresh_mount.flush()
+    versions = sorted(os.listdir(mp / ".snapshots"))
+    old = next(
+        mp / ".snapshots" / v for v in reversed(versions) if (mp / ".snapshots" / v / "f").exists()
+    )
+    f, g = os.stat(old / "f"), os.stat(old / "g")
+    assert f.st_ino == g.st_ino and f.st_nlink == 2
+    assert (old / "g").read_bytes() == b"as it was"
+    assert ".gridfs-links" not in os.listdir(old)
+    assert (mp / "g").read_bytes() == b"changed since"
