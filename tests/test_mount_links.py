@@ -206,3 +206,20 @@ def test_snapshots_show_links_as_they_were(fresh_mount: Mount) -> None:
     assert (old / "g").read_bytes() == b"as it was"
     assert ".gridfs-links" not in os.listdir(old)
     assert (mp / "g").read_bytes() == b"changed since"
+
+
+def test_link_a_file_being_written(mount_dir: Path) -> None:
+    """link() of a file open and written, not yet closed: what was written
+    is the linked file's, and later writes through the old handle too."""
+    with open(mount_dir / "a", "wb") as f:
+        f.write(b"x" * 20_000)  # past the inline limit: a staging file
+        f.flush()
+        os.link(mount_dir / "a", mount_dir / "b")
+        assert os.stat(mount_dir / "b").st_size == 20_000
+        f.write(b"tail")
+    assert (mount_dir / "b").read_bytes() == b"x" * 20_000 + b"tail"
+    assert os.stat(mount_dir / "a").st_nlink == 2
+    os.rename(mount_dir / "a", mount_dir / "c")
+    with open(mount_dir / "c", "ab") as f:
+        f.write(b"!")
+    assert (mount_dir / "b").read_bytes().endswith(b"tail!")
