@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("tests.mountutil")
-from .mountutil import Grid, Mount, gridfs, mounted  # noqa: E402
+from .mountutil import Grid, Mount, gridfs, mounted, wait_for  # noqa: E402
 from .test_mount_durability import expire_snapshots, share_sizes  # noqa: E402
 
 pytest_plugins = ["tests.mountutil"]
@@ -223,3 +223,29 @@ def test_link_a_file_being_written(mount_dir: Path) -> None:
     with open(mount_dir / "c", "ab") as f:
         f.write(b"!")
     assert (mount_dir / "b").read_bytes().endswith(b"tail!")
+
+
+def test_restore_brings_back_links(fresh_mount: Mount) -> None:
+    """gridfs restore of a directory whose linked files are gone since:
+    the records come back with it; of one linked file: a file of its own.
+    gridfs mkdir/cp/mv/rm of the records directory are refused."""
+    mp, node = fresh_mount.mountpoint, ("--node", fresh_mount.node)
+    (mp / "d").mkdir()
+    (mp / "d" / "a").write_bytes(b"linked")
+    os.link(mp / "d" / "a", mp / "d" / "b")
+    fresh_mount.flush()
+    subprocess.run(["rm", "-r", str(mp / "d")], check=True)
+    fresh_mount.flush()
+    versions = sorted(os.listdir(mp / ".snapshots"))
+    at = next(v for v in reversed(versions) if (mp / ".snapshots" / v / "d" / "b").exists())
+    gridfs("restore", "grid:/d", "--at", at, *node)
+    gridfs("restore", "grid:/d/a", "--at", at, "--to", "grid:/single", *node)
+    fresh_mount.flush()
+    wait_for(lambda: (mp / "d" / "b").exists() and (mp / "single").exists(), what="restores")
+    a, b = os.stat(mp / "d" / "a"), os.stat(mp / "d" / "b")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert (mp / "d" / "b").read_bytes() == b"linked"
+    assert os.stat(mp / "single").st_nlink == 1
+    for args in (["mkdir", "grid:/.gridfs-links/x"], ["rm", "-r", "grid:/.gridfs-links"]):
+        proc = gridfs(*args, *node, check=False)
+        assert proc.returncode == 2 and "reserved for the tree's hard links" in proc.stderr

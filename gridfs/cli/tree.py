@@ -276,6 +276,7 @@ async def change_paths(
     sessions: dict[str, TreeSession] = {}
     for text in texts:
         alias, path = grid_path(text, aliases)
+        refuse_reserved(text, path)
         if alias not in sessions:
             sessions[alias] = TreeSession(grid, alias)
             sessions[alias].check_writable()
@@ -284,12 +285,20 @@ async def change_paths(
         await flush(session)
 
 
+def refuse_reserved(text: str, path: str) -> None:
+    """Changes of the hard-link records go through their names only."""
+    if links.reserved(path):
+        raise UsageError(f"{text}: reserved for the tree's hard links (formats.md §13.2)")
+
+
 def cmd_mv(args: argparse.Namespace) -> int:
     async def main(grid: GridClient) -> None:
         aliases = load_aliases(grid.node)
         (a1, src), (a2, dst) = grid_path(args.src, aliases), grid_path(args.dest, aliases)
         if a1 != a2:
             raise UsageError("mv works within one tree; use cp and rm across trees")
+        refuse_reserved(args.src, src)
+        refuse_reserved(args.dest, dst)
         session = TreeSession(grid, a1)
         session.check_writable()
         moved = await session.lookup(src, follow=False)  # a clear error for a missing source
@@ -385,6 +394,7 @@ async def copy_to_grid(
         gsrc = split_grid_path(src, aliases)
         name = src.rstrip("/").rsplit("/", 1)[-1] or src
         target = f"{dpath.rstrip('/')}/{name}" if into_dir else dpath
+        refuse_reserved(target, target)
         if gsrc is not None:  # within the grid: the same caps, no data moves
             if gsrc[0] != alias:
                 raise UsageError("cp between two trees is not supported yet")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from ..dirnode import Directory, Entry, join_path
+from ..dirnode import Directory, Entry, join_path, split_path
 from ..errors import UsageError
 from ..links import LINKS_DIR, link_id, nlink, record_path, visible, with_nlink
 from ..tree import NotFoundError, Tree
@@ -91,6 +91,34 @@ async def recounted(tree: Tree, root: str, changes: Counter[str]) -> list[tuple[
         count = nlink(record) + delta
         out.append((path, with_nlink(record, count, now) if count > 0 else None))
     return out
+
+
+async def restored(
+    tree: Tree, snapshot_root: str, root: str, found: Counter[str]
+) -> list[tuple[str, Entry | None]]:
+    """The records that references ``found`` (in a directory restored from
+    ``snapshot_root``) need in the tree at ``root``: one more name each for
+    a record still there, else the record as the snapshot had it."""
+    out: list[tuple[str, Entry | None]] = []
+    for link, count in sorted(found.items()):
+        try:
+            await tree.lookup(record_path(link), root)
+        except NotFoundError:
+            try:
+                old = await tree.lookup(record_path(link), snapshot_root)
+            except NotFoundError:
+                continue
+            path = join_path(list(record_path(link)))
+            out.append((path, with_nlink(old, count, time.time_ns())))
+            continue
+        out += await recounted(tree, root, Counter({link: count}))
+    return out
+
+
+def reserved(path: str) -> bool:
+    """Whether ``path`` is the records directory or under it (the tree
+    commands change it only through the names of linked files)."""
+    return split_path(path)[:1] == [LINKS_DIR]
 
 
 def queue_recount(queue: WorkQueue, records: list[tuple[str, Entry | None]]) -> None:
