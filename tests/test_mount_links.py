@@ -249,3 +249,29 @@ def test_restore_brings_back_links(fresh_mount: Mount) -> None:
     for args in (["mkdir", "grid:/.gridfs-links/x"], ["rm", "-r", "grid:/.gridfs-links"]):
         proc = gridfs(*args, *node, check=False)
         assert proc.returncode == 2 and "reserved for the tree's hard links" in proc.stderr
+
+
+def test_tree_commands_mv_over_a_link_and_cp_of_a_directory(
+    mount_node: Path, tmp_path: Path
+) -> None:
+    """gridfs mv over a name of a linked file lowers its count; gridfs cp -r
+    of a directory holding links within the tree keeps them links (one
+    more name each), so removing the original leaves the copy whole."""
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        (top / "d").mkdir()
+        (top / "d" / "a").write_bytes(b"shared")
+        os.link(top / "d" / "a", top / "d" / "b")
+        os.link(top / "d" / "a", top / "c")
+        (top / "x").write_bytes(b"other")
+    node = ("--node", mount_node)
+    gridfs("mv", "grid:/x", "grid:/c", *node)
+    gridfs("cp", "-r", "grid:/d", "grid:/e", *node)
+    gridfs("rm", "-r", "grid:/d", *node)
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint
+        assert sorted(os.listdir(top)) == ["c", "e"]
+        assert (top / "c").read_bytes() == b"other" and os.stat(top / "c").st_nlink == 1
+        a, b = os.stat(top / "e" / "a"), os.stat(top / "e" / "b")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+        assert (top / "e" / "b").read_bytes() == b"shared"
