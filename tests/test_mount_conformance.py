@@ -1115,3 +1115,21 @@ def test_uidmap_shows_stored_ids_as_local_ones(mount_node: Path, tmp_path: Path)
     with mounted(mount_node, mnt, options="refresh=1,allow_other"):
         stored = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in "fg"}
         assert stored == {"f": (ALICE, STAFF), "g": (5005, STAFF)}
+
+
+def test_atimes_survive_a_remount(mount_node: Path, tmp_path: Path) -> None:
+    """An atime set explicitly, and one a read moved (relatime), are stored
+    in nanoseconds: a later mount shows them."""
+    mnt = tmp_path / "mnt"
+    with mounted(mount_node, mnt, options="refresh=1") as m:
+        make(str(mnt / "set"))
+        os.utime(mnt / "set", ns=(1_234_567_890_123_456_789, 1_600_000_000_000_000_000))
+        make(str(mnt / "read"))
+        os.utime(mnt / "read", ns=(1_000_000_000, 1_600_000_000_000_000_000))
+        read(str(mnt / "read"))
+        moved = os.stat(mnt / "read").st_atime_ns
+        assert moved > 1_600_000_000_000_000_000
+        m.flush()
+    with mounted(mount_node, mnt, options="refresh=1"):
+        assert os.stat(mnt / "set").st_atime_ns == 1_234_567_890_123_456_789
+        assert os.stat(mnt / "read").st_atime_ns == moved
