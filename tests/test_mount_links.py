@@ -275,3 +275,30 @@ def test_tree_commands_mv_over_a_link_and_cp_of_a_directory(
         a, b = os.stat(top / "e" / "a"), os.stat(top / "e" / "b")
         assert a.st_ino == b.st_ino and a.st_nlink == 2
         assert (top / "e" / "b").read_bytes() == b"shared"
+
+
+def test_cp_into_the_grid_keeps_hard_links(mount_node: Path, tmp_path: Path) -> None:
+    """gridfs cp -r of a local tree: names of one local file become links
+    of one record (its content uploaded once); a file whose other name is
+    outside the tree is a file of its own."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    big = os.urandom(100_000)
+    (src / "big").write_bytes(big)
+    os.link(src / "big", src / "sub" / "big2")
+    (src / "small").write_bytes(b"small")
+    os.link(src / "small", src / "sub" / "small2")
+    os.link(src / "small", src / "sub" / "small3")
+    (tmp_path / "outside").write_bytes(b"half in")
+    os.link(tmp_path / "outside", src / "half")
+    gridfs("cp", "-r", src, "grid:/in", "--node", mount_node)
+    with mounted(mount_node, tmp_path / "mnt") as m:
+        top = m.mountpoint / "in"
+        assert os.stat(top / "big").st_ino == os.stat(top / "sub" / "big2").st_ino
+        assert os.stat(top / "sub" / "big2").st_nlink == 2
+        assert (top / "sub" / "big2").read_bytes() == big
+        assert os.stat(top / "sub" / "small3").st_nlink == 3
+        assert (top / "sub" / "small2").read_bytes() == b"small"
+        assert os.stat(top / "half").st_nlink == 1
+        (top / "small").write_bytes(b"through one name")
+        assert (top / "sub" / "small3").read_bytes() == b"through one name"

@@ -30,9 +30,9 @@ from ..client.session import (
     split_grid_path,
 )
 from ..config import NodeConfig, NodeDir, resolve_node_dir
-from ..dirnode import INLINE_MAX, Entry, split_path
+from ..dirnode import INLINE_MAX, Entry, join_path, split_path
 from ..errors import UsageError
-from ..links import as_copy, link_id
+from ..links import NLINK, as_copy, link_id, record_path, reference, with_extra
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
@@ -425,18 +425,33 @@ def args_end_with_slash(path: str) -> bool:
     return path.endswith("/")
 
 
-def _queue_one(queue: Any, local: Path, target: str) -> None:
+def _queue_one(
+    queue: Any, local: Path, target: str, local_links: links.LocalLinks | None = None
+) -> None:
     st = os.lstat(local)
     if stat.S_ISLNK(st.st_mode):
         queue.add_file(None, target, _entry_from_stat(st, "symlink", target=os.readlink(local)))
     elif stat.S_ISREG(st.st_mode):
-        if st.st_size <= INLINE_MAX:  # kept inside its directory: no upload of its own
-            entry = _entry_from_stat(st, "file").with_(data=local.read_bytes())
-            queue.add_file(None, target, entry.with_(size=len(entry.data or b"")))
+        entry = _entry_from_stat(st, "file")
+        record = local_links.record_of(st) if local_links is not None else None
+        if record is not None:  # a hard link: its content once, as a record
+            link, count, first = record
+            entry = with_extra(entry, **{NLINK: count})
+            if first:
+                _queue_file(queue, local, join_path(list(record_path(link))), entry)
+            queue.add_file(None, target, reference(entry, link))
         else:
-            queue.add_file(local.resolve(), target, _entry_from_stat(st, "file"))
+            _queue_file(queue, local, target, entry)
     else:
         raise UsageError(f"{local}: only regular files, directories and symlinks can be copied")
+
+
+def _queue_file(queue: Any, local: Path, target: str, entry: Entry) -> None:
+    if entry.size <= INLINE_MAX:  # kept inside its directory: no upload of its own
+        entry = entry.with_(data=local.read_bytes())
+        queue.add_file(None, target, entry.with_(size=len(entry.data or b"")))
+    else:
+        queue.add_file(local.resolve(), target, entry)
 
 
 def _queue_tree(queue: Any, top: Path, target: str) -> None:
@@ -446,6 +461,7 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
     top_entry = _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
     queue.add_file(None, target, top_entry)
     dirs = [(target, top_entry)]
+    local_links = links.LocalLinks(top)
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         rel = os.path.relpath(dirpath, top)
@@ -459,7 +475,7 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
                 queue.add_file(None, f"{base}/{d}", entry)
                 dirs.append((f"{base}/{d}", entry))
         for f in sorted(filenames):
-            _queue_one(queue, Path(dirpath) / f, f"{base}/{f}")
+            _queue_one(queue, Path(dirpath) / f, f"{base}/{f}", local_links)
     for path, entry in dirs:
         queue.add_file(None, path, entry.with_(ctime_ns=time.time_ns()))
 

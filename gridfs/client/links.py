@@ -9,12 +9,15 @@ so a record lives exactly as long as a name of it does.
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections import Counter
+from pathlib import Path
 
 from ..dirnode import Directory, Entry, join_path, split_path
 from ..errors import UsageError
-from ..links import LINKS_DIR, link_id, nlink, record_path, visible, with_nlink
+from ..links import LINKS_DIR, link_id, new_id, nlink, record_path, visible, with_nlink
 from ..tree import NotFoundError, Tree
 from ..workqueue import WorkQueue
 
@@ -113,6 +116,34 @@ async def restored(
             continue
         out += await recounted(tree, root, Counter({link: count}))
     return out
+
+
+class LocalLinks:
+    """The hard links of a local tree being copied in: each regular file
+    with several names in the tree becomes one record, each name a
+    reference (a file whose other names lie outside the tree is copied as a
+    file of its own)."""
+
+    def __init__(self, top: Path) -> None:
+        names: Counter[tuple[int, int]] = Counter()
+        for dirpath, _, filenames in os.walk(top):
+            for name in filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    names[(st.st_dev, st.st_ino)] += 1
+        self.names = {key: n for key, n in names.items() if n > 1}
+        self.ids: dict[tuple[int, int], str] = {}
+
+    def record_of(self, st: os.stat_result) -> tuple[str, int, bool] | None:
+        """(record id, its number of names, whether this is its first name)
+        for the local file ``st``, or None if it is not linked in the tree."""
+        key = (st.st_dev, st.st_ino)
+        count = self.names.get(key)
+        if count is None:
+            return None
+        first = key not in self.ids
+        link = self.ids.setdefault(key, new_id())
+        return link, count, first
 
 
 def reserved(path: str) -> bool:
