@@ -35,9 +35,10 @@ from gridfs.fileutil import fsync_dir, written_once
 from gridfs.localspace import LocalSpace, disk_errno
 from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir_entry
 
-from . import perms
+from . import atime, links, perms
 from .capattrs import CAP_XATTRS, cap_xattr
 from .files import CapReader, OpenFile, content_source
+from .inodes import Inodes
 from .perms import Caller, Owners
 from .segcache import SegmentCache
 from .snapshots import in_snapshots
@@ -93,42 +94,6 @@ def fuse_name(name: bytes) -> str:
         raise pyfuse3.FUSEError(errno.EINVAL) from None
 
 
-class Inodes:
-    """Stable inode numbers for paths while the daemon runs."""
-
-    def __init__(self) -> None:
-        self.paths: dict[int, Path_] = {pyfuse3.ROOT_INODE: ()}
-        self.by_path: dict[Path_, int] = {(): pyfuse3.ROOT_INODE}
-        self._next = pyfuse3.ROOT_INODE + 1
-
-    def get(self, path: Path_) -> int:
-        ino = self.by_path.get(path)
-        if ino is None:
-            ino = self.by_path[path] = self._next
-            self.paths[ino] = path
-            self._next += 1
-        return ino
-
-    def path(self, ino: int) -> Path_:
-        try:
-            return self.paths[ino]
-        except KeyError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-
-    def moved(self, src: Path_, dst: Path_) -> None:
-        """Paths at and under ``src`` are now under ``dst``."""
-        self.by_path.pop(dst, None)
-        for path, ino in list(self.by_path.items()):
-            if path[: len(src)] == src:
-                new = dst + path[len(src) :]
-                del self.by_path[path]
-                self.by_path[new] = ino
-                self.paths[ino] = new
-
-    def unlinked(self, path: Path_) -> None:
-        self.by_path.pop(path, None)
-
-
 DIR_SIZE = 4096
 """What stat reports as a directory's size (as ext4 does for a small one)."""
 
@@ -156,7 +121,8 @@ class GridOperations(pyfuse3.Operations):
             keep_scans=daemon.options.cache_scans,
         )
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.owners = Owners(self.uid, self.gid, self.uid == 0 or daemon.options.allow_other)
+        multiuser = self.uid == 0 or daemon.options.allow_other
+        self.owners = Owners(self.uid, self.gid, multiuser, *daemon.options.idmaps)
         self.killpriv: dict[int, Caller] = {}
         """Handles whose writes clear setuid/setgid: by their opener (see perms)."""
         self.staging_dir = self.queue.directory / "staging"
@@ -179,10 +145,11 @@ class GridOperations(pyfuse3.Operations):
         a.entry_timeout = TIMEOUT
         a.attr_timeout = TIMEOUT
         a.st_mode = entry.st_mode
-        a.st_nlink = 2 if entry.is_dir else 1
+        of = self.open_files.get(ino)
+        gone = of is not None and of.unlinked  # (open, with no name left)
+        a.st_nlink = 0 if gone else links.count(self.view, self.inodes.paths.get(ino, ()), entry)
         a.st_uid, a.st_gid = self.owners.ids(entry)
         a.st_rdev = entry.rdev
-        of = self.open_files.get(ino)
         size = of.size if of is not None and of.staged else entry.size
         if entry.kind == "symlink":
             size = len(entry.target.encode())
@@ -195,7 +162,7 @@ class GridOperations(pyfuse3.Operations):
         a.st_blocks = (size + 511) // 512
         a.st_mtime_ns = entry.mtime_ns
         a.st_ctime_ns = entry.ctime_ns or entry.mtime_ns
-        a.st_atime_ns = entry.mtime_ns
+        a.st_atime_ns = atime.atime(entry)
         return a
 
     async def new_entry(self, path: Path_, entry: Entry, ctx: Any) -> Entry:
@@ -221,14 +188,17 @@ class GridOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
         path = (*self.inodes.path(parent_inode), fuse_name(name))
-        entry = await self.view.lookup(path)
+        path, entry = await links.resolve(self.view, path)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        await links.ensure_counted(self.view, path, entry)
         return self.attrs(self.inodes.get(path), entry)
 
     @errors_to_errno
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.attrs(inode, await self.entry_of(inode))
+        entry = await self.entry_of(inode)
+        await links.ensure_counted(self.view, self.inodes.path(inode), entry)
+        return self.attrs(inode, entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None  # inode numbers stay stable for the daemon's lifetime
@@ -330,6 +300,8 @@ class GridOperations(pyfuse3.Operations):
         """The path and entry of a name about to be made, removed or renamed."""
         path = (*self.inodes.path(parent_inode), fuse_name(name))
         self.check_writable(path)
+        if links.hidden(path):  # the tree's records: a reserved name
+            raise pyfuse3.FUSEError(errno.EPERM)
         return path, await self.view.lookup(path)
 
     @errors_to_errno
@@ -385,8 +357,9 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if entry.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        await self.check_sticky(path, entry, ctx)
-        await self._remove(path)
+        await self.check_sticky(path, (await links.resolve(self.view, path))[1] or entry, ctx)
+        if not await links.unlink(self, path, entry):
+            await self._remove(path)
 
     async def check_sticky(self, path: Path_, entry: Entry, ctx: Any) -> None:
         """EPERM if ``entry`` at ``path`` is in a sticky directory and the
@@ -448,11 +421,11 @@ class GridOperations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if dst[: len(src)] == src and dst != src:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if src == dst:
-            return
-        await self.check_sticky(src, entry, ctx)
+        if src == dst or links.same_inode(entry, target):
+            return  # (two names of one inode: POSIX's no-op)
+        await self.check_sticky(src, (await links.resolve(self.view, src))[1] or entry, ctx)
         if target is not None:
-            await self.check_sticky(dst, target, ctx)
+            await self.check_sticky(dst, (await links.resolve(self.view, dst))[1] or target, ctx)
         for of in self.open_files.values():  # a dirty file commits under its new name
             if of.path[: len(src)] == src:
                 await self.commit(of)
@@ -461,17 +434,23 @@ class GridOperations(pyfuse3.Operations):
             self.open_files[replaced].unlinked = True
         s, d = "/" + "/".join(src), "/" + "/".join(dst)
         now = time.time_ns()
-        await self.change(lambda: self.queue.add_move(s, d, now), Move(src, dst, now))
+        if links.link_id(entry) or links.link_id(target):
+            await links.rename(self, src, entry, dst, target, now)
+        else:
+            await self.change(lambda: self.queue.add_move(s, d, now), Move(src, dst, now))
         self.inodes.moved(src, dst)
         for of in self.open_files.values():
             if of.path[: len(src)] == src:
                 of.path = dst + of.path[len(src) :]
 
+    @errors_to_errno
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
     ) -> pyfuse3.EntryAttributes:
-        self.check_writable(self.inodes.path(new_parent_inode))
-        raise pyfuse3.FUSEError(errno.EPERM)  # documented: no hard links
+        path, existing = await self._child(new_parent_inode, new_name)
+        if existing is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        return self.attrs(*await links.link(self, inode, path))
 
     @errors_to_errno
     async def setattr(
@@ -561,11 +540,11 @@ class GridOperations(pyfuse3.Operations):
             parent = await self.getattr(self.inodes.get(path[:-1]))
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
-        names = list(listing)
+        names = [name for name in listing if not links.hidden((*path, name))]
         for i in range(max(0, start_id - 2), len(names)):
             name = names[i]
-            child = (*path, name)
-            attrs = self.attrs(self.inodes.get(child), listing.entries[name])
+            child, entry = await links.child(self.view, (*path, name), listing.entries[name])
+            attrs = self.attrs(self.inodes.get(child), entry)
             if not pyfuse3.readdir_reply(token, name.encode(), attrs, i + 3):
                 break
 
@@ -783,6 +762,7 @@ class GridOperations(pyfuse3.Operations):
     @errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self.open_files[self.handles[fh]]
+        await atime.read_by(self, of)
         if of.buffer is not None:
             return bytes(of.buffer[off : off + size])
         if of.staging is not None:

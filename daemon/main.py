@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from gridfs.workqueue import CLEANUP, PATH
 
 from .control import serve_control
 from .fs import GridOperations
+from .idmap import IdMap
 from .snapshots import SnapshotView
 from .view import View
 
@@ -118,6 +119,13 @@ class MountOptions:
     """refuse every change with EROFS (``-o ro``; always for a read-only cap)"""
     show_snapshots: bool = False
     """list ``.snapshots`` in the top directory (it is reachable by name anyway)"""
+    uidmap: IdMap = field(default_factory=IdMap)
+    """stored user ids shown as other local ones (``-o uidmap=S:L[:N]``, repeatable)"""
+    gidmap: IdMap = field(default_factory=IdMap)
+
+    @property
+    def idmaps(self) -> tuple[IdMap, IdMap]:
+        return self.uidmap, self.gidmap
 
     def fuse_options(self) -> set[str]:
         """The mount options given to libfuse (and so to mount(2) or
@@ -170,6 +178,8 @@ class MountOptions:
                     setattr(opts, key, float(value))
                 except ValueError:
                     raise UsageError(f"-o {key}= needs a number of seconds") from None
+            elif key in ("uidmap", "gidmap"):
+                setattr(opts, key, getattr(opts, key).extended(key, value))
             elif key in ("node", "alias", "cap_file"):
                 rest[key] = value
             elif key in FSTAB_WORDS:

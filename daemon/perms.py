@@ -23,10 +23,13 @@ import errno
 import functools
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gridfs.dirnode import Entry
+
+from .atime import ATIME
+from .idmap import IdMap
 
 WRITE, EXEC = 2, 1
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
@@ -206,11 +209,18 @@ class Owners:
     uid: int
     gid: int
     multiuser: bool
+    uidmap: IdMap = field(default_factory=IdMap)
+    """stored ↔ shown user ids (``-o uidmap=``; see daemon.idmap)"""
+    gidmap: IdMap = field(default_factory=IdMap)
 
     def ids(self, entry: Entry) -> tuple[int, int]:
         if self.multiuser and entry.uid is not None and entry.gid is not None:
-            return entry.uid, entry.gid
+            return self.uidmap.local(entry.uid), self.gidmap.local(entry.gid)
         return self.uid, self.gid
+
+    def stored(self, uid: int, gid: int) -> dict[str, int]:
+        """The entry fields that store the owner this mount shows as (uid, gid)."""
+        return {"uid": self.uidmap.stored(uid), "gid": self.gidmap.stored(gid)}
 
     def of(self, entry: Entry) -> Owner:
         return Owner(*self.ids(entry), entry.st_mode)
@@ -225,7 +235,7 @@ class Owners:
         """``entry``, made by ``caller`` in the directory ``parent``, with its
         owner, group and mode (see :func:`new_owner`)."""
         owner = new_owner(self.of(parent), caller, entry.st_mode)
-        return entry.with_(uid=owner.uid, gid=owner.gid, mode=owner.mode & 0o7777)
+        return entry.with_(**self.stored(owner.uid, owner.gid), mode=owner.mode & 0o7777)
 
     def chown(
         self, owner: Owner, caller: Caller, uid: int | None, gid: int | None
@@ -238,8 +248,7 @@ class Owners:
             return {}
         check_chown(owner, caller, uid, gid)
         return {
-            "uid": owner.uid if uid is None else uid,
-            "gid": owner.gid if gid is None else gid,
+            **self.stored(owner.uid if uid is None else uid, owner.gid if gid is None else gid),
             "mode": chown_mode(owner, caller) & 0o7777,
         }
 
@@ -266,10 +275,12 @@ class Owners:
             check_times(owner, caller, to_now=True)
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["extra"] = {**entry.extra, ATIME: attr.st_atime_ns}
         if fields.update_size and "mode" not in changes:
             mode = write_mode(owner, caller)
             if mode != owner.mode:
                 changes["mode"] = mode & 0o7777
         if fields.update_size or fields.update_ctime or fields.update_atime or changes:
-            changes["ctime_ns"] = time.time_ns()  # (the atime is not kept; its change is)
+            changes["ctime_ns"] = time.time_ns()
         return changes

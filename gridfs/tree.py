@@ -34,6 +34,7 @@ from .dirnode import (
     join_path,
 )
 from .errors import FormatError, GridError, UsageError, plain_grid_errors
+from .links import SUBDIRS, kept_count, subdirs
 from .mutable import SlotReadCap, SlotWriteCap
 from .pack import build_pack, group_for_packs, pack_digest
 from .shares import (
@@ -434,7 +435,7 @@ class Batch:
             and current.cap != change.entry.cap
         ):
             # mkdir over an existing directory keeps its contents (and their count).
-            extra = link_of(current, change.entry.extra)
+            extra = link_of(current, kept_count(change.entry, current))
             kept = change.entry.with_(cap=current.cap, size=current.size, extra=extra)
             change = Put(change.path, kept, change.base)
             if current == change.entry:
@@ -554,7 +555,9 @@ class Batch:
         entries = self._own(path[:-1])
         entry = entries.get(path[-1])
         assert entry is not None
-        entries[path[-1]] = entry.with_(cap=cap, size=len(self.dirs[path]))
+        listing = self.dirs[path]
+        extra = {**entry.extra, SUBDIRS: subdirs(listing, top=not path)}
+        entries[path[-1]] = entry.with_(cap=cap, size=len(listing), extra=extra)
         self.dirty.add(path[:-1])
 
     async def upload_overflow(self, concurrency: int = 4) -> None:

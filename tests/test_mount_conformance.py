@@ -705,6 +705,154 @@ ERRORS = [
 ]  # fmt: skip
 """Errors POSIX names, and the times truncation moves (issue 16 §4)."""
 
+
+def links_of(*paths: str) -> tuple[Any, ...]:
+    """What hard links show of ``paths``: each one's st_nlink, and which of
+    them share the first one's inode."""
+    stats = [os.lstat(p) for p in paths]
+    return tuple(s.st_nlink for s in stats), tuple(s.st_ino == stats[0].st_ino for s in stats)
+
+
+def linked(*names: str) -> Callable[[], None]:
+    """A setup: file ``f`` (and directory ``d``) with the hard links ``names``."""
+    return steps(lambda: make("f", data=b"linked"), lambda: os.mkdir("d"),
+                 *[lambda n=n: os.link("f", n) for n in names])  # fmt: skip
+
+
+def link_then(fn: Callable[[], Any]) -> Callable[[], Any]:
+    return steps(lambda: os.link("f", "d/g"), fn)
+
+
+def write_read(writer: str, reader: str) -> bytes:
+    with open(writer, "r+b") as w:
+        w.write(b"LINK")
+    return read(reader)
+
+
+def held_through_links() -> tuple[Any, ...]:
+    """Write through one name while another is open; unlink both; the
+    open file stays whole (its st_nlink 0) until closed."""
+    fd = os.open("d/g", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"held", 0)
+        os.unlink("f")
+        os.unlink("d/g")
+        return os.fstat(fd).st_nlink, os.pread(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def atime_at(path: str) -> int:
+    os.utime(path, ns=(1_000_000_007, 1_600_000_000_123_456_789))
+    return os.lstat(path).st_atime_ns
+
+
+def read_moves_atime(path: str) -> bool:
+    """Whether reading ``path`` moved its atime (relatime: it is not after
+    the mtime here)."""
+    os.utime(path, ns=(1_500_000_000_000_000_001, 1_600_000_000_000_000_001))
+    read(path)
+    return os.lstat(path).st_atime_ns != 1_500_000_000_000_000_001
+
+
+def read_twice_moves_atime(path: str) -> bool:
+    """Whether a second read moves the atime again (relatime: not within a day)."""
+    read(path)
+    before = os.lstat(path).st_atime_ns
+    time.sleep(0.01)
+    read(path)
+    return os.lstat(path).st_atime_ns != before
+
+
+LINKS = [
+    Case("file", lambda: steps(lambda: os.link("f", "g"), lambda: links_of("f", "g"))(),
+         setup=lambda: make("f")),
+    Case("across-dirs", link_then(lambda: links_of("f", "d/g")), setup=linked()),
+    Case("third-name", link_then(lambda: steps(lambda: os.link("d/g", "h"),
+                                               lambda: links_of("f", "d/g", "h"))()),
+         setup=linked()),
+    Case("symlink", lambda: steps(lambda: os.link("l", "m", follow_symlinks=False),
+                                  lambda: links_of("l", "m"))(),
+         setup=lambda: os.symlink("t", "l")),
+    Case("fifo", lambda: steps(lambda: os.link("p", "q"), lambda: links_of("p", "q"))(),
+         setup=lambda: os.mkfifo("p")),
+    Case("dir", lambda: os.link("d", "e"), setup=lambda: os.mkdir("d")),
+    Case("missing", lambda: os.link("nothing", "g")),
+    Case("into-missing-dir", lambda: os.link("f", "x/g"), setup=lambda: make("f")),
+    Case("under-a-file", lambda: os.link("f", "f/g"), setup=lambda: make("f")),
+    Case("long-name", lambda: os.link("f", LONG), setup=lambda: make("f")),
+    Case("no-write-permission", lambda: os.link("f", "g"), "bob", lambda: make("f", 0o666)),
+    Case("into-writable-dir", lambda: os.link("f", "t/g"), "bob",
+         steps(lambda: make("f", 0o644, owner=BOBS), lambda: mkdir("t", 0o777))),
+    Case("others-file-protected", lambda: os.link("f", "t/g"), "bob",
+         steps(lambda: make("f", 0o600, owner=ALICES), lambda: mkdir("t", 0o777))),
+    Case("unlink-one-name", lambda: steps(lambda: os.unlink("f"),
+                                          lambda: (links_of("d/g"), read("d/g")))(),
+         setup=linked("d/g")),
+    Case("unlink-both", lambda: steps(lambda: os.unlink("f"), lambda: os.unlink("d/g"),
+                                      listing)(), setup=linked("d/g")),
+    Case("rename-onto-own-link", lambda: steps(lambda: os.rename("f", "d/g"),
+                                               lambda: links_of("f", "d/g"))(),
+         setup=linked("d/g")),
+    Case("rename-onto-own-link-noreplace", lambda: renameat2("f", "d/g", 1),
+         setup=linked("d/g")),
+    Case("rename-link-away", lambda: steps(lambda: os.rename("d/g", "h"),
+                                           lambda: links_of("f", "h"))(),
+         setup=linked("d/g")),
+    Case("rename-link-moves-ctime", lambda: rename_moves_ctime("d/g", "h"),
+         setup=linked("d/g")),
+    Case("rename-file-onto-link", lambda: steps(lambda: os.rename("x", "d/g"),
+                                                lambda: (links_of("f"), read("d/g")))(),
+         setup=steps(linked("d/g"), lambda: make("x", data=b"other"))),
+    Case("rename-dir-holding-link", lambda: steps(lambda: os.rename("d", "e"),
+                                                  lambda: links_of("f", "e/g"))(),
+         setup=linked("d/g")),
+    Case("write-through-other-name", lambda: write_read("d/g", "f"), setup=linked("d/g")),
+    Case("truncate-through-other-name", lambda: steps(lambda: os.truncate("d/g", 2),
+                                                      lambda: read("f"))(),
+         setup=linked("d/g")),
+    Case("chmod-through-other-name", lambda: os.chmod("d/g", 0o600), setup=linked("d/g")),
+    Case("chown-through-other-name", lambda: os.chown("d/g", ALICE, STAFF),
+         setup=linked("d/g")),
+    Case("xattr-through-other-name", lambda: steps(
+        lambda: os.setxattr("d/g", "user.k", b"v"), lambda: os.getxattr("f", "user.k"))(),
+         setup=linked("d/g")),
+    Case("held-through-links", held_through_links, setup=linked("d/g")),
+    Case("sticky-unlink-others-link", lambda: os.unlink("t/g"), "bob",
+         steps(lambda: mkdir("t", 0o1777), lambda: make("t/f", owner=ALICES),
+               lambda: os.link("t/f", "t/g"))),
+    Case("dir-count", lambda: steps(lambda: os.makedirs("d/e"), lambda: os.mkdir("d/f"),
+                                    lambda: make("d/x"), lambda: os.lstat("d").st_nlink)()),
+    Case("dir-count-after-rmdir", lambda: steps(lambda: os.rmdir("d/e"),
+                                                lambda: os.lstat("d").st_nlink)(),
+         setup=lambda: os.makedirs("d/e")),
+    Case("dir-count-after-rename-out", lambda: steps(
+        lambda: os.rename("d/e", "e"), lambda: (os.lstat("d").st_nlink,
+                                                os.lstat(".").st_nlink))(),
+         setup=lambda: os.makedirs("d/e")),
+]  # fmt: skip
+LINKS += [
+    Case(f"onto-{kind}", lambda: os.link("f", "x"),
+         setup=steps(lambda: make("f"), existing))
+    for kind, existing in EXISTING.items()
+]  # fmt: skip
+"""Hard links (issue 16 §3): link(2), and what rename, unlink and the
+attribute calls do to files with several names."""
+
+ATIMES = [
+    Case("explicit-atime", lambda: atime_at("f"), setup=lambda: make("f")),
+    Case("read-moves-old-atime", lambda: read_moves_atime("f"), setup=lambda: make("f")),
+    Case("second-read-keeps-atime", lambda: read_twice_moves_atime("f"),
+         setup=lambda: make("f")),
+    Case("removexattr-moves-ctime", lambda: os.removexattr("f", "user.k"),
+         setup=steps(lambda: make("f"), lambda: os.setxattr("f", "user.k", b"v"))),
+    Case("chmod-moves-ctime", lambda: os.chmod("f", 0o600), setup=lambda: make("f")),
+    Case("chown-moves-ctime", lambda: os.chown("f", ALICE, -1), setup=lambda: make("f")),
+    Case("atime-only-moves-ctime", lambda: utimensat("f", (5, 0), (0, UTIME_OMIT)),
+         setup=lambda: make("f")),
+]  # fmt: skip
+"""Access times, and the metadata changes that move the ctime (§4)."""
+
 TABLES = {
     "chown": CHOWN,
     "chmod": CHMOD,
@@ -716,6 +864,8 @@ TABLES = {
     "access": ACCESS,
     "eexist": EEXIST,
     "errors": ERRORS,
+    "links": LINKS,
+    "atimes": ATIMES,
 }
 
 
@@ -761,6 +911,16 @@ def test_making_an_existing_name(worlds: tuple[Path, Path], case: Case) -> None:
 
 @pytest.mark.parametrize("case", ERRORS, ids=str)
 def test_exact_errors(worlds: tuple[Path, Path], case: Case) -> None:
+    check(worlds, case)
+
+
+@pytest.mark.parametrize("case", LINKS, ids=str)
+def test_links(worlds: tuple[Path, Path], case: Case) -> None:
+    check(worlds, case)
+
+
+@pytest.mark.parametrize("case", ATIMES, ids=str)
+def test_atimes(worlds: tuple[Path, Path], case: Case) -> None:
     check(worlds, case)
 
 
@@ -939,3 +1099,37 @@ def test_owners_modes_and_special_files_survive_a_remount(mount_node: Path, tmp_
     with mounted(mount_node, mnt, options="refresh=1,allow_other"):
         assert seen() == before
         assert oct(stat.S_IMODE(os.stat(mnt / "top").st_mode)) == "0o3777"
+
+
+def test_uidmap_shows_stored_ids_as_local_ones(mount_node: Path, tmp_path: Path) -> None:
+    """-o uidmap=/gidmap=: a stored id shows as its local one, and a local
+    one is stored as the stored one (new entries, chown); other ids pass."""
+    mnt = tmp_path / "mnt"
+    maps = "uidmap=1001:2001,uidmap=5000:6000:10,gidmap=3000:4000"
+    with mounted(mount_node, mnt, options=f"refresh=1,allow_other,{maps}"):
+        make(str(mnt / "f"), owner=(2001, 4000))  # stored as alice, staff
+        make(str(mnt / "g"), owner=(6005, BOB))  # 5005, and bob as bob
+        os.chown(mnt / "g", -1, 4000)
+        shown = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in "fg"}
+        assert shown == {"f": (2001, 4000), "g": (6005, 4000)}
+    with mounted(mount_node, mnt, options="refresh=1,allow_other"):
+        stored = {n: (os.stat(mnt / n).st_uid, os.stat(mnt / n).st_gid) for n in "fg"}
+        assert stored == {"f": (ALICE, STAFF), "g": (5005, STAFF)}
+
+
+def test_atimes_survive_a_remount(mount_node: Path, tmp_path: Path) -> None:
+    """An atime set explicitly, and one a read moved (relatime), are stored
+    in nanoseconds: a later mount shows them."""
+    mnt = tmp_path / "mnt"
+    with mounted(mount_node, mnt, options="refresh=1") as m:
+        make(str(mnt / "set"))
+        os.utime(mnt / "set", ns=(1_234_567_890_123_456_789, 1_600_000_000_000_000_000))
+        make(str(mnt / "read"))
+        os.utime(mnt / "read", ns=(1_000_000_000, 1_600_000_000_000_000_000))
+        read(str(mnt / "read"))
+        moved = os.stat(mnt / "read").st_atime_ns
+        assert moved > 1_600_000_000_000_000_000
+        m.flush()
+    with mounted(mount_node, mnt, options="refresh=1"):
+        assert os.stat(mnt / "set").st_atime_ns == 1_234_567_890_123_456_789
+        assert os.stat(mnt / "read").st_atime_ns == moved

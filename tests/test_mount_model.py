@@ -51,9 +51,12 @@ def attempt(fn: Callable[[Path], Any], root: Path) -> Outcome:
         return ("error", errno.errorcode.get(e.errno or 0, e.errno))
 
 
-def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
-    """Everything under root: kind, permission bits, owner, group, size and content."""
-    out = {}
+def tree(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything under root: kind, permission bits, owner, group, size,
+    content, and for a file or FIFO its link count and the names that share
+    its inode."""
+    out: dict[str, tuple[Any, ...]] = {}
+    names: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
@@ -62,11 +65,23 @@ def tree(root: Path) -> dict[str, tuple[str, int, int, int, int, bytes]]:
             mode, ids = stat.S_IMODE(st_.st_mode), (st_.st_uid, st_.st_gid)
             if stat.S_ISDIR(st_.st_mode):
                 out[rel] = ("dir", mode, *ids, 0, b"")
-            elif stat.S_ISFIFO(st_.st_mode):
-                out[rel] = ("fifo", mode, *ids, 0, b"")
+                continue
+            names.setdefault(st_.st_ino, []).append(rel)
+            if stat.S_ISFIFO(st_.st_mode):
+                out[rel] = ("fifo", mode, *ids, 0, b"", st_.st_nlink, st_.st_ino)
             else:
-                out[rel] = ("file", mode, *ids, st_.st_size, p.read_bytes())
-    return out
+                out[rel] = (
+                    "file",
+                    mode,
+                    *ids,
+                    st_.st_size,
+                    p.read_bytes(),
+                    st_.st_nlink,
+                    st_.st_ino,
+                )
+    return {  # (an inode number as the names that share it)
+        rel: (*v[:-1], tuple(sorted(names[v[-1]]))) if len(v) > 6 else v for rel, v in out.items()
+    }
 
 
 def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
@@ -167,6 +182,18 @@ def make_machine(mount: Mount, local_base: Path) -> type[RuleBasedStateMachine]:
         @rule(path=paths, uid=ids, gid=ids)
         def chown(self, path: str, uid: int, gid: int) -> None:
             self.same(lambda root: os.chown(root / path, uid, gid))
+
+        @rule(src=paths, dst=paths)
+        def link(self, src: str, dst: str) -> None:
+            self.same(lambda root: os.link(root / src, root / dst))
+
+        @rule(src=paths, dst=paths)
+        def rename_link(self, src: str, dst: str) -> None:
+            """A link made, then one of its names renamed onto the other
+            name, or elsewhere (POSIX: onto a link of the same inode, nothing
+            happens)."""
+            self.same(lambda root: os.link(root / src, root / dst))
+            self.same(lambda root: os.rename(root / dst, root / src))
 
         @rule(path=paths, mode=st.sampled_from([0o644, 0o600]))
         def mkfifo(self, path: str, mode: int) -> None:

@@ -54,3 +54,19 @@ def test_mounts_are_nosuid_nodev_unless_told() -> None:
     assert MountOptions.parse("suid,nosuid")[0].fuse_options() >= {"nosuid"}
     with pytest.raises(UsageError, match="-o suid takes no value"):
         MountOptions.parse("suid=1")
+
+
+def test_id_maps_are_parsed_and_checked() -> None:
+    opts, _ = MountOptions.parse("uidmap=1000:2000,uidmap=5000:6000:10,gidmap=100:200")
+    assert [opts.uidmap.local(i) for i in (1000, 1001, 5009, 5010)] == [2000, 1001, 6009, 5010]
+    assert [opts.uidmap.stored(i) for i in (2000, 6003, 7)] == [1000, 5003, 7]
+    assert opts.gidmap.local(100) == 200 and opts.gidmap.stored(100) == 100
+    for bad, message in [
+        ("uidmap=1000", "STORED:LOCAL"),
+        ("uidmap=a:b", "STORED:LOCAL"),
+        ("uidmap=1:2:0", "out of range"),
+        ("gidmap=1:2,gidmap=3:2", "overlaps"),
+        ("uidmap=1:10:5,uidmap=3:20", "overlaps"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            MountOptions.parse(bad)

@@ -529,12 +529,6 @@ def test_xattrs_on_the_top_directory_are_refused_and_queue_nothing(
     assert shared_mount.queue_length() == 0
 
 
-def test_hard_link_is_refused(mount_dir: Path) -> None:
-    (mount_dir / "f").write_bytes(b"x")
-    assert errno_of(os.link, mount_dir / "f", mount_dir / "g") == errno.EPERM
-    assert os.listdir(mount_dir) == ["f"]
-
-
 def test_names(mount_dir: Path) -> None:
     names = ["héllo wörld", "世界", "emoji-🙂", "a b", "-dash", "x" * 255, "€" * 85]
     for name in names:

@@ -170,8 +170,13 @@ def setattr_of(**set_: int) -> tuple[SimpleNamespace, SimpleNamespace]:
         (BOB, 0o6777, {"st_mode": REG | 0o777}, {"mode": 0o777}),  # the kernel's killpriv
         (BOB, 0o4666, {"st_size": 0}, {"mode": 0o666}),
         (ROOT, 0o4666, {"st_size": 0}, {}),
-        (BOB, 0o666, {"st_mtime_ns": 5, "st_atime_ns": 5}, {"mtime_ns": 5}),  # "now", writable
-        (ALICE, 0o644, {"st_atime_ns": 5}, {}),  # the atime alone: only the ctime moves
+        (
+            BOB,
+            0o666,
+            {"st_mtime_ns": 5, "st_atime_ns": 5},  # "now", writable
+            {"mtime_ns": 5, "extra": {"atime": 5}},
+        ),
+        (ALICE, 0o644, {"st_atime_ns": 5}, {"extra": {"atime": 5}}),  # stored; the ctime moves
     ],
 )
 def test_setattr_changes(caller: Caller, mode: int, set_: dict, expected: dict) -> None:

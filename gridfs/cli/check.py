@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Any
 
@@ -11,8 +12,10 @@ from ..client.check import CheckResult, check_file
 from ..client.grid import GridClient
 from ..client.repair import repair_file
 from ..client.session import TreeSession, load_aliases, split_grid_path
-from ..dirnode import Entry
+from ..dirnode import Entry, split_path
 from ..errors import UsageError
+from ..links import LINKS_DIR
+from ..tree import NotFoundError
 from .files import add_node_option
 from .tree import run_with_grid
 from .util import progress_bar
@@ -111,4 +114,8 @@ async def walk(session: TreeSession, path: str, entry: Entry) -> list[tuple[str,
         for name in listing:
             child = f"{path.rstrip('/')}/{name}"
             out += await walk(session, child, listing.entries[name])
+        if not split_path(path):  # the top: its hidden hard-link records too
+            with contextlib.suppress(NotFoundError):
+                records = await session.lookup(f"/{LINKS_DIR}")
+                out += await walk(session, f"/{LINKS_DIR}", records)
     return out

@@ -25,6 +25,7 @@ import trio
 
 from ..caps import parse_read_cap
 from ..client.grid import GridClient
+from ..client.links import follow
 from ..client.session import TreeSession
 from ..dirnode import (
     DEFAULT_DIR_MODE,
@@ -36,6 +37,7 @@ from ..dirnode import (
 )
 from ..errors import FormatError, UsageError
 from ..fileutil import atomic_output
+from ..links import link_id, visible
 
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
@@ -72,11 +74,33 @@ class CopyOut:
         self.session = session
         self.top = os.path.realpath(top)
         self.preserve_mode = preserve_mode
+        self.root: str | None = None
+        self.linked: dict[str, Path] = {}
+        """the local copy of each hard-linked file copied so far, by record id"""
 
     async def load_dir(self, entry: Entry) -> Directory:
-        """The listing of a directory entry (a shared one's live version)."""
+        """A directory's listing (a shared one's live version; its hard
+        links' names as references), without the records directory of the
+        tree's top."""
+        if self.root is None:
+            _, self.root = await self.session.view_root()
         tree = self.session.tree
-        return await tree.load_dir((await tree.resolve(entry)).cap)
+        listing = await tree.load_dir((await tree.resolve(entry)).cap)
+        return Directory(dict(visible(listing, top=entry.cap == self.root)))
+
+    async def link_or_fetch(self, entry: Entry, where: str, target: Path) -> None:
+        """Copy a listing's ``entry``: a hard link's second name becomes a
+        hard link of the local copy of its first."""
+        link = link_id(entry)
+        if link is None:
+            return await self.fetch(entry, where, target, True)
+        if link in self.linked:
+            os.link(self.linked[link], target)
+            return None
+        tree, root = await self.session.view_root()
+        await self.fetch(await follow(tree, root, entry), where, target, True)
+        self.linked[link] = target
+        return None
 
     def child(self, parent: Path, name: str, where: str) -> Path:
         """The local path of entry ``name`` of the directory copied to
@@ -124,6 +148,6 @@ class CopyOut:
         for name in names:
             child = listing.entries[name]
             path = self.child(target, name, where)
-            await self.fetch(child, f"{where.rstrip('/')}/{name}", path, True)
+            await self.link_or_fetch(child, f"{where.rstrip('/')}/{name}", path)
         if made:
             os.chmod(target, local_mode(entry.mode or DEFAULT_DIR_MODE, self.preserve_mode))

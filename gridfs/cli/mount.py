@@ -58,7 +58,7 @@ def register(sub: Any) -> None:
         default="",
         metavar="OPTIONS",
         help="sync, allow_other, refresh=SECONDS, drain_timeout=SECONDS, node=DIR, "
-        "cap_file=FILE, suid, dev (see docs/mount.md)",
+        "cap_file=FILE, suid, dev, uidmap=S:L[:N], gidmap=S:L[:N] (see docs/mount.md)",
     )
     m.add_argument("--foreground", "-f", action="store_true", help="do not daemonize")
     add_node_option(m)

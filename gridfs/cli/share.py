@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from ..caps import LITERAL_MAX, LiteralCap
+from ..client import links
 from ..client.grid import GridClient
 from ..client.gridstore import upload_bytes
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
@@ -25,6 +26,7 @@ from ..client.sharing import share_directory, slot_maker
 from ..client.snapshots import SnapshotLog, iso_time, pick, snapshot_names, tree_key
 from ..dirnode import split_path
 from ..errors import UsageError
+from ..links import as_copy
 from ..mutable import SlotReadCap, SlotVerifyCap, SlotWriteCap
 from ..shares import unshared
 from ..tree import NotFoundError
@@ -161,7 +163,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         entry = unshared(entry)  # (the directory as it was: not its live slot)
         if current is not None and (current.is_dir or entry.is_dir):
             raise UsageError(f"{args.to or args.path}: exists (remove it, or restore with --to)")
-        target.queue.add_file(None, dest, entry.with_(ctime_ns=time.time_ns()))
+        # A hard link comes back as a file of its own; links inside a
+        # directory stay links (their records restored where gone).
+        entry = as_copy(await links.follow(session.tree, snap.root, entry))
+        found = await links.references_under(session.tree, snap.root, entry)
+        if found and target is not session:
+            raise UsageError(f"{args.path}: holds hard links: restore it into its own tree")
+        _, root = await session.tree.root()
+        records = await links.restored(session.tree, snap.root, root, found)
+        with target.queue.transaction():
+            target.queue.add_addpath(None, dest, entry.with_(ctime_ns=time.time_ns()))
+            links.queue_recount(target.queue, records)
         await flush(target, "restore")
         return f"restored {args.path} from the snapshot of {iso_time(snap.at_ns)}"
 

@@ -12,12 +12,14 @@ import os
 import stat
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
+from ..client import links
 from ..client.grid import GridClient, open_grid
 from ..client.session import (
     DEFAULT_ALIAS,
@@ -28,8 +30,9 @@ from ..client.session import (
     split_grid_path,
 )
 from ..config import NodeConfig, NodeDir, resolve_node_dir
-from ..dirnode import INLINE_MAX, Entry, split_path
+from ..dirnode import INLINE_MAX, Entry, join_path, split_path
 from ..errors import UsageError
+from ..links import NLINK, as_copy, link_id, record_path, reference, with_extra
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
@@ -273,6 +276,7 @@ async def change_paths(
     sessions: dict[str, TreeSession] = {}
     for text in texts:
         alias, path = grid_path(text, aliases)
+        refuse_reserved(text, path)
         if alias not in sessions:
             sessions[alias] = TreeSession(grid, alias)
             sessions[alias].check_writable()
@@ -281,36 +285,68 @@ async def change_paths(
         await flush(session)
 
 
+def refuse_reserved(text: str, path: str) -> None:
+    """Changes of the hard-link records go through their names only."""
+    if links.reserved(path):
+        raise UsageError(f"{text}: reserved for the tree's hard links (formats.md §13.3)")
+
+
 def cmd_mv(args: argparse.Namespace) -> int:
     async def main(grid: GridClient) -> None:
         aliases = load_aliases(grid.node)
         (a1, src), (a2, dst) = grid_path(args.src, aliases), grid_path(args.dest, aliases)
         if a1 != a2:
             raise UsageError("mv works within one tree; use cp and rm across trees")
+        refuse_reserved(args.src, src)
+        refuse_reserved(args.dest, dst)
         session = TreeSession(grid, a1)
         session.check_writable()
-        await session.lookup(src)  # a clear error for a missing source
+        moved = await session.lookup(src, follow=False)  # a clear error for a missing source
         try:
             target = await session.lookup(dst)
         except NotFoundError:
             target = None
         if target is not None and target.is_dir:
             dst = dst.rstrip("/") + "/" + src.rstrip("/").rsplit("/", 1)[-1]
-        session.queue.add_move(src, dst)
+        records = await _replaced_records(session, moved, dst)
+        with session.queue.transaction():  # (a hard link it replaces: one name less)
+            session.queue.add_move(src, dst)
+            links.queue_recount(session.queue, records)
         await flush(session)
 
     run_with_grid(args, main)
     return 0
 
 
+async def _replaced_records(
+    session: TreeSession, moved: Entry, dst: str
+) -> list[tuple[str, Entry | None]]:
+    """The records whose count a move onto ``dst`` lowers (the name it
+    replaces, when a hard link of another file)."""
+    try:
+        replaced = await session.lookup(dst, follow=False)
+    except NotFoundError:
+        return []
+    gone = link_id(replaced)
+    if gone is None or gone == link_id(moved):
+        return []
+    tree, root = await session.view_root()
+    return await links.recounted(tree, root, links.lost(Counter([gone])))
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     async def rm(session: TreeSession, text: str, path: str) -> None:
-        entry = await session.lookup(path)
+        entry = await session.lookup(path, follow=False)
         if not split_path(path):
             raise UsageError("refusing to remove the root directory")
         if entry.is_dir and not args.recursive:
             raise UsageError(f"{text}: is a directory (use rm -r)")
-        session.queue.add_deletepath(path, base=entry.cap)
+        tree, root = await session.view_root()
+        found = await links.references_under(tree, root, entry)
+        records = await links.recounted(tree, root, links.lost(found))
+        with session.queue.transaction():  # the names and their records' counts
+            session.queue.add_deletepath(path, base=entry.cap)
+            links.queue_recount(session.queue, records)
 
     run_with_grid(args, lambda grid: change_paths(grid, args.paths, rm))
     return 0
@@ -358,13 +394,22 @@ async def copy_to_grid(
         gsrc = split_grid_path(src, aliases)
         name = src.rstrip("/").rsplit("/", 1)[-1] or src
         target = f"{dpath.rstrip('/')}/{name}" if into_dir else dpath
+        refuse_reserved(target, target)
         if gsrc is not None:  # within the grid: the same caps, no data moves
             if gsrc[0] != alias:
                 raise UsageError("cp between two trees is not supported yet")
             entry = await session.lookup(gsrc[1])
             if entry.is_dir and not recursive:
                 raise UsageError(f"{src}: is a directory (use cp -r)")
-            queue.add_file(None, target, entry.with_(ctime_ns=time.time_ns()))
+            # A copy of a hard-linked file is a file of its own; hard links
+            # inside a copied directory stay links (one more name each).
+            tree, root = await session.view_root()
+            records = await links.recounted(
+                tree, root, await links.references_under(tree, root, entry)
+            )
+            with queue.transaction():
+                queue.add_addpath(None, target, as_copy(entry).with_(ctime_ns=time.time_ns()))
+                links.queue_recount(queue, records)
             continue
         local = Path(src)
         if local.is_dir() and not local.is_symlink():
@@ -380,18 +425,33 @@ def args_end_with_slash(path: str) -> bool:
     return path.endswith("/")
 
 
-def _queue_one(queue: Any, local: Path, target: str) -> None:
+def _queue_one(
+    queue: Any, local: Path, target: str, local_links: links.LocalLinks | None = None
+) -> None:
     st = os.lstat(local)
     if stat.S_ISLNK(st.st_mode):
         queue.add_file(None, target, _entry_from_stat(st, "symlink", target=os.readlink(local)))
     elif stat.S_ISREG(st.st_mode):
-        if st.st_size <= INLINE_MAX:  # kept inside its directory: no upload of its own
-            entry = _entry_from_stat(st, "file").with_(data=local.read_bytes())
-            queue.add_file(None, target, entry.with_(size=len(entry.data or b"")))
+        entry = _entry_from_stat(st, "file")
+        record = local_links.record_of(st) if local_links is not None else None
+        if record is not None:  # a hard link: its content once, as a record
+            link, count, first = record
+            entry = with_extra(entry, **{NLINK: count})
+            if first:
+                _queue_file(queue, local, join_path(list(record_path(link))), entry)
+            queue.add_file(None, target, reference(entry, link))
         else:
-            queue.add_file(local.resolve(), target, _entry_from_stat(st, "file"))
+            _queue_file(queue, local, target, entry)
     else:
         raise UsageError(f"{local}: only regular files, directories and symlinks can be copied")
+
+
+def _queue_file(queue: Any, local: Path, target: str, entry: Entry) -> None:
+    if entry.size <= INLINE_MAX:  # kept inside its directory: no upload of its own
+        entry = entry.with_(data=local.read_bytes())
+        queue.add_file(None, target, entry.with_(size=len(entry.data or b"")))
+    else:
+        queue.add_file(local.resolve(), target, entry)
 
 
 def _queue_tree(queue: Any, top: Path, target: str) -> None:
@@ -401,6 +461,7 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
     top_entry = _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
     queue.add_file(None, target, top_entry)
     dirs = [(target, top_entry)]
+    local_links = links.LocalLinks(top)
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         rel = os.path.relpath(dirpath, top)
@@ -414,7 +475,7 @@ def _queue_tree(queue: Any, top: Path, target: str) -> None:
                 queue.add_file(None, f"{base}/{d}", entry)
                 dirs.append((f"{base}/{d}", entry))
         for f in sorted(filenames):
-            _queue_one(queue, Path(dirpath) / f, f"{base}/{f}")
+            _queue_one(queue, Path(dirpath) / f, f"{base}/{f}", local_links)
     for path, entry in dirs:
         queue.add_file(None, path, entry.with_(ctime_ns=time.time_ns()))
 

@@ -23,6 +23,7 @@ from ..mutable import SlotCap, SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import dropped_caps
 from ..tree import Tree, empty_dir_cap, pack_root
 from ..workqueue import WorkQueue
+from . import links
 from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
@@ -168,10 +169,16 @@ class TreeSession:
         overlay = Tree(OverlayStore(self.store), self.tree.cache)
         return overlay, await overlay.apply(root, changes, view=True)
 
-    async def lookup(self, path: str) -> Entry:
+    async def lookup(self, path: str, follow: bool = True) -> Entry:
+        """The entry at ``path``; a hard link's name as the file it names
+        (unless not ``follow``: the name's own entry)."""
         tree, root = await self.view_root()
-        return await tree.lookup(tuple(split_path(path)), root)
+        entry = await tree.lookup(tuple(split_path(path)), root)
+        return await links.follow(tree, root, entry) if follow else entry
 
     async def listdir(self, path: str) -> Directory:
+        """A directory as the tree commands show it (see links.follow_listing)."""
         tree, root = await self.view_root()
-        return await tree.listdir(tuple(split_path(path)), root)
+        parts = tuple(split_path(path))
+        listing = await tree.listdir(parts, root)
+        return await links.follow_listing(tree, root, listing, top=not parts)
