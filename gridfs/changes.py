@@ -21,11 +21,17 @@ def normal_path(path: Path) -> Path:
 class Put:
     """Make ``path`` hold ``entry``.  ``base`` is the cap the writer saw there
     (None: not checked); another cap found there instead is a conflict.  A
-    new name sets the parent directory's mtime to the entry's ctime."""
+    new name sets the parent directory's mtime to the entry's ctime.
+
+    A ``soft`` put (a read moving the atime) changes only the version the
+    writer saw: when the name is gone or holds another cap than ``base``, it
+    is dropped rather than kept as a conflict, since a read must never bring
+    back an older version or set one aside."""
 
     path: Path
     entry: Entry
     base: str | None = None
+    soft: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", normal_path(self.path))

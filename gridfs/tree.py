@@ -417,6 +417,8 @@ class Batch:
         current = d.get(name)
         if current is not None and current == change.entry:
             return
+        if change.soft and (current is None or current.cap != change.base):
+            return
         if (
             current is not None
             and change.base is not None

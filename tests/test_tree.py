@@ -127,6 +127,24 @@ async def test_true_conflict_keeps_both() -> None:
     assert len(kept) == 1 and listing.get(kept[0]).cap == "gridfs:lit:ab"  # type: ignore[union-attr]
 
 
+async def test_a_soft_put_changes_only_the_version_it_saw() -> None:
+    """A read's atime move (a soft put) based on a version another writer
+    replaced since is dropped: it neither brings the old version back nor
+    sets the newer one aside as a conflict, nor makes a removed name again."""
+    tree = Tree(MemStore())
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:aa"))])
+    await tree.commit([Put(p("/doc"), f("gridfs:lit:ab"), base="gridfs:lit:aa")])
+    stale = f("gridfs:lit:aa").with_(extra={"atime": 7})
+    await tree.commit([Put(p("/doc"), stale, base="gridfs:lit:aa", soft=True)])
+    listing = await tree.listdir(())
+    assert list(listing) == ["doc"] and listing.get("doc") == f("gridfs:lit:ab")
+    await tree.commit([Put(p("/gone"), stale, base="gridfs:lit:aa", soft=True)])
+    assert await names(tree, "/") == ["doc"]
+    fresh = f("gridfs:lit:ab").with_(extra={"atime": 9})
+    await tree.commit([Put(p("/doc"), fresh, base="gridfs:lit:ab", soft=True)])
+    assert (await tree.listdir(())).get("doc") == fresh
+
+
 async def test_stale_delete_keeps_the_newer_version() -> None:
     tree = Tree(MemStore())
     await tree.commit([Put(p("/doc"), f("gridfs:lit:ab"))])
