@@ -1,12 +1,10 @@
-"""Open files: local staging for writes, verified segment reads for the rest.
+"""Open files: their state, and verified segment reads of their grid bytes.
 
 One :class:`OpenFile` per inode, shared by all its handles, so a write through
-one descriptor is seen by reads through another.  Writes go to a memory buffer
-while the file is small enough to live inside its directory, else to a sparse
-staging file in the mount's ``staging/``; ``flush``/``fsync`` hand it to the
-work queue (journaled, uploaded in the background).  Reads of a file not
-being written fetch only the segments they touch, through a bounded cache,
-and read ahead when access is sequential.
+one descriptor is seen by reads through another (what writes and commits do
+to it: :mod:`daemon.staging`).  Reads of bytes on the grid fetch only the
+segments they touch, through a bounded cache, and read ahead when access is
+sequential.
 """
 
 from __future__ import annotations
