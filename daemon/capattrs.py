@@ -24,6 +24,7 @@ import pyfuse3
 from gridfs.caps import LITERAL_MAX, LiteralCap
 from gridfs.mutable import SlotReadCap, SlotWriteCap
 from gridfs.tree import NotFoundError
+from gridfs.workqueue import is_placeholder
 
 from .snapshots import SNAPSHOTS, in_snapshots
 
@@ -58,7 +59,7 @@ async def cap_xattr(ops: Any, inode: int, key: str, ctx: Any) -> bytes:
             raise pyfuse3.FUSEError(errno.ENODATA) from None
     if entry.kind == "symlink":
         raise pyfuse3.FUSEError(errno.ENODATA)
-    if entry.cap and not entry.cap.startswith(("local:", "pending:")):
+    if entry.cap and not is_placeholder(entry.cap):
         return str(entry.cap).encode()
     if entry.data is not None and len(entry.data) <= LITERAL_MAX:
         return LiteralCap(entry.data).to_string().encode()

@@ -26,6 +26,7 @@ from gridfs.errors import GridError
 from gridfs.hashes import PlaintextHasher
 from gridfs.immutable import DecodedSegment
 from gridfs.pack import open_slice
+from gridfs.workqueue import PENDING, is_local
 
 from .segcache import SegmentCache
 
@@ -324,20 +325,12 @@ async def content_source(
     if entry.data is not None:
         return entry.data
     cap = entry.cap
-    if cap.startswith("local:"):
-        _, box, tempfile = cap.split(":", 2)
-        path = (
-            session.queue.tempfile_path(tempfile)
-            if not tempfile.startswith("/")
-            else Path(tempfile)
-        )
-        if path.exists():
-            return path
-        filled = session.queue.read_box(box)
-        if filled is None:
-            raise GridError(f"the queued upload of {cap} is gone")
-        cap = filled.decode()
-    if cap.startswith("pending:"):
+    if is_local(cap):
+        local = session.queue.resolve_local(cap)
+        if isinstance(local, Path):
+            return local
+        cap = local
+    if cap.startswith(PENDING):
         return bytes(await overlay_get(cap))
     parsed = parse_read_cap(cap)
     if isinstance(parsed, LiteralCap):

@@ -350,7 +350,7 @@ class MountDaemon:
         daemon whose filesystem is unmounted but that still drains its queue
         (``fusermount3 -u M && gridfs mount M``) is waited for, at most
         EXIT_WAIT seconds; one whose mount is still there is refused."""
-        f = open(session.queue.directory / "mount.lock", "a+")  # noqa: SIM115 - held while mounted
+        f = open(session.queue.mount_lock, "a+")  # noqa: SIM115 - held while mounted
         deadline = trio.current_time() + EXIT_WAIT
         said = False
         while True:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -28,8 +27,9 @@ from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry
 from gridfs.errors import GridError
-from gridfs.fileutil import fsync_dir, written_once
+from gridfs.fileutil import written_once
 from gridfs.tree import Delete, Move, Put, empty_dir_cap
+from gridfs.workqueue import PENDING, is_local, is_placeholder, local_box
 
 from .files import CapReader, OpenFile, content_source
 from .segcache import SegmentCache
@@ -61,10 +61,8 @@ class Staging:
         self.cache = cache
         self.sync = sync
         self.open_files: dict[int, OpenFile] = {}
-        self.staging_dir = self.queue.directory / "staging"
+        self.staging_dir = self.queue.fresh_staging()
         """Files being written; the queue never sees (or cleans) them until handed over."""
-        shutil.rmtree(self.staging_dir, ignore_errors=True)  # never acknowledged: discard
-        self.staging_dir.mkdir(mode=0o700)
         self.nursery: trio.Nursery | None = None
         """Where readers fetch segments (set once the mount runs)."""
         self._sync_lock = trio.Lock()
@@ -83,19 +81,19 @@ class Staging:
         """The queue step that stores ``entry`` (as the view holds it) at ``path``
         (``sync``: see WorkQueue.transaction; ``base``: see tree.Put)."""
         text = "/" + "/".join(path)
-        if entry.cap.startswith("local:"):
-            box = entry.cap.split(":", 2)[1]
+        if is_local(entry.cap):
+            box = local_box(entry.cap)
 
             def enqueue() -> Any:  # decided under the view lock, with the step added
                 filled = self.queue.read_box(box)
                 if filled is not None:  # uploaded: the box may be cleaned up any time
                     return self.queue.add_file(None, text, entry.with_(cap=filled.decode()))
-                if not self._uploading(box):  # a path step on it could never run
+                if not self.queue.uploading(box):  # a path step on it could never run
                     raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
                 return self.queue.add_addpath(box, text, entry.with_(cap=""))
 
             return enqueue
-        if entry.cap.startswith("pending:"):
+        if entry.cap.startswith(PENDING):
             raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))  # rare: wait for the flush
         return lambda: self.queue.add_file(None, text, entry, base, sync=sync)
 
@@ -105,17 +103,14 @@ class Staging:
             # changed by another writer); put with the empty cap, a directory
             # that exists keeps its contents and takes only the attributes.
             entry = entry.with_(cap=empty_dir_cap(), size=0)
-        elif entry.cap.startswith("local:"):
-            box = entry.cap.split(":", 2)[1]
-            if self.queue.read_box(box) is None and not self._uploading(box):
+        elif is_local(entry.cap):
+            box = local_box(entry.cap)
+            if self.queue.read_box(box) is None and not self.queue.uploading(box):
                 entry = await self._settled(path, entry)  # uploaded and cleaned up
         # A file as this mount last saw it: should another writer have put
         # another version there since, the commit keeps theirs beside it.
         base = _base_of(entry)
         await self.change(self.queued(path, entry, sync, base), Put(path, entry, base))
-
-    def _uploading(self, box: str) -> bool:
-        return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.queue.pending())
 
     async def _settled(self, path: Path_, entry: Entry) -> Entry:
         """``entry``, whose ``local:`` upload the queue has finished and cleaned
@@ -124,7 +119,7 @@ class Staging:
         fresh = await self.view.lookup(path)
         if (
             fresh is None
-            or fresh.cap.startswith("local:")
+            or is_local(fresh.cap)
             or (fresh.size, fresh.mtime_ns) != (entry.size, entry.mtime_ns)
         ):
             raise GridError(f"the queued upload of /{'/'.join(path)} is gone")
@@ -140,7 +135,7 @@ class Staging:
         try:
             source = await content_source(self.session, of.entry, get)
         except GridError:
-            if not of.entry.cap.startswith("local:") or of.unlinked:
+            if not is_local(of.entry.cap) or of.unlinked:
                 raise
             of.entry = await self._settled(of.path, of.entry)
             source = await content_source(self.session, of.entry, get)
@@ -171,7 +166,7 @@ class Staging:
         of = await self.open_for(ino, path, entry)
         of.handles += 1
         try:
-            if not of.staged and of.entry.cap.startswith("local:"):
+            if not of.staged and is_local(of.entry.cap):
                 await self.source(of)  # pins the queue's tempfile while open
             if truncate:
                 await self.resize(of, 0)
@@ -398,14 +393,14 @@ class Staging:
                 assert name is not None
                 # The queue takes the staging file over: it moves among its
                 # tempfiles (the open descriptor keeps reading it).
-                os.rename(self.staging_dir / name, self.queue.tempfile_path(name))
-                fsync_dir(self.queue.tempfiles)
+                tempfile = self.queue.adopt(self.staging_dir / name)
                 digest = of.plaintext_digest()
                 if digest is not None:
-                    self.session.digests.add(self.queue.tempfile_path(name), digest)
+                    self.session.digests.add(tempfile, digest)
                 async with self.view.lock:
-                    box = self.queue.add_file(self.queue.tempfile_path(name), text, entry, base)
-                    view_entry = entry.with_(cap=f"local:{box}:{name}")
+                    box = self.queue.add_file(tempfile, text, entry, base)
+                    assert box is not None
+                    view_entry = entry.with_(cap=self.queue.placeholder(box, tempfile))
                     await self.view.apply(Put(of.path, view_entry, base))
                 self.daemon.kick()
                 entry = view_entry
@@ -439,6 +434,6 @@ def _base_of(entry: Entry) -> str | None:
     not known yet), and a small file inside its directory (no cap of its own:
     its commit may give it one, and its own next change would then look like
     another writer's)."""
-    if entry.is_dir or not entry.cap or entry.cap.startswith(("local:", "pending:")):
+    if entry.is_dir or not entry.cap or is_placeholder(entry.cap):
         return None
     return entry.cap

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -37,7 +38,7 @@ from typing import Any, BinaryIO, Protocol
 import msgpack
 import trio
 
-from .caps import log_name
+from .caps import b32encode, log_name
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
@@ -71,6 +72,74 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE INDEX IF NOT EXISTS steps_order ON steps (section, id);
 CREATE TABLE IF NOT EXISTS retained (cap TEXT PRIMARY KEY, added_ns INTEGER NOT NULL);
 """
+DATABASE = "queue.sqlite"
+
+
+LOCAL = "local:"
+"""Placeholder cap of a file whose upload is queued: ``local:BOX:TEMPFILE``
+(the box its cap will fill; the tempfile holding its bytes meanwhile)."""
+PENDING = "pending:"
+"""Placeholder cap of a directory (or pack) built by the view's overlay and
+not stored yet (see gridfs.client.gridstore.OverlayStore)."""
+MOUNT_LOCK = "mount.lock"
+"""Held by the daemon mounting the queue's tree (first line: PID MOUNTPOINT)."""
+
+
+def is_placeholder(cap: str) -> bool:
+    """A cap standing for something not on the grid yet (only ever in a view)."""
+    return cap.startswith((LOCAL, PENDING))
+
+
+def is_local(cap: str) -> bool:
+    return cap.startswith(LOCAL)
+
+
+def local_box(cap: str) -> str:
+    """The box a ``local:`` placeholder's upload fills."""
+    return cap.split(":", 2)[1]
+
+
+def queue_directory(node_root: Path, storage_index: bytes) -> Path:
+    """Where the queue of the tree with root slot ``storage_index`` lives."""
+    return Path(node_root) / "queues" / b32encode(storage_index)
+
+
+def queue_directories(node_root: Path) -> list[Path]:
+    """The queue directories of a node, one a tree it has changed."""
+    return sorted(p for p in (Path(node_root) / "queues").glob("*") if p.is_dir())
+
+
+def backlog(directory: Path) -> tuple[int, int] | None:
+    """(pending steps, failing steps) of the queue in ``directory``, read
+    without taking part in it (another process may be running it); None if
+    it cannot be read now."""
+    db = Path(directory) / DATABASE
+    if not db.exists():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
+        try:
+            pending, failing = con.execute(
+                "SELECT COUNT(*), COUNT(last_error) FROM steps"
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return int(pending), int(failing)
+
+
+def retained_caps(directory: Path) -> set[str]:
+    """Caps the queue in ``directory`` holds between upload and linking (an
+    upload step fills its box and the retained table in one transaction)."""
+    db = Path(directory) / DATABASE
+    if not db.exists():
+        return set()
+    con = sqlite3.connect(db, timeout=30.0)
+    try:
+        return {r[0] for r in con.execute("SELECT cap FROM retained")}
+    finally:
+        con.close()
 
 
 class QueueError(GridError):
@@ -144,7 +213,7 @@ class WorkQueue:
         self.boxes = self.directory / "boxes"
         for d in (self.directory, self.tempfiles, self.boxes):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(self.directory / "queue.sqlite", isolation_level=None)
+        self.db = sqlite3.connect(self.directory / DATABASE, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
@@ -154,6 +223,54 @@ class WorkQueue:
 
     def close(self) -> None:
         self.db.close()
+
+    @property
+    def mount_lock(self) -> Path:
+        """The file a daemon mounting this queue's tree holds locked."""
+        return self.directory / MOUNT_LOCK
+
+    # -- staging and placeholders (for the mount) ------------------------------
+    def fresh_staging(self) -> Path:
+        """An empty directory for files being written and not yet handed
+        over: whatever a previous daemon left there was never acknowledged."""
+        staging = self.directory / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        return staging
+
+    def adopt(self, path: Path) -> Path:
+        """Move the finished (fsynced) file ``path``, on the queue's
+        filesystem, among the queue's tempfiles, durably; its new path.
+        An open descriptor of it keeps reading it."""
+        target = self.tempfiles / Path(path).name
+        os.rename(path, target)
+        fsync_dir(self.tempfiles)
+        return target
+
+    def owns_tempfile(self, path: Path) -> bool:
+        """``path`` is one of the queue's tempfiles (read once by its upload)."""
+        return Path(path).parent == self.tempfiles
+
+    def placeholder(self, box: str, tempfile: Path | str) -> str:
+        """The ``local:`` cap a view shows for a file queued for upload into ``box``."""
+        name = Path(tempfile).name if self.owns_tempfile(Path(tempfile)) else str(tempfile)
+        return f"{LOCAL}{box}:{name}"
+
+    def resolve_local(self, cap: str) -> Path | str:
+        """Where the bytes of the ``local:`` placeholder ``cap`` are: its
+        tempfile while that is there, else the cap its upload filled in."""
+        _, box, tempfile = cap.split(":", 2)
+        path = Path(tempfile) if tempfile.startswith("/") else self.tempfiles / tempfile
+        if tempfile and path.exists():
+            return path
+        filled = self.read_box(box)
+        if filled is None:
+            raise GridError(f"the queued upload of {cap} is gone")
+        return filled.decode()
+
+    def uploading(self, box: str) -> bool:
+        """An upload into ``box`` is still queued."""
+        return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.pending())
 
     # -- building steps (the seed's add_* methods) -------------------------
     def create_tempfile(self, suffix: str = "") -> tuple[BinaryIO, str]:
@@ -243,7 +360,7 @@ class WorkQueue:
             self.add_addpath(box, path, entry, base)
             self.add_retain_uri_from_box(box)
             self.add_delete_box(box)
-            if Path(source).parent == self.tempfiles:
+            if self.owns_tempfile(Path(source)):
                 self.add_delete_tempfile(Path(source).name)
             return box
 
@@ -315,7 +432,7 @@ class WorkQueue:
             if change is None and s.kind == "addpath":
                 box = s.args["box"]
                 _, entry = Entry.from_wire(s.args["entry"])
-                local = f"local:{box}:{sources.get(box, '')}"
+                local = self.placeholder(box, sources.get(box, ""))
                 change = Put(_split(s.args["path"]), entry.with_(cap=local), s.args["base"])
             if change is not None and not _replaces_root(change):
                 out.append(change)

@@ -24,6 +24,7 @@ from ..dirnode import split_path
 from ..errors import UsageError
 from ..mutable import SlotVerifyCap, SlotWriteCap
 from ..tree import NotFoundError
+from ..workqueue import is_placeholder
 from .files import add_node_option
 from .tree import flush, grid_path, run_with_grid
 
@@ -68,7 +69,7 @@ def cmd_share(args: argparse.Namespace) -> int:
             )
         if entry.kind != "file":
             raise UsageError(f"{args.path}: not a file or directory")
-        if entry.cap and not entry.cap.startswith(("local:", "pending:")):
+        if entry.cap and not is_placeholder(entry.cap):
             return entry.cap
         if entry.data is None:
             raise UsageError(f"{args.path}: its upload is still queued (gridfs queue flush)")
