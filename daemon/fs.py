@@ -11,24 +11,23 @@ one Operations class; each handler stays a few lines of translation.
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any
 
 import pyfuse3
 import trio
 
 from gridfs.client.session import TreeSession
-from gridfs.dirnode import KIND_OF_FORMAT, Entry, check_name
-from gridfs.errors import GridError, UsageError
-from gridfs.tree import Delete, Move, NotFoundError, new_dir_entry
+from gridfs.dirnode import KIND_OF_FORMAT, Entry
+from gridfs.tree import Delete, Move, new_dir_entry
 
 from . import perms
 from .capattrs import CAP_XATTRS, cap_xattr
+from .fuseerrors import errors_to_errno, fuse_name
 from .inodes import Inodes, Path_
 from .perms import Caller, Owners
 from .segcache import SegmentCache
@@ -37,50 +36,11 @@ from .staging import Staging
 from .view import View
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 TIMEOUT = 1.0
 """Seconds the kernel may cache names and attributes (other writers' changes
 show up within the refresh interval plus this)."""
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 XATTR_PREFIX = "user."
-
-
-def errors_to_errno(fn: F) -> F:
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except NotFoundError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except PermissionError as e:  # daemon.perms: EPERM or EACCES
-            raise pyfuse3.FUSEError(e.errno or errno.EPERM) from None
-        except UsageError as e:
-            log.debug("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except GridError as e:
-            log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.warning("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return cast(F, wrapper)
-
-
-def fuse_name(name: bytes) -> str:
-    try:
-        return check_name(name.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise pyfuse3.FUSEError(errno.EILSEQ) from None
-    except UsageError:
-        if len(name) > 255:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG) from None
-        raise pyfuse3.FUSEError(errno.EINVAL) from None
 
 
 DIR_SIZE = 4096
@@ -536,6 +496,15 @@ class GridOperations(pyfuse3.Operations):
         of = self.open_files.get(ino)
         if of is not None:
             await self.staging.release(of)
+
+    @errors_to_errno
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int) -> None:
+        """Called through daemon.falloc (pyfuse3 has no fallocate handler)."""
+        self.check_writable(self.inodes.path(inode))
+        of = self.open_files.get(inode)
+        if of is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self.staging.fallocate(of, mode, offset, length)
 
     # -- xattrs and statfs ----------------------------------------------------
     @errors_to_errno

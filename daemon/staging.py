@@ -3,9 +3,14 @@ release do to a file's bytes, apart from FUSE.
 
 One :class:`~daemon.files.OpenFile` per inode, shared by all its handles.
 Writes go to a memory buffer while the file is small enough to live inside
-its directory, else to a staging file in the queue's ``staging/``; a commit
-(flush, fsync, release, a rename of an open dirty file) hands the staged
-bytes to the work queue and shows the new version in the view at once, with
+its directory, else to a staging file in the queue's ``staging/``.  A file
+that has a version on the grid (or queued) is staged as an *edit*: a sparse
+staging file holding only the ranges written, plus their extents; reads of
+the other ranges go to that version (through the segment reader, with
+read-ahead).  A commit (flush, fsync, release, a rename of an open dirty
+file) hands the staged bytes to the work queue (an edit as an
+``upload_edit`` step, folded into the file's previous edit if that one's
+upload has not started) and shows the new version in the view at once, with
 a placeholder cap until its upload has run.  Nothing here imports pyfuse3:
 errors are OSErrors with an errno (the FUSE adapter, :mod:`daemon.fs`,
 passes them on), so the state machine runs in unit tests without a mount.
@@ -18,24 +23,28 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from gridfs.caps import ReadCap, SliceCap
+from gridfs.caps import LiteralCap, SliceCap, parse_read_cap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, Entry
 from gridfs.errors import GridError
+from gridfs.extents import Extents, add, clip, pieces, union
 from gridfs.fileutil import written_once
+from gridfs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, punch_hole
 from gridfs.tree import Delete, Move, Put, empty_dir_cap
-from gridfs.workqueue import PENDING, is_local, is_placeholder, local_box
+from gridfs.workqueue import EDIT_SUFFIX, PENDING, QueuedEdit, is_local, is_placeholder, local_box
 
-from .files import CapReader, OpenFile, content_source
+from .content import Content, open_content, read_patched
+from .files import OpenFile
 from .segcache import SegmentCache
 from .view import View
 
 Path_ = tuple[str, ...]
+COPY_STEP = 4 << 20
+"""Bytes copied at a time when a file is staged whole."""
 
 
 class Daemon(Protocol):
@@ -125,24 +134,30 @@ class Staging:
             raise GridError(f"the queued upload of /{'/'.join(path)} is gone")
         return entry.with_(cap=fresh.cap, data=fresh.data)
 
-    async def source(self, of: OpenFile) -> bytes | Path | ReadCap | SliceCap:
-        """Where the bytes of ``of`` are (see :func:`content_source`).  The
-        queue's tempfile of an open file is kept open, so that it stays
+    async def content(self, of: OpenFile) -> Content:
+        """The bytes of the version the entry of ``of`` names (not its staged
+        changes), opened once a version: a queued tempfile stays open, and so
         readable after the queue uploaded and removed it (also unlinked)."""
-        if of.pinned is not None:
-            return Path(f"/proc/self/fd/{of.pinned}")
+        key = (of.entry.cap, of.entry.data)
+        if of.content is not None and of.content_key == key:
+            return of.content
+        self._drop_content(of)
+        assert self.nursery is not None
         get = self.view.overlay.get_bytes
         try:
-            source = await content_source(self.session, of.entry, get)
+            content = await open_content(self.session, of.entry, self.cache, self.nursery, get)
         except GridError:
             if not is_local(of.entry.cap) or of.unlinked:
                 raise
             of.entry = await self._settled(of.path, of.entry)
-            source = await content_source(self.session, of.entry, get)
-        if isinstance(source, Path):  # (no checkpoint since it was found)
-            of.pinned = os.open(source, os.O_RDONLY)
-            return Path(f"/proc/self/fd/{of.pinned}")
-        return source
+            content = await open_content(self.session, of.entry, self.cache, self.nursery, get)
+        of.content, of.content_key = content, (of.entry.cap, of.entry.data)
+        return content
+
+    def _drop_content(self, of: OpenFile) -> None:
+        if of.content is not None:
+            of.content.close()
+            of.content, of.content_key = None, None
 
     # -- open files --------------------------------------------------------
     async def open_for(self, ino: int, path: Path_, entry: Entry) -> OpenFile:
@@ -154,9 +169,8 @@ class Staging:
             of = OpenFile(ino, path, entry, size=entry.size)
             self.open_files[ino] = of
         elif entry != of.entry and not (of.staged or of.dirty or of.unlinked or of.lock.locked()):
-            if of.pinned is not None and entry.cap != of.entry.cap:
-                os.close(of.pinned)  # our queued version's bytes: not the current ones
-                of.pinned = None
+            if entry.cap != of.entry.cap or entry.data != of.entry.data:
+                self._drop_content(of)  # our queued version's bytes: not the current ones
             of.entry, of.size, of.base = entry, entry.size, None
         return of
 
@@ -167,7 +181,7 @@ class Staging:
         of.handles += 1
         try:
             if not of.staged and is_local(of.entry.cap):
-                await self.source(of)  # pins the queue's tempfile while open
+                await self.content(of)  # holds the queue's tempfile while open
             if truncate:
                 await self.resize(of, 0)
         except BaseException:
@@ -204,13 +218,12 @@ class Staging:
 
     async def drop_if_unused(self, of: OpenFile) -> None:
         if of.handles == 0 and not of.dirty:
-            if of.staging is not None and not of.handed_over and of.staging_name is not None:
-                # committed inline (or unlinked): the queue never needs it
-                (self.staging_dir / of.staging_name).unlink(missing_ok=True)
+            self._unstage(of)  # (unlinked, or not changed: the queue never needs it)
             of.close()
             if self.open_files.get(of.ino) is of:
                 del self.open_files[of.ino]
 
+    # -- changing the bytes ------------------------------------------------
     async def resize(self, of: OpenFile, size: int, changes: dict[str, Any] | None = None) -> None:
         """Truncate or extend ``of`` to ``size`` (ftruncate, open with
         O_TRUNC), with ``changes`` to its attributes (which then stay at
@@ -223,40 +236,110 @@ class Staging:
                 of.entry = of.entry.with_(**changes)
                 of.mtime_set = True
 
+    async def fallocate(self, of: OpenFile, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on ``of``: mode 0 extends the file to cover the range
+        (nothing needs reserving: the staging file is sparse, the grid holds
+        what is uploaded), FALLOC_FL_KEEP_SIZE does nothing, PUNCH_HOLE (with
+        KEEP_SIZE) zeroes the range as a hole; any other mode EOPNOTSUPP."""
+        punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        if mode not in (0, FALLOC_FL_KEEP_SIZE, punch):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        end = offset + length
+        async with of.lock:
+            if mode == 0 and end > of.size:
+                await self.stage(of, keep=True)
+                self.truncate(of, end)
+            elif mode == punch and offset < of.size:
+                await self.stage(of, keep=True)
+                self._punch(of, offset, min(end, of.size) - offset)
+            else:
+                return
+            of.dirty, of.mtime_set = True, False
+
+    def _punch(self, of: OpenFile, offset: int, length: int) -> None:
+        if of.buffer is not None:
+            of.buffer[offset : offset + length] = bytes(length)
+        else:
+            assert of.staging is not None
+            punch_hole(of.staging, offset, length)
+            if of.extents is not None:
+                of.extents = add(of.extents, offset, length)
+        of.hasher = None
+
     async def stage(self, of: OpenFile, keep: bool) -> None:
-        """Make sure ``of`` has a private buffer or staging file (holding its
+        """Make sure ``of`` has a private buffer or staging file (showing its
         current bytes when ``keep``) before it is written."""
-        if of.buffer is not None or (of.staging is not None and not of.handed_over):
+        if of.staged:
             return
         if of.base is None:
             of.base = _base_of(of.entry)
         of.hasher = None  # (restarted by a write to the file while empty)
-        if not keep or (of.staging is None and of.entry.size <= INLINE_MAX):
-            if keep and of.entry.size:
-                source = await self.source(of)
-                if not isinstance(source, bytes):
-                    source = await self._read_small(of, source)
-                of.buffer = bytearray(source[: of.entry.size])
-            else:
-                of.buffer = bytearray()
-            if of.staging is not None:  # handed over: the queue's now
-                os.close(of.staging)
-                of.staging, of.staging_name = None, None
-            of.handed_over = False
+        size = of.entry.size
+        if not keep or size <= INLINE_MAX:
+            data = await (await self.content(of)).read(0, size) if keep and size else b""
+            of.buffer = bytearray(data[:size].ljust(size, b"\0"))
             of.size = len(of.buffer)
             return
-        await self._stage_file(of, keep)
-
-    async def _read_small(self, of: OpenFile, source: Path | ReadCap | SliceCap) -> bytes:
-        if isinstance(source, Path):
-            with open(source, "rb") as f:
-                return f.read(INLINE_MAX + 1)
-        assert self.nursery is not None
-        reader = CapReader(self.session, source, self.cache)
+        ref = self._edit_base(of)
+        content = await self.content(of)
+        of.staging, of.staging_name = self._new_staging(edit=ref is not None)
+        of.size = size
+        if ref is not None:  # only what is written is staged
+            os.ftruncate(of.staging, size)
+            of.extents, of.origin, of.origin_size, of.origin_ref = [], content, size, ref
+            of.content, of.content_key = None, None  # (the origin's now)
+            return
         try:
-            return await reader.read(0, source.size, self.nursery)
-        finally:
-            reader.close()
+            for off in range(0, size, COPY_STEP):
+                os.pwrite(of.staging, await content.read(off, COPY_STEP), off)
+        except BaseException:
+            self._unstage(of)
+            raise
+
+    def _edit_base(self, of: OpenFile) -> tuple[str | None, str | None] | None:
+        """What an edit of the version of ``of`` can name as its base: (cap,
+        None), or (None, box) while that version's upload is queued; None
+        if its bytes are staged whole instead (a file in a pack, or whose
+        queued upload is gone)."""
+        cap = of.entry.cap
+        if of.entry.data is not None or not cap or cap.startswith(PENDING):
+            return None
+        if is_local(cap):
+            box = local_box(cap)
+            filled = self.queue.read_box(box)
+            if filled is None:
+                return (None, box) if self.queue.uploading(box) else None
+            cap = filled.decode()
+        try:
+            parsed = parse_read_cap(cap)
+        except GridError:
+            return None
+        return None if isinstance(parsed, LiteralCap | SliceCap) else (cap, None)
+
+    def _new_staging(self, edit: bool) -> tuple[int, str]:
+        name = uuid.uuid4().hex + (EDIT_SUFFIX if edit else "")
+        fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        return fd, name
+
+    def _unstage(self, of: OpenFile) -> None:
+        """Let the staging file (if the queue has not taken it) and the
+        version it edits go."""
+        if of.staging is not None:
+            os.close(of.staging)
+            if of.staging_name is not None:
+                (self.staging_dir / of.staging_name).unlink(missing_ok=True)
+        if of.origin is not None:
+            of.origin.close()
+        of.staging, of.staging_name, of.extents, of.origin, of.origin_ref = (
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        of.buffer = None
 
     def truncate(self, of: OpenFile, size: int) -> None:
         """Set the size of a staged file."""
@@ -270,6 +353,9 @@ class Staging:
         else:
             assert of.staging is not None
             os.ftruncate(of.staging, size)
+            if of.extents is not None:
+                of.extents = clip(of.extents, size)
+                of.origin_size = min(of.origin_size, size)
         of.size = size
         if size != of.hashed:
             of.hasher = None
@@ -277,72 +363,27 @@ class Staging:
     def _spill(self, of: OpenFile) -> None:
         """Move the buffer of ``of``, about to grow past INLINE_MAX, to a staging file."""
         assert of.buffer is not None and of.staging is None
-        name = uuid.uuid4().hex
-        fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, name = self._new_staging(edit=False)
         try:
             os.pwrite(fd, of.buffer, 0)
         except BaseException:
             os.close(fd)
             os.unlink(self.staging_dir / name)
             raise
-        of.staging, of.staging_name, of.handed_over, of.buffer = fd, name, False, None
-
-    async def _stage_file(self, of: OpenFile, keep: bool) -> None:
-        name = uuid.uuid4().hex
-        fd = os.open(self.staging_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            if keep and of.staging is not None:  # copy-on-write after a hand-over
-                await trio.to_thread.run_sync(_copy_fd, of.staging, fd, of.size)
-            elif keep and of.entry.size:
-                await self._fill(of, fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(self.staging_dir / name)
-            raise
-        if of.staging is not None:
-            os.close(of.staging)
-        of.staging, of.staging_name, of.handed_over = fd, name, False
-        of.size = os.fstat(fd).st_size
-
-    async def _fill(self, of: OpenFile, fd: int) -> None:
-        source = await self.source(of)
-        if isinstance(source, bytes):
-            os.pwrite(fd, source, 0)
-        elif isinstance(source, Path):
-            with open(source, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                await trio.to_thread.run_sync(_copy_fd, src.fileno(), fd, size)
-        else:
-            assert self.nursery is not None
-            reader = CapReader(self.session, source, self.cache)
-            try:
-                step = 4 << 20
-                for off in range(0, source.size, step):
-                    os.pwrite(fd, await reader.read(off, step, self.nursery), off)
-            finally:
-                reader.close()
+        of.staging, of.staging_name, of.buffer = fd, name, None
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes:
         """Bytes [off, off + size) of ``of`` as this mount sees them."""
         if of.buffer is not None:
             return bytes(of.buffer[off : off + size])
         if of.staging is not None:
-            return os.pread(of.staging, size, off)
+            if of.extents is None:
+                return os.pread(of.staging, size, off)
+            limit = of.origin_size
+            return await read_patched(of.staging, of.extents, of.size, of.origin, limit, off, size)
         if of.entry.kind != "file":
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        assert self.nursery is not None
-        if of.reader is not None and of.reader_cap == of.entry.cap:
-            return await of.reader.read(off, size, self.nursery)
-        source = await self.source(of)
-        if isinstance(source, bytes):
-            return source[off : off + size]
-        if isinstance(source, Path):
-            with open(source, "rb") as f:
-                return os.pread(f.fileno(), size, off)
-        if of.reader is not None:  # made for a version the entry no longer names
-            of.reader.close()
-        of.reader, of.reader_cap = CapReader(self.session, source, self.cache), of.entry.cap
-        return await of.reader.read(off, size, self.nursery)
+        return await (await self.content(of)).read(off, size)
 
     async def write(self, of: OpenFile, off: int, buf: bytes) -> None:
         """Stage ``buf`` at ``off`` of ``of``."""
@@ -359,11 +400,14 @@ class Staging:
             else:
                 assert of.staging is not None
                 os.pwrite(of.staging, buf, off)
-                if off >= of.size:  # appending: staged once, read once by the upload
+                if of.extents is not None:
+                    of.extents = add(of.extents, off, len(buf))
+                elif off >= of.size:  # appending: staged once, read once by the upload
                     written_once(of.staging, off, len(buf))
             of.size = max(of.size, end)
             of.dirty, of.mtime_set = True, False
 
+    # -- commits -----------------------------------------------------------
     async def commit(self, of: OpenFile, wait: bool = True) -> None:
         """Hand a dirty file to the work queue: durable when this returns
         (and, with -o sync and ``wait``, on the grid)."""
@@ -377,37 +421,99 @@ class Staging:
             base, of.base = of.base, None
             mtime = of.entry.mtime_ns if of.mtime_set else now  # tar: futimens, then close
             entry = of.entry.with_(size=of.size, mtime_ns=mtime, ctime_ns=now, cap="", data=None)
-            text = "/" + "/".join(of.path)
             if of.size <= INLINE_MAX and of.size <= DIR_INLINE_BUDGET:
-                if of.buffer is not None:
-                    data = bytes(of.buffer)
-                else:
-                    assert of.staging is not None
-                    data = os.pread(of.staging, of.size, 0)
-                entry = entry.with_(data=data)
+                entry = entry.with_(data=await self.read(of, 0, of.size))
                 await self.change(self.queued(of.path, entry, base=base), Put(of.path, entry, base))
             else:
                 assert of.staging is not None, "a buffer never holds more than INLINE_MAX"
+                if of.extents is not None and not await self._editable(of):
+                    await self._fill_whole(of)
                 await trio.to_thread.run_sync(os.fsync, of.staging)
-                name = of.staging_name
-                assert name is not None
-                # The queue takes the staging file over: it moves among its
-                # tempfiles (the open descriptor keeps reading it).
-                tempfile = self.queue.adopt(self.staging_dir / name)
-                digest = of.plaintext_digest()
-                if digest is not None:
-                    self.session.digests.add(tempfile, digest)
-                async with self.view.lock:
-                    box = self.queue.add_file(tempfile, text, entry, base)
-                    assert box is not None
-                    view_entry = entry.with_(cap=self.queue.placeholder(box, tempfile))
-                    await self.view.apply(Put(of.path, view_entry, base))
+                if of.extents is not None:
+                    entry = await self._hand_over_edit(of, entry, base)
+                else:
+                    entry = await self._hand_over_whole(of, entry, base)
                 self.daemon.kick()
-                entry = view_entry
-                of.handed_over = True
             of.entry = entry
+            self._unstage(of)  # the next write stages anew, over this version
         if self.sync and wait:
             await self.daemon.wait_synced()
+
+    def _edit_extents(self, of: OpenFile) -> Extents:
+        """The ranges of ``of`` an edit changed, relative to its origin:
+        those written or punched, and those a truncation below the origin's
+        end then an extension zeroed."""
+        assert of.extents is not None and of.origin is not None
+        zeroed = min(of.origin.size, of.size) - of.origin_size
+        return union(clip(of.extents, of.size), [(of.origin_size, zeroed)] if zeroed > 0 else [])
+
+    async def _editable(self, of: OpenFile) -> bool:
+        """The edit of ``of`` can name its base (the box of a queued base
+        may have been uploaded and cleaned up since it was staged), and is
+        not the whole file anyway."""
+        assert of.origin_ref is not None
+        box = of.origin_ref[1]
+        if box is not None:
+            filled = self.queue.read_box(box)
+            if filled is not None:
+                of.origin_ref = (filled.decode(), None)
+            elif not self.queue.uploading(box):
+                return False
+        return self._edit_extents(of) != [(0, of.size)]
+
+    async def _fill_whole(self, of: OpenFile) -> None:
+        """Turn the edit of ``of`` into its whole file: copy in the ranges it
+        did not change, from its origin."""
+        assert of.staging is not None and of.extents is not None
+        limit = min(of.origin_size, of.size)
+        for at, length, inside in pieces(of.extents, 0, limit):
+            if not inside:
+                for off in range(at, at + length, COPY_STEP):
+                    n = min(COPY_STEP, at + length - off)
+                    assert of.origin is not None
+                    os.pwrite(of.staging, await of.origin.read(off, n), off)
+        of.extents = None
+
+    async def _hand_over_whole(self, of: OpenFile, entry: Entry, base: str | None) -> Entry:
+        assert of.staging_name is not None
+        # The queue takes the staging file over: it moves among its tempfiles.
+        tempfile = self.queue.adopt(self.staging_dir / of.staging_name)
+        of.staging_name = None
+        digest = of.plaintext_digest()
+        if digest is not None:
+            self.session.digests.add(tempfile, digest)
+        async with self.view.lock:
+            box = self.queue.add_file(tempfile, "/" + "/".join(of.path), entry, base)
+            assert box is not None
+            view_entry = entry.with_(cap=self.queue.placeholder(box, tempfile))
+            await self.view.apply(Put(of.path, view_entry, base))
+        return view_entry
+
+    async def _hand_over_edit(self, of: OpenFile, entry: Entry, base: str | None) -> Entry:
+        """Queue the edit of ``of`` (its base is named: see _editable),
+        folded into the queued edit it changes when that one has not
+        started uploading."""
+        assert of.staging_name is not None and of.origin_ref is not None
+        staged = self.staging_dir / of.staging_name
+        extents, text = self._edit_extents(of), "/" + "/".join(of.path)
+        base_cap, base_box = of.origin_ref
+        async with self.view.lock:
+            tempfile = None
+            if base_box is not None:
+                tempfile = self.queue.merge_edit(
+                    base_box, staged, extents, of.size, text, entry, base
+                )
+            if tempfile is not None:
+                assert base_box is not None
+                box = base_box
+            else:
+                tempfile = self.queue.adopt(staged)
+                edit = QueuedEdit(tempfile, extents, of.size, base_cap, base_box)
+                box = self.queue.add_edit(tempfile, text, entry, edit, base)
+            of.staging_name = None
+            view_entry = entry.with_(cap=self.queue.placeholder(box, tempfile))
+            await self.view.apply(Put(of.path, view_entry, base))
+        return view_entry
 
     async def sync_queue(self) -> None:
         """Make the queued steps durable, fsyncing in a thread (the event loop
@@ -416,15 +522,6 @@ class Staging:
         async with self._sync_lock:
             if self.queue.unsynced:
                 await trio.to_thread.run_sync(self.queue.sync)
-
-
-def _copy_fd(src: int, dst: int, size: int) -> None:
-    off = 0
-    while off < size:
-        n = os.copy_file_range(src, dst, size - off, off, off)
-        if n == 0:
-            break
-        off += n
 
 
 def _base_of(entry: Entry) -> str | None:

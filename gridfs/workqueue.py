@@ -31,149 +31,46 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import msgpack
 import trio
 
-from .caps import b32encode, log_name
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
+from .queuejournal import (  # noqa: F401 - the queue's API
+    CLEANUP,
+    DATABASE,
+    EDIT_SUFFIX,
+    LOCAL,
+    MOUNT_LOCK,
+    PATH,
+    PENDING,
+    RETAIN,
+    SCHEMA,
+    SECTIONS,
+    UNLINK,
+    UPLOAD,
+    QueuedEdit,
+    Step,
+    backlog,
+    is_local,
+    is_placeholder,
+    local_box,
+    queue_directories,
+    queue_directory,
+    retained_caps,
+)
+from .sparse import copy_ranges
 from .tree import Change, Delete, Move, Put, Tree
 
 log = logging.getLogger(__name__)
 
-UPLOAD, RETAIN, PATH, UNLINK, CLEANUP = range(5)
-SECTIONS = {
-    "upload_chk": UPLOAD,
-    "retain_uri_from_box": RETAIN,
-    "retain_ssk": RETAIN,
-    "addpath": PATH,
-    "deletepath": PATH,
-    "move": PATH,
-    "unlink_uri": UNLINK,
-    "unlink_ssk": UNLINK,
-    "unlink_commit": UNLINK,
-    "delete_tempfile": CLEANUP,
-    "delete_box": CLEANUP,
-}
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    section INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    args BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS steps_order ON steps (section, id);
-CREATE TABLE IF NOT EXISTS retained (cap TEXT PRIMARY KEY, added_ns INTEGER NOT NULL);
-"""
-DATABASE = "queue.sqlite"
-
-
-LOCAL = "local:"
-"""Placeholder cap of a file whose upload is queued: ``local:BOX:TEMPFILE``
-(the box its cap will fill; the tempfile holding its bytes meanwhile)."""
-PENDING = "pending:"
-"""Placeholder cap of a directory (or pack) built by the view's overlay and
-not stored yet (see gridfs.client.gridstore.OverlayStore)."""
-MOUNT_LOCK = "mount.lock"
-"""Held by the daemon mounting the queue's tree (first line: PID MOUNTPOINT)."""
-
-
-def is_placeholder(cap: str) -> bool:
-    """A cap standing for something not on the grid yet (only ever in a view)."""
-    return cap.startswith((LOCAL, PENDING))
-
-
-def is_local(cap: str) -> bool:
-    return cap.startswith(LOCAL)
-
-
-def local_box(cap: str) -> str:
-    """The box a ``local:`` placeholder's upload fills."""
-    return cap.split(":", 2)[1]
-
-
-def queue_directory(node_root: Path, storage_index: bytes) -> Path:
-    """Where the queue of the tree with root slot ``storage_index`` lives."""
-    return Path(node_root) / "queues" / b32encode(storage_index)
-
-
-def queue_directories(node_root: Path) -> list[Path]:
-    """The queue directories of a node, one a tree it has changed."""
-    return sorted(p for p in (Path(node_root) / "queues").glob("*") if p.is_dir())
-
-
-def backlog(directory: Path) -> tuple[int, int] | None:
-    """(pending steps, failing steps) of the queue in ``directory``, read
-    without taking part in it (another process may be running it); None if
-    it cannot be read now."""
-    db = Path(directory) / DATABASE
-    if not db.exists():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
-        try:
-            pending, failing = con.execute(
-                "SELECT COUNT(*), COUNT(last_error) FROM steps"
-            ).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None
-    return int(pending), int(failing)
-
-
-def retained_caps(directory: Path) -> set[str]:
-    """Caps the queue in ``directory`` holds between upload and linking (an
-    upload step fills its box and the retained table in one transaction)."""
-    db = Path(directory) / DATABASE
-    if not db.exists():
-        return set()
-    con = sqlite3.connect(db, timeout=30.0)
-    try:
-        return {r[0] for r in con.execute("SELECT cap FROM retained")}
-    finally:
-        con.close()
-
 
 class QueueError(GridError):
     """A step of the work queue failed; it stays queued and is retried later."""
-
-
-@dataclass(frozen=True)
-class Step:
-    id: int
-    kind: str
-    args: dict[str, Any]
-    attempts: int = 0
-    last_error: str | None = None
-
-    @property
-    def section(self) -> int:
-        return SECTIONS[self.kind]
-
-    def describe(self) -> str:
-        a = self.args
-        what = {
-            "upload_chk": lambda: f"upload {a['tempfile']} into box {a['box']}",
-            "addpath": lambda: f"add {a['path']}",
-            "deletepath": lambda: f"delete {a['path']}",
-            "move": lambda: f"move {a['src']} to {a['dst']}",
-            "retain_uri_from_box": lambda: f"retain the cap in box {a['box']}",
-            "retain_ssk": lambda: f"retain {log_name(a['cap'])}",
-            "unlink_uri": lambda: f"unlink {log_name(a['uri'])}",
-            "unlink_ssk": lambda: f"unlink {log_name(a['cap'])}",
-            "unlink_commit": lambda: f"unlink what a commit dropped ({len(a['caps'])} files)",
-            "delete_tempfile": lambda: f"delete tempfile {a['name']}",
-            "delete_box": lambda: f"delete box {a['name']}",
-        }[self.kind]()
-        return what + (f"  (failed {self.attempts}x: {self.last_error})" if self.last_error else "")
 
 
 class Executor(Protocol):
@@ -182,6 +79,12 @@ class Executor(Protocol):
     tree: Tree
 
     async def upload(self, path: Path) -> str: ...
+
+    async def upload_edit(
+        self, source: Path, base_cap: str, extents: list[tuple[int, int]], size: int
+    ) -> str:
+        """Store the version of ``base_cap`` that a queued edit makes (see
+        gridfs.client.edits.put_edit); its cap."""
 
     async def dropped(self, old: str, new: str) -> set[str]:
         """Caps the root directory ``old`` references and ``new`` does not."""
@@ -218,6 +121,8 @@ class WorkQueue:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._lock = trio.Lock()
+        self._running: set[int] = set()
+        """Upload steps under way: their arguments no longer change."""
         self.unsynced = False
         """Steps were committed with ``sync=False`` since the last fsync of the journal."""
 
@@ -256,21 +161,123 @@ class WorkQueue:
         name = Path(tempfile).name if self.owns_tempfile(Path(tempfile)) else str(tempfile)
         return f"{LOCAL}{box}:{name}"
 
-    def resolve_local(self, cap: str) -> Path | str:
-        """Where the bytes of the ``local:`` placeholder ``cap`` are: its
-        tempfile while that is there, else the cap its upload filled in."""
+    def resolve_local(self, cap: str) -> Path | QueuedEdit | str:
+        """Where the bytes of the ``local:`` placeholder ``cap`` are: a
+        whole file's tempfile while that is there, a queued edit while its
+        upload is queued, else the cap its upload filled in."""
         _, box, tempfile = cap.split(":", 2)
         path = Path(tempfile) if tempfile.startswith("/") else self.tempfiles / tempfile
-        if tempfile and path.exists():
+        if tempfile and not tempfile.endswith(EDIT_SUFFIX) and path.exists():
             return path
+        step = self._upload_of(box)
+        if step is not None and step.kind == "upload_edit":
+            return self._edit(step)
+        if step is not None:
+            return self._source(step)
         filled = self.read_box(box)
         if filled is None:
             raise GridError(f"the queued upload of {cap} is gone")
         return filled.decode()
 
+    def _upload_of(self, box: str) -> Step | None:
+        for step in self.pending():
+            if step.section == UPLOAD and step.args["box"] == box:
+                return step
+            if step.section > UPLOAD:
+                break
+        return None
+
+    def _source(self, step: Step) -> Path:
+        source = Path(step.args["tempfile"])
+        return source if source.is_absolute() else self.tempfiles / source
+
+    def _edit(self, step: Step) -> QueuedEdit:
+        a = step.args
+        extents = [(int(o), int(n)) for o, n in a["extents"]]
+        return QueuedEdit(self._source(step), extents, a["size"], a["base"], a["base_box"])
+
     def uploading(self, box: str) -> bool:
         """An upload into ``box`` is still queued."""
-        return any(s.kind == "upload_chk" and s.args["box"] == box for s in self.pending())
+        return self._upload_of(box) is not None
+
+    def add_edit(
+        self,
+        tempfile: Path,
+        path: str,
+        entry: Entry,
+        edit: QueuedEdit,
+        tree_base: str | None = None,
+    ) -> str:
+        """Like :meth:`add_file`, for an edit (its tempfile ``tempfile``,
+        one of the queue's, ends in EDIT_SUFFIX): upload the new version
+        it makes of its base into a new box, add the path, retain, clean up;
+        returns the box."""
+        with self.transaction():
+            box = self.create_boxname()
+            self._add(
+                "upload_edit",
+                tempfile=str(tempfile),
+                box=box,
+                extents=[list(e) for e in edit.extents],
+                size=edit.size,
+                base=edit.base,
+                base_box=edit.base_box,
+            )
+            self.add_addpath(box, path, entry, tree_base)
+            self.add_retain_uri_from_box(box)
+            self.add_delete_box(box)
+            self.add_delete_tempfile(tempfile.name)
+            return box
+
+    def merge_edit(
+        self,
+        box: str,
+        staged: Path,
+        extents: list[tuple[int, int]],
+        size: int,
+        path: str,
+        entry: Entry,
+        tree_base: str | None = None,
+    ) -> Path | None:
+        """Fold a newer edit of the version queued into ``box`` (``extents``
+        of the sparse file ``staged``, relative to that version) into it, if
+        its upload has not started: one upload, of both edits' ranges, from
+        one tempfile; the older tempfile goes at once.  The new tempfile (or
+        None: not merged, queue it with :meth:`add_edit`).  Durable."""
+        step = self._upload_of(box)
+        if step is None or step.kind != "upload_edit" or step.id in self._running:
+            return None
+        old = self._edit(step)
+        from .extents import clip, subtract, union
+
+        kept = clip(old.extents, size)
+        # Past the older version's end the newer one is its zeros, not the
+        # base's bytes: a range of the tempfile (a hole there, or written).
+        grown = [(old.size, size - old.size)] if size > old.size else []
+        merged = union(union(kept, extents), grown)
+        src = os.open(old.tempfile, os.O_RDONLY)
+        try:
+            dst = os.open(staged, os.O_RDWR)
+            try:
+                copy_ranges(src, dst, subtract(kept, extents))
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        tempfile = self.adopt(staged)
+        args = {**step.args, "tempfile": str(tempfile), "extents": [list(e) for e in merged]}
+        args["size"] = size
+        with self.transaction():
+            self.db.execute(
+                "UPDATE steps SET args = ? WHERE id = ?", (msgpack.packb(args), step.id)
+            )
+            self.add_addpath(box, path, entry, tree_base)
+            self.add_delete_tempfile(tempfile.name)
+        _checkpoint()
+        with contextlib.suppress(FileNotFoundError):
+            old.tempfile.unlink()
+        return tempfile
 
     # -- building steps (the seed's add_* methods) -------------------------
     def create_tempfile(self, suffix: str = "") -> tuple[BinaryIO, str]:
@@ -423,7 +430,7 @@ class WorkQueue:
         A file whose upload has not run yet gets the cap ``local:BOX:TEMPFILE``
         so a reader can find its bytes on the local disk meanwhile."""
         steps = self.pending()
-        sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.kind == "upload_chk"}
+        sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.section == UPLOAD}
         out: list[Change] = []
         for s in steps:
             if s.section != PATH:
@@ -478,7 +485,10 @@ class WorkQueue:
         batch = [s for s in steps if s.section == section]
         _checkpoint()
         if section == UPLOAD:
-            await self._run_uploads(executor, batch, concurrency, progress)
+            ready = [s for s in batch if s.kind != "upload_edit" or self._base_ready(s, batch)]
+            if not ready:
+                raise QueueError(f"{batch[0].describe()}: the version it edits was never uploaded")
+            await self._run_uploads(executor, ready, concurrency, progress)
         elif section == PATH:
             await self._run_paths(executor, batch, progress)
         elif section == UNLINK:
@@ -488,6 +498,15 @@ class WorkQueue:
                 await self._run_one(executor, step)
                 if progress:
                     progress(step)
+
+    def _base_ready(self, step: Step, batch: list[Step]) -> bool:
+        """The version an edit changes is uploaded (or it waits for a queued
+        upload of it; an edit whose base box will never be filled is ready,
+        to fail and say so)."""
+        box = step.args["base_box"]
+        if box is None or self.read_box(box) is not None:
+            return True
+        return not any(s.args["box"] == box for s in batch if s.id != step.id)
 
     async def _run_uploads(
         self,
@@ -520,12 +539,17 @@ class WorkQueue:
     async def _run_one(self, executor: Executor, step: Step) -> None:
         a = step.args
         try:
-            if step.kind == "upload_chk":
+            if step.section == UPLOAD:
+                current = self._current(step)
+                if current is None:
+                    return
+                step, a = current, current.args
                 if self.read_box(a["box"]) is None:  # done already if the box is full
-                    source = Path(a["tempfile"])
-                    if not source.is_absolute():
-                        source = self.tempfiles / source
-                    cap = await executor.upload(source)
+                    self._running.add(step.id)
+                    try:
+                        cap = await self._upload(executor, step)
+                    finally:
+                        self._running.discard(step.id)
                     _checkpoint()
                     # Retained before the box is filled: an unlink elsewhere
                     # in this node must see the cap from the moment it exists.
@@ -557,6 +581,26 @@ class WorkQueue:
         _checkpoint()
         self._remove([step])
         _checkpoint()
+
+    def _current(self, step: Step) -> Step | None:
+        """``step`` as journaled now (an edit merged into it changed its
+        arguments since it was read), or None if it is gone."""
+        row = self.db.execute("SELECT args FROM steps WHERE id = ?", (step.id,)).fetchone()
+        if row is None:
+            return None
+        return Step(step.id, step.kind, msgpack.unpackb(row[0], raw=False), step.attempts)
+
+    async def _upload(self, executor: Executor, step: Step) -> str:
+        if step.kind == "upload_chk":
+            return await executor.upload(self._source(step))
+        edit = self._edit(step)
+        base = edit.base
+        if base is None:
+            filled = self.read_box(edit.base_box or "")
+            if filled is None:
+                raise QueueError("the version this edit changes was never uploaded")
+            base = filled.decode()
+        return await executor.upload_edit(edit.tempfile, base, edit.extents, edit.size)
 
     def _change(self, step: Step) -> Change | None:
         a = step.args

@@ -4,11 +4,13 @@ in-process client on a real grid, driven the way the FUSE adapter drives it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import trio
 from gridfs_daemon.files import OpenFile
 from gridfs_daemon.segcache import SegmentCache
@@ -144,5 +146,155 @@ def test_truncate_and_extend_read_zeros_beyond_the_old_end(mount_node: Path) -> 
                 await m.staging.release(of)
                 await m.flush()
                 assert await m.contents("f") == b""
+
+    trio.run(main)
+
+
+async def uploaded(m: Mounted, name: str, data: bytes) -> None:
+    of = await m.create(name)
+    for off in range(0, len(data), MiB):
+        await m.staging.write(of, off, data[off : off + MiB])
+    await m.staging.release(of)
+    await m.flush()
+
+
+def upload_steps(m: Mounted) -> list[str]:
+    return [s.kind for s in m.session.queue.pending() if s.kind.startswith("upload")]
+
+
+def staged_bytes(of: OpenFile) -> int:
+    """Disk the staging file of ``of`` takes."""
+    assert of.staging is not None
+    return os.fstat(of.staging).st_blocks * 512
+
+
+def test_an_overwrite_stages_and_queues_only_the_range_written(mount_node: Path) -> None:  # noqa: F811
+    data = bytearray(random.Random(2).randbytes(8 * MiB))
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "big", bytes(data))
+                of = await m.open("big")
+                await m.staging.write(of, 3 * MiB + 10, b"x" * 4096)
+                data[3 * MiB + 10 : 3 * MiB + 10 + 4096] = b"x" * 4096
+                assert of.extents == [(3 * MiB + 10, 4096)]
+                assert staged_bytes(of) <= 16 * KiB  # not a copy of the file
+                assert await m.staging.read(of, 0, len(data)) == data  # the rest from the grid
+                await m.staging.release(of)
+                assert upload_steps(m) == ["upload_edit"]
+                assert m.tempfile_bytes() <= 16 * KiB
+                assert await m.contents("big") == data  # the queued edit over the grid's version
+            async with mounted(mount_node) as m:  # (as after a crash: the queue resumes)
+                assert await m.contents("big") == data
+                await m.flush()
+                assert upload_steps(m) == [] and await m.contents("big") == data
+
+    trio.run(main)
+
+
+def test_superseded_edits_fold_into_one_at_once(mount_node: Path) -> None:  # noqa: F811
+    """200 small overwrites, each committed (fsync): one queued upload, whose
+    tempfile holds about the ranges written, not 200 versions."""
+    data = bytearray(random.Random(3).randbytes(4 * MiB))
+    rng = random.Random(4)
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "db", bytes(data))
+                of = await m.open("db")
+                for i in range(200):
+                    off = MiB + rng.randrange(0, 64 * KiB)
+                    chunk = i.to_bytes(4, "big") * 64
+                    await m.staging.write(of, off, chunk)
+                    data[off : off + len(chunk)] = chunk
+                    await m.staging.commit(of)
+                    assert len(upload_steps(m)) == 1
+                assert m.tempfile_bytes() <= 128 * KiB
+                [edit] = [s for s in m.session.queue.pending() if s.kind == "upload_edit"]
+                assert sum(n for _, n in edit.args["extents"]) <= 64 * KiB + 256
+                assert await m.staging.read(of, 0, len(data)) == data
+                await m.staging.release(of)
+                await m.flush()
+                assert await m.contents("db") == data
+
+    trio.run(main)
+
+
+def test_edits_of_a_version_still_queued_wait_for_its_upload(mount_node: Path) -> None:  # noqa: F811
+    data = bytearray(random.Random(5).randbytes(3 * MiB))
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                of = await m.create("new")
+                await m.staging.write(of, 0, bytes(data))
+                await m.staging.commit(of)  # a whole file, queued
+                await m.staging.write(of, 100, b"edit")
+                data[100:104] = b"edit"
+                await m.staging.release(of)
+                assert upload_steps(m) == ["upload_chk", "upload_edit"]
+                assert await m.contents("new") == data
+                await m.flush()
+                assert upload_steps(m) == [] and await m.contents("new") == data
+
+    trio.run(main)
+
+
+def test_edits_truncate_extend_and_punch_holes(mount_node: Path) -> None:  # noqa: F811
+    data = random.Random(6).randbytes(6 * MiB)
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "f", data)
+                of = await m.open("f")
+                await m.staging.resize(of, 2 * MiB)
+                await m.staging.resize(of, 5 * MiB)
+                await m.staging.write(of, 4 * MiB, b"tail")
+                await m.staging.fallocate(of, 0x01 | 0x02, 100, MiB)  # punch, keep size
+                await m.staging.fallocate(of, 0, 6 * MiB, 100)  # extend
+                await m.staging.fallocate(of, 0x01, 0, 10 * MiB)  # keep size: nothing
+                expected = bytearray(data[: 2 * MiB] + bytes(4 * MiB + 100))
+                expected[4 * MiB : 4 * MiB + 4] = b"tail"
+                expected[100 : 100 + MiB] = bytes(MiB)
+                assert of.size == len(expected)
+                assert await m.staging.read(of, 0, 8 * MiB) == expected
+                assert staged_bytes(of) <= 16 * KiB  # the hole takes no disk
+                for mode in (0x08, 0x10, 0x02):  # collapse, zero range, punch alone
+                    with pytest.raises(OSError) as e:
+                        await m.staging.fallocate(of, mode, 0, 4096)
+                    assert e.value.errno == errno.EOPNOTSUPP
+                await m.staging.release(of)
+                assert await m.contents("f") == expected
+                await m.flush()
+                assert await m.contents("f") == expected
+
+    trio.run(main)
+
+
+def test_a_folded_edit_that_grows_a_truncated_file_reads_zeros(mount_node: Path) -> None:  # noqa: F811
+    """Version 1 truncates the grid's version, version 2 extends it again:
+    folded into one edit of the grid's version, the regrown range is zeros,
+    not the grid's old bytes."""
+    data = random.Random(7).randbytes(6 * MiB)
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "f", data)
+                of = await m.open("f")
+                await m.staging.resize(of, 2 * MiB)
+                await m.staging.commit(of)
+                await m.staging.resize(of, 4 * MiB)
+                await m.staging.write(of, 3 * MiB, b"new")
+                await m.staging.release(of)
+                assert upload_steps(m) == ["upload_edit"]  # folded
+                expected = bytearray(data[: 2 * MiB] + bytes(2 * MiB))
+                expected[3 * MiB : 3 * MiB + 3] = b"new"
+                assert await m.contents("f") == expected
+                await m.flush()
+                assert await m.contents("f") == expected
 
     trio.run(main)

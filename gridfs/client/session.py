@@ -22,6 +22,7 @@ from ..mutable import SlotCap, SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import dropped_caps
 from ..tree import Tree, empty_dir_cap, pack_root
 from ..workqueue import WorkQueue, queue_directory
+from .edits import put_edit
 from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
@@ -145,6 +146,11 @@ class TreeSession:
             path, drop=self.queue.owns_tempfile(path), digest=self.digests.pop(path)
         )
         return report.cap.to_string()
+
+    async def upload_edit(
+        self, source: Path, base_cap: str, extents: list[tuple[int, int]], size: int
+    ) -> str:
+        return await put_edit(self.grid, base_cap, source, extents, size)
 
     async def dropped(self, old: str, new: str) -> set[str]:
         return await dropped_caps(self.tree, old, new)
