@@ -35,6 +35,7 @@ from gridfs.errors import GridError, UsageError
 from gridfs.malloc import trim_when_idle
 from gridfs.workqueue import CLEANUP, PATH
 
+from . import falloc
 from .control import serve_control
 from .fs import GridOperations
 from .snapshots import SnapshotView
@@ -304,6 +305,7 @@ class MountDaemon:
             try:
                 async with trio.open_nursery() as nursery:
                     ops.nursery = nursery
+                    falloc.install(ops.fallocate)
                     nursery.start_soon(self.flusher)
                     nursery.start_soon(self.refresher)
                     nursery.start_soon(self.capacity_poller)

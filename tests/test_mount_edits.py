@@ -1,9 +1,10 @@
 """Edits through a real mount cost what they change locally: only the
-ranges written are staged and queued, superseded versions fold at once;
-all of it survives kill -9 and a remount."""
+ranges written are staged and queued, superseded versions fold at once,
+fallocate punches holes; all of it survives kill -9 and a remount."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gridfs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from gridfs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 pytest.register_assert_rewrite("tests.mountutil")
 from .mountutil import Grid, K, Mount, N, gridfs  # noqa: E402
@@ -105,6 +106,35 @@ def test_fsynced_overwrites_fold_into_one_pending_edit(
     assert path.read_bytes() == data
     # Every version uploaded costs size * N / K on the servers: a few, not 200.
     assert stored_bytes(mount_grid) - before <= 20 * size * N // K
+
+
+def test_fallocate_extends_keeps_size_and_punches_holes(fresh_mount: Mount) -> None:
+    data = bytearray(random.Random(4).randbytes(8 * MiB))
+    path = uploaded(fresh_mount, "img", bytes(data))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, 0, 9 * MiB, MiB)  # allocate past the end: extends
+        data += bytes(2 * MiB)
+        assert os.fstat(fd).st_size == 10 * MiB
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 20 * MiB)
+        assert os.fstat(fd).st_size == 10 * MiB
+        fallocate(fd, PUNCH, 2 * MiB, 3 * MiB)
+        data[2 * MiB : 5 * MiB] = bytes(3 * MiB)
+        assert os.pread(fd, 4 * MiB, MiB) == data[MiB : 5 * MiB]
+        for mode in (0x08, FALLOC_FL_PUNCH_HOLE):  # collapse range; punch without keep-size
+            with pytest.raises(OSError) as e:
+                fallocate(fd, mode, 0, 4096)
+            assert e.value.errno == errno.EOPNOTSUPP
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fresh_mount.kill9()
+    assert queued_bytes(fresh_mount.node) <= 64 * KiB  # the hole and the extension take nothing
+    fresh_mount.mount()
+    assert path.read_bytes() == data
+    fresh_mount.flush()
+    fresh_mount.remount()
+    assert path.read_bytes() == data
 
 
 def test_edits_while_renamed_unlinked_or_truncated(fresh_mount: Mount) -> None:
