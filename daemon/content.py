@@ -19,6 +19,7 @@ import trio
 from gridfs.caps import LiteralCap, parse_read_cap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import Entry
+from gridfs.errors import GridError
 from gridfs.extents import Extents, pieces
 from gridfs.workqueue import PENDING, QueuedEdit, is_local
 
@@ -143,6 +144,8 @@ async def _open_cap(
         except FileNotFoundError:
             continue
         cap = local
+    if is_local(cap):
+        raise GridError(f"the queued upload of {cap} is gone")
     if cap.startswith(PENDING):
         return Inline(bytes(await overlay_get(cap)))
     parsed = parse_read_cap(cap)

@@ -10,6 +10,8 @@ arguments: docs/formats.md, "Work queue" and "Queued edits".
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,3 +171,14 @@ class Step:
             "delete_box": lambda: f"delete box {a['name']}",
         }[self.kind]()
         return what + (f"  (failed {self.attempts}x: {self.last_error})" if self.last_error else "")
+
+
+def _checkpoint() -> None:
+    """Crash-injection for tests: SIGKILL ourselves at the Nth checkpoint when
+    GRIDFS_TEST_KILL_AT=N (a step boundary or the middle of a step)."""
+    target = os.environ.get("GRIDFS_TEST_KILL_AT")
+    if target is None:
+        return
+    _checkpoint.count = getattr(_checkpoint, "count", 0) + 1  # type: ignore[attr-defined]
+    if _checkpoint.count == int(target):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)

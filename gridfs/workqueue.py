@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
 import sqlite3
 import time
 import uuid
@@ -37,6 +35,7 @@ from typing import Any, BinaryIO, Protocol
 import msgpack
 import trio
 
+from . import queuelocal
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
@@ -55,6 +54,7 @@ from .queuejournal import (  # noqa: F401 - the queue's API
     UPLOAD,
     QueuedEdit,
     Step,
+    _checkpoint,
     backlog,
     is_local,
     is_placeholder,
@@ -63,7 +63,6 @@ from .queuejournal import (  # noqa: F401 - the queue's API
     queue_directory,
     retained_caps,
 )
-from .sparse import copy_ranges
 from .tree import Change, Delete, Move, Put, Tree
 
 log = logging.getLogger(__name__)
@@ -96,17 +95,6 @@ class Executor(Protocol):
         """Held while uploads and commits run (see gridfs.client.keeper)."""
 
 
-def _checkpoint() -> None:
-    """Crash-injection for tests: SIGKILL ourselves at the Nth checkpoint when
-    GRIDFS_TEST_KILL_AT=N (a step boundary or the middle of a step)."""
-    target = os.environ.get("GRIDFS_TEST_KILL_AT")
-    if target is None:
-        return
-    _checkpoint.count = getattr(_checkpoint, "count", 0) + 1  # type: ignore[attr-defined]
-    if _checkpoint.count == int(target):  # type: ignore[attr-defined]
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class WorkQueue:
     """One root's queue in ``directory`` (queue.sqlite, tempfiles/, boxes/)."""
 
@@ -136,12 +124,8 @@ class WorkQueue:
 
     # -- staging and placeholders (for the mount) ------------------------------
     def fresh_staging(self) -> Path:
-        """An empty directory for files being written and not yet handed
-        over: whatever a previous daemon left there was never acknowledged."""
-        staging = self.directory / "staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
-        return staging
+        """An empty ``staging/`` (see gridfs.queuelocal.fresh_staging)."""
+        return queuelocal.fresh_staging(self)
 
     def adopt(self, path: Path) -> Path:
         """Move the finished (fsynced) file ``path``, on the queue's
@@ -162,72 +146,19 @@ class WorkQueue:
         return f"{LOCAL}{box}:{name}"
 
     def resolve_local(self, cap: str) -> Path | QueuedEdit | str:
-        """Where the bytes of the ``local:`` placeholder ``cap`` are: a
-        whole file's tempfile while that is there, a queued edit while its
-        upload is queued, else the cap its upload filled in."""
-        _, box, tempfile = cap.split(":", 2)
-        path = Path(tempfile) if tempfile.startswith("/") else self.tempfiles / tempfile
-        if tempfile and not tempfile.endswith(EDIT_SUFFIX) and path.exists():
-            return path
-        step = self._upload_of(box)
-        if step is not None and step.kind == "upload_edit":
-            return self._edit(step)
-        if step is not None:
-            return self._source(step)
-        filled = self.read_box(box)
-        if filled is None:
-            raise GridError(f"the queued upload of {cap} is gone")
-        return filled.decode()
-
-    def _upload_of(self, box: str) -> Step | None:
-        for step in self.pending():
-            if step.section == UPLOAD and step.args["box"] == box:
-                return step
-            if step.section > UPLOAD:
-                break
-        return None
-
-    def _source(self, step: Step) -> Path:
-        source = Path(step.args["tempfile"])
-        return source if source.is_absolute() else self.tempfiles / source
-
-    def _edit(self, step: Step) -> QueuedEdit:
-        a = step.args
-        extents = [(int(o), int(n)) for o, n in a["extents"]]
-        return QueuedEdit(self._source(step), extents, a["size"], a["base"], a["base_box"])
+        """Where the bytes of the ``local:`` placeholder ``cap`` are (see
+        gridfs.queuelocal.resolve_local)."""
+        return queuelocal.resolve_local(self, cap)
 
     def uploading(self, box: str) -> bool:
         """An upload into ``box`` is still queued."""
-        return self._upload_of(box) is not None
+        return queuelocal.upload_of(self, box) is not None
 
     def add_edit(
-        self,
-        tempfile: Path,
-        path: str,
-        entry: Entry,
-        edit: QueuedEdit,
-        tree_base: str | None = None,
+        self, tempfile: Path, path: str, entry: Entry, edit: QueuedEdit, base: str | None = None
     ) -> str:
-        """Like :meth:`add_file`, for an edit (its tempfile ``tempfile``,
-        one of the queue's, ends in EDIT_SUFFIX): upload the new version
-        it makes of its base into a new box, add the path, retain, clean up;
-        returns the box."""
-        with self.transaction():
-            box = self.create_boxname()
-            self._add(
-                "upload_edit",
-                tempfile=str(tempfile),
-                box=box,
-                extents=[list(e) for e in edit.extents],
-                size=edit.size,
-                base=edit.base,
-                base_box=edit.base_box,
-            )
-            self.add_addpath(box, path, entry, tree_base)
-            self.add_retain_uri_from_box(box)
-            self.add_delete_box(box)
-            self.add_delete_tempfile(tempfile.name)
-            return box
+        """Queue an edit (see gridfs.queuelocal.add_edit); its box."""
+        return queuelocal.add_edit(self, tempfile, path, entry, edit, base)
 
     def merge_edit(
         self,
@@ -237,49 +168,12 @@ class WorkQueue:
         size: int,
         path: str,
         entry: Entry,
-        tree_base: str | None = None,
+        base: str | None = None,
     ) -> Path | None:
-        """Fold a newer edit of the version queued into ``box`` (``extents``
-        of the sparse file ``staged``, relative to that version) into it, if
-        its upload has not started: one upload, of both edits' ranges, from
-        one tempfile; the older tempfile goes at once.  The new tempfile (or
-        None: not merged, queue it with :meth:`add_edit`).  Durable."""
-        step = self._upload_of(box)
-        if step is None or step.kind != "upload_edit" or step.id in self._running:
-            return None
-        old = self._edit(step)
-        from .extents import clip, subtract, union
+        """Fold an edit into the queued one of ``box`` if its upload has not
+        started (see gridfs.queuelocal.merge_edit); its tempfile, or None."""
+        return queuelocal.merge_edit(self, box, staged, extents, size, path, entry, base)
 
-        kept = clip(old.extents, size)
-        # Past the older version's end the newer one is its zeros, not the
-        # base's bytes: a range of the tempfile (a hole there, or written).
-        grown = [(old.size, size - old.size)] if size > old.size else []
-        merged = union(union(kept, extents), grown)
-        src = os.open(old.tempfile, os.O_RDONLY)
-        try:
-            dst = os.open(staged, os.O_RDWR)
-            try:
-                copy_ranges(src, dst, subtract(kept, extents))
-                os.fsync(dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-        tempfile = self.adopt(staged)
-        args = {**step.args, "tempfile": str(tempfile), "extents": [list(e) for e in merged]}
-        args["size"] = size
-        with self.transaction():
-            self.db.execute(
-                "UPDATE steps SET args = ? WHERE id = ?", (msgpack.packb(args), step.id)
-            )
-            self.add_addpath(box, path, entry, tree_base)
-            self.add_delete_tempfile(tempfile.name)
-        _checkpoint()
-        with contextlib.suppress(FileNotFoundError):
-            old.tempfile.unlink()
-        return tempfile
-
-    # -- building steps (the seed's add_* methods) -------------------------
     def create_tempfile(self, suffix: str = "") -> tuple[BinaryIO, str]:
         name = uuid.uuid4().hex + suffix
         return open(self.tempfiles / name, "xb"), name  # the caller closes it
@@ -485,7 +379,9 @@ class WorkQueue:
         batch = [s for s in steps if s.section == section]
         _checkpoint()
         if section == UPLOAD:
-            ready = [s for s in batch if s.kind != "upload_edit" or self._base_ready(s, batch)]
+            ready = [
+                s for s in batch if s.kind != "upload_edit" or queuelocal.base_ready(self, s, batch)
+            ]
             if not ready:
                 raise QueueError(f"{batch[0].describe()}: the version it edits was never uploaded")
             await self._run_uploads(executor, ready, concurrency, progress)
@@ -498,15 +394,6 @@ class WorkQueue:
                 await self._run_one(executor, step)
                 if progress:
                     progress(step)
-
-    def _base_ready(self, step: Step, batch: list[Step]) -> bool:
-        """The version an edit changes is uploaded (or it waits for a queued
-        upload of it; an edit whose base box will never be filled is ready,
-        to fail and say so)."""
-        box = step.args["base_box"]
-        if box is None or self.read_box(box) is not None:
-            return True
-        return not any(s.args["box"] == box for s in batch if s.id != step.id)
 
     async def _run_uploads(
         self,
@@ -592,8 +479,8 @@ class WorkQueue:
 
     async def _upload(self, executor: Executor, step: Step) -> str:
         if step.kind == "upload_chk":
-            return await executor.upload(self._source(step))
-        edit = self._edit(step)
+            return await executor.upload(queuelocal.source_of(self, step))
+        edit = queuelocal.edit_of(self, step)
         base = edit.base
         if base is None:
             filled = self.read_box(edit.base_box or "")
