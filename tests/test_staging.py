@@ -298,3 +298,68 @@ def test_a_folded_edit_that_grows_a_truncated_file_reads_zeros(mount_node: Path)
                 assert await m.contents("f") == expected
 
     trio.run(main)
+
+
+def test_random_operations_match_a_local_file(mount_node: Path) -> None:  # noqa: F811
+    """fsx-style: writes, truncations, extensions and punched holes at
+    random, with commits, flushes and reopens between them, read back
+    against a bytearray; then after a flush and in a new session."""
+    rng = random.Random(8)
+    model = bytearray(rng.randbytes(3 * MiB))
+
+    async def main() -> None:
+        nonlocal model
+        with trio.fail_after(300):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "f", bytes(model))
+                of = await m.open("f")
+                edited = 0
+                for _ in range(300):
+                    op = rng.choice(
+                        ["write"] * 4
+                        + ["truncate", "punch", "extend", "commit"] * 1
+                        + ["flush", "reopen"]
+                    )
+                    if op == "write":
+                        off = rng.randrange(0, len(model) + 64 * KiB)
+                        data = rng.randbytes(rng.choice([1, 100, 4096, 70_000]))
+                        await m.staging.write(of, off, data)
+                        model.extend(bytes(max(0, off - len(model))))
+                        model[off : off + len(data)] = data
+                    elif op == "truncate":
+                        size = rng.choice([rng.randrange(0, 20_000), rng.randrange(0, 4 * MiB)])
+                        await m.staging.resize(of, size)
+                        model = model[:size] + bytes(max(0, size - len(model)))
+                    elif op == "punch" and model:
+                        off = rng.randrange(0, len(model))
+                        n = rng.randrange(1, 300_000)
+                        await m.staging.fallocate(of, 0x03, off, n)
+                        end = min(len(model), off + n)
+                        model[off:end] = bytes(end - off)
+                    elif op == "extend":
+                        end = len(model) + rng.randrange(1, 200_000)
+                        await m.staging.fallocate(of, 0, len(model) // 2, end - len(model) // 2)
+                        model.extend(bytes(end - len(model)))
+                    elif op == "commit":
+                        await m.staging.commit(of)
+                    elif op == "flush":
+                        await m.staging.commit(of)
+                        await m.flush()
+                    elif op == "reopen":
+                        await m.staging.release(of)
+                        of = await m.open("f")
+                    assert of.size == len(model), op
+                    edited += of.extents is not None
+                    off = rng.randrange(0, len(model) + 1)
+                    n = rng.randrange(0, 200_000)
+                    assert await m.staging.read(of, off, n) == model[off : off + n], op
+                assert await m.staging.read(of, 0, len(model) + 1) == model
+                assert edited > 50  # (staged as edits, not whole copies)
+                await m.staging.release(of)
+                assert await m.contents("f") == model
+                await m.flush()
+                assert await m.contents("f") == model
+            async with mounted(mount_node) as m:
+                assert await m.contents("f") == model
+
+    trio.run(main)
