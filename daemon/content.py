@@ -16,7 +16,7 @@ from typing import Protocol
 
 import trio
 
-from gridfs.caps import LiteralCap, parse_read_cap
+from gridfs.caps import LiteralCap, ReadCap, SliceCap, parse_read_cap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
@@ -61,14 +61,70 @@ class LocalFile:
 
 
 class Remote:
-    def __init__(self, reader: CapReader, nursery: trio.Nursery) -> None:
-        self.reader, self.nursery, self.size = reader, nursery, reader.size
+    """A version on the grid, through a reader that :class:`Readers` shares."""
+
+    def __init__(self, readers: Readers, key: str, reader: CapReader) -> None:
+        self.readers, self.key, self.reader, self.size = readers, key, reader, reader.size
+        self._closed = False
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.reader.read(offset, size, self.nursery)
+        return await self.reader.read(offset, size, self.readers.nursery)
 
     def close(self) -> None:
-        self.reader.close()
+        if not self._closed:
+            self._closed = True
+            self.readers.release(self.key)
+
+
+class Readers:
+    """One segment reader per version on the grid, shared by every open
+    Content of it.  The base of a queued edit stays open a while once
+    unused (its downloader too): each version a run of edits makes reads
+    its unchanged ranges from the same base, and a new reader would first
+    locate its shares again (a round trip to the servers).  Other readers
+    close with their last user, as a file's reader did."""
+
+    KEEP_IDLE = 8
+    """Unused bases kept open, the most recently used."""
+
+    def __init__(self, session: TreeSession, cache: SegmentCache, nursery: trio.Nursery) -> None:
+        self.session, self.cache, self.nursery = session, cache, nursery
+        self._open: dict[str, tuple[CapReader, int]] = {}
+        self._idle: dict[str, CapReader] = {}
+        self._keep: set[str] = set()
+
+    def get(self, cap: ReadCap | SliceCap, keep: bool = False) -> Remote:
+        """A reader of ``cap``; ``keep``: stays open a while once unused."""
+        key = cap.to_string()
+        reader = self._idle.pop(key, None)
+        if reader is None:
+            reader, users = self._open.get(key, (None, 0))
+            if reader is None:
+                reader = CapReader(self.session, cap, self.cache)
+        else:
+            users = 0
+        self._open[key] = (reader, users + 1)
+        if keep:
+            self._keep.add(key)
+        return Remote(self, key, reader)
+
+    def release(self, key: str) -> None:
+        reader, users = self._open.pop(key)
+        if users > 1:
+            self._open[key] = (reader, users - 1)
+            return
+        if key not in self._keep:
+            reader.close()
+            return
+        self._keep.discard(key)
+        self._idle[key] = reader
+        while len(self._idle) > self.KEEP_IDLE:
+            self._idle.pop(next(iter(self._idle))).close()
+
+    def close(self) -> None:
+        for reader in self._idle.values():
+            reader.close()
+        self._idle.clear()
 
 
 async def read_patched(
@@ -108,34 +164,29 @@ class Patched:
 
 
 async def open_content(
-    session: TreeSession,
-    entry: Entry,
-    cache: SegmentCache,
-    nursery: trio.Nursery,
-    overlay_get: Callable[[str], Awaitable[bytes]],
+    readers: Readers, entry: Entry, overlay_get: Callable[[str], Awaitable[bytes]]
 ) -> Content:
     """The bytes of the file ``entry`` (GridError if a queued upload it names is gone)."""
     if entry.data is not None:
         return Inline(entry.data)
-    return await _open_cap(session, entry.cap, cache, nursery, overlay_get)
+    return await _open_cap(readers, entry.cap, overlay_get)
 
 
 async def _open_cap(
-    session: TreeSession,
+    readers: Readers,
     cap: str,
-    cache: SegmentCache,
-    nursery: trio.Nursery,
     overlay_get: Callable[[str], Awaitable[bytes]],
+    keep: bool = False,
 ) -> Content:
     for _ in range(3):  # (a tempfile may go between finding it and opening it)
         if not is_local(cap):
             break
-        local = session.queue.resolve_local(cap)
+        local = readers.session.queue.resolve_local(cap)
         try:
             if isinstance(local, Path):
                 return LocalFile(local)
             if isinstance(local, QueuedEdit):
-                base = await _open_cap(session, local.base_ref, cache, nursery, overlay_get)
+                base = await _open_cap(readers, local.base_ref, overlay_get, keep=True)
                 try:
                     return Patched(local, base)
                 except BaseException:
@@ -151,4 +202,4 @@ async def _open_cap(
     parsed = parse_read_cap(cap)
     if isinstance(parsed, LiteralCap):
         return Inline(parsed.data)
-    return Remote(CapReader(session, parsed, cache), nursery)
+    return readers.get(parsed, keep)

@@ -37,7 +37,7 @@ from gridfs.sparse import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, punch_hole
 from gridfs.tree import Delete, Move, Put, empty_dir_cap
 from gridfs.workqueue import EDIT_SUFFIX, PENDING, QueuedEdit, is_local, is_placeholder, local_box
 
-from .content import Content, open_content, read_patched
+from .content import Content, Readers, open_content, read_patched
 from .files import OpenFile
 from .segcache import SegmentCache
 from .view import View
@@ -72,9 +72,22 @@ class Staging:
         self.open_files: dict[int, OpenFile] = {}
         self.staging_dir = self.queue.fresh_staging()
         """Files being written; the queue never sees (or cleans) them until handed over."""
-        self.nursery: trio.Nursery | None = None
-        """Where readers fetch segments (set once the mount runs)."""
+        self._nursery: trio.Nursery | None = None
+        self.readers: Readers | None = None
+        """The grid's versions being read (set with the nursery)."""
         self._sync_lock = trio.Lock()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where readers fetch segments (set once the mount runs)."""
+        return self._nursery
+
+    @nursery.setter
+    def nursery(self, nursery: trio.Nursery | None) -> None:
+        self._nursery = nursery
+        if self.readers is not None:
+            self.readers.close()
+        self.readers = None if nursery is None else Readers(self.session, self.cache, nursery)
 
     # -- queueing changes -----------------------------------------------------
     async def change(self, enqueue: Callable[[], Any], change: Put | Delete | Move) -> None:
@@ -142,15 +155,15 @@ class Staging:
         if of.content is not None and of.content_key == key:
             return of.content
         self._drop_content(of)
-        assert self.nursery is not None
+        assert self.readers is not None
         get = self.view.overlay.get_bytes
         try:
-            content = await open_content(self.session, of.entry, self.cache, self.nursery, get)
+            content = await open_content(self.readers, of.entry, get)
         except GridError:
             if not is_local(of.entry.cap) or of.unlinked:
                 raise
             of.entry = await self._settled(of.path, of.entry)
-            content = await open_content(self.session, of.entry, self.cache, self.nursery, get)
+            content = await open_content(self.readers, of.entry, get)
         of.content, of.content_key = content, (of.entry.cap, of.entry.data)
         return content
 

@@ -363,3 +363,28 @@ def test_random_operations_match_a_local_file(mount_node: Path) -> None:  # noqa
                 assert await m.contents("f") == model
 
     trio.run(main)
+
+
+def test_successive_edits_share_the_reader_of_their_base(mount_node: Path) -> None:  # noqa: F811
+    """Each version a run of edits makes reads its unchanged ranges from
+    the same version on the grid: through one reader (whose downloader has
+    located the shares once), not a new one per version."""
+    data = random.Random(9).randbytes(4 * MiB)
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                await uploaded(m, "f", data)
+                of = await m.open("f")
+                readers = []
+                for i in range(4):
+                    await m.staging.write(of, i * 4096, b"v" * 10)
+                    assert await m.staging.read(of, MiB, 10) == data[MiB : MiB + 10]
+                    origin = of.origin
+                    base = getattr(origin, "base", origin)  # (a queued edit's base)
+                    readers.append(getattr(base, "reader", None))
+                    await m.staging.commit(of)
+                assert readers[1] is not None and readers[1] is readers[2] is readers[3]
+                await m.staging.release(of)
+
+    trio.run(main)
