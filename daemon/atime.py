@@ -53,4 +53,4 @@ async def read_by(ops: Any, of: Any) -> None:
         return
     entry = await ops.view.lookup(of.path)
     if entry is not None and entry.cap == of.entry.cap and entry.data == of.entry.data:
-        await ops.put_entry(of.path, with_atime(entry, now), sync=False)
+        await ops.staging.put_entry(of.path, with_atime(entry, now), sync=False, soft=True)

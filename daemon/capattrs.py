@@ -27,6 +27,7 @@ from gridfs.caps import LITERAL_MAX, LiteralCap
 from gridfs.mutable import SlotReadCap, SlotWriteCap
 from gridfs.shares import open_write_cap, slot_of
 from gridfs.tree import NotFoundError
+from gridfs.workqueue import is_placeholder
 
 from .snapshots import SNAPSHOTS, in_snapshots
 
@@ -69,7 +70,7 @@ async def cap_xattr(ops: Any, inode: int, key: str, ctx: Any) -> bytes:
             raise pyfuse3.FUSEError(errno.ENODATA) from None
     if entry.kind == "symlink":
         raise pyfuse3.FUSEError(errno.ENODATA)
-    if entry.cap and not entry.cap.startswith(("local:", "pending:")):
+    if entry.cap and not is_placeholder(entry.cap):
         return str(entry.cap).encode()
     if entry.data is not None and len(entry.data) <= LITERAL_MAX:
         return LiteralCap(entry.data).to_string().encode()

@@ -1,25 +1,22 @@
-"""Open files: local staging for writes, verified segment reads for the rest.
+"""Open files: their state, and verified segment reads of their grid bytes.
 
 One :class:`OpenFile` per inode, shared by all its handles, so a write through
-one descriptor is seen by reads through another.  Writes go to a memory buffer
-while the file is small enough to live inside its directory, else to a sparse
-staging file in the mount's ``staging/``; ``flush``/``fsync`` hand it to the
-work queue (journaled, uploaded in the background).  Reads of a file not
-being written fetch only the segments they touch, through a bounded cache,
-and read ahead when access is sequential.
+one descriptor is seen by reads through another (what writes and commits do
+to it: :mod:`daemon.staging`).  Reads of bytes on the grid fetch only the
+segments they touch, through a bounded cache, and read ahead when access is
+sequential.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from gridfs.caps import LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
+from gridfs.caps import ReadCap, SliceCap, b32encode
 from gridfs.client.download import Downloader, open_downloader
 from gridfs.client.session import TreeSession
 from gridfs.client.transfers import Transfer
@@ -30,6 +27,9 @@ from gridfs.immutable import DecodedSegment
 from gridfs.pack import open_slice
 
 from .segcache import SegmentCache
+
+if TYPE_CHECKING:
+    from .content import Content
 
 log = logging.getLogger(__name__)
 SEGMENT_SIZE_KEY = -1
@@ -256,8 +256,16 @@ class OpenFile:
     """instead of a staging file: the bytes of a file being written while they
     fit inside its directory (at most INLINE_MAX), in memory"""
     staging_name: str | None = None
-    handed_over: bool = False
-    """the staging file now belongs to the queue: copy it before writing again"""
+    extents: list[tuple[int, int]] | None = None
+    """an edit: the ranges the staging file holds (the rest is a hole, its
+    bytes those of ``origin``); None: the staging file holds every byte"""
+    origin: Content | None = None
+    """an edit: the version it changes"""
+    origin_size: int = 0
+    """an edit: bytes of ``origin`` not truncated away since (past them,
+    outside ``extents``: zeros)"""
+    origin_ref: tuple[str | None, str | None] | None = None
+    """an edit: its base, (cap, None) or (None, box of its queued upload)"""
     dirty: bool = False
     size: int = 0
     unlinked: bool = False
@@ -265,16 +273,13 @@ class OpenFile:
     """the cap the file had when this mount began changing it: its commit
     keeps another writer's version, found there instead, beside it (None:
     not checked, e.g. while the version it started from is still uploading)"""
-    reader: CapReader | None = None
-    reader_cap: str | None = None
-    """the entry cap ``reader`` was made for: while the entry names it, a
-    read goes straight to the reader (resolving the cap again, a parse and a
-    base32 decode, was some 4 % of the event loop in a long read)"""
+    content: Content | None = None
+    content_key: tuple[str, bytes | None] | None = None
+    """the (cap, data) of the entry ``content`` was opened for: while the
+    entry names it, a read goes straight to it (resolving the cap again, a
+    parse and a base32 decode, was some 4 % of the event loop in a long read)"""
     mtime_set: bool = False
     """mtime was set explicitly (utime) after the last write: commit keeps it"""
-    pinned: int | None = None
-    """fd of the queue's tempfile holding the bytes, opened while the file is
-    open: readable even after the queue uploads and removes it"""
     hasher: PlaintextHasher | None = None
     """the plaintext hash of bytes [0, hashed), fed by writes from an empty
     file on, in order; None once a write or truncate breaks the sequence"""
@@ -311,37 +316,7 @@ class OpenFile:
         if self.staging is not None:
             os.close(self.staging)
             self.staging = None
-        if self.pinned is not None:
-            os.close(self.pinned)
-            self.pinned = None
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-
-
-async def content_source(
-    session: TreeSession, entry: Entry, overlay_get: Callable[[str], Awaitable[bytes]]
-) -> bytes | Path | ReadCap | SliceCap:
-    """Where a file's bytes are: inline bytes, a local tempfile, or a cap."""
-    if entry.data is not None:
-        return entry.data
-    cap = entry.cap
-    if cap.startswith("local:"):
-        _, box, tempfile = cap.split(":", 2)
-        path = (
-            session.queue.tempfile_path(tempfile)
-            if not tempfile.startswith("/")
-            else Path(tempfile)
-        )
-        if path.exists():
-            return path
-        filled = session.queue.read_box(box)
-        if filled is None:
-            raise GridError(f"the queued upload of {cap} is gone")
-        cap = filled.decode()
-    if cap.startswith("pending:"):
-        return bytes(await overlay_get(cap))
-    parsed = parse_read_cap(cap)
-    if isinstance(parsed, LiteralCap):
-        return parsed.data
-    return parsed
+        for content in (self.content, self.origin):
+            if content is not None:
+                content.close()
+        self.content = self.origin = None

@@ -114,7 +114,7 @@ def put(ops: Any, path: Path, entry: Entry) -> Step:
             filled = queue.read_box(box)
             if filled is not None:
                 return queue.add_addpath(None, text, entry.with_(cap=filled.decode()))
-            if not ops._uploading(box):
+            if not ops.queue.uploading(box):
                 raise pyfuse3.FUSEError(errno.EAGAIN)
             return queue.add_addpath(box, text, entry.with_(cap=""))
 
@@ -135,20 +135,24 @@ def move(ops: Any, src: Path, dst: Path, when_ns: int) -> Step:
 async def apply(ops: Any, steps: list[Step]) -> None:
     """Queue ``steps`` in one transaction (durably), then show them."""
     async with ops.view.lock:
-        with ops.queue.transaction():
-            for enqueue, _ in steps:
-                enqueue()
+        ops.space.metadata(lambda: _enqueue_all(ops, steps))  # (even on a full disk)
         for _, change in steps:
             await ops.view.apply(change)
     ops.daemon.kick()
+
+
+def _enqueue_all(ops: Any, steps: list[Step]) -> None:
+    with ops.queue.transaction():
+        for enqueue, _ in steps:
+            enqueue()
 
 
 async def settled(ops: Any, path: Path, entry: Entry) -> Entry:
     """``entry`` with a cap its queue steps can still name (see fs.put_entry)."""
     if entry.cap.startswith("local:"):
         box = entry.cap.split(":", 2)[1]
-        if ops.queue.read_box(box) is None and not ops._uploading(box):
-            return await ops._settled(path, entry)
+        if ops.queue.read_box(box) is None and not ops.queue.uploading(box):
+            return await ops.staging._settled(path, entry)
     return entry
 
 
@@ -180,7 +184,7 @@ async def link(ops: Any, inode: int, new_path: Path) -> tuple[int, Entry]:
     if of is not None:
         if of.unlinked:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        await ops.commit(of)  # a dirty file first stores what was written
+        await ops.staging.commit(of)  # a dirty file first stores what was written
     entry = await ops.entry_of(inode)
     if entry.is_dir:
         raise pyfuse3.FUSEError(errno.EPERM)

@@ -37,6 +37,7 @@ from gridfs.localspace import WAIT, WATCH, LocalDiskError, LocalSpace, as_grid_e
 from gridfs.malloc import trim_when_idle
 from gridfs.workqueue import CLEANUP, PATH
 
+from . import falloc
 from .control import serve_control
 from .fs import GridOperations
 from .idmap import IdMap
@@ -350,6 +351,7 @@ class MountDaemon:
             try:
                 async with trio.open_nursery() as nursery:
                     ops.nursery = nursery
+                    falloc.install(ops.fallocate)
                     nursery.start_soon(self._survive, self.flusher)
                     nursery.start_soon(self._survive, self.refresher)
                     nursery.start_soon(self.capacity_poller)
@@ -412,7 +414,7 @@ class MountDaemon:
         daemon whose filesystem is unmounted but that still drains its queue
         (``fusermount3 -u M && gridfs mount M``) is waited for, at most
         EXIT_WAIT seconds; one whose mount is still there is refused."""
-        f = open(session.queue.directory / "mount.lock", "a+")  # noqa: SIM115 - held while mounted
+        f = open(session.queue.mount_lock, "a+")  # noqa: SIM115 - held while mounted
         deadline = trio.current_time() + EXIT_WAIT
         said = False
         while True:

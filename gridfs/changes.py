@@ -26,7 +26,8 @@ class Put:
     A ``soft`` put (a read moving the atime) changes only the version the
     writer saw: when the name is gone or holds another cap than ``base``, it
     is dropped rather than kept as a conflict, since a read must never bring
-    back an older version or set one aside."""
+    back an older version or set one aside.  (For a file inside its
+    directory, ``base`` is "" and the inline bytes must be the same.)"""
 
     path: Path
     entry: Entry

@@ -417,7 +417,9 @@ class Batch:
         current = d.get(name)
         if current is not None and current == change.entry:
             return
-        if change.soft and (current is None or current.cap != change.base):
+        if change.soft and (
+            current is None or current.cap != change.base or current.data != change.entry.data
+        ):
             return
         if (
             current is not None

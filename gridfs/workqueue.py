@@ -24,88 +24,53 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import msgpack
 import trio
 
-from .caps import log_name
+from . import queuelocal
 from .dirnode import Entry
 from .errors import GridError, UsageError
 from .fileutil import atomic_output, fsync_dir
 from .localspace import tolerate_disk_errors
+from .queuejournal import (  # noqa: F401 - the queue's API
+    CLEANUP,
+    DATABASE,
+    EDIT_SUFFIX,
+    LOCAL,
+    MOUNT_LOCK,
+    PATH,
+    PENDING,
+    RETAIN,
+    SCHEMA,
+    SECTIONS,
+    UNLINK,
+    UPLOAD,
+    QueuedEdit,
+    Step,
+    _checkpoint,
+    backlog,
+    is_local,
+    is_placeholder,
+    local_box,
+    queue_directories,
+    queue_directory,
+    retained_caps,
+)
 from .tree import Change, Delete, Move, Put, Tree
 
 log = logging.getLogger(__name__)
 
-UPLOAD, RETAIN, PATH, UNLINK, CLEANUP = range(5)
-SECTIONS = {
-    "upload_chk": UPLOAD,
-    "retain_uri_from_box": RETAIN,
-    "retain_ssk": RETAIN,
-    "addpath": PATH,
-    "deletepath": PATH,
-    "move": PATH,
-    "unlink_uri": UNLINK,
-    "unlink_ssk": UNLINK,
-    "unlink_commit": UNLINK,
-    "delete_tempfile": CLEANUP,
-    "delete_box": CLEANUP,
-}
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    section INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    args BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS steps_order ON steps (section, id);
-CREATE TABLE IF NOT EXISTS retained (cap TEXT PRIMARY KEY, added_ns INTEGER NOT NULL);
-"""
-
 
 class QueueError(GridError):
     """A step of the work queue failed; it stays queued and is retried later."""
-
-
-@dataclass(frozen=True)
-class Step:
-    id: int
-    kind: str
-    args: dict[str, Any]
-    attempts: int = 0
-    last_error: str | None = None
-
-    @property
-    def section(self) -> int:
-        return SECTIONS[self.kind]
-
-    def describe(self) -> str:
-        a = self.args
-        what = {
-            "upload_chk": lambda: f"upload {a['tempfile']} into box {a['box']}",
-            "addpath": lambda: f"add {a['path']}",
-            "deletepath": lambda: f"delete {a['path']}",
-            "move": lambda: f"move {a['src']} to {a['dst']}",
-            "retain_uri_from_box": lambda: f"retain the cap in box {a['box']}",
-            "retain_ssk": lambda: f"retain {log_name(a['cap'])}",
-            "unlink_uri": lambda: f"unlink {log_name(a['uri'])}",
-            "unlink_ssk": lambda: f"unlink {log_name(a['cap'])}",
-            "unlink_commit": lambda: f"unlink what a commit dropped ({len(a['caps'])} files)",
-            "delete_tempfile": lambda: f"delete tempfile {a['name']}",
-            "delete_box": lambda: f"delete box {a['name']}",
-        }[self.kind]()
-        return what + (f"  (failed {self.attempts}x: {self.last_error})" if self.last_error else "")
 
 
 class Executor(Protocol):
@@ -114,6 +79,12 @@ class Executor(Protocol):
     tree: Tree
 
     async def upload(self, path: Path) -> str: ...
+
+    async def upload_edit(
+        self, source: Path, base_cap: str, extents: list[tuple[int, int]], size: int
+    ) -> str:
+        """Store the version of ``base_cap`` that a queued edit makes (see
+        gridfs.client.edits.put_edit); its cap."""
 
     async def dropped(self, old: str, new: str) -> set[str]:
         """Caps the root directory ``old`` references and ``new`` does not."""
@@ -125,17 +96,6 @@ class Executor(Protocol):
         """Held while uploads and commits run (see gridfs.client.keeper)."""
 
 
-def _checkpoint() -> None:
-    """Crash-injection for tests: SIGKILL ourselves at the Nth checkpoint when
-    GRIDFS_TEST_KILL_AT=N (a step boundary or the middle of a step)."""
-    target = os.environ.get("GRIDFS_TEST_KILL_AT")
-    if target is None:
-        return
-    _checkpoint.count = getattr(_checkpoint, "count", 0) + 1  # type: ignore[attr-defined]
-    if _checkpoint.count == int(target):  # type: ignore[attr-defined]
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class WorkQueue:
     """One root's queue in ``directory`` (queue.sqlite, tempfiles/, boxes/)."""
 
@@ -145,18 +105,76 @@ class WorkQueue:
         self.boxes = self.directory / "boxes"
         for d in (self.directory, self.tempfiles, self.boxes):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(self.directory / "queue.sqlite", isolation_level=None)
+        self.db = sqlite3.connect(self.directory / DATABASE, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self._lock = trio.Lock()
+        self._running: set[int] = set()
+        """Upload steps under way: their arguments no longer change."""
         self.unsynced = False
         """Steps were committed with ``sync=False`` since the last fsync of the journal."""
 
     def close(self) -> None:
         self.db.close()
 
-    # -- building steps (the seed's add_* methods) -------------------------
+    @property
+    def mount_lock(self) -> Path:
+        """The file a daemon mounting this queue's tree holds locked."""
+        return self.directory / MOUNT_LOCK
+
+    # -- staging and placeholders (for the mount) ------------------------------
+    def fresh_staging(self) -> Path:
+        """An empty ``staging/`` (see gridfs.queuelocal.fresh_staging)."""
+        return queuelocal.fresh_staging(self)
+
+    def adopt(self, path: Path) -> Path:
+        """Move the finished (fsynced) file ``path``, on the queue's
+        filesystem, among the queue's tempfiles, durably; its new path.
+        An open descriptor of it keeps reading it."""
+        target = self.tempfiles / Path(path).name
+        os.rename(path, target)
+        fsync_dir(self.tempfiles)
+        return target
+
+    def owns_tempfile(self, path: Path) -> bool:
+        """``path`` is one of the queue's tempfiles (read once by its upload)."""
+        return Path(path).parent == self.tempfiles
+
+    def placeholder(self, box: str, tempfile: Path | str) -> str:
+        """The ``local:`` cap a view shows for a file queued for upload into ``box``."""
+        name = Path(tempfile).name if self.owns_tempfile(Path(tempfile)) else str(tempfile)
+        return f"{LOCAL}{box}:{name}"
+
+    def resolve_local(self, cap: str) -> Path | QueuedEdit | str:
+        """Where the bytes of the ``local:`` placeholder ``cap`` are (see
+        gridfs.queuelocal.resolve_local)."""
+        return queuelocal.resolve_local(self, cap)
+
+    def uploading(self, box: str) -> bool:
+        """An upload into ``box`` is still queued."""
+        return queuelocal.upload_of(self, box) is not None
+
+    def add_edit(
+        self, tempfile: Path, path: str, entry: Entry, edit: QueuedEdit, base: str | None = None
+    ) -> str:
+        """Queue an edit (see gridfs.queuelocal.add_edit); its box."""
+        return queuelocal.add_edit(self, tempfile, path, entry, edit, base)
+
+    def merge_edit(
+        self,
+        box: str,
+        staged: Path,
+        extents: list[tuple[int, int]],
+        size: int,
+        path: str,
+        entry: Entry,
+        base: str | None = None,
+    ) -> Path | None:
+        """Fold an edit into the queued one of ``box`` if its upload has not
+        started (see gridfs.queuelocal.merge_edit); its tempfile, or None."""
+        return queuelocal.merge_edit(self, box, staged, extents, size, path, entry, base)
+
     def create_tempfile(self, suffix: str = "") -> tuple[BinaryIO, str]:
         name = uuid.uuid4().hex + suffix
         return open(self.tempfiles / name, "xb"), name  # the caller closes it
@@ -191,12 +209,18 @@ class WorkQueue:
     def add_upload_chk(self, tempfile: str, box: str) -> int:
         return self._add("upload_chk", tempfile=tempfile, box=box)
 
-    def add_addpath(self, box: str | None, path: str, entry: Entry, base: str | None = None) -> int:
+    def add_addpath(
+        self, box: str | None, path: str, entry: Entry, base: str | None = None, soft: bool = False
+    ) -> int:
         """Put ``entry`` at ``path``; its cap comes from ``box`` when given
-        (refused, before anything is journaled, for the root itself)."""
+        (refused, before anything is journaled, for the root itself).
+        ``soft``: see tree.Put (recorded only when set)."""
         if not _split(path):
             raise UsageError("cannot replace the root directory")
-        return self._add("addpath", box=box, path=path, entry=entry.to_wire(""), base=base)
+        args: dict[str, Any] = dict(box=box, path=path, entry=entry.to_wire(""), base=base)
+        if soft:
+            args["soft"] = True
+        return self._add("addpath", **args)
 
     def add_deletepath(self, path: str, base: str | None = None, when_ns: int = 0) -> int:
         """Delete ``path``; ``when_ns`` (0: now) becomes its directory's mtime."""
@@ -231,20 +255,22 @@ class WorkQueue:
         entry: Entry,
         base: str | None = None,
         sync: bool = True,
+        soft: bool = False,
     ) -> str | None:
         """The usual sequence for one file: upload it into a box, add the path,
         retain, and clean up, all in one transaction; returns the box.  With
-        ``sync=False`` see :meth:`transaction`."""
+        ``sync=False`` see :meth:`transaction`; ``soft`` (an entry that
+        carries its cap): see tree.Put."""
         with self.transaction(sync):
             if source is None:  # the entry already carries its cap or its data
-                self.add_addpath(None, path, entry, base)
+                self.add_addpath(None, path, entry, base, soft)
                 return None
             box = self.create_boxname()
             self.add_upload_chk(str(source), box)
             self.add_addpath(box, path, entry, base)
             self.add_retain_uri_from_box(box)
             self.add_delete_box(box)
-            if Path(source).parent == self.tempfiles:
+            if self.owns_tempfile(Path(source)):
                 self.add_delete_tempfile(Path(source).name)
             return box
 
@@ -310,7 +336,7 @@ class WorkQueue:
         A file whose upload has not run yet gets the cap ``local:BOX:TEMPFILE``
         so a reader can find its bytes on the local disk meanwhile."""
         steps = self.pending()
-        sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.kind == "upload_chk"}
+        sources = {s.args["box"]: s.args["tempfile"] for s in steps if s.section == UPLOAD}
         out: list[Change] = []
         for s in steps:
             if s.section != PATH:
@@ -319,7 +345,7 @@ class WorkQueue:
             if change is None and s.kind == "addpath":
                 box = s.args["box"]
                 _, entry = Entry.from_wire(s.args["entry"])
-                local = f"local:{box}:{sources.get(box, '')}"
+                local = self.placeholder(box, sources.get(box, ""))
                 change = Put(_split(s.args["path"]), entry.with_(cap=local), s.args["base"])
             if change is not None and not _replaces_root(change):
                 out.append(change)
@@ -365,7 +391,12 @@ class WorkQueue:
         batch = [s for s in steps if s.section == section]
         _checkpoint()
         if section == UPLOAD:
-            await self._run_uploads(executor, batch, concurrency, progress)
+            ready = [
+                s for s in batch if s.kind != "upload_edit" or queuelocal.base_ready(self, s, batch)
+            ]
+            if not ready:
+                raise QueueError(f"{batch[0].describe()}: the version it edits was never uploaded")
+            await self._run_uploads(executor, ready, concurrency, progress)
         elif section == PATH:
             await self._run_paths(executor, batch, progress)
         elif section == UNLINK:
@@ -407,12 +438,17 @@ class WorkQueue:
     async def _run_one(self, executor: Executor, step: Step) -> None:
         a = step.args
         try:
-            if step.kind == "upload_chk":
+            if step.section == UPLOAD:
+                current = self._current(step)
+                if current is None:
+                    return
+                step, a = current, current.args
                 if self.read_box(a["box"]) is None:  # done already if the box is full
-                    source = Path(a["tempfile"])
-                    if not source.is_absolute():
-                        source = self.tempfiles / source
-                    cap = await executor.upload(source)
+                    self._running.add(step.id)
+                    try:
+                        cap = await self._upload(executor, step)
+                    finally:
+                        self._running.discard(step.id)
                     _checkpoint()
                     # Retained before the box is filled: an unlink elsewhere
                     # in this node must see the cap from the moment it exists.
@@ -445,6 +481,26 @@ class WorkQueue:
         self._remove([step])
         _checkpoint()
 
+    def _current(self, step: Step) -> Step | None:
+        """``step`` as journaled now (an edit merged into it changed its
+        arguments since it was read), or None if it is gone."""
+        row = self.db.execute("SELECT args FROM steps WHERE id = ?", (step.id,)).fetchone()
+        if row is None:
+            return None
+        return Step(step.id, step.kind, msgpack.unpackb(row[0], raw=False), step.attempts)
+
+    async def _upload(self, executor: Executor, step: Step) -> str:
+        if step.kind == "upload_chk":
+            return await executor.upload(queuelocal.source_of(self, step))
+        edit = queuelocal.edit_of(self, step)
+        base = edit.base
+        if base is None:
+            filled = self.read_box(edit.base_box or "")
+            if filled is None:
+                raise QueueError("the version this edit changes was never uploaded")
+            base = filled.decode()
+        return await executor.upload_edit(edit.tempfile, base, edit.extents, edit.size)
+
     def _change(self, step: Step) -> Change | None:
         a = step.args
         if step.kind == "addpath":
@@ -454,7 +510,7 @@ class WorkQueue:
                 if cap is None:
                     return None  # its upload has not run yet
                 entry = entry.with_(cap=cap.decode())
-            return Put(_split(a["path"]), entry, a["base"])
+            return Put(_split(a["path"]), entry, a["base"], a.get("soft", False))
         if step.kind == "deletepath":
             return Delete(_split(a["path"]), a["base"], a.get("when", 0))
         if step.kind == "move":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gridfs_daemon.fs import _base_of
+from gridfs_daemon.staging import _base_of
 
 from gridfs.caps import b32encode, parse_read_cap
 from gridfs.dirnode import Entry

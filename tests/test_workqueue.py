@@ -11,8 +11,18 @@ import pytest
 from gridfs.caps import LiteralCap
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError, UsageError
-from gridfs.tree import Tree
-from gridfs.workqueue import QueueError, WorkQueue
+from gridfs.tree import Put, Tree
+from gridfs.workqueue import (
+    PATH,
+    QueueError,
+    WorkQueue,
+    backlog,
+    is_local,
+    is_placeholder,
+    local_box,
+    queue_directories,
+    retained_caps,
+)
 
 from .memstore import MemStore
 
@@ -187,3 +197,34 @@ async def test_a_change_of_the_root_entry_is_refused_and_an_old_one_dropped(
     await q.flush(ex)
     assert len(q) == 0
     assert list(await ex.tree.listdir(())) == ["after"]
+
+
+async def test_placeholders_resolve_to_the_tempfile_then_to_the_uploaded_cap(
+    tmp_path: Path,
+) -> None:
+    """What the mount and the keeper ask of a queue, through its API only."""
+    q = WorkQueue(tmp_path / "q")
+    staged = q.fresh_staging() / "v1"
+    staged.write_bytes(b"version one")
+    tempfile = q.adopt(staged)
+    assert q.owns_tempfile(tempfile) and not staged.exists()
+    box = q.add_file(tempfile, "/f", entry(11))
+    assert box is not None and q.uploading(box)
+    cap = q.placeholder(box, tempfile)
+    assert is_local(cap) and is_placeholder(cap) and local_box(cap) == box
+    assert q.resolve_local(cap) == tempfile
+    [change] = q.pending_changes()
+    assert isinstance(change, Put) and change.entry.cap == cap  # as the view shows it
+    assert backlog(q.directory) == (len(q), 0)
+    ex = FakeExecutor()
+    await q.flush(ex, through=PATH)
+    assert q.resolve_local(cap) == tempfile  # (the cleanup section has not run)
+    tempfile.unlink()
+    uploaded = q.resolve_local(cap)
+    assert isinstance(uploaded, str) and not is_placeholder(uploaded)
+    assert not q.uploading(box)
+    assert queue_directories(tmp_path) == [] and backlog(tmp_path / "none") is None
+    assert retained_caps(q.directory) == set()  # linked by the commit
+    await q.flush(ex)
+    with pytest.raises(GridError, match="gone"):
+        q.resolve_local(cap)

@@ -238,7 +238,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def mount_daemon(mountpoint: Path) -> tuple[int, Path] | None:
-    """(pid, queue database) of the daemon serving ``mountpoint``: the
+    """(pid, queue directory) of the daemon serving ``mountpoint``: the
     process holding a tree's ``mount.lock`` that names it (the lock's first
     line is ``PID MOUNTPOINT``; see gridfs_daemon.main), whatever its node."""
     targets = {str(mountpoint), os.path.realpath(mountpoint)}
@@ -255,7 +255,7 @@ def mount_daemon(mountpoint: Path) -> tuple[int, Path] | None:
                 with open(link) as f:
                     pid, _, where = f.readline().rstrip("\n").partition(" ")
                 if pid == proc.name and {where, os.path.realpath(where)} & targets:
-                    return int(pid), Path(link).parent / "queue.sqlite"
+                    return int(pid), Path(link).parent
         except OSError:  # gone meanwhile, or not ours to look at
             continue
     return None
@@ -269,20 +269,14 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _queued(db: Path) -> int | None:
-    import sqlite3
+def _queued(queue: Path) -> int | None:
+    from ..workqueue import backlog
 
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM steps").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return None
+    counts = backlog(queue)
+    return None if counts is None else counts[0]
 
 
-def wait_for_daemon(pid: int, db: Path, progress: bool) -> None:
+def wait_for_daemon(pid: int, queue: Path, progress: bool) -> None:
     """Wait until daemon ``pid`` has exited (it drains its queue for up to
     its drain_timeout, then journals the rest); with ``progress``, say on
     stderr how many queued changes it is still uploading."""
@@ -290,7 +284,7 @@ def wait_for_daemon(pid: int, db: Path, progress: bool) -> None:
     next_line = 0.0
     while _running(pid):
         if progress and time.monotonic() >= next_line:
-            left = _queued(db)
+            left = _queued(queue)
             if left and left != shown:
                 print(f"uploading {left} queued changes…", file=sys.stderr, flush=True)
                 shown = left
@@ -488,18 +482,13 @@ def show_servers(rows: list[dict[str, Any]]) -> None:
 
 def queue_backlog(node: NodeDir) -> list[tuple[str, int, int]]:
     """(queue, pending steps, failing steps) of each tree, read from the journals."""
-    import sqlite3
+    from ..workqueue import backlog, queue_directories
 
     out = []
-    for db in sorted((node.path / "queues").glob("*/queue.sqlite")):
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            pending, failing = con.execute(
-                "SELECT COUNT(*), COUNT(last_error) FROM steps"
-            ).fetchone()
-        finally:
-            con.close()
-        out.append((db.parent.name, int(pending), int(failing)))
+    for qdir in queue_directories(node.path):
+        counts = backlog(qdir)
+        if counts is not None:
+            out.append((qdir.name, *counts))
     return out
 
 

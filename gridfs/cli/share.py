@@ -30,6 +30,7 @@ from ..links import as_copy
 from ..mutable import SlotReadCap, SlotVerifyCap, SlotWriteCap
 from ..shares import unshared
 from ..tree import NotFoundError
+from ..workqueue import is_placeholder
 from .files import add_node_option
 from .tree import flush, grid_path, run_with_grid
 
@@ -80,7 +81,7 @@ def cmd_share(args: argparse.Namespace) -> int:
             return live.to_string()
         if entry.kind != "file":
             raise UsageError(f"{args.path}: not a file or directory")
-        if entry.cap and not entry.cap.startswith(("local:", "pending:")):
+        if entry.cap and not is_placeholder(entry.cap):
             return entry.cap
         if entry.data is None:
             raise UsageError(f"{args.path}: its upload is still queued (gridfs queue flush)")

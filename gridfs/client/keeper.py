@@ -49,6 +49,7 @@ from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
 from ..tree import Tree, unpack_root
+from ..workqueue import queue_directories, retained_caps
 from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
@@ -130,14 +131,8 @@ def queued_caps(node: NodeDir) -> set[str]:
     """Caps the node's work queues hold between upload and linking (an
     upload step fills its box and the retained table in one transaction)."""
     out: set[str] = set()
-    for qdir in sorted((node.path / "queues").glob("*")):
-        db_path = qdir / "queue.sqlite"
-        if db_path.exists():
-            db = sqlite3.connect(db_path, timeout=30.0)
-            try:
-                out |= {r[0] for r in db.execute("SELECT cap FROM retained")}
-            finally:
-                db.close()
+    for qdir in queue_directories(node.path):
+        out |= retained_caps(qdir)
     return out
 
 

@@ -14,7 +14,7 @@ import re
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from ..caps import b32encode, log_name
+from ..caps import log_name
 from ..config import NodeDir
 from ..dirnode import Directory, Entry, split_path
 from ..errors import UsageError
@@ -22,8 +22,9 @@ from ..fileutil import atomic_output
 from ..mutable import SlotCap, SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import dropped_caps
 from ..tree import Tree, empty_dir_cap, pack_root
-from ..workqueue import WorkQueue
+from ..workqueue import WorkQueue, queue_directory
 from . import links
+from .edits import put_edit
 from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock
@@ -128,8 +129,7 @@ class TreeSession:
         self.tree = Tree(self.store)
         self.tree.version_at = functools.partial(version_at, grid.node)
         get_keeper(grid).share_tree(self.cap.to_string(), self.tree)
-        qdir = grid.node.path / "queues" / b32encode(self.cap.storage_index)
-        self.queue = WorkQueue(qdir)
+        self.queue = WorkQueue(queue_directory(grid.node.path, self.cap.storage_index))
         self.digests = TempfileDigests()
         """Plaintext hashes of queue tempfiles, known from the writes that
         made them (the mount hashes as it stages): their upload then skips
@@ -147,9 +147,14 @@ class TreeSession:
     async def upload(self, path: Path) -> str:
         # The queue's own tempfiles are read once: their pages need not stay.
         report = await self.grid.put(
-            path, drop=path.parent == self.queue.tempfiles, digest=self.digests.pop(path)
+            path, drop=self.queue.owns_tempfile(path), digest=self.digests.pop(path)
         )
         return report.cap.to_string()
+
+    async def upload_edit(
+        self, source: Path, base_cap: str, extents: list[tuple[int, int]], size: int
+    ) -> str:
+        return await put_edit(self.grid, base_cap, source, extents, size)
 
     async def dropped(self, old: str, new: str) -> set[str]:
         return await dropped_caps(self.tree, old, new)
