@@ -16,10 +16,11 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from gridfs.caps import LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
+from gridfs.caps import ChunkedCap, LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
 from gridfs.client.download import Downloader, open_downloader
 from gridfs.client.session import TreeSession
 from gridfs.client.transfers import Transfer
@@ -30,6 +31,9 @@ from gridfs.immutable import DecodedSegment
 from gridfs.pack import open_slice
 
 from .segcache import SegmentCache
+
+if TYPE_CHECKING:
+    from .chunkreader import Reader  # which imports this module
 
 log = logging.getLogger(__name__)
 SEGMENT_SIZE_KEY = -1
@@ -265,7 +269,7 @@ class OpenFile:
     """the cap the file had when this mount began changing it: its commit
     keeps another writer's version, found there instead, beside it (None:
     not checked, e.g. while the version it started from is still uploading)"""
-    reader: CapReader | None = None
+    reader: Reader | None = None
     reader_cap: str | None = None
     """the entry cap ``reader`` was made for: while the entry names it, a
     read goes straight to the reader (resolving the cap again, a parse and a
@@ -319,9 +323,14 @@ class OpenFile:
             self.reader = None
 
 
+Stored = ReadCap | SliceCap | ChunkedCap
+Source = bytes | Path | Stored
+"""Where a file's bytes are: inline bytes, a local tempfile, or a cap."""
+
+
 async def content_source(
     session: TreeSession, entry: Entry, overlay_get: Callable[[str], Awaitable[bytes]]
-) -> bytes | Path | ReadCap | SliceCap:
+) -> Source:
     """Where a file's bytes are: inline bytes, a local tempfile, or a cap."""
     if entry.data is not None:
         return entry.data

@@ -27,7 +27,6 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from gridfs.caps import ReadCap, SliceCap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import DIR_INLINE_BUDGET, INLINE_MAX, KIND_OF_FORMAT, Entry, check_name
 from gridfs.errors import GridError, UsageError
@@ -36,7 +35,8 @@ from gridfs.tree import Delete, Move, NotFoundError, Put, empty_dir_cap, new_dir
 
 from . import perms
 from .capattrs import CAP_XATTRS, cap_xattr
-from .files import CapReader, OpenFile, content_source
+from .chunkreader import open_reader
+from .files import OpenFile, Source, Stored, content_source
 from .perms import Caller, Owners
 from .segcache import SegmentCache
 from .snapshots import in_snapshots
@@ -297,7 +297,7 @@ class GridOperations(pyfuse3.Operations):
             raise GridError(f"the queued upload of /{'/'.join(path)} is gone")
         return entry.with_(cap=fresh.cap, data=fresh.data)
 
-    async def source(self, of: OpenFile) -> bytes | Path | ReadCap | SliceCap:
+    async def source(self, of: OpenFile) -> Source:
         """Where the bytes of ``of`` are (see :func:`content_source`).  The
         queue's tempfile of an open file is kept open, so that it stays
         readable after the queue uploaded and removed it (also unlinked)."""
@@ -699,12 +699,12 @@ class GridOperations(pyfuse3.Operations):
             return
         await self._stage_file(of, keep)
 
-    async def _read_small(self, of: OpenFile, source: Path | ReadCap | SliceCap) -> bytes:
+    async def _read_small(self, of: OpenFile, source: Path | Stored) -> bytes:
         if isinstance(source, Path):
             with open(source, "rb") as f:
                 return f.read(INLINE_MAX + 1)
         assert self.nursery is not None
-        reader = CapReader(self.session, source, self.cache)
+        reader = open_reader(self.session, source, self.cache)
         try:
             return await reader.read(0, source.size, self.nursery)
         finally:
@@ -766,7 +766,7 @@ class GridOperations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(_copy_fd, src.fileno(), fd, size)
         else:
             assert self.nursery is not None
-            reader = CapReader(self.session, source, self.cache)
+            reader = open_reader(self.session, source, self.cache)
             try:
                 step = 4 << 20
                 for off in range(0, source.size, step):
@@ -794,7 +794,7 @@ class GridOperations(pyfuse3.Operations):
                 return os.pread(f.fileno(), size, off)
         if of.reader is not None:  # made for a version the entry no longer names
             of.reader.close()
-        of.reader, of.reader_cap = CapReader(self.session, source, self.cache), of.entry.cap
+        of.reader, of.reader_cap = open_reader(self.session, source, self.cache), of.entry.cap
         return await of.reader.read(off, size, self.nursery)
 
     @errors_to_errno

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import trio
 
-from .caps import LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
+from .caps import ChunkedCap, ChunkedVerifyCap, LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
 from .caps import parse as parse_cap
 from .errors import CapError
 from .mutable import parse_slot_cap
@@ -34,7 +34,7 @@ def storage_index_of(cap: str) -> bytes | None:
             return parse_slot_cap(cap).storage_index
         except CapError:
             return None
-    if isinstance(parsed, ReadCap | VerifyCap | SliceCap):
+    if isinstance(parsed, ReadCap | VerifyCap | SliceCap | ChunkedCap | ChunkedVerifyCap):
         return parsed.storage_index
     assert isinstance(parsed, LiteralCap)
     return None

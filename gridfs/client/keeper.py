@@ -49,6 +49,7 @@ from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
 from ..tree import Tree, unpack_root
+from .chunked import expand
 from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
@@ -276,7 +277,9 @@ class Keeper:
                 found.add(root)
                 self.unwalkable.append(f"{log_name(root)}: {e}")
                 log.warning("cannot walk the tree %s: %s", log_name(root), e)
-        return found
+        # A chunked file keeps its manifest and every chunk (a chunk shared
+        # by two files or versions stays while either is kept).
+        return await expand(self.grid, found, strict)
 
     async def renew_all(self) -> RenewReport:
         """Renew this node's lease on everything it keeps, at every server."""
@@ -310,7 +313,8 @@ class Keeper:
         still keeps."""
         dropped = set(caps)
         _, doomed = await self.expire_snapshots()
-        dropped |= doomed
+        # (a manifest that cannot be read: its chunks' leases simply run out)
+        dropped = await expand(self.grid, dropped | doomed, strict=False)
         sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
         if not sis:
             return CancelReport()
