@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..caps import ChunkedCap, ChunkedVerifyCap, ReadCap, VerifyCap
+from ..errors import plain_grid_errors
 from .check import CheckResult, check_file
 from .chunked import load_manifest
 from .repair import repair_file
@@ -51,9 +52,10 @@ async def check_chunked(
             async with limiter:
                 results[i] = await one(part)
 
-        async with trio.open_nursery() as nursery:
-            for i, part in enumerate(chunks):
-                nursery.start_soon(chunk, i, part)
+        with plain_grid_errors():
+            async with trio.open_nursery() as nursery:
+                for i, part in enumerate(chunks):
+                    nursery.start_soon(chunk, i, part)
         parts += [(f"chunk {i}", results[i]) for i in range(len(chunks))]
     return combine(cap.to_string(), parts, verify or repair)
 

@@ -40,7 +40,7 @@ from pyfastcdc import FastCDC
 from ..aio import ordered_tasks
 from ..caps import ChunkedCap, LiteralCap, ReadCap, SliceCap, log_name, parse, parse_read_cap
 from ..codec import params_for_size
-from ..errors import GridError, UsageError
+from ..errors import GridError, UsageError, plain_grid_errors
 from ..hashes import PlaintextHasher, convergence_key
 from ..manifest import Chunk, Element, Hole, Manifest, pack, unpack
 from .broker import Server
@@ -199,9 +199,10 @@ class ChunkStore:
             async with limiter:
                 caps[i] = await self._upload(pieces[i])
 
-        async with trio.open_nursery() as nursery:
-            for i in missing:
-                nursery.start_soon(upload, i)
+        with plain_grid_errors():
+            async with trio.open_nursery() as nursery:
+                for i in missing:
+                    nursery.start_soon(upload, i)
         self.uploaded += len(missing)
         await trio.to_thread.run_sync(self.index.add, {keys[i]: caps[i].to_string() for i in keys})
         if self.progress is not None:
@@ -270,18 +271,25 @@ class ChunkStore:
             trio.from_thread.run(send.send, None)
 
         elements: list[Element] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, cut)
-            batch: list[_Piece] = []
-            async with recv:
-                async for piece in recv:
-                    if piece is not None:
-                        batch.append(piece)
-                    if batch and (piece is None or len(batch) == BATCH):
-                        elements += await self.store(batch)
-                        batch = []
-                    if piece is None:
-                        break
+        with plain_grid_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, cut)
+                elements = await self._collect(recv)
+        return elements
+
+    async def _collect(self, recv: trio.MemoryReceiveChannel[_Piece | None]) -> list[Element]:
+        """Store the pieces the chunker sends, a batch at a time, until None."""
+        elements: list[Element] = []
+        batch: list[_Piece] = []
+        async with recv:
+            async for piece in recv:
+                if piece is not None:
+                    batch.append(piece)
+                if batch and (piece is None or len(batch) == BATCH):
+                    elements += await self.store(batch)
+                    batch = []
+                if piece is None:
+                    break
         return elements
 
 
@@ -580,9 +588,10 @@ async def _fetch_all(grid: GridClient, needed: dict[int, Chunk]) -> dict[int, by
         async with limiter:
             out[start] = await read_range(grid, chunk.cap, 0, chunk.length)
 
-    async with trio.open_nursery() as nursery:
-        for start, chunk in needed.items():
-            nursery.start_soon(one, start, chunk)
+    with plain_grid_errors():
+        async with trio.open_nursery() as nursery:
+            for start, chunk in needed.items():
+                nursery.start_soon(one, start, chunk)
     return out
 
 
@@ -668,6 +677,17 @@ async def stream_chunked(
 
     jobs = (job(s, e) for s, e in manifest.spans(offset, end))
     send, recv = trio.open_memory_channel[tuple[Element, int, int, bytes]](0)
+    with plain_grid_errors():
+        await _deliver(jobs, send, recv, write)
+    return problems
+
+
+async def _deliver(
+    jobs: Iterable[Callable[[], Awaitable[tuple[Element, int, int, bytes]]]],
+    send: trio.MemorySendChannel[tuple[Element, int, int, bytes]],
+    recv: trio.MemoryReceiveChannel[tuple[Element, int, int, bytes]],
+    write: Callable[[bytes], Awaitable[None]],
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ordered_tasks, jobs, FETCHES, send)
         async with recv:
@@ -677,7 +697,6 @@ async def stream_chunked(
                         await write(bytes(min(ZERO_STEP, hi - off)))
                 else:
                     await write(data)
-    return problems
 
 
 async def expand(grid: GridClient, caps: Iterable[str], strict: bool = True) -> set[str]:
@@ -703,7 +722,8 @@ async def expand(grid: GridClient, caps: Iterable[str], strict: bool = True) -> 
         out.add(cap.manifest.to_string())
         out.update(c.to_string() for c in manifest.chunk_caps())
 
-    async with trio.open_nursery() as nursery:
-        for text in chunked:
-            nursery.start_soon(one, text)
+    with plain_grid_errors():
+        async with trio.open_nursery() as nursery:
+            for text in chunked:
+                nursery.start_soon(one, text)
     return out
