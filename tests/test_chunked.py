@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import trio
+from gridfs_daemon.chunkreader import ChunkedReader
+from gridfs_daemon.segcache import SegmentCache
 
 from gridfs.caps import ChunkedCap, ChunkedVerifyCap, ReadCap, b32encode, parse, parse_read_cap
 from gridfs.client import chunked
@@ -349,3 +351,39 @@ async def test_a_corrupt_chunk_is_found_by_verify_and_repaired(tmp_path: Path) -
                 after = await check_chunked(client, cap, verify=True)
                 assert after.healthy and not after.corrupt
                 assert await get_all(client, cap.to_string()) == data
+
+
+async def test_the_mount_reader_fetches_only_the_chunks_a_read_touches(tmp_path: Path) -> None:
+    data = random.Random(13).randbytes(10 * MiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                cap = parse(await put_file(client, path))
+                assert isinstance(cap, ChunkedCap)
+                manifest = await load_manifest(client, cap)
+                sis = [c.storage_index for c in manifest.chunk_caps()]
+                assert len(sis) >= 6
+
+                def read_sis() -> set[bytes]:
+                    return {r.si for node in grid.nodes for r in node.behaviour.reads}
+
+                for node in grid.nodes:
+                    node.behaviour.reads.clear()
+                session: Any = type("Session", (), {"grid": client})()
+                reader = ChunkedReader(session, cap, SegmentCache(None, max_bytes=0))
+                async with trio.open_nursery() as nursery:
+                    try:
+                        at = manifest.starts[3] + 10
+                        assert await reader.read(at, 100, nursery) == data[at : at + 100]
+                        assert read_sis() == {sis[3]}  # the manifest was known
+                        # Reading on in order: the next chunks are fetched ahead.
+                        at += 100
+                        end = manifest.starts[4] + 10
+                        assert await reader.read(at, end - at, nursery) == data[at:end]
+                        while sis[6] not in read_sis():
+                            await trio.sleep(0.05)
+                        assert sis[0] not in read_sis() and sis[-1] not in read_sis()
+                    finally:
+                        reader.close()

@@ -46,3 +46,21 @@ def test_a_large_sparse_file_is_stored_and_read_as_chunks(
     results = {r["path"]: r for r in map(json.loads, checked.splitlines())}
     big = results["grid:/big"]
     assert big["healthy"] and big["parts"] >= 4  # the manifest and each chunk
+
+    # A 4 KiB overwrite stores a chunk or two, a manifest and the directories.
+    before = objects(mount_grid)
+    with open(path, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"y" * 4096)
+        os.fsync(f.fileno())
+    fresh_mount.flush()
+    assert os.getxattr(path, "user.gridfs.cap").decode() != cap
+    added = objects(mount_grid) - before
+    assert 2 <= len(added) <= 6, added
+    with open(path, "rb") as f:
+        assert f.read() == want[: 2 * MiB] + b"y" * 4096 + want[2 * MiB + 4096 :]
+
+
+def objects(grid: Grid) -> set[str]:
+    """Storage indexes with a share on any server of the grid."""
+    return {p.parent.name for p in grid.dir.glob("storage-*/storage/shares/*/*/*")}

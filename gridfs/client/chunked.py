@@ -65,7 +65,9 @@ CHUNKED_MIN_SIZE = CHUNK_MAX
 BATCH = 16
 """Chunks looked up in the index (and renewed) together."""
 UPLOADS = 4
-"""Chunks uploaded at once (a 1 MiB chunk is one request per server)."""
+"""Chunks of a batch uploaded at once (a 1 MiB chunk is one request per server)."""
+WINDOW = 2
+"""Batches being stored at once (the next one's lookups overlap the uploads)."""
 FETCHES = 4
 """Chunks a sequential read fetches ahead."""
 ZERO_STEP = 1024 * 1024
@@ -279,18 +281,29 @@ class ChunkStore:
 
     async def _collect(self, recv: trio.MemoryReceiveChannel[_Piece | None]) -> list[Element]:
         """Store the pieces the chunker sends, a batch at a time, until None."""
-        elements: list[Element] = []
+        done: dict[int, list[Element]] = {}
+        window = trio.Semaphore(WINDOW)
+
+        async def store(i: int, batch: list[_Piece]) -> None:
+            try:
+                done[i] = await self.store(batch)
+            finally:
+                window.release()
+
         batch: list[_Piece] = []
-        async with recv:
-            async for piece in recv:
-                if piece is not None:
-                    batch.append(piece)
-                if batch and (piece is None or len(batch) == BATCH):
-                    elements += await self.store(batch)
-                    batch = []
-                if piece is None:
-                    break
-        return elements
+        started = 0
+        with plain_grid_errors():
+            async with trio.open_nursery() as nursery, recv:
+                async for piece in recv:
+                    if piece is not None:
+                        batch.append(piece)
+                    if batch and (piece is None or len(batch) == BATCH):
+                        await window.acquire()
+                        nursery.start_soon(store, started, batch)
+                        started, batch = started + 1, []
+                    if piece is None:
+                        break
+        return [e for i in sorted(done) for e in done[i]]
 
 
 async def upload_data(grid: GridClient, data: bytes, digest: bytes | None = None) -> ReadCap:
