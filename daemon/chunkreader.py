@@ -55,7 +55,7 @@ class ChunkedReader:
     def _reader(self, i: int, chunk: Chunk) -> CapReader:
         reader = self._readers.get(i)
         if reader is None:
-            reader = self._readers[i] = CapReader(self.session, chunk.cap, self.cache)
+            reader = self._readers[i] = CapReader(self.session, chunk.cap, self.cache, lazy=True)
             while len(self._readers) > OPEN_CHUNKS:
                 _, old = self._readers.popitem(last=False)
                 old.close()

@@ -29,7 +29,7 @@ from gridfs.config import NodeConfig, NodeDir
 from gridfs.errors import CapError, FormatError, GridError
 from gridfs.manifest import MAGIC, Chunk, Hole, Manifest, pack, unpack
 
-from .gridutil import MEMBERS, Grid, GridSession, open_grid
+from .gridutil import MEMBERS, Grid, GridSession, Tamper, open_grid
 
 TIMEOUT = 120
 SERVERS = 5
@@ -387,3 +387,20 @@ async def test_the_mount_reader_fetches_only_the_chunks_a_read_touches(tmp_path:
                         assert sis[0] not in read_sis() and sis[-1] not in read_sis()
                     finally:
                         reader.close()
+
+
+async def test_chunk_reads_fall_back_to_the_shares_whose_heads_they_skipped(
+    tmp_path: Path,
+) -> None:
+    """A chunk's download reads k+1 heads only; when those are bad (three
+    servers of five lie about every share they hold), it reads the others."""
+    data = random.Random(17).randbytes(5 * MiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                cap = await put_file(client, path)
+                for node in grid.nodes[:3]:
+                    node.behaviour.tamper = Tamper("flip", heads=True)
+                assert await get_all(client, cap) == data

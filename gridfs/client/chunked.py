@@ -45,6 +45,7 @@ from ..hashes import PlaintextHasher, convergence_key
 from ..manifest import Chunk, Element, Hole, Manifest, pack, unpack
 from .broker import Server
 from .chunkindex import ChunkIndex
+from .download import open_downloader
 from .upload import Progress, upload_file
 
 if TYPE_CHECKING:
@@ -64,11 +65,11 @@ CHUNKED_MIN_SIZE = CHUNK_MAX
 """Files up to this size are one CHK object (they would be one chunk)."""
 BATCH = 16
 """Chunks looked up in the index (and renewed) together."""
-UPLOADS = 4
+UPLOADS = 6
 """Chunks of a batch uploaded at once (a 1 MiB chunk is one request per server)."""
 WINDOW = 2
 """Batches being stored at once (the next one's lookups overlap the uploads)."""
-FETCHES = 4
+FETCHES = 8
 """Chunks a sequential read fetches ahead."""
 ZERO_STEP = 1024 * 1024
 
@@ -683,7 +684,10 @@ async def stream_chunked(
             async def collect(data: bytes) -> None:
                 parts.append(data)
 
-            problems.extend(await grid.get(e.cap, collect, lo, hi - lo))
+            await grid.wait_for_servers(e.cap.k)
+            async with open_downloader(grid.broker, e.cap, lazy=True) as downloader:
+                await downloader.stream(collect, lo, hi - lo)
+                problems.extend(downloader.problems)
             return e, lo, hi, b"".join(parts)
 
         return fetch
