@@ -218,6 +218,15 @@ async def test_an_edit_stores_only_the_chunks_it_changed(tmp_path: Path) -> None
                 assert await get_all(client, third) == (
                     want[:size] + bytes(size - len(want) - 4) + b"tail"
                 )
+                # A range whose source is a hole: zeros now, stored as a hole.
+                before = stored_bytes(grid)
+                punched = await put_edit(client, third, tail, [(MiB, 4 * MiB)], size)
+                got = await get_all(client, punched)
+                assert got[MiB : 5 * MiB] == bytes(4 * MiB)
+                assert got[:MiB] == want[:MiB] and got[5 * MiB : 6 * MiB] == want[5 * MiB : 6 * MiB]
+                holes = (await load_manifest(client, parse(punched))).elements  # type: ignore[arg-type]
+                assert sum(e.length for e in holes if isinstance(e, Hole)) >= 3 * MiB
+                assert stored_bytes(grid) - before <= 2 * CHUNK_MAX * N // K + MiB
                 before = stored_bytes(grid)
                 shrunk = await put_edit(client, third, tail, [], 5 * MiB + 17)
                 assert await get_all(client, shrunk) == want[: 5 * MiB + 17]

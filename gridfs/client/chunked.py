@@ -63,7 +63,7 @@ NORMALIZATION: Literal[2] = 2
 average, so no edit rewrites much more than 1 MiB."""
 CHUNKED_MIN_SIZE = CHUNK_MAX
 """Files up to this size are one CHK object (they would be one chunk)."""
-BATCH = 16
+BATCH = 8
 """Chunks looked up in the index (and renewed) together."""
 UPLOADS = 6
 """Chunks of a batch uploaded at once (a 1 MiB chunk is one request per server)."""
