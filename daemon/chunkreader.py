@@ -4,7 +4,8 @@ ones ahead of a sequential reader.
 A chunked file (:mod:`gridfs.client.chunked`) is a verified manifest and
 chunks, each an ordinary CHK object; each chunk is read through its own
 :class:`~daemon.files.CapReader` (verified segments, the shared segment
-cache: a chunk shared by two files or versions is cached once).  A few
+cache: a chunk shared by two files or versions is cached once), and so is
+the manifest.  A few
 chunk readers stay open, the least recently used are closed.  Holes read as
 zeros without asking anyone.
 """
@@ -17,10 +18,10 @@ from collections import OrderedDict
 import trio
 
 from gridfs.caps import ChunkedCap, ReadCap, SliceCap
-from gridfs.client.chunked import load_manifest
+from gridfs.client.chunked import cached_manifest, remember
 from gridfs.client.session import TreeSession
 from gridfs.errors import GridError
-from gridfs.manifest import Chunk, Hole, Manifest
+from gridfs.manifest import Chunk, Hole, Manifest, unpack
 
 from .files import CapReader
 from .segcache import SegmentCache
@@ -47,9 +48,20 @@ class ChunkedReader:
         """elements fetched ahead already"""
         self._closed = False
 
-    async def manifest(self) -> Manifest:
+    async def manifest(self, nursery: trio.Nursery) -> Manifest:
+        """The file's manifest: from memory, else read (and verified) like
+        any CHK file through the segment cache, which keeps it across
+        remounts."""
         if self._manifest is None:
-            self._manifest = await load_manifest(self.session.grid, self.cap)
+            self._manifest = cached_manifest(self.cap)
+        if self._manifest is None:
+            reader = CapReader(self.session, self.cap.manifest, self.cache)
+            try:
+                data = await reader.read(0, self.cap.manifest.size, nursery)
+            finally:
+                reader.close()
+            self._manifest = unpack(data, self.cap.size)
+            remember(self.cap.manifest, self._manifest)
         return self._manifest
 
     def _reader(self, i: int, chunk: Chunk) -> CapReader:
@@ -66,7 +78,7 @@ class ChunkedReader:
         end = min(self.size, offset + size)
         if offset >= end:
             return b""
-        manifest = await self.manifest()
+        manifest = await self.manifest(nursery)
         first = manifest.index_at(offset)
         parts: list[bytes] = []
         i = first

@@ -481,10 +481,8 @@ def edit_regions(
 
 async def load_manifest(grid: GridClient, cap: ChunkedCap) -> Manifest:
     """The manifest ``cap`` names, verified (and cached: it is immutable)."""
-    key = cap.manifest.to_string()
-    cached = _manifests.get(key)
+    cached = cached_manifest(cap)
     if cached is not None:
-        _manifests.move_to_end(key)
         return cached
     parts: list[bytes] = []
 
@@ -501,6 +499,15 @@ _manifests: OrderedDict[str, Manifest] = OrderedDict()
 MANIFEST_CACHE = 1 << 18
 """Elements of the manifests kept in memory (some 256 GiB of files; lease
 walks expand every chunked file the node keeps)."""
+
+
+def cached_manifest(cap: ChunkedCap) -> Manifest | None:
+    """The manifest of ``cap`` if this process has it in memory."""
+    key = cap.manifest.to_string()
+    cached = _manifests.get(key)
+    if cached is not None:
+        _manifests.move_to_end(key)
+    return cached
 
 
 def remember(cap: ReadCap, manifest: Manifest) -> None:
