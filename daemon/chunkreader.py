@@ -18,7 +18,7 @@ from collections import OrderedDict
 import trio
 
 from gridfs.caps import ChunkedCap, ReadCap, SliceCap
-from gridfs.client.chunked import cached_manifest, remember
+from gridfs.client.chunkread import cached_manifest, remember
 from gridfs.client.session import TreeSession
 from gridfs.errors import GridError
 from gridfs.manifest import Chunk, Hole, Manifest, unpack

@@ -19,7 +19,7 @@ from gridfs_daemon.chunkreader import ChunkedReader
 from gridfs_daemon.segcache import SegmentCache
 
 from gridfs.caps import ChunkedCap, ChunkedVerifyCap, ReadCap, b32encode, parse, parse_read_cap
-from gridfs.client import chunked
+from gridfs.client import chunkread
 from gridfs.client.chunkcheck import check_chunked
 from gridfs.client.chunked import CHUNK_MAX, load_manifest, put_edit, put_file
 from gridfs.client.grid import GridClient
@@ -312,7 +312,7 @@ async def test_lying_servers_cannot_swap_a_manifest_or_a_chunk(tmp_path: Path) -
                 cap_a, cap_b = await put_file(client, pa), await put_file(client, pb)
                 ca, cb = parse(cap_a), parse(cap_b)
                 assert isinstance(ca, ChunkedCap) and isinstance(cb, ChunkedCap)
-                chunked._manifests.clear()
+                chunkread._manifests.clear()
                 # Every server serves B's manifest (listing B's chunks) for A's.
                 Redirecting.redirect = {ca.storage_index: cb.storage_index}
                 try:

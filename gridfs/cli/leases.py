@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..caps import parse as parse_cap
-from ..client.chunked import expand
+from ..client.chunkread import expand
 from ..client.grid import GridClient
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
 from ..client.leases import renew

@@ -17,7 +17,7 @@ import trio
 from ..caps import ChunkedCap, ChunkedVerifyCap, ReadCap, VerifyCap
 from ..errors import plain_grid_errors
 from .check import CheckResult, check_file
-from .chunked import load_manifest
+from .chunkread import load_manifest
 from .repair import repair_file
 
 if TYPE_CHECKING:

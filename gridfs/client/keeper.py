@@ -49,7 +49,7 @@ from ..fileutil import atomic_output
 from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
 from ..tree import Tree, unpack_root
-from .chunked import expand
+from .chunkread import expand
 from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
