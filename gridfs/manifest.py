@@ -41,6 +41,9 @@ MAX_CHUNK = 16 * 1024 * 1024
 MAX_ELEMENTS = 1 << 21
 """Elements per manifest: 2 Mi chunks of ~1 MiB, files of about 2 TiB
 (a manifest of 150 MB, the most a reader must hold)."""
+MAX_MANIFEST = 20 + 75 * MAX_ELEMENTS
+"""The largest manifest: a reader refuses a cap naming a larger one
+before fetching anything."""
 _HEAD = struct.Struct(">8sIQ")
 _HOLE = struct.Struct(">BQ")
 _CHUNK = struct.Struct(f">BQ{KEY_SIZE}s{HASH_SIZE}sBB")
@@ -140,8 +143,11 @@ def unpack(data: bytes, size: int | None = None) -> Manifest:
     if len(view) < _HEAD.size:
         raise FormatError("manifest: truncated header")
     magic, count, total = _HEAD.unpack_from(view, 0)
+    if magic[:6] == MAGIC[:6] and magic != MAGIC:
+        version = int.from_bytes(magic[6:], "big")
+        raise FormatError(f"manifest format version {version} (this gridfs reads version 1)")
     if magic != MAGIC:
-        raise FormatError("manifest: bad magic or unknown version")
+        raise FormatError("manifest: bad magic")
     if count > MAX_ELEMENTS:
         raise FormatError(f"manifest: {count} elements, at most {MAX_ELEMENTS}")
     if size is not None and total != size:

@@ -22,6 +22,8 @@ from gridfs.caps import ChunkedCap, ChunkedVerifyCap, ReadCap, b32encode, parse,
 from gridfs.client import chunkread
 from gridfs.client.chunkcheck import check_chunked
 from gridfs.client.chunked import CHUNK_MAX, load_manifest, put_edit, put_file
+from gridfs.client.chunkread import expand
+from gridfs.client.chunkstore import upload_data
 from gridfs.client.grid import GridClient
 from gridfs.client.grid import open_grid as open_client
 from gridfs.client.keeper import RetainedSet, get_keeper
@@ -139,6 +141,8 @@ def test_two_holes_in_a_row_and_a_wrong_size_are_refused() -> None:
     data = pack(some_manifest())
     with pytest.raises(FormatError, match="the cap says"):
         unpack(data, 12)
+    with pytest.raises(FormatError, match="format version 2 "):
+        unpack(data[:7] + b"\x02" + data[8:])
 
 
 def test_chunked_caps_parse_strictly() -> None:
@@ -413,3 +417,22 @@ async def test_chunk_reads_fall_back_to_the_shares_whose_heads_they_skipped(
                 for node in grid.nodes[:3]:
                     node.behaviour.tamper = Tamper("flip", heads=True)
                 assert await get_all(client, cap) == data
+
+
+async def test_a_forged_manifest_is_refused_and_names_nothing_to_keep(tmp_path: Path) -> None:
+    """A writer (not a server: a manifest is verified from its cap) may store
+    any bytes as a manifest: reads refuse them with one FormatError, and a
+    lease walk treats the file as naming no chunk."""
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                good = pack(some_manifest())
+                forged = good[:20] + b"\x01" + struct.pack(">Q", 99) + good[29:]
+                stored = await upload_data(client, forged)
+                cap = ChunkedCap(stored, some_manifest().size).to_string()
+                with pytest.raises(FormatError):
+                    await get_all(client, cap)
+                assert await expand(client, {cap}) == {cap}
+                with pytest.raises(FormatError, match="at most"):
+                    huge = ChunkedCap(ReadCap(stored.key, stored.ueb_hash, K, N, 1 << 40), 1)
+                    await get_all(client, huge.to_string())

@@ -14,8 +14,8 @@ import trio
 
 from ..aio import ordered_tasks
 from ..caps import ChunkedCap, ReadCap, log_name, parse
-from ..errors import GridError, plain_grid_errors
-from ..manifest import Element, Hole, Manifest, unpack
+from ..errors import FormatError, GridError, plain_grid_errors
+from ..manifest import MAX_MANIFEST, Element, Hole, Manifest, unpack
 from .download import open_downloader
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ async def load_manifest(grid: GridClient, cap: ChunkedCap) -> Manifest:
     cached = cached_manifest(cap)
     if cached is not None:
         return cached
+    if cap.manifest.size > MAX_MANIFEST:
+        raise FormatError(f"manifest of {cap.manifest.size} bytes (at most {MAX_MANIFEST})")
     parts: list[bytes] = []
 
     async def collect(data: bytes) -> None:
@@ -159,7 +161,8 @@ async def expand(grid: GridClient, caps: Iterable[str], strict: bool = True) -> 
             try:
                 manifest = await load_manifest(grid, cap)
             except GridError as e:
-                if strict:
+                # (malformed: it names nothing that could be kept)
+                if strict and not isinstance(e, FormatError):
                     raise
                 log.warning("cannot read the manifest of %s: %s", log_name(text), e)
                 return
