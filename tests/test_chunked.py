@@ -436,3 +436,43 @@ async def test_a_forged_manifest_is_refused_and_names_nothing_to_keep(tmp_path: 
                 with pytest.raises(FormatError, match="at most"):
                     huge = ChunkedCap(ReadCap(stored.key, stored.ueb_hash, K, N, 1 << 40), 1)
                     await get_all(client, huge.to_string())
+
+
+async def test_random_edits_match_a_local_file(tmp_path: Path) -> None:
+    """Writes, punched holes, truncations and extensions by put_edit, one
+    version after another, read back as the same operations on a local file."""
+    rng = random.Random(23)
+    model = bytearray(rng.randbytes(5 * MiB))
+    base = tmp_path / "base"
+    base.write_bytes(model)
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT * 2):
+            async with client_node(tmp_path / "client", grid) as client:
+                cap = await put_file(client, base)
+                for step in range(12):
+                    size = len(model)
+                    source = tmp_path / f"step{step}"
+                    extents: list[tuple[int, int]] = []
+                    with open(source, "wb") as f:
+                        for _ in range(rng.randint(0, 3)):
+                            at = rng.randrange(0, size + MiB)
+                            n = rng.choice([1, 4096, 100_000, 3 * MiB])
+                            overlaps = any(a < at + n and at < a + m for a, m in extents)
+                            if rng.random() < 0.3 and not overlaps:  # a hole: zeros
+                                data = bytes(n)
+                            else:
+                                data = rng.randbytes(n)
+                                f.seek(at)
+                                f.write(data)
+                            extents.append((at, n))
+                            end = at + n
+                            if end > len(model):
+                                model.extend(bytes(end - len(model)))
+                            model[at:end] = data
+                    new_size = rng.choice([len(model), len(model), rng.randrange(1, 9 * MiB)])
+                    if new_size < len(model):
+                        del model[new_size:]
+                    else:
+                        model.extend(bytes(new_size - len(model)))
+                    cap = await put_edit(client, cap, source, extents, new_size)
+                    assert await get_all(client, cap) == bytes(model), step
