@@ -243,20 +243,19 @@ async def put_edit(
         return await _rewrite_whole(grid, base, source, merged, size, progress)
     manifest = await load_manifest(grid, base)
     regions = edit_regions(manifest, [(a, b - a) for a, b in merged], size)
-    needed = {
-        s: e
-        for r0, r1 in regions
-        for s, e in manifest.spans(r0, r1)
-        if isinstance(e, Chunk) and not _covered(merged, s, s + e.length)
-    }
-    fetched = await _fetch_all(grid, needed)
     elements: list[Element] = []
     at = 0
     with open(source, "rb") as f:
-        content = EditContent(f.fileno(), merged, manifest, fetched)
+        content = EditContent(f.fileno(), merged, manifest, {})
         store = ChunkStore(grid, progress)
         try:
-            for r0, r1 in regions:
+            for r0, r1 in regions:  # (the base bytes of one region at a time in memory)
+                needed = {
+                    s: e
+                    for s, e in manifest.spans(r0, r1)
+                    if isinstance(e, Chunk) and not _covered(merged, s, s + e.length)
+                }
+                content.base_bytes = await _fetch_all(grid, needed)
                 elements += _keep(manifest, at, r0)
                 elements += await store.region(content, r0, r1)
                 at = r1
