@@ -27,6 +27,7 @@ from gridfs.client.chunkstore import upload_data
 from gridfs.client.grid import GridClient
 from gridfs.client.grid import open_grid as open_client
 from gridfs.client.keeper import RetainedSet, get_keeper
+from gridfs.client.maintain import check_and_repair
 from gridfs.config import NodeConfig, NodeDir
 from gridfs.errors import CapError, FormatError, GridError
 from gridfs.manifest import MAGIC, Chunk, Hole, Manifest, pack, unpack
@@ -476,3 +477,29 @@ async def test_random_edits_match_a_local_file(tmp_path: Path) -> None:
                         model.extend(bytes(new_size - len(model)))
                     cap = await put_edit(client, cap, source, extents, new_size)
                     assert await get_all(client, cap) == bytes(model), step
+
+
+async def test_background_check_repairs_a_chunk_of_a_retained_file(tmp_path: Path) -> None:
+    data = random.Random(29).randbytes(5 * MiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                text = await put_file(client, path)
+                retained = RetainedSet(client.node)
+                retained.add([text])
+                retained.close()
+                cap = parse(text)
+                assert isinstance(cap, ChunkedCap)
+                chunk_caps = (await load_manifest(client, cap)).chunk_caps()
+                victim = chunk_caps[-1].storage_index
+                for node in grid.nodes[:2]:
+                    for share in node.share_dir(victim).iterdir():
+                        share.unlink()
+                counts = await check_and_repair(client)
+                # The manifest and every chunk are files to the checker.
+                assert counts["files"] == len(set(chunk_caps)) + 1, counts
+                assert counts["repaired"] == 1 and counts["unrecoverable"] == 0, counts
+                assert sum(len(node.shares(victim)) for node in grid.nodes) == N
+                assert await get_all(client, text) == data
