@@ -192,6 +192,14 @@ async def test_round_trip_keeps_holes_and_never_uploads_zeros(tmp_path: Path) ->
                 # What the servers hold is the data (times n/k), not the zeros.
                 assert stored_bytes(grid) < (5 * MiB + 2 * CHUNK_MAX) * N // K
 
+                # A file that is one hole: a manifest and nothing else.
+                empty = tmp_path / "empty"
+                write_sparse(empty, [], 40 * MiB)
+                before = objects(grid)
+                hole_cap = await put_file(client, empty)
+                assert len(objects(grid) - before) == 1
+                assert await get_all(client, hole_cap) == bytes(40 * MiB)
+
 
 async def test_an_edit_stores_only_the_chunks_it_changed(tmp_path: Path) -> None:
     rng = random.Random(7)
