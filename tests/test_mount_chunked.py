@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 from gridfs.caps import ChunkedCap, parse_read_cap
@@ -64,3 +65,24 @@ def test_a_large_sparse_file_is_stored_and_read_as_chunks(
 def objects(grid: Grid) -> set[str]:
     """Storage indexes with a share on any server of the grid."""
     return {p.parent.name for p in grid.dir.glob("storage-*/storage/shares/*/*/*")}
+
+
+def test_gridfs_put_of_a_large_file_prints_a_chunked_cap(
+    mount_grid: Grid, mount_node: Path, tmp_path: Path
+) -> None:
+    data = random.Random(22).randbytes(6 * MiB)
+    local = tmp_path / "local.bin"
+    local.write_bytes(data)
+    cap = gridfs("put", local, "--node", mount_node).stdout.strip()
+    assert cap.startswith("gridfs:chunked:")
+    assert cap in gridfs("retain", "--list", "--node", mount_node).stdout
+    out = tmp_path / "back"
+    gridfs("get", cap, "-o", out, "--node", mount_node)
+    assert out.read_bytes() == data
+    checked = gridfs("check", "--verify", cap, "--node", mount_node).stdout
+    assert "healthy" in checked and "parts" in checked, checked
+    verify = parse_read_cap(cap).verify_cap().to_string()  # type: ignore[union-attr]
+    assert "healthy" in gridfs("check", verify, "--node", mount_node).stdout
+    unlinked = gridfs("unlink", cap, "--node", mount_node).stdout
+    freed = re.search(r"(\d+) server copies freed", unlinked)
+    assert freed and int(freed[1]) >= 5 * 5, unlinked  # manifest and chunks, 5 servers each
