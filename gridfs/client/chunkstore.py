@@ -132,6 +132,48 @@ class _Reader:
         return data
 
 
+ZERO_BLOCK = 4096
+ZERO_RUN = 16
+"""Zero blocks in a row (64 KiB) that a chunk stores as a hole."""
+_ZEROS = bytes(ZERO_BLOCK)
+
+
+def split_zeros(data: bytes) -> list[tuple[int, int, bool]]:
+    """``data`` as (offset, length, all_zeros) parts: its runs of at least
+    ZERO_RUN zero blocks (of ZERO_BLOCK bytes from its start, the last one
+    possibly short) are parts of their own, so that zeros written out in a
+    file are holes as much as those it leaves unwritten."""
+    if data.count(0) == len(data):
+        return [(0, len(data), True)]
+    parts: list[tuple[int, int]] = []
+    run_start, at = -1, 0
+    for at in range(0, len(data), ZERO_BLOCK):
+        block = data[at : at + ZERO_BLOCK]
+        zero = block == _ZEROS[: len(block)]
+        if zero and run_start < 0:
+            run_start = at
+        elif not zero and run_start >= 0:
+            _cut(parts, run_start, at)
+            run_start = -1
+    if run_start >= 0:
+        _cut(parts, run_start, len(data))
+    out: list[tuple[int, int, bool]] = []
+    pos = 0
+    for a, b in parts:
+        if a > pos:
+            out.append((pos, a - pos, False))
+        out.append((a, b - a, True))
+        pos = b
+    if pos < len(data):
+        out.append((pos, len(data) - pos, False))
+    return out
+
+
+def _cut(parts: list[tuple[int, int]], a: int, b: int) -> None:
+    if b - a >= ZERO_RUN * ZERO_BLOCK:
+        parts.append((a, b))
+
+
 @dataclass(frozen=True)
 class _Piece:
     offset: int
@@ -245,13 +287,15 @@ class ChunkStore:
         def cut() -> None:
             for ch in chunker().cut_stream(_Reader(content, start, end)):
                 data = bytes(ch.data)
-                zero = data.count(0) == len(data)
-                digest = None
-                if not zero:
-                    hasher = PlaintextHasher()
-                    hasher.update(data)
-                    digest = hasher.digest()
-                trio.from_thread.run(send.send, _Piece(start + ch.offset, data, digest))
+                for at, length, zero in split_zeros(data):
+                    part = data[at : at + length] if length < len(data) else data
+                    digest = None
+                    if not zero:
+                        hasher = PlaintextHasher()
+                        hasher.update(part)
+                        digest = hasher.digest()
+                    piece = _Piece(start + ch.offset + at, part, digest)
+                    trio.from_thread.run(send.send, piece)
             trio.from_thread.run(send.send, None)
 
         elements: list[Element] = []
