@@ -522,3 +522,18 @@ def test_zero_runs_inside_a_chunk_are_cut_out_as_holes() -> None:
     assert [z for _, _, z in parts] == [False, True, False]
     assert parts[1] == (8192, 94208, True)  # whole blocks of zeros, 64 KiB or more
     assert split_zeros(data + bytes(60_000) + data) == [(0, 70_000, False)]  # too short
+
+
+async def test_chunk_reads_ask_the_other_servers_when_the_first_are_down(tmp_path: Path) -> None:
+    """A chunk's download asks k+1 servers first (those that hold its shares,
+    normally); with three of five servers down, it asks the others."""
+    data = random.Random(31).randbytes(6 * MiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                cap = await put_file(client, path)
+                for node in grid.nodes[:3]:
+                    await node.kill()
+                assert await get_all(client, cap) == data

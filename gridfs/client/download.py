@@ -57,8 +57,10 @@ async def open_downloader(
     broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4, lazy: bool = False
 ) -> AsyncIterator[Downloader]:
     """A downloader whose share search runs (in the background) while it lives.
-    ``lazy``: read the heads of k+1 shares only, the others' when those fail
-    (a small file, such as a chunk, whose reads cost little beside the heads)."""
+    ``lazy``: ask the first k+1 servers in the file's order where its shares
+    are and read the heads of k+1 shares only, asking and reading the others
+    when those fail (a small file, such as a chunk, whose reads cost little
+    beside the search)."""
     downloader = Downloader(broker, cap, window, lazy)
     async with trio.open_nursery() as nursery:
         await nursery.start(downloader._locate)
@@ -80,6 +82,9 @@ class Downloader:
         """(lazy) shares found whose heads are not read yet"""
         self._heads = 0
         """heads being read by the share search"""
+        self._unasked: list[Server] = []
+        """(lazy) servers not asked yet where their shares are"""
+        self._ask: Callable[[Server], Awaitable[None]] | None = None
         self.cap = cap
         self.window = window
         self.decoder = FileDecoder(cap)
@@ -141,16 +146,32 @@ class Downloader:
                     self._heads -= 1
                 maybe_ready()
 
+        self._ask = ask
+        servers = self.broker.permuted(self.decoder.storage_index)
+        if self.lazy:  # the first k+1 in the file's order hold shares, normally
+            servers, self._unasked = servers[: self.cap.k + 1], servers[self.cap.k + 1 :]
         try:
             async with trio.open_nursery() as nursery:
-                for server in self.broker.permuted(self.decoder.storage_index):
+                for server in servers:
                     self.servers_asked += 1
                     nursery.start_soon(ask, server)
+            if len(self._usable()) < self.cap.k and self._unasked:
+                await self._ask_rest()
         finally:
             self._locating = False
             self._wake()
         if not started:
+            started = True  # (asks made later, lazily, must not start it again)
             task_status.started()
+
+    async def _ask_rest(self) -> None:
+        """(lazy) Ask the servers not asked yet where their shares are."""
+        assert self._ask is not None
+        servers, self._unasked = self._unasked, []
+        async with trio.open_nursery() as nursery:
+            for server in servers:
+                self.servers_asked += 1
+                nursery.start_soon(self._ask, server)
 
     async def _add_source(self, source: Source) -> None:
         try:
@@ -209,6 +230,9 @@ class Downloader:
             choice = self._choose(k - len(blocks), exclude=set(blocks))
             if not choice and self._unread:
                 await self._read_heads(k - len(blocks))
+                continue
+            if not choice and self._unasked:
+                await self._ask_rest()
                 continue
             if not choice:
                 if self._locating:
@@ -319,8 +343,11 @@ class Downloader:
         end = size if length is None else min(size, offset + length)
         if offset >= end:
             return
-        while self.decoder.geometry is None and self._unread:  # (lazy) the heads read failed
-            await self._read_heads(self.cap.k)
+        while self.decoder.geometry is None and (self._unread or self._unasked):
+            if self._unread:  # (lazy) the heads read failed
+                await self._read_heads(self.cap.k)
+            else:
+                await self._ask_rest()
         if self.decoder.geometry is None:
             raise NotEnoughSharesError(
                 f"no usable share found: {self.servers_answered} of {self.servers_asked} "
