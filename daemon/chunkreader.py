@@ -29,7 +29,7 @@ from .segcache import SegmentCache
 OPEN_CHUNKS = 16
 """Chunk readers (each with its share search done) kept open per file."""
 AHEAD_CHUNKS = 4
-"""Chunks a sequential reader fetches ahead (about 4 MiB)."""
+"""Chunks a sequential reader fetches ahead (about 8 MiB)."""
 
 
 class ChunkedReader:

@@ -276,7 +276,7 @@ async def test_a_second_put_with_one_mib_changed_stores_a_few_chunks(tmp_path: P
 
 async def test_a_chunk_shared_by_two_files_stays_while_either_is_kept(tmp_path: Path) -> None:
     rng = random.Random(3)
-    one = rng.randbytes(10 * MiB)
+    one = rng.randbytes(20 * MiB)
     two = one + rng.randbytes(4 * MiB)  # the same first chunks, then more
     pa, pb = tmp_path / "one", tmp_path / "two"
     pa.write_bytes(one)
@@ -345,7 +345,7 @@ async def test_lying_servers_cannot_swap_a_manifest_or_a_chunk(tmp_path: Path) -
 
 
 async def test_a_corrupt_chunk_is_found_by_verify_and_repaired(tmp_path: Path) -> None:
-    data = random.Random(9).randbytes(6 * MiB)
+    data = random.Random(9).randbytes(12 * MiB)
     path = tmp_path / "f"
     path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:
@@ -377,7 +377,7 @@ async def test_a_corrupt_chunk_is_found_by_verify_and_repaired(tmp_path: Path) -
 
 
 async def test_the_mount_reader_fetches_only_the_chunks_a_read_touches(tmp_path: Path) -> None:
-    data = random.Random(13).randbytes(10 * MiB)
+    data = random.Random(13).randbytes(24 * MiB)
     path = tmp_path / "f"
     path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:

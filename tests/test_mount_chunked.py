@@ -22,11 +22,11 @@ def test_a_large_sparse_file_is_stored_and_read_as_chunks(
     mount_grid: Grid, fresh_mount: Mount, tmp_path: Path
 ) -> None:
     rng = random.Random(21)
-    head, tail = rng.randbytes(3 * MiB), rng.randbytes(MiB + 123)
+    head, tail = rng.randbytes(6 * MiB), rng.randbytes(MiB + 123)
     path = fresh_mount.mountpoint / "big"
     with open(path, "wb") as f:
         f.write(head)
-        f.seek(8 * MiB)  # a 5 MiB hole
+        f.seek(11 * MiB)  # a 5 MiB hole
         f.write(tail)
         os.fsync(f.fileno())
     want = head + bytes(5 * MiB) + tail
@@ -37,8 +37,8 @@ def test_a_large_sparse_file_is_stored_and_read_as_chunks(
     fresh_mount.remount()
     with open(path, "rb") as f:  # sequential, through the chunk reader
         assert f.read() == want
-        f.seek(3 * MiB - 10)  # across a chunk and a hole
-        assert f.read(20) == want[3 * MiB - 10 : 3 * MiB + 10]
+        f.seek(6 * MiB - 10)  # across a chunk and a hole
+        assert f.read(20) == want[6 * MiB - 10 : 6 * MiB + 10]
     assert outside(mount_grid, fresh_mount.node, "cat", "t:/big") == want
     out = tmp_path / "got"
     gridfs("get", cap, "-o", out, "--node", fresh_mount.node)
@@ -70,7 +70,7 @@ def objects(grid: Grid) -> set[str]:
 def test_gridfs_put_of_a_large_file_prints_a_chunked_cap(
     mount_grid: Grid, mount_node: Path, tmp_path: Path
 ) -> None:
-    data = random.Random(22).randbytes(6 * MiB)
+    data = random.Random(22).randbytes(12 * MiB)
     local = tmp_path / "local.bin"
     local.write_bytes(data)
     cap = gridfs("put", local, "--node", mount_node).stdout.strip()
