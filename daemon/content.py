@@ -16,14 +16,14 @@ from typing import Protocol
 
 import trio
 
-from gridfs.caps import LiteralCap, ReadCap, SliceCap, parse_read_cap
+from gridfs.caps import ChunkedCap, LiteralCap, ReadCap, SliceCap, parse_read_cap
 from gridfs.client.session import TreeSession
 from gridfs.dirnode import Entry
 from gridfs.errors import GridError
 from gridfs.extents import Extents, pieces
 from gridfs.workqueue import PENDING, QueuedEdit, is_local
 
-from .files import CapReader
+from .chunkreader import Reader, open_reader
 from .segcache import SegmentCache
 
 
@@ -63,7 +63,7 @@ class LocalFile:
 class Remote:
     """A version on the grid, through a reader that :class:`Readers` shares."""
 
-    def __init__(self, readers: Readers, key: str, reader: CapReader) -> None:
+    def __init__(self, readers: Readers, key: str, reader: Reader) -> None:
         self.readers, self.key, self.reader, self.size = readers, key, reader, reader.size
         self._closed = False
 
@@ -89,18 +89,18 @@ class Readers:
 
     def __init__(self, session: TreeSession, cache: SegmentCache, nursery: trio.Nursery) -> None:
         self.session, self.cache, self.nursery = session, cache, nursery
-        self._open: dict[str, tuple[CapReader, int]] = {}
-        self._idle: dict[str, CapReader] = {}
+        self._open: dict[str, tuple[Reader, int]] = {}
+        self._idle: dict[str, Reader] = {}
         self._keep: set[str] = set()
 
-    def get(self, cap: ReadCap | SliceCap, keep: bool = False) -> Remote:
+    def get(self, cap: ReadCap | SliceCap | ChunkedCap, keep: bool = False) -> Remote:
         """A reader of ``cap``; ``keep``: stays open a while once unused."""
         key = cap.to_string()
         reader = self._idle.pop(key, None)
         if reader is None:
             reader, users = self._open.get(key, (None, 0))
             if reader is None:
-                reader = CapReader(self.session, cap, self.cache)
+                reader = open_reader(self.session, cap, self.cache)
         else:
             users = 0
         self._open[key] = (reader, users + 1)

@@ -46,8 +46,12 @@ class CapReader:
     """Random-access reads of one immutable file, segment by segment (a file
     in a pack: its range of the pack, whose segments its neighbours share)."""
 
-    def __init__(self, session: TreeSession, cap: ReadCap | SliceCap, cache: SegmentCache) -> None:
+    def __init__(
+        self, session: TreeSession, cap: ReadCap | SliceCap, cache: SegmentCache, lazy: bool = False
+    ) -> None:
         self.session = session
+        self.lazy = lazy
+        """read only the shares' heads it needs (a chunk: see open_downloader)"""
         self.slice = cap if isinstance(cap, SliceCap) else None
         self.cap = cap.pack if isinstance(cap, SliceCap) else cap
         """the stored file read"""
@@ -84,7 +88,7 @@ class CapReader:
             async def hold(
                 *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
             ) -> None:
-                async with open_downloader(self.session.grid.broker, self.cap) as d:
+                async with open_downloader(self.session.grid.broker, self.cap, lazy=self.lazy) as d:
                     self._downloader = d
                     task_status.started()
                     await ready.wait()  # held until the file is closed

@@ -5,13 +5,17 @@
 ``gridfs:chk:KEY:UEB:K:N:SIZE``         read cap: decrypt and verify
 ``gridfs:chk-verify:SI:UEB:K:N:SIZE``   verify cap: check shares, cannot read
 ``gridfs:slice:FKEY:OFFSET:LENGTH:KEY:UEB:K:N:SIZE``  one file in a pack
+``gridfs:chunked:KEY:UEB:K:N:MSIZE:SIZE``         a chunked file (read cap)
+``gridfs:chunked-verify:SI:UEB:K:N:MSIZE:SIZE``   its verify cap
 =====================  ==================================================
 
 KEY is the 32-byte AES key, UEB the 32-byte hash of the extension block, SI
 the 16-byte storage index; binary fields are lowercase RFC 4648 base32
 without padding.  A slice cap names LENGTH bytes at OFFSET of the pack whose
 read cap follows, and FKEY, the key of that file alone (see
-:mod:`gridfs.pack`).  Parsing is strict: one spelling per cap, or
+:mod:`gridfs.pack`).  A chunked cap is the read (or verify) cap of the
+file's manifest, a CHK object of MSIZE bytes (:mod:`gridfs.manifest`),
+followed by SIZE, the size of the file it describes.  Parsing is strict: one spelling per cap, or
 :class:`CapError`.
 """
 
@@ -155,11 +159,60 @@ class SliceCap:
         return f"gridfs:slice:{b32encode(self.key)}:{self.offset}:{self.length}:{pack}"
 
 
-ImmutableCap = LiteralCap | ReadCap | VerifyCap | SliceCap
-FileCap = LiteralCap | ReadCap | SliceCap
+@dataclass(frozen=True)
+class ChunkedVerifyCap:
+    """Checks the shares of a chunked file's manifest (the chunk list is
+    encrypted: checking the chunks themselves takes the read cap)."""
+
+    manifest: VerifyCap
+    size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.size <= MAX_FILE_SIZE:
+            raise CapError("file size out of range")
+
+    @property
+    def storage_index(self) -> bytes:
+        return self.manifest.storage_index
+
+    def to_string(self) -> str:
+        inner = self.manifest.to_string().removeprefix("gridfs:chk-verify:")
+        return f"gridfs:chunked-verify:{inner}:{self.size}"
+
+
+@dataclass(frozen=True)
+class ChunkedCap:
+    """Reads a large file stored as chunks: the read cap of its manifest
+    (an ordinary CHK object listing the chunks' caps and the holes) and the
+    file's size, which the manifest must state too."""
+
+    manifest: ReadCap
+    size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.size <= MAX_FILE_SIZE:
+            raise CapError("file size out of range")
+
+    @property
+    def storage_index(self) -> bytes:
+        return self.manifest.storage_index
+
+    def verify_cap(self) -> ChunkedVerifyCap:
+        return ChunkedVerifyCap(self.manifest.verify_cap(), self.size)
+
+    def to_string(self) -> str:
+        inner = self.manifest.to_string().removeprefix("gridfs:chk:")
+        return f"gridfs:chunked:{inner}:{self.size}"
+
+
+ImmutableCap = LiteralCap | ReadCap | VerifyCap | SliceCap | ChunkedCap | ChunkedVerifyCap
+FileCap = LiteralCap | ReadCap | SliceCap | ChunkedCap
 """What reads a file's bytes."""
 
 _INT = r"(0|[1-9][0-9]{0,19})"
+_CHUNKED_RE = re.compile(
+    rf"gridfs:(chunked|chunked-verify):((?:[a-z2-7]+:){{2}}{_INT}:{_INT}:{_INT}):{_INT}"
+)
 _LIT_RE = re.compile(r"gridfs:lit:([a-z2-7]*)")
 _CHK_RE = re.compile(rf"gridfs:(chk|chk-verify):([a-z2-7]+):([a-z2-7]+):{_INT}:{_INT}:{_INT}")
 _SLICE_RE = re.compile(rf"gridfs:slice:([a-z2-7]+):{_INT}:{_INT}:(.*)")
@@ -185,6 +238,14 @@ def parse(text: str) -> ImmutableCap:
             raise CapError(f"bad pack in slice cap: {e}") from None
         assert isinstance(pack, ReadCap)
         return SliceCap(b32decode(m[1], KEY_SIZE, "slice key"), int(m[2]), int(m[3]), pack)
+    m = _CHUNKED_RE.fullmatch(stripped)
+    if m is not None:
+        verify = m[1] == "chunked-verify"
+        inner = parse(("gridfs:chk-verify:" if verify else "gridfs:chk:") + m[2])
+        if isinstance(inner, VerifyCap):
+            return ChunkedVerifyCap(inner, int(m[6]))
+        assert isinstance(inner, ReadCap)
+        return ChunkedCap(inner, int(m[6]))
     m = _CHK_RE.fullmatch(stripped)
     if m is None:
         raise CapError(f"not a gridfs cap: {shown}")
@@ -199,7 +260,7 @@ def parse(text: str) -> ImmutableCap:
 
 def parse_read_cap(text: str) -> FileCap:
     cap = parse(text)
-    if isinstance(cap, VerifyCap):
+    if isinstance(cap, VerifyCap | ChunkedVerifyCap):
         raise CapError("a verify cap cannot read a file; a read cap (gridfs:chk:...) is needed")
     return cap
 

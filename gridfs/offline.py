@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .caps import LITERAL_MAX, LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
+from .caps import LITERAL_MAX, ChunkedCap, LiteralCap, ReadCap, SliceCap, b32encode, parse_read_cap
 from .codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from .crypto import random_key
 from .errors import CorruptShareError, FormatError, GridError, NotEnoughSharesError, UsageError
@@ -174,6 +174,11 @@ def decode_to(
     if isinstance(cap, SliceCap):
         raise UsageError(
             "a slice cap names a file inside a pack, not shares of its own:"
+            " `gridfs get` reads it from the grid"
+        )
+    if isinstance(cap, ChunkedCap):
+        raise UsageError(
+            "a chunked cap names a manifest and its chunks, each with shares of its own:"
             " `gridfs get` reads it from the grid"
         )
     if isinstance(cap, LiteralCap):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import trio
 
-from .caps import LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
+from .caps import ChunkedCap, ChunkedVerifyCap, LiteralCap, ReadCap, SliceCap, VerifyCap, stored_cap
 from .caps import parse as parse_cap
 from .dirnode import Entry
 from .errors import CapError, FormatError
@@ -39,7 +39,7 @@ def storage_index_of(cap: str) -> bytes | None:
             return parse_slot_cap(cap).storage_index
         except CapError:
             return None
-    if isinstance(parsed, ReadCap | VerifyCap | SliceCap):
+    if isinstance(parsed, ReadCap | VerifyCap | SliceCap | ChunkedCap | ChunkedVerifyCap):
         return parsed.storage_index
     assert isinstance(parsed, LiteralCap)
     return None

@@ -84,7 +84,7 @@ class Executor(Protocol):
         self, source: Path, base_cap: str, extents: list[tuple[int, int]], size: int
     ) -> str:
         """Store the version of ``base_cap`` that a queued edit makes (see
-        gridfs.client.edits.put_edit); its cap."""
+        gridfs.client.chunked.put_edit); its cap."""
 
     async def dropped(self, old: str, new: str) -> set[str]:
         """Caps the root directory ``old`` references and ``new`` does not."""

@@ -546,10 +546,12 @@ def test_read_segments_are_cached_on_disk_across_remounts(
 ) -> None:
     mp = fresh_mount.mountpoint
     before = share_sizes(mount_grid)
-    data = os.urandom(3_000_000)
+    data = os.urandom(3_000_000)  # a chunked file: a manifest and chunks
     (mp / "cached.bin").write_bytes(data)
     fresh_mount.flush()
-    (si,) = [s for s, size in share_sizes(mount_grid).items() if s not in before and size > 1e6]
+    cap = parse_read_cap(os.getxattr(mp / "cached.bin", "user.gridfs.cap").decode())
+    chunks = [s for s, size in share_sizes(mount_grid).items() if s not in before and size > 1e5]
+    sis = [*chunks, b32encode(cap.storage_index)]  # type: ignore[union-attr]
     fresh_mount.remount()
     assert (mp / "cached.bin").read_bytes() == data  # fetched from the grid, and cached
     cache = fresh_mount.node / "cache" / "segments"
@@ -560,8 +562,9 @@ def test_read_segments_are_cached_on_disk_across_remounts(
     wait_for(lambda: cached() >= len(data), timeout=10, what="the segments on disk")
     assert cached() >= len(data)
     fresh_mount.remount()
-    for d in mount_grid.dir.glob(f"storage-*/storage/shares/*/{si}"):
-        shutil.rmtree(d)  # the file is gone from the grid: only the cache can answer
+    for si in sis:
+        for d in mount_grid.dir.glob(f"storage-*/storage/shares/*/{si}"):
+            shutil.rmtree(d)  # the file is gone from the grid: only the cache can answer
     assert (mp / "cached.bin").read_bytes() == data
 
 

@@ -24,14 +24,11 @@ PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def queued_bytes(node: Path) -> int:
-    """Disk the node's queue tempfiles and staging files take (allocated
-    blocks; the materialized ``.full`` file a put_edit stand-in may be
-    uploading is not pending work)."""
+    """Disk the node's queue tempfiles and staging files take (allocated blocks)."""
     total = 0
     for d in [*node.glob("queues/*/tempfiles"), *node.glob("queues/*/staging")]:
         for p in d.iterdir():
-            if not p.name.endswith(".full"):
-                total += p.stat().st_blocks * 512
+            total += p.stat().st_blocks * 512
     return total
 
 

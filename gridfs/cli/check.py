@@ -7,8 +7,9 @@ import contextlib
 import json
 from typing import Any
 
-from ..caps import LiteralCap, parse, stored_cap
+from ..caps import ChunkedCap, ChunkedVerifyCap, LiteralCap, parse, stored_cap
 from ..client.check import CheckResult, check_file
+from ..client.chunkcheck import check_chunked
 from ..client.grid import GridClient
 from ..client.repair import repair_file
 from ..client.session import TreeSession, load_aliases, split_grid_path
@@ -39,6 +40,8 @@ def register(sub: Any) -> None:
 def describe(path: str, r: CheckResult) -> str:
     state = "healthy" if r.healthy else ("unhealthy" if r.recoverable else "UNRECOVERABLE")
     extra = f", {len(r.corrupt)} corrupt" if r.corrupt else ""
+    if r.parts > 1:
+        extra += f" (the worst of {r.parts} parts: manifest and chunks)"
     return f"{path}: {state}: {r.good_shares} of {r.total} good shares (needs {r.needed}){extra}"
 
 
@@ -90,6 +93,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 async def examine(grid: GridClient, cap: Any, args: argparse.Namespace) -> CheckResult:
+    if isinstance(cap, ChunkedCap | ChunkedVerifyCap):  # its manifest and each chunk
+        return await check_chunked(grid, cap, args.verify, args.repair)
     if args.repair and not isinstance(cap, LiteralCap):
         return await repair_file(grid.broker, cap)
     return await check_file(grid.broker, cap, args.verify)

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ..caps import parse as parse_cap
+from ..client.chunkread import expand
 from ..client.grid import GridClient
 from ..client.keeper import RetainedSet, get_keeper, lease_lock
 from ..client.leases import renew
@@ -60,6 +61,7 @@ def cmd_retain(args: argparse.Namespace) -> int:
                     slot = cap.startswith(("gridfs:ssk:", "gridfs:ssk-ro:"))
                     found |= await keeper.tree_caps(cap) if slot else {cap}
                 await grid.wait_for_servers()
+                found = await expand(grid, found)  # chunked files: their chunks too
                 sis = [si for c in found if (si := storage_index_of(c)) is not None]
                 report = await renew(grid.broker, sis)
                 held = report.objects - len(report.unheld)

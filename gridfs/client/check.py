@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ..caps import LiteralCap, ReadCap, VerifyCap, b32encode
+from ..caps import ChunkedCap, ChunkedVerifyCap, LiteralCap, ReadCap, VerifyCap, b32encode
 from ..caps import parse as parse_cap
 from ..errors import GridError, IntegrityError
 from ..immutable import FileDecoder
@@ -40,6 +40,9 @@ class CheckResult:
     """server → share numbers it claimed"""
     unreachable: list[str] = field(default_factory=list)
     verified: bool = False
+    parts: int = 1
+    """Stored objects checked: a chunked file's manifest and chunks
+    (:mod:`gridfs.client.chunkcheck`), whose least healthy part this is."""
 
     @property
     def good_shares(self) -> int:
@@ -63,9 +66,9 @@ class CheckResult:
             cap = parse_cap(self.cap)
         except GridError:
             return None
-        if isinstance(cap, ReadCap):
+        if isinstance(cap, ReadCap | ChunkedCap):
             return cap.verify_cap().to_string()
-        return cap.to_string() if isinstance(cap, VerifyCap) else None
+        return cap.to_string() if isinstance(cap, VerifyCap | ChunkedVerifyCap) else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +86,7 @@ class CheckResult:
             ],
             "unreachable": self.unreachable,
             "share_holders": {str(n): s for n, s in sorted(self.good.items())},
+            "parts": self.parts,
         }
 
 

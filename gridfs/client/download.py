@@ -54,10 +54,14 @@ class Source:
 
 @contextlib.asynccontextmanager
 async def open_downloader(
-    broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4
+    broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4, lazy: bool = False
 ) -> AsyncIterator[Downloader]:
-    """A downloader whose share search runs (in the background) while it lives."""
-    downloader = Downloader(broker, cap, window)
+    """A downloader whose share search runs (in the background) while it lives.
+    ``lazy``: ask the first k+1 servers in the file's order where its shares
+    are and read the heads of k+1 shares only, asking and reading the others
+    when those fail (a small file, such as a chunk, whose reads cost little
+    beside the search)."""
+    downloader = Downloader(broker, cap, window, lazy)
     async with trio.open_nursery() as nursery:
         await nursery.start(downloader._locate)
         try:
@@ -69,8 +73,18 @@ async def open_downloader(
 class Downloader:
     """Reads one immutable file; get one from :func:`open_downloader`."""
 
-    def __init__(self, broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4) -> None:
+    def __init__(
+        self, broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4, lazy: bool = False
+    ) -> None:
         self.broker = broker
+        self.lazy = lazy
+        self._unread: list[Source] = []
+        """(lazy) shares found whose heads are not read yet"""
+        self._heads = 0
+        """heads being read by the share search"""
+        self._unasked: list[Server] = []
+        """(lazy) servers not asked yet where their shares are"""
+        self._ask: Callable[[Server], Awaitable[None]] | None = None
         self.cap = cap
         self.window = window
         self.decoder = FileDecoder(cap)
@@ -122,19 +136,42 @@ class Downloader:
                 return
             self.servers_answered += 1
             for num, size in shares:
-                await self._add_source(Source(server, num, size))
+                if self.lazy and len(self._usable()) + self._heads > self.cap.k:
+                    self._unread.append(Source(server, num, size))
+                    continue
+                self._heads += 1
+                try:
+                    await self._add_source(Source(server, num, size))
+                finally:
+                    self._heads -= 1
                 maybe_ready()
 
+        self._ask = ask
+        servers = self.broker.permuted(self.decoder.storage_index)
+        if self.lazy:  # the first k+1 in the file's order hold shares, normally
+            servers, self._unasked = servers[: self.cap.k + 1], servers[self.cap.k + 1 :]
         try:
             async with trio.open_nursery() as nursery:
-                for server in self.broker.permuted(self.decoder.storage_index):
+                for server in servers:
                     self.servers_asked += 1
                     nursery.start_soon(ask, server)
+            if len(self._usable()) < self.cap.k and self._unasked:
+                await self._ask_rest()
         finally:
             self._locating = False
             self._wake()
         if not started:
+            started = True  # (asks made later, lazily, must not start it again)
             task_status.started()
+
+    async def _ask_rest(self) -> None:
+        """(lazy) Ask the servers not asked yet where their shares are."""
+        assert self._ask is not None
+        servers, self._unasked = self._unasked, []
+        async with trio.open_nursery() as nursery:
+            for server in servers:
+                self.servers_asked += 1
+                nursery.start_soon(self._ask, server)
 
     async def _add_source(self, source: Source) -> None:
         try:
@@ -166,6 +203,13 @@ class Downloader:
             raise CorruptShareError(source.sharenum, "server returned a short or malformed read")
         return data
 
+    async def _read_heads(self, count: int) -> None:
+        """(lazy) Read the heads of ``count`` more shares found before."""
+        batch, self._unread = self._unread[:count], self._unread[count:]
+        async with trio.open_nursery() as nursery:
+            for source in batch:
+                nursery.start_soon(self._add_source, source)
+
     async def wait_located(self) -> None:
         """Wait until every server has answered (or timed out) about its shares."""
         while self._locating:
@@ -184,6 +228,12 @@ class Downloader:
 
         while len(blocks) < k:
             choice = self._choose(k - len(blocks), exclude=set(blocks))
+            if not choice and self._unread:
+                await self._read_heads(k - len(blocks))
+                continue
+            if not choice and self._unasked:
+                await self._ask_rest()
+                continue
             if not choice:
                 if self._locating:
                     await self._changed.wait()
@@ -293,6 +343,11 @@ class Downloader:
         end = size if length is None else min(size, offset + length)
         if offset >= end:
             return
+        while self.decoder.geometry is None and (self._unread or self._unasked):
+            if self._unread:  # (lazy) the heads read failed
+                await self._read_heads(self.cap.k)
+            else:
+                await self._ask_rest()
         if self.decoder.geometry is None:
             raise NotEnoughSharesError(
                 f"no usable share found: {self.servers_answered} of {self.servers_asked} "

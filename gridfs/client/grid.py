@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..caps import LITERAL_MAX, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
+from ..caps import LITERAL_MAX, ChunkedCap, FileCap, LiteralCap, ReadCap, SliceCap, VerifyCap
 from ..config import NodeDir
 from ..errors import GridError, UsageError, plain_grid_errors, unwrap
 from ..membership import REVOCATIONS_NAME
 from ..net.identity import NodeAddress
 from ..pack import open_slice
 from .broker import StorageBroker
+from .chunked import CHUNKED_MIN_SIZE, put_chunked, stream_chunked
 from .download import Downloader, open_downloader
 from .seen import SeenVersions
 from .transfers import Transfers
@@ -70,6 +71,8 @@ class GridClient:
                 progress(n)
 
         try:
+            if size > CHUNKED_MIN_SIZE:
+                return UploadReport(await put_chunked(self, path, counted, drop))
             return await upload_file(
                 self.broker, path, self.params, self.secret, counted, drop=drop, digest=digest
             )
@@ -84,6 +87,8 @@ class GridClient:
         length: int | None = None,
     ) -> list[str]:
         """Stream a file (or a range of it) to ``write``; return problems seen."""
+        if isinstance(cap, ChunkedCap):
+            return await stream_chunked(self, cap, write, offset, length)
         if isinstance(cap, SliceCap):  # its range of the pack, opened with its key
             end = cap.size if length is None else min(cap.size, offset + length)
             at = offset

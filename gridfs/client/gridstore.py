@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..caps import LITERAL_MAX, LiteralCap, SliceCap, parse_read_cap
+from ..caps import LITERAL_MAX, ChunkedCap, LiteralCap, SliceCap, parse_read_cap
 from ..errors import GridError, UsageError, plain_grid_errors
 from ..mutable import SlotReadCap, SlotWriteCap
 from ..pack import open_slice
@@ -46,6 +46,8 @@ async def download_bytes(broker: StorageBroker, cap_text: str) -> bytes:
     cap = parse_read_cap(cap_text)
     if isinstance(cap, LiteralCap):
         return cap.data
+    if isinstance(cap, ChunkedCap):
+        raise GridError("a directory is never a chunked file")
     with plain_grid_errors():
         if isinstance(cap, SliceCap):
             async with open_downloader(broker, cap.pack) as downloader:

@@ -50,6 +50,7 @@ from ..mutable import SlotReadCap, SlotWriteCap, parse_slot_cap
 from ..reach import storage_index_of, subtree_caps
 from ..tree import Tree, unpack_root
 from ..workqueue import queue_directories, retained_caps
+from .chunkread import expand
 from .grid import GridClient
 from .gridstore import GridStore
 from .leases import CancelReport, RenewReport, cancel, renew, take_fences
@@ -275,7 +276,9 @@ class Keeper:
                     self.unwalkable.append(f"{log_name(root)}: {e}")
                     log.warning("cannot walk the tree %s: %s", log_name(root), e)
             roots |= {c for c in found if c.startswith("gridfs:ssk")}
-        return found
+        # A chunked file keeps its manifest and every chunk (a chunk shared
+        # by two files or versions stays while either is kept).
+        return await expand(self.grid, found, strict)
 
     async def renew_all(self) -> RenewReport:
         """Renew this node's lease on everything it keeps, at every server."""
@@ -309,7 +312,8 @@ class Keeper:
         still keeps."""
         dropped = set(caps)
         _, doomed = await self.expire_snapshots()
-        dropped |= doomed
+        # (a manifest that cannot be read: its chunks' leases simply run out)
+        dropped = await expand(self.grid, dropped | doomed, strict=False)
         sis = {si for c in dropped if (si := storage_index_of(c)) is not None}
         if not sis:
             return CancelReport()

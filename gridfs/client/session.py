@@ -24,7 +24,7 @@ from ..reach import dropped_caps
 from ..tree import Tree, empty_dir_cap, pack_root
 from ..workqueue import WorkQueue, queue_directory
 from . import links
-from .edits import put_edit
+from .chunked import put_edit
 from .grid import GridClient
 from .gridstore import GridStore, OverlayStore
 from .keeper import get_keeper, lease_lock

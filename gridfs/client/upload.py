@@ -27,7 +27,7 @@ from pathlib import Path
 import trio
 
 from ..aio import in_thread, ordered_tasks
-from ..caps import LITERAL_MAX, LiteralCap, ReadCap
+from ..caps import LITERAL_MAX, ChunkedCap, LiteralCap, ReadCap
 from ..codec import DEFAULT_K, DEFAULT_N, DEFAULT_SEGMENT_SIZE, params_for_size
 from ..errors import GridError, plain_grid_errors
 from ..fileutil import drop_cache
@@ -89,7 +89,7 @@ class Bucket:
 
 @dataclass
 class UploadReport:
-    cap: LiteralCap | ReadCap
+    cap: LiteralCap | ReadCap | ChunkedCap
     placements: dict[int, str] = field(default_factory=dict)
     """share number → server name"""
     servers: int = 0
@@ -104,13 +104,16 @@ async def upload_file(
     progress: Progress | None = None,
     drop: bool = False,
     digest: bytes | None = None,
+    literal: bool = True,
 ) -> UploadReport:
     """Store the file at ``path`` on the grid.  ``drop``: the file is read
     once (a queue's tempfile), let the page cache go of it behind the reads.
     ``digest``: its plaintext hash (:class:`PlaintextHasher`) when the caller
-    already knows it, which saves a pass over the file."""
+    already knows it, which saves a pass over the file.  ``literal``: a
+    file of at most LITERAL_MAX bytes becomes a literal cap (else a CHK
+    object like any other: chunks and manifests are always stored)."""
     size = os.stat(path).st_size
-    if size <= LITERAL_MAX:
+    if size <= LITERAL_MAX and literal:
         return UploadReport(LiteralCap(Path(path).read_bytes()))
     codec = params_for_size(params.k, params.n, params.segment_size, size)
     if digest is not None and secret is not None:
