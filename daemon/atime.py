@@ -6,7 +6,8 @@ the mtime stands in).  Setting it (utimensat, ``touch -a``, ``tar``,
 moves it to now only when it is not after the mtime or the ctime, or is a day
 old (relatime): a file read over and over changes its directory once a day
 at most, and "was it read since it was written" still has its answer.  Such
-a move is not synced on its own and moves no ctime.
+a move is not synced on its own and moves no ctime.  ``-o noatime`` turns
+the moves on reads off.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ async def read_by(ops: Any, of: Any) -> None:
     when :func:`stale`.  A file being written keeps the new atime with its
     next commit; any other is stored now (not synced)."""
     now = time.time_ns()
-    if not stale(of.entry, now) or of.unlinked or ops.readonly or in_snapshots(of.path):
+    if not ops.daemon.options.atime or ops.readonly or of.unlinked or in_snapshots(of.path):
+        return
+    if not stale(of.entry, now):
         return
     of.entry = with_atime(of.entry, now)
     if of.staged or of.dirty or of.entry.kind != "file":

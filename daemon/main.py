@@ -87,6 +87,8 @@ FLAGS = frozenset(
         "nodev",
         "ro",
         "show_snapshots",
+        "noatime",
+        "relatime",
     ]
 )
 """Options that are on when named and take no value."""
@@ -120,6 +122,8 @@ class MountOptions:
     """refuse every change with EROFS (``-o ro``; always for a read-only cap)"""
     show_snapshots: bool = False
     """list ``.snapshots`` in the top directory (it is reachable by name anyway)"""
+    atime: bool = True
+    """reads move the atime as ``relatime`` does (``-o noatime``: never)"""
     uidmap: IdMap = field(default_factory=IdMap)
     """stored user ids shown as other local ones (``-o uidmap=S:L[:N]``, repeatable)"""
     gidmap: IdMap = field(default_factory=IdMap)
@@ -163,6 +167,8 @@ class MountOptions:
                 opts.readonly = True
             elif key == "show_snapshots":
                 opts.show_snapshots = True
+            elif key in ("noatime", "relatime"):
+                opts.atime = key == "relatime"
             elif key in ("suid", "nosuid", "dev", "nodev"):
                 setattr(opts, key.removeprefix("no"), not key.startswith("no"))
             elif key == "cache_size":

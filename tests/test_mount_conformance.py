@@ -1133,3 +1133,20 @@ def test_atimes_survive_a_remount(mount_node: Path, tmp_path: Path) -> None:
     with mounted(mount_node, mnt, options="refresh=1"):
         assert os.stat(mnt / "set").st_atime_ns == 1_234_567_890_123_456_789
         assert os.stat(mnt / "read").st_atime_ns == moved
+
+
+def test_noatime_reads_leave_the_atime_and_queue_nothing(mount_node: Path, tmp_path: Path) -> None:
+    """-o noatime: a read whose atime relatime would move leaves it, and
+    queues no change (so a mount that only reads never commits)."""
+    mnt = tmp_path / "mnt"
+    with mounted(mount_node, mnt, options="refresh=1") as m:
+        make(str(mnt / "read"))
+        os.utime(mnt / "read", ns=(1_000_000_000, 1_600_000_000_000_000_000))
+        m.flush()
+    with mounted(mount_node, mnt, options="refresh=1,noatime"):
+        read(str(mnt / "read"))
+        assert os.stat(mnt / "read").st_atime_ns == 1_000_000_000
+        queue = subprocess.run(
+            [GRIDFS, "queue", "--node", str(mount_node)], capture_output=True, text=True
+        )
+        assert "0 pending steps" in queue.stdout, queue.stdout + queue.stderr

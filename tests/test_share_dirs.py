@@ -245,7 +245,9 @@ def test_concurrent_writers_through_a_shared_directory_lose_nothing(
     rw = gridfs("share", "grid:/src/sub", "--node", owner).stdout.strip()
     friend = mount_grid.new_node(tmp_path / "friend")
     gridfs("alias", "add", "sub", rw, "--node", friend)
-    theirs = Mount(tmp_path / "theirs", friend, "refresh=1000", tree="sub")
+    # noatime: the friend's read must not commit (an atime), which would
+    # refresh its view and so let it see the owner's change before writing.
+    theirs = Mount(tmp_path / "theirs", friend, "refresh=1000,noatime", tree="sub")
     with mounted(owner, tmp_path / "ours") as ours:
         shared = ours.mountpoint / "src" / "sub"
         theirs.mount()
