@@ -194,6 +194,8 @@ def test_tree_commands_use_the_shared_directorys_records(
     os.link(local / "a", local / "b")
     gridfs("cp", "-r", local, "grid:/src/sub/", "--node", owner)
     assert len(ls("grid:/src/sub/.gridfs-links", owner)) == 1
+    assert ".gridfs-links/" not in ls("grid:/src/sub", owner) + ls("sub:/", friend)
+    assert "reserved" in failing("rm", "-r", "grid:/src/sub/.gridfs-links", "--node", owner)
     assert sorted(ls("sub:/linked", friend)) == ["a", "b"]
     assert cat("sub:/linked/b", friend) == (local / "a").read_bytes()
     checked = gridfs("check", "-r", "--json", "grid:/", "--node", owner).stdout.splitlines()
