@@ -174,7 +174,7 @@ class GridOperations(pyfuse3.Operations):
         """The path and entry of a name about to be made, removed or renamed."""
         path = (*self.inodes.path(parent_inode), fuse_name(name))
         self.check_writable(path)
-        if links.hidden(path):  # the tree's records: a reserved name
+        if await links.hidden(self.view, path):  # a slot's records: a reserved name
             raise pyfuse3.FUSEError(errno.EPERM)
         return path, await self.view.lookup(path)
 
@@ -297,6 +297,7 @@ class GridOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if src == dst or links.same_inode(entry, target):
             return  # (two names of one inode: POSIX's no-op)
+        await links.check_crossing(self, src, entry, dst)
         await self.check_sticky(src, (await links.resolve(self.view, src))[1] or entry, ctx)
         if target is not None:
             await self.check_sticky(dst, (await links.resolve(self.view, dst))[1] or target, ctx)
@@ -409,7 +410,7 @@ class GridOperations(pyfuse3.Operations):
             parent = await self.getattr(self.inodes.get(path[:-1]))
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
-        names = [name for name in listing if not links.hidden((*path, name))]
+        names = [n for n in listing if not await links.hidden(self.view, (*path, n))]
         for i in range(max(0, start_id - 2), len(names)):
             name = names[i]
             child, entry = await links.child(self.view, (*path, name), listing.entries[name])

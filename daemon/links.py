@@ -4,6 +4,10 @@ A linked file's inode is its record: the mount's inode number names the
 record's path (``.gridfs-links/ID``), so every name reports the same
 st_ino, an open file is shared by all its names, and a change through one
 name (attributes, content) is a change of the record, seen through all.
+Records are kept per slot (the top's, or a shared directory's
+``.gridfs-links``): a name and its record are always in the same slot, so
+link() or rename() of a name across a slot's boundary answers EXDEV, as
+between two filesystems.
 The name operations (lookup, link, unlink, rename) follow references here;
 every change they make is queued in one transaction, so that a crash keeps
 names and link counts consistent.
@@ -22,6 +26,7 @@ from gridfs.dirnode import Entry
 from gridfs.links import (
     LINKS_DIR,
     SUBDIRS,
+    is_slot_top,
     link_id,
     new_id,
     nlink,
@@ -46,23 +51,42 @@ def top_of(path: Path) -> Path:
     return path[:2] if in_snapshots(path) and len(path) >= 2 else ()
 
 
-def hidden(path: Path) -> bool:
-    """Whether ``path`` is the records directory (never shown, never made)."""
+async def slot_top(view: View, path: Path) -> Path:
+    """The top of the slot the name ``path`` is in: its nearest shared
+    directory above it, else the top of its tree (whose records it uses)."""
     top = top_of(path)
-    return len(path) == len(top) + 1 and path[-1] == LINKS_DIR
+    for end in range(len(path) - 1, len(top), -1):
+        if is_slot_top(await view.lookup(path[:end])):
+            return path[:end]
+    return top
+
+
+async def is_records(view: View, path: Path) -> bool:
+    """Whether the directory ``path`` is a slot's records directory."""
+    return path[-1:] == (LINKS_DIR,) and await is_top(view, path[:-1])
+
+
+async def is_top(view: View, path: Path) -> bool:
+    """Whether the directory ``path`` is a slot's top."""
+    return path == top_of(path) or is_slot_top(await view.lookup(path))
+
+
+async def hidden(view: View, path: Path) -> bool:
+    """Whether ``path`` is a records directory (never shown, never made)."""
+    return len(path) > len(top_of(path)) and await is_records(view, path)
 
 
 async def resolve(view: View, path: Path) -> tuple[Path, Entry | None]:
     """The inode at ``path``: its record (path and entry) when the name is a
     reference, else the name itself.  A reference whose record is missing
     (a tree changed by hand) shows as itself: an empty entry."""
-    if hidden(path):
+    if await hidden(view, path):
         return path, None
     entry = await view.lookup(path)
     link = link_id(entry)
     if link is None:
         return path, entry
-    where = record_path(link, top_of(path))
+    where = record_path(link, await slot_top(view, path))
     record = await view.lookup(where)
     return (path, entry) if record is None else (where, record)
 
@@ -84,7 +108,8 @@ def count(view: View, path: Path, entry: Entry) -> int:
         return nlink(entry)
     listing = view.batch.dirs.get(path) if view.batch is not None else None
     if listing is not None:
-        return 2 + subdirs(listing, top=not path)
+        top = not path or (view.batch is not None and path in view.batch.shared)
+        return 2 + subdirs(listing, top=top)
     stored = entry.extra.get(SUBDIRS)
     return 2 + stored if type(stored) is int and stored >= 0 else 2
 
@@ -190,8 +215,13 @@ async def link(ops: Any, inode: int, new_path: Path) -> tuple[int, Entry]:
         raise pyfuse3.FUSEError(errno.EPERM)
     now = time.time_ns()
     entry = await settled(ops, src, entry)
-    top = top_of(src)
-    if src[len(top) : len(top) + 1] == (LINKS_DIR,):  # a record already
+    if len(src) >= 2 and await is_records(ops.view, src[:-1]):  # a record already
+        top = src[:-2]
+    else:
+        top = await slot_top(ops.view, src)
+    if await slot_top(ops.view, new_path) != top:
+        raise pyfuse3.FUSEError(errno.EXDEV)  # a name and its record share a slot
+    if src[:-1] == (*top, LINKS_DIR):
         link = src[-1]
         record = with_nlink(entry, nlink(entry) + 1, now)
         steps = [put(ops, src, record), put(ops, new_path, reference(record, link))]
@@ -218,7 +248,7 @@ async def unlink_steps(ops: Any, path: Path, entry: Entry, now: int) -> list[Ste
     link = link_id(entry)
     if link is None:
         return []
-    where = record_path(link, top_of(path))
+    where = record_path(link, await slot_top(ops.view, path))
     record = await ops.view.lookup(where)
     if record is None:
         return []
@@ -237,9 +267,8 @@ async def unlink(ops: Any, path: Path, entry: Entry) -> bool:
     now = time.time_ns()
     extra = await unlink_steps(ops, path, entry, now)
     await apply(ops, [delete(ops, path, now), *extra])
-    where = record_path(link, top_of(path))
     if extra and isinstance(extra[0][1], Delete):
-        _gone(ops, where)
+        _gone(ops, extra[0][1].path)
     return True
 
 
@@ -254,7 +283,7 @@ async def rename(
         steps += await unlink_steps(ops, dst, target, now)
     link = link_id(entry)
     if link is not None:  # the inode is the record: its ctime moves (as Linux's)
-        where = record_path(link, top_of(src))
+        where = record_path(link, await slot_top(ops.view, src))
         record = await ops.view.lookup(where)
         touched = {c.path for _, c in steps if isinstance(c, Put | Delete)}
         if record is not None and where not in touched:
@@ -262,12 +291,44 @@ async def rename(
             _update_open(ops, where, record)
             steps.append(put(ops, where, record))
     await apply(ops, steps)
-    gone = link_id(target)
-    if gone is not None and any(isinstance(c, Delete) for _, c in steps[1:]):
-        _gone(ops, record_path(gone, top_of(dst)))
+    for _, change in steps[1:]:
+        if isinstance(change, Delete):
+            _gone(ops, change.path)
 
 
 def same_inode(entry: Entry | None, target: Entry | None) -> bool:
     """Whether two names are links of one inode (rename between them: a no-op)."""
     link = link_id(entry)
     return link is not None and link == link_id(target)
+
+
+async def check_crossing(ops: Any, src: Path, entry: Entry, dst: Path) -> None:
+    """EXDEV for a rename that would take a reference out of its record's
+    slot: the name itself, or a directory holding one (a shared directory
+    is a slot of its own and moves whole).  Checked only when the two ends
+    lie in different slots, and a directory is walked only when its slot
+    has records at all."""
+    if is_slot_top(entry):
+        return
+    top = await slot_top(ops.view, src)
+    if await slot_top(ops.view, dst) == top:
+        return
+    if link_id(entry) is not None:
+        raise pyfuse3.FUSEError(errno.EXDEV)
+    if entry.is_dir and await ops.view.dir((*top, LINKS_DIR)) and await holds_links(ops.view, src):
+        raise pyfuse3.FUSEError(errno.EXDEV)
+
+
+async def holds_links(view: View, path: Path) -> bool:
+    """Whether the directory ``path`` holds a reference of its slot (shared
+    directories beneath it are slots of their own, not looked into)."""
+    pending = [path]
+    while pending:
+        here = pending.pop()
+        listing = await view.dir(here)
+        for name, entry in (listing.entries if listing is not None else {}).items():
+            if link_id(entry) is not None:
+                return True
+            if entry.is_dir and not is_slot_top(entry):
+                pending.append((*here, name))
+    return False

@@ -3,7 +3,11 @@ the lookups that follow them).
 
 Directories stay immutable and shareable: a hard-linked file's attributes
 and content are kept once, in a *record*, the entry named by the link's id in
-the hidden directory :data:`LINKS_DIR` at the top of the tree.  Each of its
+the hidden directory :data:`LINKS_DIR` at the top of its *slot*: the
+nearest shared directory above the name (docs/formats.md §13.2), else the
+tree's top.  So a slot is self-contained: a holder of only a shared
+directory's cap finds every record its references name, and a name never
+refers across a slot's boundary (link and rename there are EXDEV).  Each of its
 names is a *reference*: an entry of the same kind, with no cap and no data,
 whose ``extra`` property :data:`LINK` holds the id.  The record's ``extra``
 property :data:`NLINK` counts the references (st_nlink).  A file becomes a
@@ -24,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .dirnode import Directory, Entry
+from .shares import SLOT
 
 LINKS_DIR = ".gridfs-links"
 """The top directory's hidden entry holding the tree's inode records."""
@@ -87,8 +92,15 @@ def as_copy(entry: Entry) -> Entry:
     return with_extra(entry, **{NLINK: None})
 
 
+def is_slot_top(entry: Entry | None) -> bool:
+    """Whether a directory's entry makes it a slot's top (a shared
+    directory): the records of the references beneath it are its own."""
+    return entry is not None and entry.is_dir and SLOT in entry.extra
+
+
 def record_path(link: str, top: Path = ()) -> Path:
-    """Where record ``link`` is, in the tree whose top is ``top``."""
+    """Where record ``link`` is, for the references of the slot whose top
+    is ``top`` (the tree's top, or a shared directory)."""
     return (*top, LINKS_DIR, link)
 
 

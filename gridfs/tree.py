@@ -548,7 +548,10 @@ class Batch:
             raise ReadOnlyShareError(f"{join_path(list(path))}: a read-only shared directory")
         seq = await self.tree.store.publish_dir_slot(shared.write, pack_root(cap), shared.seq)
         self.shared[path] = SharedDir(shared.read, seq, shared.write)
-        self.tree.slots[shared.read.storage_index] = (seq, cap)
+        # Not cached as read: the store needs a fresh read before it
+        # publishes this slot again (the directory loaded again elsewhere
+        # in this batch, e.g. moved after it was written).
+        self.tree.slots.pop(shared.read.storage_index, None)
         if path[:-1] in self.dirty:
             entries = self._own(path[:-1])
             entry = entries.get(path[-1])

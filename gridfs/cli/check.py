@@ -15,7 +15,7 @@ from ..client.repair import repair_file
 from ..client.session import TreeSession, load_aliases, split_grid_path
 from ..dirnode import Entry, split_path
 from ..errors import UsageError
-from ..links import LINKS_DIR
+from ..links import LINKS_DIR, is_slot_top
 from ..tree import NotFoundError
 from .files import add_node_option
 from .tree import run_with_grid
@@ -119,8 +119,8 @@ async def walk(session: TreeSession, path: str, entry: Entry) -> list[tuple[str,
         for name in listing:
             child = f"{path.rstrip('/')}/{name}"
             out += await walk(session, child, listing.entries[name])
-        if not split_path(path):  # the top: its hidden hard-link records too
+        if not split_path(path) or is_slot_top(entry):  # a slot's top: its hidden records too
+            where = f"{path.rstrip('/')}/{LINKS_DIR}"
             with contextlib.suppress(NotFoundError):
-                records = await session.lookup(f"/{LINKS_DIR}")
-                out += await walk(session, f"/{LINKS_DIR}", records)
+                out += await walk(session, where, await session.lookup(where))
     return out

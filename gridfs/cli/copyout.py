@@ -25,7 +25,7 @@ import trio
 
 from ..caps import parse_read_cap
 from ..client.grid import GridClient
-from ..client.links import follow
+from ..client.links import follow, slot_top
 from ..client.session import TreeSession
 from ..dirnode import (
     DEFAULT_DIR_MODE,
@@ -37,7 +37,7 @@ from ..dirnode import (
 )
 from ..errors import FormatError, UsageError
 from ..fileutil import atomic_output
-from ..links import link_id, visible
+from ..links import is_slot_top, link_id, visible
 
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
@@ -75,31 +75,36 @@ class CopyOut:
         self.top = os.path.realpath(top)
         self.preserve_mode = preserve_mode
         self.root: str | None = None
-        self.linked: dict[str, Path] = {}
-        """the local copy of each hard-linked file copied so far, by record id"""
+        self.linked: dict[tuple[tuple[str, ...], str], Path] = {}
+        """the local copy of each hard-linked file copied so far, by its
+        slot's top and record id"""
 
     async def load_dir(self, entry: Entry) -> Directory:
         """A directory's listing (a shared one's live version; its hard
-        links' names as references), without the records directory of the
-        tree's top."""
+        links' names as references), without the records directory of a
+        slot's top (the tree's, or a shared directory's)."""
         if self.root is None:
             _, self.root = await self.session.view_root()
         tree = self.session.tree
         listing = await tree.load_dir((await tree.resolve(entry)).cap)
-        return Directory(dict(visible(listing, top=entry.cap == self.root)))
+        top = entry.cap == self.root or is_slot_top(entry)
+        return Directory(dict(visible(listing, top=top)))
 
-    async def link_or_fetch(self, entry: Entry, where: str, target: Path) -> None:
-        """Copy a listing's ``entry``: a hard link's second name becomes a
-        hard link of the local copy of its first."""
+    async def link_or_fetch(
+        self, entry: Entry, where: str, target: Path, parts: tuple[str, ...]
+    ) -> None:
+        """Copy a listing's ``entry`` (at ``parts`` in its tree): a hard
+        link's second name becomes a hard link of the local copy of its first."""
         link = link_id(entry)
         if link is None:
-            return await self.fetch(entry, where, target, True)
-        if link in self.linked:
-            os.link(self.linked[link], target)
-            return None
+            return await self.fetch(entry, where, target, True, parts)
         tree, root = await self.session.view_root()
-        await self.fetch(await follow(tree, root, entry), where, target, True)
-        self.linked[link] = target
+        key = (await slot_top(tree, root, parts), link)
+        if key in self.linked:
+            os.link(self.linked[key], target)
+            return None
+        await self.fetch(await follow(tree, root, entry, parts), where, target, True, parts)
+        self.linked[key] = target
         return None
 
     def child(self, parent: Path, name: str, where: str) -> Path:
@@ -114,8 +119,16 @@ class CopyOut:
             raise FormatError(f"{where}: refusing to write {path}: outside {self.top}")
         return Path(path)
 
-    async def fetch(self, entry: Entry, where: str, target: Path, recursive: bool) -> None:
-        """Copy ``entry`` (at grid path ``where``) to ``target``."""
+    async def fetch(
+        self,
+        entry: Entry,
+        where: str,
+        target: Path,
+        recursive: bool,
+        parts: tuple[str, ...] = (),
+    ) -> None:
+        """Copy ``entry`` (at grid path ``where``, ``parts`` in its tree) to
+        ``target``."""
         if not is_within(os.path.realpath(target.parent), self.top):
             raise FormatError(f"{where}: refusing to write {target}: outside {self.top}")
         if entry.kind == "symlink":
@@ -131,9 +144,11 @@ class CopyOut:
         else:
             if not recursive:
                 raise UsageError(f"{where}: is a directory (use cp -r)")
-            await self.fetch_dir(entry, where, target)
+            await self.fetch_dir(entry, where, target, parts)
 
-    async def fetch_dir(self, entry: Entry, where: str, target: Path) -> None:
+    async def fetch_dir(
+        self, entry: Entry, where: str, target: Path, parts: tuple[str, ...]
+    ) -> None:
         try:
             target.mkdir(mode=0o700)  # its own mode once its entries are in
             made = True
@@ -148,6 +163,6 @@ class CopyOut:
         for name in names:
             child = listing.entries[name]
             path = self.child(target, name, where)
-            await self.link_or_fetch(child, f"{where.rstrip('/')}/{name}", path)
+            await self.link_or_fetch(child, f"{where.rstrip('/')}/{name}", path, (*parts, name))
         if made:
             os.chmod(target, local_mode(entry.mode or DEFAULT_DIR_MODE, self.preserve_mode))

@@ -26,7 +26,7 @@ from ..client.sharing import share_directory, slot_maker
 from ..client.snapshots import SnapshotLog, iso_time, pick, snapshot_names, tree_key
 from ..dirnode import split_path
 from ..errors import UsageError
-from ..links import as_copy
+from ..links import as_copy, is_slot_top
 from ..mutable import SlotReadCap, SlotVerifyCap, SlotWriteCap
 from ..shares import unshared
 from ..tree import NotFoundError
@@ -161,17 +161,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
             current = await target.lookup(dest)
         except NotFoundError:
             current = None
+        parts, at = tuple(split_path(path)), snap.at_ns
+        if is_slot_top(entry) and await links.has_records(session.tree, snap.root, parts, at):
+            raise UsageError(f"{args.path}: a shared directory with hard links: restore its files")
         entry = unshared(entry)  # (the directory as it was: not its live slot)
         if current is not None and (current.is_dir or entry.is_dir):
             raise UsageError(f"{args.to or args.path}: exists (remove it, or restore with --to)")
         # A hard link comes back as a file of its own; links inside a
         # directory stay links (their records restored where gone).
-        entry = as_copy(await links.follow(session.tree, snap.root, entry))
-        found = await links.references_under(session.tree, snap.root, entry)
-        if found and target is not session:
-            raise UsageError(f"{args.path}: holds hard links: restore it into its own tree")
+        entry = as_copy(await links.follow(session.tree, snap.root, entry, parts, at))
+        old_top = await links.slot_top(session.tree, snap.root, parts, at)
+        found = await links.references_under(session.tree, snap.root, entry, old_top, at)
         _, root = await session.tree.root()
-        records = await links.restored(session.tree, snap.root, root, found)
+        top = await links.slot_top(session.tree, root, tuple(split_path(dest)))
+        if found and (target is not session or top != old_top):
+            raise UsageError(
+                f"{args.path}: holds hard links: restore it into its own tree and shared directory"
+            )
+        records = await links.restored(session.tree, snap.root, root, found, (old_top, top), at)
         with target.queue.transaction():
             target.queue.add_addpath(None, dest, entry.with_(ctime_ns=time.time_ns()))
             links.queue_recount(target.queue, records)

@@ -32,7 +32,7 @@ from ..client.session import (
 from ..config import NodeConfig, NodeDir, resolve_node_dir
 from ..dirnode import INLINE_MAX, Entry, join_path, split_path
 from ..errors import UsageError
-from ..links import NLINK, as_copy, link_id, record_path, reference, with_extra
+from ..links import NLINK, as_copy, is_slot_top, link_id, record_path, reference, with_extra
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
@@ -276,19 +276,42 @@ async def change_paths(
     sessions: dict[str, TreeSession] = {}
     for text in texts:
         alias, path = grid_path(text, aliases)
-        refuse_reserved(text, path)
         if alias not in sessions:
             sessions[alias] = TreeSession(grid, alias)
             sessions[alias].check_writable()
+        await refuse_reserved(sessions[alias], text, path)
         await step(sessions[alias], text, path)
     for session in sessions.values():
         await flush(session)
 
 
-def refuse_reserved(text: str, path: str) -> None:
+async def refuse_reserved(session: TreeSession, text: str, path: str) -> None:
     """Changes of the hard-link records go through their names only."""
-    if links.reserved(path):
+    tree, root = await session.view_root()
+    if await links.reserved(tree, root, tuple(split_path(path))):
         raise UsageError(f"{text}: reserved for the tree's hard links (formats.md §13.3)")
+
+
+async def _slot_tops(session: TreeSession, *paths: str) -> list[tuple[str, ...]]:
+    """The top of the slot each name is in (whose records its links use)."""
+    tree, root = await session.view_root()
+    return [await links.slot_top(tree, root, tuple(split_path(p))) for p in paths]
+
+
+async def refuse_crossing(
+    session: TreeSession, text: str, entry: Entry, tops: list[tuple[str, ...]]
+) -> None:
+    """A hard link (or a directory holding some) cannot leave the slot its
+    records are in (formats.md §13.3): one clear line instead."""
+    src_top, dst_top = tops
+    if src_top == dst_top or is_slot_top(entry):
+        return
+    tree, root = await session.view_root()
+    if link_id(entry) is not None or await links.references_under(tree, root, entry, src_top):
+        raise UsageError(
+            f"{text}: holds hard links, which stay in their shared directory (or out of it);"
+            " copy the files instead (cp of a link makes a file of its own)"
+        )
 
 
 def cmd_mv(args: argparse.Namespace) -> int:
@@ -297,10 +320,10 @@ def cmd_mv(args: argparse.Namespace) -> int:
         (a1, src), (a2, dst) = grid_path(args.src, aliases), grid_path(args.dest, aliases)
         if a1 != a2:
             raise UsageError("mv works within one tree; use cp and rm across trees")
-        refuse_reserved(args.src, src)
-        refuse_reserved(args.dest, dst)
         session = TreeSession(grid, a1)
         session.check_writable()
+        await refuse_reserved(session, args.src, src)
+        await refuse_reserved(session, args.dest, dst)
         moved = await session.lookup(src, follow=False)  # a clear error for a missing source
         try:
             target = await session.lookup(dst)
@@ -308,6 +331,7 @@ def cmd_mv(args: argparse.Namespace) -> int:
             target = None
         if target is not None and target.is_dir:
             dst = dst.rstrip("/") + "/" + src.rstrip("/").rsplit("/", 1)[-1]
+        await refuse_crossing(session, args.src, moved, await _slot_tops(session, src, dst))
         records = await _replaced_records(session, moved, dst)
         with session.queue.transaction():  # (a hard link it replaces: one name less)
             session.queue.add_move(src, dst)
@@ -331,7 +355,8 @@ async def _replaced_records(
     if gone is None or gone == link_id(moved):
         return []
     tree, root = await session.view_root()
-    return await links.recounted(tree, root, links.lost(Counter([gone])))
+    (top,) = await _slot_tops(session, dst)
+    return await links.recounted(tree, root, links.lost(Counter([gone])), top)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -342,8 +367,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
         if entry.is_dir and not args.recursive:
             raise UsageError(f"{text}: is a directory (use rm -r)")
         tree, root = await session.view_root()
-        found = await links.references_under(tree, root, entry)
-        records = await links.recounted(tree, root, links.lost(found))
+        (top,) = await _slot_tops(session, path)
+        found = await links.references_under(tree, root, entry, top)
+        records = await links.recounted(tree, root, links.lost(found), top)
         with session.queue.transaction():  # the names and their records' counts
             session.queue.add_deletepath(path, base=entry.cap)
             links.queue_recount(session.queue, records)
@@ -394,7 +420,7 @@ async def copy_to_grid(
         gsrc = split_grid_path(src, aliases)
         name = src.rstrip("/").rsplit("/", 1)[-1] or src
         target = f"{dpath.rstrip('/')}/{name}" if into_dir else dpath
-        refuse_reserved(target, target)
+        await refuse_reserved(session, target, target)
         if gsrc is not None:  # within the grid: the same caps, no data moves
             if gsrc[0] != alias:
                 raise UsageError("cp between two trees is not supported yet")
@@ -403,10 +429,12 @@ async def copy_to_grid(
                 raise UsageError(f"{src}: is a directory (use cp -r)")
             # A copy of a hard-linked file is a file of its own; hard links
             # inside a copied directory stay links (one more name each).
+            tops = await _slot_tops(session, gsrc[1], target)
+            if entry.is_dir:
+                await refuse_crossing(session, src, entry, tops)
             tree, root = await session.view_root()
-            records = await links.recounted(
-                tree, root, await links.references_under(tree, root, entry)
-            )
+            found = await links.references_under(tree, root, entry, tops[0])
+            records = await links.recounted(tree, root, found, tops[0])
             with queue.transaction():
                 queue.add_addpath(None, target, as_copy(entry).with_(ctime_ns=time.time_ns()))
                 links.queue_recount(queue, records)
@@ -415,7 +443,8 @@ async def copy_to_grid(
         if local.is_dir() and not local.is_symlink():
             if not recursive:
                 raise UsageError(f"{src}: is a directory (use cp -r)")
-            _queue_tree(queue, local, target)
+            (top,) = await _slot_tops(session, target)
+            _queue_tree(queue, local, target, top)
         else:
             _queue_one(queue, local, target)
     await flush(session, "cp")
@@ -434,11 +463,12 @@ def _queue_one(
     elif stat.S_ISREG(st.st_mode):
         entry = _entry_from_stat(st, "file")
         record = local_links.record_of(st) if local_links is not None else None
-        if record is not None:  # a hard link: its content once, as a record
+        if record is not None and local_links is not None:  # a hard link: content once
             link, count, first = record
             entry = with_extra(entry, **{NLINK: count})
             if first:
-                _queue_file(queue, local, join_path(list(record_path(link))), entry)
+                where = record_path(link, local_links.slot)
+                _queue_file(queue, local, join_path(list(where)), entry)
             queue.add_file(None, target, reference(entry, link))
         else:
             _queue_file(queue, local, target, entry)
@@ -454,14 +484,14 @@ def _queue_file(queue: Any, local: Path, target: str, entry: Entry) -> None:
         queue.add_file(local.resolve(), target, entry)
 
 
-def _queue_tree(queue: Any, top: Path, target: str) -> None:
+def _queue_tree(queue: Any, top: Path, target: str, slot: tuple[str, ...] = ()) -> None:
     """Queue a local tree.  Each directory is put again after everything in
     it, with its local times: a name put in a directory sets its mtime, and
     putting a directory that is there takes only its attributes."""
     top_entry = _entry_from_stat(os.stat(top), "dir").with_(cap=new_dir_entry().cap)
     queue.add_file(None, target, top_entry)
     dirs = [(target, top_entry)]
-    local_links = links.LocalLinks(top)
+    local_links = links.LocalLinks(top, slot)
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
         rel = os.path.relpath(dirpath, top)
@@ -496,7 +526,7 @@ async def copy_to_local(
         into = dest.is_dir()
         target = dest / name if into else dest
         copy = CopyOut(grid, session, dest if into else dest.absolute().parent, preserve_mode)
-        await copy.fetch(entry, src, target, recursive)
+        await copy.fetch(entry, src, target, recursive, tuple(split_path(path)))
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

@@ -178,12 +178,13 @@ class TreeSession:
         """The entry at ``path``; a hard link's name as the file it names
         (unless not ``follow``: the name's own entry)."""
         tree, root = await self.view_root()
-        entry = await tree.lookup(tuple(split_path(path)), root)
-        return await links.follow(tree, root, entry) if follow else entry
+        parts = tuple(split_path(path))
+        entry = await tree.lookup(parts, root)
+        return await links.follow(tree, root, entry, parts) if follow else entry
 
     async def listdir(self, path: str) -> Directory:
         """A directory as the tree commands show it (see links.follow_listing)."""
         tree, root = await self.view_root()
         parts = tuple(split_path(path))
         listing = await tree.listdir(parts, root)
-        return await links.follow_listing(tree, root, listing, top=not parts)
+        return await links.follow_listing(tree, root, listing, parts)
