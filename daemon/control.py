@@ -20,7 +20,7 @@ from gridfs.caps import parse_read_cap
 from gridfs.client.keeper import RetainedSet, lease_lock
 from gridfs.config import NodeDir
 from gridfs.errors import UsageError
-from gridfs.fileutil import atomic_output
+from gridfs.fileutil import atomic_output, unix_socket_path
 from gridfs.net.rpc import serve_rpc
 
 
@@ -43,7 +43,8 @@ async def serve_control(daemon: Any, node: NodeDir) -> None:
     path = directory / f"{os.getpid()}.sock"
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(str(path))
+    with unix_socket_path(path) as name:
+        await sock.bind(name)
     os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)

@@ -180,3 +180,25 @@ class WriteBehind:
         if self.start is None:
             self.start = end - len(data)
         written_once(fd, end - len(data), len(data), self.start)
+
+
+UNIX_PATH_MAX = 107
+"""Bytes of a Unix socket's path that bind(2) and connect(2) take (sun_path
+is 108 bytes with its NUL)."""
+
+
+@contextlib.contextmanager
+def unix_socket_path(path: Path) -> Iterator[str]:
+    """A name for the Unix socket ``path`` that bind/connect accept however
+    deep ``path`` lies: itself when short enough, else the same file through
+    an open descriptor of its directory (``/proc/self/fd/N/NAME``), valid
+    until the block ends (a node directory may be any path)."""
+    text = str(path)
+    if len(os.fsencode(text)) <= UNIX_PATH_MAX:
+        yield text
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)

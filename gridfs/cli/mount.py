@@ -22,7 +22,7 @@ from ..client.grid import GridClient, open_grid
 from ..client.keeper import load_record
 from ..config import NodeDir, resolve_node_dir
 from ..errors import CapError, GridError, UsageError
-from ..fileutil import check_private_file, make_private_dir, open_private_log
+from ..fileutil import check_private_file, make_private_dir, open_private_log, unix_socket_path
 from ..localspace import describe as describe_local
 from ..localspace import disk_errno, snapshot_usage
 from ..net.rpc import RpcClient
@@ -299,7 +299,8 @@ async def control_call(
     answers = []
     for sock in sorted((node.path / "run").glob("*.sock")):
         try:
-            stream = await trio.open_unix_socket(str(sock))
+            with unix_socket_path(sock) as name:
+                stream = await trio.open_unix_socket(name)
         except OSError:
             continue  # a mount that died without cleaning up
         rpc = RpcClient(stream, timeout)
