@@ -32,7 +32,16 @@ from ..client.session import (
 from ..config import NodeConfig, NodeDir, resolve_node_dir
 from ..dirnode import INLINE_MAX, Entry, join_path, split_path
 from ..errors import UsageError
-from ..links import NLINK, as_copy, is_slot_top, link_id, record_path, reference, with_extra
+from ..links import (
+    LINKS_DIR,
+    NLINK,
+    as_copy,
+    is_slot_top,
+    link_id,
+    record_path,
+    reference,
+    with_extra,
+)
 from ..tree import NotFoundError, new_dir_entry
 from ..workqueue import Step
 from .copyout import CopyOut, download
@@ -286,9 +295,14 @@ async def change_paths(
 
 
 async def refuse_reserved(session: TreeSession, text: str, path: str) -> None:
-    """Changes of the hard-link records go through their names only."""
+    """Changes of the hard-link records go through their names only.  (A
+    path without the records' name needs no look at the tree: a change
+    queued while the root cannot be read must not fail here.)"""
+    parts = tuple(split_path(path))
+    if LINKS_DIR not in parts:
+        return
     tree, root = await session.view_root()
-    if await links.reserved(tree, root, tuple(split_path(path))):
+    if await links.reserved(tree, root, parts):
         raise UsageError(f"{text}: reserved for the tree's hard links (formats.md §13.3)")
 
 
