@@ -11,6 +11,8 @@ import contextlib
 import errno as _errno
 from collections.abc import Iterator
 
+import trio
+
 
 class GridError(Exception):
     """Base of every gridfs error."""
@@ -86,11 +88,12 @@ def unwrap(exc: BaseException) -> BaseException:
 @contextlib.contextmanager
 def plain_grid_errors() -> Iterator[None]:
     """Raise a nursery's exception group made only of GridErrors as its first
-    one, so that callers can catch GridError (any other group passes)."""
+    one, so that callers can catch GridError (any other group passes; the
+    cancellations a failing task causes in its siblings do not count)."""
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
         if leaves and all(isinstance(e, GridError) for e in leaves):
             raise leaves[0] from group
         raise

@@ -537,3 +537,21 @@ async def test_chunk_reads_ask_the_other_servers_when_the_first_are_down(tmp_pat
                 for node in grid.nodes[:3]:
                     await node.kill()
                 assert await get_all(client, cap) == data
+
+
+async def test_a_chunked_put_the_grid_cannot_take_fails_with_one_grid_error(
+    tmp_path: Path,
+) -> None:
+    """With too few servers every chunk's upload fails: the put ends in one
+    GridError (as the CLI prints it), not a group of it and of the chunker
+    stopped in mid-file."""
+    source = tmp_path / "big"
+    source.write_bytes(os.urandom(24 * MiB))
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                for server in grid.nodes[:2]:  # 3 of 5 left: below happy (4)
+                    await server.kill()
+                with pytest.raises(GridError) as info:
+                    await put_file(client, source)
+                assert not isinstance(info.value, BaseExceptionGroup)

@@ -14,6 +14,7 @@ answering "already have" to its upload.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable
@@ -287,6 +288,11 @@ class ChunkStore:
         send, recv = trio.open_memory_channel[_Piece | None](BATCH)
 
         def cut() -> None:
+            # A closed channel: the store gave up (its error is the one raised).
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                _cut_into(send)
+
+        def _cut_into(send: trio.MemorySendChannel[_Piece | None]) -> None:
             for ch in chunker().cut_stream(_Reader(content, start, end)):
                 data = bytes(ch.data)
                 for at, length, zero in split_zeros(data):
