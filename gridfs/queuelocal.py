@@ -51,11 +51,9 @@ def resolve_local(q: WorkQueue, cap: str) -> Path | QueuedEdit | str:
 
 
 def upload_of(q: WorkQueue, box: str) -> Step | None:
-    for step in q.pending():
-        if step.section == UPLOAD and step.args["box"] == box:
+    for step in q.pending(UPLOAD):
+        if step.args["box"] == box:
             return step
-        if step.section > UPLOAD:
-            break
     return None
 
 

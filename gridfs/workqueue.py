@@ -319,10 +319,15 @@ class WorkQueue:
             raise
 
     # -- reading ------------------------------------------------------------
-    def pending(self) -> list[Step]:
-        rows = self.db.execute(
-            "SELECT id, kind, args, attempts, last_error FROM steps ORDER BY section, id"
-        ).fetchall()
+    def pending(self, section: int | None = None) -> list[Step]:
+        """The steps not yet run, in order (only those of ``section`` when
+        given: the mount asks about uploads on every write, while a busy
+        queue holds thousands of later steps)."""
+        query = "SELECT id, kind, args, attempts, last_error FROM steps"
+        params: tuple[int, ...] = ()
+        if section is not None:
+            query, params = query + " WHERE section = ?", (section,)
+        rows = self.db.execute(query + " ORDER BY section, id", params).fetchall()
         return [Step(i, k, msgpack.unpackb(a, raw=False), n, e) for i, k, a, n, e in rows]
 
     def __len__(self) -> int:
