@@ -555,3 +555,36 @@ async def test_a_chunked_put_the_grid_cannot_take_fails_with_one_grid_error(
                 with pytest.raises(GridError) as info:
                     await put_file(client, source)
                 assert not isinstance(info.value, BaseExceptionGroup)
+
+
+def test_the_chunk_index_takes_concurrent_batches_from_threads(tmp_path: Path) -> None:
+    """A put records each batch of chunks from a worker thread, two batches
+    at once: on one connection without a lock that was 'cannot start a
+    transaction within a transaction' (bench_edit's 1 GiB put failed)."""
+    import threading
+
+    from gridfs.client.chunkindex import ChunkIndex
+
+    index = ChunkIndex(tmp_path / "chunks.sqlite")
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def batch(t: int) -> None:
+        start.wait()
+        try:
+            for i in range(10):
+                entries = {
+                    bytes([t, i]) + j.to_bytes(30, "big"): f"c{t}-{i}-{j}" for j in range(300)
+                }
+                index.add(entries)
+                assert len(index.lookup(entries)) == 300
+        except BaseException as e:  # (reported below, from the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=batch, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(index) == 8 * 10 * 300
+    index.close()

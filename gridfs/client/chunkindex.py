@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,6 +43,9 @@ class ChunkIndex:
         self.path = Path(path)
         self.max_entries = max_entries
         self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        """One user of the connection at a time: a put stores batches of
+        chunks concurrently, each recording its own from a worker thread."""
 
     @classmethod
     def of_node(cls, private: Path) -> ChunkIndex:
@@ -53,7 +57,7 @@ class ChunkIndex:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )  # used by one task at a time, at times from a worker thread
+            )  # (used under self._lock, at times from a worker thread)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
@@ -61,18 +65,20 @@ class ChunkIndex:
         return self._db
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def lookup(self, keys: Iterable[bytes]) -> dict[bytes, str]:
         """The caps known for ``keys`` (those not known are left out)."""
-        db = self._connect()
         out: dict[bytes, str] = {}
-        for key in set(keys):
-            row = db.execute("SELECT cap FROM chunks WHERE key = ?", (key,)).fetchone()
-            if row is not None:
-                out[key] = str(row[0])
+        with self._lock:
+            db = self._connect()
+            for key in set(keys):
+                row = db.execute("SELECT cap FROM chunks WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    out[key] = str(row[0])
         return out
 
     def add(self, entries: dict[bytes, str]) -> None:
@@ -80,9 +86,8 @@ class ChunkIndex:
         ones past the bound."""
         if not entries:
             return
-        db = self._connect()
         now = time.time_ns()
-        with db:
+        with self._lock, self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
                 "INSERT INTO chunks VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
@@ -99,9 +104,9 @@ class ChunkIndex:
 
     def forget(self, caps: Iterable[str]) -> None:
         """Drop the entries of chunks found missing (a check or a failed reuse)."""
-        db = self._connect()
-        with db:
+        with self._lock, self._connect() as db:
             db.executemany("DELETE FROM chunks WHERE cap = ?", [(c,) for c in caps])
 
     def __len__(self) -> int:
-        return int(self._connect().execute("SELECT count(*) FROM chunks").fetchone()[0])
+        with self._lock:
+            return int(self._connect().execute("SELECT count(*) FROM chunks").fetchone()[0])
