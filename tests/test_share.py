@@ -293,7 +293,9 @@ def test_two_writers_through_a_shared_write_cap_lose_nothing(
     rw = gridfs("share", "grid:/", "--node", owner).stdout.strip()
     friend = mount_grid.new_node(tmp_path / "friend")
     gridfs("alias", "add", "shared", rw, "--node", friend)
-    theirs = Mount(tmp_path / "theirs", friend, "refresh=1000", tree="shared")
+    # noatime: the friend's read must not commit (an atime), which would
+    # refresh its view and so let it see the owner's change before writing.
+    theirs = Mount(tmp_path / "theirs", friend, "refresh=1000,noatime", tree="shared")
     with mounted(owner, tmp_path / "ours") as ours:
         theirs.mount()
         try:
