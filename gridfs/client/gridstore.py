@@ -134,11 +134,20 @@ class GridStore:
         expected = self._last
         if expected is None or expected.seq != expected_seq:
             raise SlotConflictError("the root moved on since it was read")
+        seq = await self._publish(self.root, payload, expected)
+        if self.on_root is not None:
+            self.on_root(seq, payload)
+        return seq
+
+    async def _publish(self, cap: SlotWriteCap, payload: bytes, expected: SlotRead) -> int:
+        """Publish ``payload`` as the version after ``expected`` (the one read
+        last) of the slot ``cap``; another writer's version found there
+        instead is a SlotConflictError (the caller re-reads and retries)."""
         p = self.params
         try:
-            seq = await publish_slot(
+            return await publish_slot(
                 self.broker,
-                self.root,
+                cap,
                 payload,
                 expected,
                 p.n,
@@ -148,9 +157,6 @@ class GridStore:
             )
         except SlotRaceError as e:
             raise SlotConflictError(str(e)) from None
-        if self.on_root is not None:
-            self.on_root(seq, payload)
-        return seq
 
     @property
     def root_write_key(self) -> bytes | None:
@@ -180,20 +186,7 @@ class GridStore:
         expected = self._shared.get(cap.storage_index)
         if expected is None or expected.seq != expected_seq:
             raise SlotConflictError("a shared directory moved on since it was read")
-        p = self.params
-        try:
-            seq = await publish_slot(
-                self.broker,
-                cap,
-                payload,
-                expected,
-                p.n,
-                p.happy,
-                seen=self.seen,
-                timeout=self.timeout,
-            )
-        except SlotRaceError as e:
-            raise SlotConflictError(str(e)) from None
+        seq = await self._publish(cap, payload, expected)
         del self._shared[cap.storage_index]  # (a next publish re-reads first)
         if self.on_shared is not None:
             self.on_shared(cap.read_cap(), seq, payload)
