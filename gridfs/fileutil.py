@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -202,3 +203,18 @@ def unix_socket_path(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{path.name}"
     finally:
         os.close(fd)
+
+
+def open_private_db(path: Path, schema: str, threads: bool = False) -> sqlite3.Connection:
+    """A node-private SQLite database at ``path`` (0600 in a 0700
+    directory: it holds caps), in WAL mode with NORMAL sync (a crash loses
+    at most the last commits of a cache, never its consistency), with
+    ``schema`` applied.  ``threads``: used from worker threads too (the
+    caller serializes its users)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=not threads)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(schema)
+    return db

@@ -17,12 +17,13 @@ and bounded to :data:`MAX_ENTRIES`, the least recently used go first.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from ..fileutil import open_private_db
 
 MAX_ENTRIES = 200_000
 """About 200 GiB of distinct ~1 MiB chunks; some 40 MB of index."""
@@ -53,14 +54,8 @@ class ChunkIndex:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30.0, check_same_thread=False
-            )  # (used under self._lock, at times from a worker thread)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
+            # (used under self._lock, at times from a worker thread)
+            db = open_private_db(self.path, _SCHEMA, threads=True)
             self._db = db
         return self._db
 

@@ -17,13 +17,13 @@ ago are forgotten (a node reads a handful of trees, not thousands).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import struct
 import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..fileutil import open_private_db
 from ..hashes import STORAGE_INDEX_SIZE
 
 MAX_ENTRIES = 10_000
@@ -59,12 +59,7 @@ class SeenVersions:
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
+            db = open_private_db(self.path, _SCHEMA)
             self._db = db
         return self._db
 
