@@ -41,6 +41,8 @@ class Allocation:
 class PutShare:
     stored: bool
     already: bool
+    error: str | None = None
+    """Why the server could not store it (``put_shares`` only)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,28 @@ class StorageCalls(_Calls):
         )
         reply = _map("put_share", reply, stored=bool, already=bool)
         return PutShare(reply["stored"], reply["already"])
+
+    async def put_shares(
+        self,
+        shares: list[tuple[bytes, int, bytes, bytes, bytes]],
+        *,
+        timeout: float | None = None,
+    ) -> list[PutShare]:
+        """``put_share`` for each (si, sharenum, data, renew_secret,
+        cancel_secret), in one request: an answer per share, in order."""
+        reply = await self._send("put_shares", timeout, shares=shares)
+        if not isinstance(reply, list) or len(reply) != len(shares):
+            raise _fail("put_shares", "expected an answer per share")
+        out = []
+        for item in reply:
+            item = _map("put_shares", item, stored=bool, already=bool)
+            error = item.get("error")
+            if error is not None and not isinstance(error, str):
+                raise _fail("put_shares", "error is not str")
+            if error is not None and (item["stored"] or item["already"]):
+                raise _fail("put_shares", "a share both stored and failed")
+            out.append(PutShare(item["stored"], item["already"], error and error[:500]))
+        return out
 
     async def get_buckets(
         self, si: bytes, *, timeout: float | None = None

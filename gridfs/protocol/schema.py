@@ -26,6 +26,8 @@ MAX_BUCKETS = 256
 """Most share numbers in one allocation: the seed's MAX_BUCKETS (n ≤ 256)."""
 MAX_OPEN_BUCKETS = 1024
 """Most buckets one connection may hold open at once."""
+MAX_PUT_SHARES = 64
+"""Most shares in one ``put_shares`` request (their data: MAX_WRITE in all)."""
 MAX_LEASES = 1024
 """Most storage indexes in one add_leases or cancel_leases request."""
 LEASE_SECRET_SIZE = 32
@@ -131,6 +133,21 @@ def tuple_of(*items: Check) -> Check:
 
 
 LEASE_ARGS = {"renew_secret": SECRET, "cancel_secret": SECRET}
+_SHARE_PUT = tuple_of(SI, sharenum, binary(most=MAX_WRITE), SECRET, SECRET)
+
+
+def share_puts(v: Any) -> list[tuple[bytes, int, bytes, bytes, bytes]]:
+    """``put_shares``' items: [si, sharenum, data, renew_secret,
+    cancel_secret], each share once, MAX_WRITE data bytes in all."""
+    items = list_of(_SHARE_PUT, MAX_PUT_SHARES)(v)
+    if not items:
+        raise SchemaError("put_shares: no shares")
+    if len({(si, num) for si, num, *_ in items}) != len(items):
+        raise SchemaError("put_shares: a share twice")
+    if sum(len(data) for _, _, data, _, _ in items) > MAX_WRITE:
+        raise SchemaError(f"put_shares carries at most {MAX_WRITE} bytes")
+    return items
+
 
 REQUESTS: dict[str, dict[str, Check]] = {
     "hello": {"protocol": text(64), "versions": list_of(u64, 16)},
@@ -140,6 +157,7 @@ REQUESTS: dict[str, dict[str, Check]] = {
     "write": {"si": SI, "sharenum": sharenum, "chunks": chunks},
     "close": {"si": SI, "sharenum": sharenum},
     "put_share": {"si": SI, "sharenum": sharenum, "data": binary(most=MAX_WRITE), **LEASE_ARGS},
+    "put_shares": {"shares": share_puts},
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
     "report_corrupt": {"si": SI, "sharenum": sharenum, "verify_cap": text(400)},

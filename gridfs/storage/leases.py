@@ -241,21 +241,35 @@ class LeaseDB:
         until :meth:`settle`; ``held`` is what ``si`` holds now (charged if
         this is the member's first lease on it).  All or nothing: past
         ``quota`` (0: none) it raises QuotaExceededError and changes nothing."""
+        self.reserve_many([(si, renew_secret, cancel_secret, new)], member, held, quota)
+
+    def reserve_many(
+        self,
+        items: Sequence[tuple[bytes, bytes, bytes, Objects]],
+        member: bytes,
+        held: Callable[[bytes], Objects],
+        quota: int = 0,
+    ) -> None:
+        """:meth:`reserve` each (si, renew_secret, cancel_secret, new), in
+        one transaction (one fsync): all or nothing."""
         now = self._clock()
         with self._lock:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
-                charged = self._lease_locked(
-                    si, renew_secret, cancel_secret, member, now, now + self.duration_ns, held(si)
-                )
-                for num, size in new.items():
-                    self.db.execute(
-                        "INSERT INTO charges VALUES (?, ?, ?, ?, 0) "
-                        "ON CONFLICT (si, num, member) "
-                        "DO UPDATE SET bytes = max(bytes, excluded.bytes), settled = 0",
-                        (si, num, member, size),
+                charged = False
+                for si, renew_secret, cancel_secret, new in items:
+                    expires = now + self.duration_ns
+                    charged |= self._lease_locked(
+                        si, renew_secret, cancel_secret, member, now, expires, held(si)
                     )
-                    charged = True
+                    for num, size in new.items():
+                        self.db.execute(
+                            "INSERT INTO charges VALUES (?, ?, ?, ?, 0) "
+                            "ON CONFLICT (si, num, member) "
+                            "DO UPDATE SET bytes = max(bytes, excluded.bytes), settled = 0",
+                            (si, num, member, size),
+                        )
+                        charged = True
                 if charged:
                     self._check_quota_locked(member, quota)
                 self._bump_generation_locked()

@@ -71,7 +71,7 @@ ERROR_CODES = {
 }
 
 
-_CHARGING = frozenset({"allocate_buckets", "put_share", "slot_write"})
+_CHARGING = frozenset({"allocate_buckets", "put_share", "put_shares", "slot_write"})
 """The methods that open unsettled charges: the first of them on a server
 reconciles those a crash left first."""
 
@@ -117,6 +117,12 @@ def server_state(store: ShareStore) -> ServerState:
     if state is None:
         state = _servers[store] = ServerState()
     return state
+
+
+def _put_failed(e: GridError) -> dict[str, Any]:
+    """``put_shares``' answer for a share it could not store."""
+    code = getattr(_coded(e), "code", "error")
+    return {"stored": False, "already": False, "error": f"{code}: {e}"}
 
 
 def _coded(e: GridError) -> GridError:
@@ -285,6 +291,64 @@ class StorageSession:
             raise
         await self._finish(bucket, lambda: bucket.write(0, data))
         return {"stored": True, "already": False}
+
+    async def rpc_put_shares(
+        self, shares: list[tuple[bytes, int, bytes, bytes, bytes]]
+    ) -> list[dict[str, Any]]:
+        """Several whole small shares in one call (a chunked file's chunks):
+        each as ``put_share``, with one lease transaction and one trip to a
+        worker thread for all.  A share that cannot be stored gets an error
+        of its own; a quota exceeded refuses the whole call."""
+        answers: list[dict[str, Any]] = [{} for _ in shares]
+        opened: list[tuple[int, BucketWriter]] = []
+        reserve: list[tuple[bytes, bytes, bytes, Objects]] = []
+        try:
+            for i, (si, num, data, renew, cancel) in enumerate(shares):
+                try:
+                    already, allocated = self.store.allocate(si, [num], len(data))
+                except GridError as e:
+                    answers[i] = _put_failed(e)
+                    continue
+                bucket = allocated.get(num)
+                if num in already:
+                    answers[i] = {"stored": False, "already": True}
+                    reserve.append((si, renew, cancel, {}))
+                elif bucket is None:
+                    answers[i] = {"stored": False, "already": False}  # someone is writing it
+                else:
+                    opened.append((i, bucket))
+                    reserve.append((si, renew, cancel, {num: len(data)}))
+            if reserve and self.leases is not None:
+                await trio.to_thread.run_sync(
+                    self.leases.reserve_many, reserve, self.member, self._objects, self.quota
+                )
+        except BaseException:
+            for _, bucket in opened:
+                bucket.abort()
+            raise
+
+        def store_all() -> None:
+            settled: list[tuple[bytes, int, int | None]] = []
+            try:
+                errors = self.store.close_whole([(b, shares[i][2]) for i, b in opened])
+                for (i, bucket), error in zip(opened, errors, strict=True):
+                    if error is None:
+                        answers[i] = {"stored": True, "already": False}
+                        settled.append((bucket.storage_index, bucket.sharenum, bucket.share_size))
+                    else:
+                        answers[i] = _put_failed(_coded(error))
+                        settled.append((bucket.storage_index, bucket.sharenum, None))
+            finally:
+                for i, bucket in opened:
+                    if not answers[i]:  # an unexpected error: leave nothing half done
+                        bucket.abort()
+                        settled.append((bucket.storage_index, bucket.sharenum, None))
+                if self.leases is not None and settled:
+                    self.leases.settle_many(settled)
+
+        # close() fsyncs: keep the event loop free for other connections.
+        await trio.to_thread.run_sync(store_all)
+        return answers
 
     async def _finish(self, bucket: BucketWriter, before: Callable[[], None] | None = None) -> None:
         """Close a bucket (after ``before()``) and settle its charge; on a
