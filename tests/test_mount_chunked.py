@@ -70,7 +70,7 @@ def objects(grid: Grid) -> set[str]:
 def test_gridfs_put_of_a_large_file_prints_a_chunked_cap(
     mount_grid: Grid, mount_node: Path, tmp_path: Path
 ) -> None:
-    data = random.Random(22).randbytes(12 * MiB)
+    data = random.Random(22).randbytes(24 * MiB)
     local = tmp_path / "local.bin"
     local.write_bytes(data)
     cap = gridfs("put", local, "--node", mount_node).stdout.strip()
@@ -86,3 +86,4 @@ def test_gridfs_put_of_a_large_file_prints_a_chunked_cap(
     unlinked = gridfs("unlink", cap, "--node", mount_node).stdout
     freed = re.search(r"(\d+) server copies freed", unlinked)
     assert freed and int(freed[1]) >= 5 * 5, unlinked  # manifest and chunks, 5 servers each
+    assert "still referenced" not in unlinked, unlinked  # nothing else uses its chunks

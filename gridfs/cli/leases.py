@@ -98,8 +98,7 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         finally:
             retained.close()
         report = await keeper.unlink(dropped)
-        objects = len({si for c in dropped if (si := storage_index_of(c)) is not None})
-        still = objects - report.objects
+        still = report.referenced
         print(
             f"unlinked {len(caps)} caps: gave up {report.cancelled} leases at "
             f"{report.servers} servers; {report.freed} server copies freed"

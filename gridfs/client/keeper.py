@@ -321,6 +321,7 @@ class Keeper:
             fences = await take_fences(self.grid.broker)
         keep = {storage_index_of(c) for c in await self.reachable()}
         report = await cancel(self.grid.broker, sis - keep, fences)
+        report.referenced = len(sis & keep)
         log.info(
             "unlinked %d objects: %d leases given up, %d freed, %d kept",
             len(sis - keep),

@@ -55,6 +55,9 @@ class CancelReport:
     """Storage indexes a server deleted because our lease was the last."""
     kept: int = 0
     """Leases spared because they were renewed after the fence."""
+    referenced: int = 0
+    """Objects not given up because something the node keeps uses them
+    (set by Keeper.unlink)."""
     failures: list[str] = field(default_factory=list)
 
 
