@@ -322,7 +322,11 @@ class Connection:
         return data
 
     def _frame(self, msg: list[Any]) -> bytes:
-        body = msgpack.packb(msg, use_bin_type=True)
-        if len(body) > self.max_frame:
-            raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit")
-        return _LEN.pack(len(body)) + body
+        # (packed in place and copied once: packb and a concatenation would
+        # copy a write's megabytes three times)
+        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+        packer.pack(msg)
+        with packer.getbuffer() as body:
+            if len(body) > self.max_frame:
+                raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit")
+            return b"".join((_LEN.pack(len(body)), body))
