@@ -136,24 +136,28 @@ class FinishedFile:
 
 def encode_shares(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list[bytes]]:
     """A whole (small) file encoded in memory: its finished trees and every
-    share's bytes."""
+    share's bytes (each assembled in one copy: these are most of a chunked
+    upload's bytes)."""
     g = encoder.geometry
     seg = g.params.segment_size
-    shares = [bytearray(g.share_size) for _ in range(g.params.n)]
-    for j in range(g.num_segments):
-        blocks = encoder.encode_segment(j, data[j * seg : j * seg + g.segment_size(j)]).blocks
-        offset = g.record_span(j)[0] + g.proof_size
-        for share, block in zip(shares, blocks, strict=True):
-            share[offset : offset + len(block)] = block
+    blocks = [
+        encoder.encode_segment(j, data[j * seg : j * seg + g.segment_size(j)]).blocks
+        for j in range(g.num_segments)
+    ]
     finished = encoder.finish()
-    for i, share in enumerate(shares):
-        head = finished.head(i)
-        share[: len(head)] = head
+    shares = []
+    for i in range(g.params.n):
+        parts = [finished.head(i)]
+        at = len(parts[0])
         for j in range(g.num_segments):
+            start = g.record_span(j)[0]
             proofs = finished.record_proofs(i, j)
-            offset = g.record_span(j)[0]
-            share[offset : offset + len(proofs)] = proofs
-    return finished, [bytes(s) for s in shares]
+            block = blocks[j][i]
+            parts += [bytes(start - at), proofs, bytes(g.proof_size - len(proofs)), block]
+            at = start + g.proof_size + len(block)
+        parts.append(bytes(g.share_size - at))
+        shares.append(b"".join(parts))
+    return finished, shares
 
 
 @dataclass(frozen=True)
