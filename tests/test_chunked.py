@@ -377,7 +377,7 @@ async def test_a_corrupt_chunk_is_found_by_verify_and_repaired(tmp_path: Path) -
 
 
 async def test_the_mount_reader_fetches_only_the_chunks_a_read_touches(tmp_path: Path) -> None:
-    data = random.Random(13).randbytes(24 * MiB)
+    data = random.Random(13).randbytes(48 * MiB)
     path = tmp_path / "f"
     path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:

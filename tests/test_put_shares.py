@@ -17,13 +17,22 @@ import pytest
 import trio
 
 from gridfs.caps import ChunkedCap, parse_read_cap
+from gridfs.client.batchput import put_objects
 from gridfs.client.chunked import put_file
+from gridfs.hashes import PlaintextHasher
 from gridfs.protocol.schema import MAX_PUT_SHARES, MAX_WRITE, SchemaError, validate_request
 from gridfs.storage.leases import QuotaExceededError
 
 from .gridutil import Grid, GridSession, StorageNode, open_grid
 from .test_accounting import ALICE, BOB, EncodedFile, Server, encoded, secrets, used
-from .test_chunked import SERVERS, TIMEOUT, N, chunk_sis, client_node, get_all
+from .test_chunked import (
+    SERVERS,
+    TIMEOUT,
+    N,
+    chunk_sis,
+    client_node,
+    get_all,
+)
 
 MiB = 1 << 20
 
@@ -126,10 +135,16 @@ class CountingSession(GridSession):
     """Counts the upload calls each server gets."""
 
     calls: dict[str, int] = {}
+    batches: list[int] = []
+    """Shares in each put_shares request."""
 
     async def handle(self, method: str, args: dict[str, Any]) -> Any:
         CountingSession.calls[method] = CountingSession.calls.get(method, 0) + 1
         return await super().handle(method, args)
+
+    async def rpc_put_shares(self, shares: Any) -> Any:
+        CountingSession.batches.append(len(shares))
+        return await super().rpc_put_shares(shares)
 
 
 class OldSession(GridSession):
@@ -153,13 +168,19 @@ class LyingSession(GridSession):
         return [{"stored": True, "already": False} for _ in shares]
 
 
+def plaintext_hash(data: bytes) -> bytes:
+    hasher = PlaintextHasher()
+    hasher.update(data)
+    return hasher.digest()
+
+
 def random_file(path: Path, size: int) -> bytes:
     data = os.urandom(size)
     path.write_bytes(data)
     return data
 
 
-async def test_a_chunked_put_sends_each_server_a_few_batches(tmp_path: Path) -> None:
+async def test_a_chunked_put_stores_every_chunk_through_put_shares(tmp_path: Path) -> None:
     CountingSession.calls = {}
     async with open_grid(tmp_path / "grid", SERVERS, session_class=CountingSession) as grid:
         with trio.fail_after(TIMEOUT):
@@ -167,16 +188,30 @@ async def test_a_chunked_put_sends_each_server_a_few_batches(tmp_path: Path) -> 
                 data = random_file(tmp_path / "f", 24 * MiB)
                 cap = await put_file(client, tmp_path / "f")
                 assert isinstance(parse_read_cap(cap), ChunkedCap)
-                chunks = len(await chunk_sis(client, cap))
+                sis = await chunk_sis(client, cap)
                 calls = dict(CountingSession.calls)
-                assert chunks >= 6
-                # Every chunk's shares went in batches, fewer requests than chunks.
-                assert SERVERS <= calls["put_shares"] < chunks * SERVERS // 2
+                assert SERVERS <= calls["put_shares"] <= len(sis) * SERVERS
                 assert "allocate_buckets" not in calls and "write" not in calls
                 assert calls.get("put_share", 0) <= SERVERS  # the manifest, alone
-                for si in await chunk_sis(client, cap):
+                for si in sis:
                     assert sum(len(node.shares(si)) for node in grid.nodes) == N
                 assert await get_all(client, cap) == data
+
+
+async def test_each_server_gets_the_shares_of_several_chunks_in_one_request(
+    tmp_path: Path,
+) -> None:
+    CountingSession.batches = []
+    async with open_grid(tmp_path / "grid", SERVERS, session_class=CountingSession) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                objects = [os.urandom(300_000) for _ in range(6)]
+                caps = await put_objects(client, [(d, plaintext_hash(d)) for d in objects])
+                assert CountingSession.batches == [6] * SERVERS
+                for data, cap in zip(objects, caps, strict=True):
+                    assert cap is not None
+                    assert sum(len(node.shares(cap.storage_index)) for node in grid.nodes) == N
+                    assert await get_all(client, cap.to_string()) == data
 
 
 async def put_with_one_odd_server(

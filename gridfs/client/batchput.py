@@ -38,13 +38,6 @@ ENCODERS = 2
 
 
 @dataclass(frozen=True)
-class _Encoded:
-    cap: ReadCap
-    storage_index: bytes
-    shares: list[bytes]
-
-
-@dataclass(frozen=True)
 class _Put:
     """One share bound for one server."""
 
@@ -63,7 +56,8 @@ async def put_objects(grid: GridClient, items: list[tuple[bytes, bytes]]) -> lis
     if len(servers) < p.n or not items:
         return [None] * len(items)
     limiter = trio.CapacityLimiter(ENCODERS)
-    encoded: list[_Encoded | None] = [None] * len(items)
+    caps: list[ReadCap | None] = [None] * len(items)
+    plan: dict[bytes, list[_Put]] = {s.node_id: [] for s in servers}
 
     async def encode(i: int, data: bytes, digest: bytes) -> None:
         codec = params_for_size(p.k, p.n, p.segment_size, len(data))
@@ -74,53 +68,57 @@ async def put_objects(grid: GridClient, items: list[tuple[bytes, bytes]]) -> lis
         finished, shares = await trio.to_thread.run_sync(
             encode_shares, encoder, data, limiter=limiter
         )
-        encoded[i] = _Encoded(finished.cap, encoder.storage_index, shares)
+        caps[i] = finished.cap
+        si = encoder.storage_index
+        for num, server in enumerate(grid.broker.permuted(si)[: p.n]):
+            plan[server.node_id].append(_Put(i, si, num, shares[num]))
 
     async with trio.open_nursery() as nursery:
         for i, (data, digest) in enumerate(items):
             nursery.start_soon(encode, i, data, digest)
-
-    plan: dict[bytes, list[_Put]] = {}
-    by_id = {s.node_id: s for s in servers}
-    for i, e in enumerate(encoded):
-        if e is None:
-            continue
-        for num, server in enumerate(grid.broker.permuted(e.storage_index)[: p.n]):
-            plan.setdefault(server.node_id, []).append(_Put(i, e.storage_index, num, e.shares[num]))
     held: list[set[int]] = [set() for _ in items]
 
     async def send(server: Server, puts: list[_Put]) -> None:
-        for request in _requests(puts):
+        # The shares leave memory as they are sent: ``puts`` is the last
+        # reference to them but the request's own.
+        while puts:
+            n = _request_size(puts)
+            sent = [(put.obj, put.sharenum) for put in puts[:n]]
             try:
-                answers = await server.calls.put_shares([_wire(server, put) for put in request])
+                answers = await server.calls.put_shares(_take(server, puts, n))
             except GridError as e:
                 log.info("%s: put_shares failed: %s", server.name, e)
                 return
-            for put, answer in zip(request, answers, strict=True):
+            for (obj, num), answer in zip(sent, answers, strict=True):
                 if answer.stored or answer.already:
-                    held[put.obj].add(put.sharenum)
+                    held[obj].add(num)
                 elif answer.error:
                     log.info("%s refused a share: %s", server.name, answer.error)
 
+    by_id = {s.node_id: s for s in servers}
     async with trio.open_nursery() as nursery:
-        for node_id, puts in plan.items():
+        while plan:
+            node_id, puts = plan.popitem()
             nursery.start_soon(send, by_id[node_id], puts)
-    return [e.cap if e is not None and len(held[i]) == p.n else None for i, e in enumerate(encoded)]
+            del puts
+    return [cap if len(held[i]) == p.n else None for i, cap in enumerate(caps)]
 
 
-def _wire(server: Server, put: _Put) -> tuple[bytes, int, bytes, bytes, bytes]:
-    renew, cancel = server.lease_secrets(put.storage_index)
-    return (put.storage_index, put.sharenum, put.data, renew, cancel)
+def _take(server: Server, puts: list[_Put], n: int) -> list[tuple[bytes, int, bytes, bytes, bytes]]:
+    """The first ``n`` of ``puts`` as ``put_shares`` items, out of ``puts``."""
+    items = []
+    for put in puts[:n]:
+        renew, cancel = server.lease_secrets(put.storage_index)
+        items.append((put.storage_index, put.sharenum, put.data, renew, cancel))
+    del puts[:n]
+    return items
 
 
-def _requests(puts: list[_Put]) -> list[list[_Put]]:
-    """``puts`` in requests within the wire's limits."""
-    out: list[list[_Put]] = []
+def _request_size(puts: list[_Put]) -> int:
+    """How many of the first ``puts`` one request carries (the wire's limits)."""
     size = 0
-    for put in puts:
-        if not out or len(out[-1]) >= MAX_PUT_SHARES or size + len(put.data) > MAX_WRITE:
-            out.append([])
-            size = 0
-        out[-1].append(put)
+    for n, put in enumerate(puts):
+        if n == MAX_PUT_SHARES or (n and size + len(put.data) > MAX_WRITE):
+            return n
         size += len(put.data)
-    return out
+    return len(puts)

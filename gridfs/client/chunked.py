@@ -2,7 +2,7 @@
 
 A file larger than :data:`CHUNKED_MIN_SIZE` is cut by FastCDC (the
 ``pyfastcdc`` library: FastCDC 2020, normalized chunking) into chunks of
-:data:`CHUNK_MIN` .. :data:`CHUNK_MAX` bytes, about 2 MiB on average; each
+:data:`CHUNK_MIN` .. :data:`CHUNK_MAX` bytes, about 4 MiB on average; each
 chunk is stored as an ordinary CHK object under its convergent key, and a
 manifest (:mod:`gridfs.manifest`) listing the chunks' caps and the file's
 holes is stored as one more; the file's cap names the manifest.  Cut points

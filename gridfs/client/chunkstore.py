@@ -3,7 +3,7 @@ chunk store that skips chunks the grid holds (see :mod:`gridfs.client.chunked`).
 
 FastCDC (the ``pyfastcdc`` library: FastCDC 2020, normalized chunking) cuts
 each data run of the file into chunks of :data:`CHUNK_MIN` ..
-:data:`CHUNK_MAX` bytes, about 2 MiB on average; each is stored as an
+:data:`CHUNK_MAX` bytes, about 4 MiB on average; each is stored as an
 ordinary CHK object under its convergent key.  Holes (``SEEK_HOLE``) are
 never read, a chunk of zeros is recorded as a hole.  The node's chunk index
 (:mod:`gridfs.client.chunkindex`) knows the caps of chunks stored before;
@@ -30,6 +30,7 @@ from ..codec import params_for_size
 from ..errors import GridError, plain_grid_errors
 from ..hashes import PlaintextHasher, convergence_key
 from ..manifest import Chunk, Element, Hole, Manifest, pack
+from ..protocol.schema import MAX_WRITE
 from .batchput import put_objects
 from .broker import Server
 from .chunkindex import ChunkIndex
@@ -39,21 +40,24 @@ from .upload import Progress, upload_file
 if TYPE_CHECKING:
     from .grid import GridClient
 
-CHUNK_MIN = 512 * 1024
-CHUNK_AVG = 1536 * 1024
+CHUNK_MIN = 1024 * 1024
+CHUNK_AVG = 3 * 1024 * 1024
 """pyfastcdc's ``avg_size``: its chunks average about ``avg + min`` bytes,
-here 2 MiB (measured: 1,928 KiB over 256 MiB of random data).  Each chunk
-costs n share files and a share search: 1 MiB chunks halved ``gridfs
-put`` and ``get`` throughput on a local grid, 2 MiB ones cost a third."""
-CHUNK_MAX = 4 * 1024 * 1024
+here ~4 MiB (measured over 256 MiB of random data: mean 3,855 KiB, median
+3,572 KiB, largest 6,821 KiB).  Each chunk costs every server a share
+file: on a local grid of 10, a put of ~2 MiB chunks ran ~15 % below one
+CHK object, one of ~4 MiB chunks within 10 % (docs/formats.md §16.2)."""
+CHUNK_MAX = 8 * 1024 * 1024
 NORMALIZATION: Literal[2] = 2
 """FastCDC's normalized chunking level: chunk sizes bunch near the
 average, so no edit rewrites much more than one average chunk."""
 CHUNKED_MIN_SIZE = 2 * 1024 * 1024
 """Files up to this size are one CHK object (they would be one chunk)."""
-BATCH = 5
-"""Chunks looked up in the index (and renewed) and uploaded together: five
-of ~2 MiB make ~3.5 MB of shares per server, one ``put_shares`` request."""
+BATCH = 4
+"""Chunks looked up in the index (and renewed) together."""
+PUT_BYTES = 16 * 1024 * 1024
+"""Most chunk bytes encoded and sent together, in as few ``put_shares``
+requests per server as MAX_WRITE allows (see :func:`put_group_bytes`)."""
 UPLOADS = 6
 """Chunks of a batch uploaded alone at once: those the batch did not store whole."""
 WINDOW = 2
@@ -98,6 +102,10 @@ class Content:
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``offset``."""
+        buf[:] = self.read(offset, len(buf))
+
     def runs(self, start: int, end: int) -> list[tuple[int, int]]:
         """Ranges of [start, end) that may hold data (the rest are zeros)."""
         raise NotImplementedError
@@ -118,6 +126,13 @@ class FileContent(Content):
             os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
         return data
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        # (straight into the chunker's buffer, without the GIL)
+        if os.preadv(self.fd, [buf], offset) != len(buf):
+            raise GridError("the file changed size while being uploaded")
+        if self.drop:
+            os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+
     def runs(self, start: int, end: int) -> list[tuple[int, int]]:
         return data_runs(self.fd, start, end)
 
@@ -128,19 +143,22 @@ class _Reader:
     def __init__(self, content: Content, start: int, end: int) -> None:
         self.content, self.at, self.end = content, start, end
 
-    def read(self, n: int) -> bytes:
-        n = min(n, self.end - self.at, 8 << 20)
+    def readinto(self, buf: memoryview) -> int:
+        n = min(len(buf), self.end - self.at, 8 << 20)
         if n <= 0:
-            return b""
-        data = self.content.read(self.at, n)
+            return 0
+        self.content.readinto(self.at, buf[:n])
         self.at += n
-        return data
+        return n
 
 
 ZERO_BLOCK = 4096
 ZERO_RUN = 16
 """Zero blocks in a row (64 KiB) that a chunk stores as a hole."""
 _ZEROS = bytes(ZERO_BLOCK)
+_ZERO_RUN_BYTES = bytes(ZERO_RUN * ZERO_BLOCK)
+"""Data without these zeros in a row has no hole of its own, only a chunk
+that is all zeros (and shorter) can still be one."""
 
 
 def split_zeros(data: bytes) -> list[tuple[int, int, bool]]:
@@ -148,6 +166,8 @@ def split_zeros(data: bytes) -> list[tuple[int, int, bool]]:
     ZERO_RUN zero blocks (of ZERO_BLOCK bytes from its start, the last one
     possibly short) are parts of their own, so that zeros written out in a
     file are holes as much as those it leaves unwritten."""
+    if len(data) >= len(_ZERO_RUN_BYTES) and _ZERO_RUN_BYTES not in data:  # (fast)
+        return [(0, len(data), False)]
     if data.count(0) == len(data):
         return [(0, len(data), True)]
     parts: list[tuple[int, int]] = []
@@ -224,10 +244,12 @@ class ChunkStore:
                 caps[i] = hint
         self.reused += len(caps)
         missing = [i for i in keys if i not in caps]
-        batched = await put_objects(
-            self.grid, [(pieces[i].data, pieces[i].digest or b"") for i in missing]
-        )
-        caps |= {i: cap for i, cap in zip(missing, batched, strict=True) if cap is not None}
+        most = put_group_bytes(self.grid.params.k)
+        for group in _groups(missing, [len(p.data) for p in pieces], most):
+            batched = await put_objects(
+                self.grid, [(pieces[i].data, pieces[i].digest or b"") for i in group]
+            )
+            caps |= {i: cap for i, cap in zip(group, batched, strict=True) if cap is not None}
         limiter = trio.Semaphore(UPLOADS)
 
         async def upload(i: int) -> None:
@@ -341,6 +363,26 @@ class ChunkStore:
                     if piece is None:
                         break
         return [e for i in sorted(done) for e in done[i]]
+
+
+def put_group_bytes(k: int) -> int:
+    """Chunk bytes to store together: what makes one ``put_shares`` per
+    server (a share is a k-th of its chunk, plus its hashes), at most
+    PUT_BYTES (memory)."""
+    return min(PUT_BYTES, k * MAX_WRITE * 15 // 16)
+
+
+def _groups(indexes: list[int], sizes: list[int], most: int) -> list[list[int]]:
+    """``indexes`` in order, in groups of at most ``most`` bytes (or one)."""
+    groups: list[list[int]] = []
+    total = 0
+    for i in indexes:
+        if not groups or total + sizes[i] > most:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += sizes[i]
+    return groups
 
 
 async def upload_data(grid: GridClient, data: bytes, digest: bytes | None = None) -> ReadCap:

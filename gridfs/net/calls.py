@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import GridError
 from ..protocol.schema import SchemaError, validate_request
+from .rpc import TakenArgs
 
 Caller = Callable[[str, dict[str, Any], float | None], Awaitable[Any]]
 """``call(method, args, timeout)``: an :class:`RpcClient`'s or a broker
@@ -94,6 +95,9 @@ class _Calls:
         self._call = call
 
     async def _send(self, method: str, timeout: float | None, **args: Any) -> Any:
+        return await self._send_args(method, timeout, args)
+
+    async def _send_args(self, method: str, timeout: float | None, args: dict[str, Any]) -> Any:
         try:
             validate_request(method, args)
         except SchemaError as e:
@@ -183,9 +187,13 @@ class StorageCalls(_Calls):
         timeout: float | None = None,
     ) -> list[PutShare]:
         """``put_share`` for each (si, sharenum, data, renew_secret,
-        cancel_secret), in one request: an answer per share, in order."""
-        reply = await self._send("put_shares", timeout, shares=shares)
-        if not isinstance(reply, list) or len(reply) != len(shares):
+        cancel_secret), in one request: an answer per share, in order.
+        The call takes ``shares``: it lets go of them once they are sent."""
+        count = len(shares)
+        args = TakenArgs(shares=shares)
+        del shares
+        reply = await self._send_args("put_shares", timeout, args)
+        if not isinstance(reply, list) or len(reply) != count:
             raise _fail("put_shares", "expected an answer per share")
         out = []
         for item in reply:

@@ -58,6 +58,12 @@ class RemoteError(GridError):
         self.remote_message = message
 
 
+class TakenArgs(dict[str, Any]):
+    """Request arguments a call may let go of once the request is framed:
+    a write's megabytes are then not kept while its answer comes (the
+    caller keeps no other reference to them)."""
+
+
 class _Slot:
     __slots__ = ("event", "outcome")
 
@@ -145,6 +151,8 @@ class RpcClient:
         if self._closed is not None:
             raise ConnectionLost(self._closed)
         rid, data = self._conn.send_request(method, args)
+        if isinstance(args, TakenArgs):
+            args.clear()
         limit = self.default_timeout if timeout is None else timeout
         # (a limit of 0 or less: no timeout for the answer, SEND_PATIENCE per piece)
         deadline, patience = (limit, limit) if limit > 0 else (math.inf, SEND_PATIENCE)
@@ -152,6 +160,7 @@ class RpcClient:
         try:
             async with self._send_lock:
                 await self._send_whole(data, patience)
+            del data  # (a write's frame is megabytes: not kept while the answer comes)
             with trio.move_on_after(deadline):
                 await slot.event.wait()
         finally:
