@@ -232,7 +232,9 @@ class ChunkStore:
         return convergence_key(self.grid.secret, codec.serialize(), piece.digest)
 
     async def store(self, pieces: list[_Piece]) -> list[Element]:
-        """An element per piece, in order: holes for zeros, chunks stored."""
+        """An element per piece, in order: holes for zeros, chunks stored.
+        The bytes of each piece are let go of once it is stored."""
+        sizes = [len(p.data) for p in pieces]
         keys = {i: self._key(p) for i, p in enumerate(pieces) if p.digest is not None}
         known = self.index.lookup(keys.values())
         hints = {key: cap for key, text in known.items() if isinstance(cap := parse(text), ReadCap)}
@@ -243,13 +245,15 @@ class ChunkStore:
             if hint is not None and held.get(hint.storage_index, 0) >= self.grid.params.happy:
                 caps[i] = hint
         self.reused += len(caps)
+        _let_go(pieces, caps)
         missing = [i for i in keys if i not in caps]
         most = put_group_bytes(self.grid.params.k)
-        for group in _groups(missing, [len(p.data) for p in pieces], most):
+        for group in _groups(missing, sizes, most):
             batched = await put_objects(
                 self.grid, [(pieces[i].data, pieces[i].digest or b"") for i in group]
             )
             caps |= {i: cap for i, cap in zip(group, batched, strict=True) if cap is not None}
+            _let_go(pieces, caps)
         limiter = trio.Semaphore(UPLOADS)
 
         async def upload(i: int) -> None:
@@ -264,8 +268,8 @@ class ChunkStore:
         self.uploaded += len(missing)
         await trio.to_thread.run_sync(self.index.add, {keys[i]: caps[i].to_string() for i in keys})
         if self.progress is not None:
-            self.progress(sum(len(p.data) for p in pieces))
-        return [Chunk(caps[i]) if i in caps else Hole(len(p.data)) for i, p in enumerate(pieces)]
+            self.progress(sum(sizes))
+        return [Chunk(caps[i]) if i in caps else Hole(sizes[i]) for i in range(len(pieces))]
 
     async def _held(self, sis: list[bytes]) -> dict[bytes, int]:
         """How many servers hold something of each storage index, renewing
@@ -310,7 +314,7 @@ class ChunkStore:
         return elements
 
     async def _run(self, content: Content, start: int, end: int) -> list[Element]:
-        send, recv = trio.open_memory_channel[_Piece | None](BATCH)
+        send, recv = trio.open_memory_channel[_Piece | None](1)
 
         def cut() -> None:
             # A closed channel: the store gave up (its error is the one raised).
@@ -363,6 +367,13 @@ class ChunkStore:
                     if piece is None:
                         break
         return [e for i in sorted(done) for e in done[i]]
+
+
+def _let_go(pieces: list[_Piece], stored: dict[int, ReadCap]) -> None:
+    """Drop the bytes of the pieces stored (a batch holds megabytes)."""
+    for i in stored:
+        if pieces[i].data:
+            pieces[i] = _Piece(pieces[i].offset, b"", pieces[i].digest)
 
 
 def put_group_bytes(k: int) -> int:
