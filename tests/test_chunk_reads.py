@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from gridfs.caps import ChunkedCap, b32encode, parse, parse_read_cap
-from gridfs.client import chunkread
+from gridfs.client import chunkread, sharemap
 from gridfs.client.chunked import load_manifest, put_file
 from gridfs.client.grid import GridClient
 from gridfs.storage.service import WrongServerError
@@ -55,7 +55,8 @@ class Liar(GridSession):
     """A server lying to the batched search (if its index is in ``liars``):
     ``claims`` says it holds every share of every object asked about and
     serves the bytes of a share of another object for them; ``hides`` says
-    it holds nothing; ``short`` answers fewer lists than it was asked for."""
+    it holds nothing; ``short`` answers fewer lists than it was asked for;
+    ``stalls`` never answers."""
 
     liars: ClassVar[set[int]] = set()
     mode: ClassVar[str] = "claims"
@@ -71,6 +72,8 @@ class Liar(GridSession):
             return [[[num, 1_000_000] for num in range(N)] for _ in sis]
         if self.mode == "hides":
             return [[] for _ in sis]
+        if self.mode == "stalls":
+            await trio.sleep_forever()
         return honest[:-1]
 
     async def rpc_read(self, si: bytes, sharenum: int, offset: int, length: int) -> Any:
@@ -134,11 +137,22 @@ async def test_a_chunked_get_asks_each_server_once_and_reads_each_share_once(
 
 
 @pytest.mark.parametrize(
-    ("mode", "liars"), [("claims", 1), ("claims", N - K), ("hides", 1), ("short", 2)]
+    ("mode", "liars"),
+    [
+        ("claims", 1),
+        ("claims", N - K),
+        ("hides", 1),
+        ("short", 2),
+        ("stalls", 1),
+        ("stalls", N - K),
+    ],
 )
 async def test_servers_lying_to_the_batched_search_cannot_fool_the_reader(
-    tmp_path: Path, mode: str, liars: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, liars: int
 ) -> None:
+    """(With N - K stalling, only k shares are named: the search waits for
+    the others until its time-out, then the chunks are read from those.)"""
+    monkeypatch.setattr(sharemap, "LOCATE_TIMEOUT", 1.0)
     async with open_grid(tmp_path / "grid", SERVERS, session_class=Liar) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
