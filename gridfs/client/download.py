@@ -86,12 +86,15 @@ async def open_downloader(
     WHOLE_MAX bytes in one request with its head (for reading all of a small
     file: one request per share instead of two)."""
     downloader = Downloader(broker, cap, window, lazy, whole, located)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(downloader._locate)
-        try:
-            yield downloader
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(downloader._locate)
+            try:
+                yield downloader
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        downloader.release()
 
 
 class Downloader:
@@ -127,6 +130,15 @@ class Downloader:
         self._locating = True
         self.servers_asked = 0
         self.servers_answered = 0
+
+    def release(self) -> None:
+        """Let go of the shares read whole now, not when the garbage
+        collector finds the downloader (its search closure refers to it)."""
+        for srcs in self.sources.values():
+            for source in srcs:
+                source.data = None
+        self._unread.clear()
+        self._ask = None
 
     # -- finding shares -----------------------------------------------------
     def _usable(self) -> dict[int, list[Source]]:
