@@ -16,6 +16,7 @@ import trio
 from gridfs.caps import ChunkedCap, b32encode, parse, parse_read_cap
 from gridfs.client import chunkread, sharemap
 from gridfs.client.chunked import load_manifest, put_file
+from gridfs.client.download import open_downloader
 from gridfs.client.grid import GridClient
 from gridfs.storage.service import WrongServerError
 
@@ -193,3 +194,20 @@ async def test_servers_that_do_not_know_the_batched_search_are_asked_one_by_one(
                 assert many == {node.index: 1 for node in grid.nodes}
                 asked = {i for (call, i) in Counting.calls if call == "get_buckets"}
                 assert asked >= {node.index for node in grid.nodes[1:]}
+
+
+async def test_a_whole_read_lets_go_of_the_shares_when_it_ends(tmp_path: Path) -> None:
+    """(A downloader is freed by the cycle collector, later: the shares it
+    read whole must not wait for that.)"""
+    async with open_grid(tmp_path / "grid", SERVERS) as grid:
+        with trio.fail_after(TIMEOUT):
+            async with client_node(tmp_path / "client", grid) as client:
+                cap, data = await put_big(client, tmp_path, 53)
+                parsed = parse(cap)
+                assert isinstance(parsed, ChunkedCap)
+                chunk = (await load_manifest(client, parsed)).chunk_caps()[0]
+                async with open_downloader(client.broker, chunk, lazy=True, whole=True) as dl:
+                    assert await dl.read(0, chunk.size) == data[: chunk.size]
+                    held = [s for srcs in dl.sources.values() for s in srcs if s.data is not None]
+                    assert len(held) >= K
+                assert all(s.data is None for srcs in dl.sources.values() for s in srcs)
