@@ -454,7 +454,8 @@ class Downloader:
         if self.whole:
             run = await self._whole_run(first, last + 1 - first)
             if run is not None:
-                return await emit(run)
+                await emit(run)
+                return
 
         def job(j: int) -> Callable[[], Awaitable[list[DecodedSegment]]]:
             return lambda: self.segments(j, min(batch, last + 1 - j))
@@ -473,14 +474,13 @@ class Downloader:
         thread, not one per share and segment.  None when fewer than k such
         shares are usable or one fails (it is reported, and the caller reads
         as usual, choosing other shares)."""
-        choice = self._choose(self.cap.k, exclude=set())
-        if len(choice) < self.cap.k or any(s.data is None for s in choice):
+        wholes = [(s, s.data) for s in self._choose(self.cap.k, exclude=set()) if s.data]
+        if len(wholes) < self.cap.k:
             return None
         segments = range(first, first + count)
 
-        def verify(source: Source) -> list[VerifiedBlock]:
-            assert source.data is not None
-            view, out = memoryview(source.data), []
+        def verify(source: Source, data: bytes) -> list[VerifiedBlock]:
+            view, out = memoryview(data), []
             for j in segments:
                 offset, length = self.decoder.record_span(j)
                 if offset + length > len(view):
@@ -492,9 +492,9 @@ class Downloader:
 
         def work() -> tuple[list[DecodedSegment], list[tuple[Source, str]]]:
             blocks, failed = {}, []
-            for source in choice:
+            for source, data in wholes:
                 try:
-                    blocks[source.sharenum] = verify(source)
+                    blocks[source.sharenum] = verify(source, data)
                 except GridError as e:
                     failed.append((source, str(e)))
             if failed:
