@@ -17,7 +17,8 @@ from tests.gridutil import open_broker, open_grid, upload_bytes
 
 STORAGE_METHODS = {
     "stats", "allocate_buckets", "write", "close", "put_share", "abort", "get_buckets",
-    "report_corrupt", "read", "slot_read", "slot_write", "add_leases", "cancel_leases",
+    "get_buckets_many", "report_corrupt", "read", "slot_read", "slot_write", "add_leases",
+    "cancel_leases",
 }  # fmt: skip
 
 
@@ -53,6 +54,9 @@ SI = b"s" * 16
          {"already": [], "allocated": [2]}),  # a share that was not asked for
         ("get_buckets", {"si": SI}, [[1, 10, 3]]),
         ("get_buckets", {"si": SI}, [[999, 10]]),
+        ("get_buckets_many", {"sis": [SI, SI]}, [[[1, 10]]]),  # one list short
+        ("get_buckets_many", {"sis": [SI]}, [[[1, -10]]]),
+        ("get_buckets_many", {"sis": [SI]}, {"not": "a list"}),
         ("read", {"si": SI, "sharenum": 0, "offset": 0, "length": 4}, b"12345"),
         ("read", {"si": SI, "sharenum": 0, "offset": 0, "length": 4}, {"not": "bytes"}),
         ("slot_read", {"si": SI}, [b"record"]),
@@ -76,6 +80,8 @@ async def test_bad_arguments_are_our_bug_and_are_never_sent() -> None:
         await calls.get_buckets(b"short")
     with pytest.raises(ValueError, match="read"):
         await calls.read(SI, 0, 0, 1 << 40)
+    with pytest.raises(ValueError, match="get_buckets_many"):
+        await calls.get_buckets_many([SI] * 65)
     assert caller.sent == []
 
 
@@ -91,6 +97,8 @@ async def test_typed_calls_against_real_storage_servers(tmp_path: Path) -> None:
 
         calls = StorageCalls(holder.call)
         assert await calls.get_buckets(si) == [(0, len(share))]
+        assert await calls.get_buckets_many([SI, si, SI]) == [[], [(0, len(share))], []]
+        assert await StorageCalls(other.call).get_buckets_many([si]) == [[]]
         assert await calls.read(si, 0, 10, 20) == share[10:30]
         allocation = await calls.allocate_buckets(si, [0], len(share), **holder.lease_args(si))
         assert (allocation.already, allocation.allocated) == ([0], [])

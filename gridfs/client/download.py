@@ -39,6 +39,8 @@ READ_TIMEOUT = 20.0
 BATCH = 4
 """Segments a sequential read takes from each share in one request (a
 request costs both sides about as much as a 350 KB record)."""
+WHOLE_MAX = 4 * 1024 * 1024
+"""(``whole``) A share up to this size is read in one request, head and records."""
 
 
 @dataclass
@@ -50,34 +52,68 @@ class Source:
     size: int
     bad: str | None = None
     busy: int = 0
+    data: bytes | None = None
+    """(``whole``) the share's bytes, read with its head"""
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one object's shares are, as a search for several objects at once
+    found them (:mod:`gridfs.client.sharemap`): (server, share number, size)
+    of each share, and the servers that search did not hear from, to be
+    asked only if those shares do not serve."""
+
+    shares: tuple[tuple[Server, int, int], ...]
+    unasked: tuple[Server, ...]
 
 
 @contextlib.asynccontextmanager
 async def open_downloader(
-    broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4, lazy: bool = False
+    broker: StorageBroker,
+    cap: ReadCap | VerifyCap,
+    window: int = 4,
+    lazy: bool = False,
+    located: Located | None = None,
+    whole: bool = False,
 ) -> AsyncIterator[Downloader]:
     """A downloader whose share search runs (in the background) while it lives.
     ``lazy``: ask the first k+1 servers in the file's order where its shares
     are and read the heads of k+1 shares only, asking and reading the others
     when those fail (a small file, such as a chunk, whose reads cost little
-    beside the search)."""
-    downloader = Downloader(broker, cap, window, lazy)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(downloader._locate)
-        try:
-            yield downloader
-        finally:
-            nursery.cancel_scope.cancel()
+    beside the search).  ``located``: where the shares are, already known
+    (lazy: no server is asked unless those fail; the heads of k shares are
+    read, primary shares first).  ``whole``: read each share of at most
+    WHOLE_MAX bytes in one request with its head (for reading all of a small
+    file: one request per share instead of two)."""
+    downloader = Downloader(broker, cap, window, lazy, whole, located)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(downloader._locate)
+            try:
+                yield downloader
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        downloader.release()
 
 
 class Downloader:
     """Reads one immutable file; get one from :func:`open_downloader`."""
 
     def __init__(
-        self, broker: StorageBroker, cap: ReadCap | VerifyCap, window: int = 4, lazy: bool = False
+        self,
+        broker: StorageBroker,
+        cap: ReadCap | VerifyCap,
+        window: int = 4,
+        lazy: bool = False,
+        whole: bool = False,
+        located: Located | None = None,
     ) -> None:
         self.broker = broker
-        self.lazy = lazy
+        self.lazy = lazy or located is not None
+        self.whole = whole
+        self.located = located
+        """where the shares are, known before (see :func:`open_downloader`)"""
         self._unread: list[Source] = []
         """(lazy) shares found whose heads are not read yet"""
         self._heads = 0
@@ -95,6 +131,15 @@ class Downloader:
         self.servers_asked = 0
         self.servers_answered = 0
 
+    def release(self) -> None:
+        """Let go of the shares read whole now, not when the garbage
+        collector finds the downloader (its search closure refers to it)."""
+        for srcs in self.sources.values():
+            for source in srcs:
+                source.data = None
+        self._unread.clear()
+        self._ask = None
+
     # -- finding shares -----------------------------------------------------
     def _usable(self) -> dict[int, list[Source]]:
         return {
@@ -109,7 +154,7 @@ class Downloader:
 
     def report(self, source: Source, reason: str) -> None:
         if source.bad is None:
-            source.bad = reason
+            source.bad, source.data = reason, None
             msg = f"server {source.server.name}, share {source.sharenum}: {reason}"
             self.problems.append(msg)
             log.warning("%s", msg)
@@ -147,6 +192,13 @@ class Downloader:
                 maybe_ready()
 
         self._ask = ask
+        if self.located is not None:
+            await self._adopt(self.located)
+            self._locating = False
+            self._wake()
+            started = True  # (asks made later, lazily, must not start it again)
+            task_status.started()
+            return
         servers = self.broker.permuted(self.decoder.storage_index)
         if self.lazy:  # the first k+1 in the file's order hold shares, normally
             servers, self._unasked = servers[: self.cap.k + 1], servers[self.cap.k + 1 :]
@@ -164,6 +216,24 @@ class Downloader:
             started = True  # (asks made later, lazily, must not start it again)
             task_status.started()
 
+    async def _adopt(self, located: Located) -> None:
+        """Take shares found before: read the heads of k distinct shares
+        (primary shares first), keep the others to read if those fail."""
+        k = self.cap.k
+        first: dict[int, Source] = {}
+        rest: list[Source] = []
+        for server, num, size in sorted(located.shares, key=lambda s: (s[1] >= k, s[1])):
+            source = Source(server, num, size)
+            if num not in first and len(first) < k:
+                first[num] = source
+            else:
+                rest.append(source)
+        self._unread = sorted(rest, key=lambda s: s.sharenum in first)  # new shares first
+        self._unasked = list(located.unasked)
+        async with trio.open_nursery() as nursery:
+            for source in first.values():
+                nursery.start_soon(self._add_source, source)
+
     async def _ask_rest(self) -> None:
         """(lazy) Ask the servers not asked yet where their shares are."""
         assert self._ask is not None
@@ -176,10 +246,12 @@ class Downloader:
     async def _add_source(self, source: Source) -> None:
         try:
             with trio.fail_after(READ_TIMEOUT):
-                head = await self._read(source, 0, min(source.size, HEAD_GUESS))
+                if self.whole and source.size <= WHOLE_MAX:
+                    source.data = await self._read(source, 0, source.size)
+                head = bytes(await self._part(source, 0, min(source.size, HEAD_GUESS)))
                 length = FileDecoder.head_length(head[: HEADER.size])
                 if length > len(head):
-                    head += await self._read(source, len(head), length - len(head))
+                    head += await self._part(source, len(head), length - len(head))
             num = self.decoder.accept_head(head[:length])
         except ForeignShareError:
             self.report(source, "holds a share of another file under this storage index")
@@ -192,6 +264,16 @@ class Downloader:
             return
         self.sources.setdefault(num, []).append(source)
         self._wake()
+
+    async def _part(self, source: Source, offset: int, length: int) -> bytes | memoryview:
+        """Bytes of a share: from what was read of it with its head (a view,
+        not a copy) or, if nothing was, from its server."""
+        if source.data is None:
+            return await self._read(source, offset, length)
+        data = memoryview(source.data)[offset : offset + length]
+        if len(data) != length:
+            raise CorruptShareError(source.sharenum, "share shorter than its head says")
+        return data
 
     async def _read(self, source: Source, offset: int, length: int) -> bytes:
         si, num = self.decoder.storage_index, source.sharenum
@@ -223,7 +305,7 @@ class Downloader:
         blocks: dict[int, VerifiedBlock] = dict(have or {})
         offset, length = self.decoder.record_span(j)
 
-        def verify(sharenum: int, data: bytes) -> VerifiedBlock:
+        def verify(sharenum: int, data: bytes | memoryview) -> VerifiedBlock:
             return self.decoder.verify_record(sharenum, j, memoryview(data))
 
         while len(blocks) < k:
@@ -259,7 +341,7 @@ class Downloader:
         last_offset, last_length = self.decoder.record_span(first + count - 1)
         span = last_offset + last_length - start
 
-        def verify(sharenum: int, data: bytes) -> list[VerifiedBlock]:
+        def verify(sharenum: int, data: bytes | memoryview) -> list[VerifiedBlock]:
             view = memoryview(data)  # records and blocks are views of it, not copies
             out = []
             for j in range(first, first + count):
@@ -288,7 +370,7 @@ class Downloader:
         sources: list[Source],
         offset: int,
         length: int,
-        verify: Callable[[int, bytes], T],
+        verify: Callable[[int, bytes | memoryview], T],
     ) -> dict[int, T]:
         """Read the same bytes of several shares at once and check each
         (``verify(sharenum, data)``, in a thread): share number → result,
@@ -300,7 +382,7 @@ class Downloader:
             source.busy += 1
             try:
                 with trio.fail_after(READ_TIMEOUT):
-                    data = await self._read(source, offset, length)
+                    data = await self._part(source, offset, length)
                 results[source.sharenum] = await trio.to_thread.run_sync(
                     verify, source.sharenum, data
                 )
@@ -318,10 +400,13 @@ class Downloader:
 
     async def _decode(self, j: int, chosen: list[VerifiedBlock]) -> DecodedSegment:
         decoded = await trio.to_thread.run_sync(self.decoder.decode_segment, j, chosen)
+        self._report_proofs(decoded)
+        return decoded
+
+    def _report_proofs(self, decoded: DecodedSegment) -> None:
         for num in decoded.bad_proofs:
             for source in self.sources.get(num, []):
-                self.report(source, f"bad ciphertext proof in record {j}")
-        return decoded
+                self.report(source, f"bad ciphertext proof in record {decoded.index}")
 
     def _choose(self, count: int, exclude: set[int]) -> list[Source]:
         """``count`` sources of distinct shares: primary shares first (they
@@ -359,6 +444,19 @@ class Downloader:
         record = self.decoder.geometry.proof_size + params.block_size
         batch = max(1, min(BATCH, MAX_READ // record))
 
+        async def emit(run: list[DecodedSegment]) -> None:
+            for decoded in run:
+                start = decoded.index * seg
+                lo = max(offset, start) - start
+                hi = min(end, start + len(decoded.data)) - start
+                await write(decoded.data[lo:hi])
+
+        if self.whole:
+            run = await self._whole_run(first, last + 1 - first)
+            if run is not None:
+                await emit(run)
+                return
+
         def job(j: int) -> Callable[[], Awaitable[list[DecodedSegment]]]:
             return lambda: self.segments(j, min(batch, last + 1 - j))
 
@@ -368,11 +466,52 @@ class Downloader:
             nursery.start_soon(ordered_tasks, jobs, max(2, self.window // batch), send)
             async with recv:
                 async for decoded_run in recv:
-                    for decoded in decoded_run:
-                        start = decoded.index * seg
-                        lo = max(offset, start) - start
-                        hi = min(end, start + len(decoded.data)) - start
-                        await write(decoded.data[lo:hi])
+                    await emit(decoded_run)
+
+    async def _whole_run(self, first: int, count: int) -> list[DecodedSegment] | None:
+        """(whole) Segments ``first`` .. ``first + count - 1`` from k shares
+        read whole: every record verified and every segment decoded in one
+        thread, not one per share and segment.  None when fewer than k such
+        shares are usable or one fails (it is reported, and the caller reads
+        as usual, choosing other shares)."""
+        wholes = [(s, s.data) for s in self._choose(self.cap.k, exclude=set()) if s.data]
+        if len(wholes) < self.cap.k:
+            return None
+        segments = range(first, first + count)
+
+        def verify(source: Source, data: bytes) -> list[VerifiedBlock]:
+            view, out = memoryview(data), []
+            for j in segments:
+                offset, length = self.decoder.record_span(j)
+                if offset + length > len(view):
+                    raise CorruptShareError(source.sharenum, "share shorter than its head says")
+                out.append(
+                    self.decoder.verify_record(source.sharenum, j, view[offset : offset + length])
+                )
+            return out
+
+        def work() -> tuple[list[DecodedSegment], list[tuple[Source, str]]]:
+            blocks, failed = {}, []
+            for source, data in wholes:
+                try:
+                    blocks[source.sharenum] = verify(source, data)
+                except GridError as e:
+                    failed.append((source, str(e)))
+            if failed:
+                return [], failed
+            nums = sorted(blocks)
+            decoded = [
+                self.decoder.decode_segment(j, [blocks[n][i] for n in nums])
+                for i, j in enumerate(segments)
+            ]
+            return decoded, []
+
+        decoded, failed = await trio.to_thread.run_sync(work)
+        for source, why in failed:
+            self.report(source, why)
+        for segment in decoded:
+            self._report_proofs(segment)
+        return None if failed else decoded
 
     async def read(self, offset: int, length: int) -> bytes:
         parts: list[bytes] = []

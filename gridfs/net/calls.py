@@ -90,6 +90,19 @@ def _map(method: str, value: Any, **fields: type) -> dict[str, Any]:
     return value
 
 
+def _buckets(method: str, value: Any) -> list[tuple[int, int]]:
+    """A get_buckets answer: [share number, size] pairs."""
+    if not isinstance(value, list):
+        raise _fail(method, "expected a list")
+    out = []
+    for item in value:
+        pair = _ints(method, item)
+        if len(pair) != 2 or not 0 <= pair[0] < 256 or pair[1] < 0:
+            raise _fail(method, "expected [share number, size] pairs")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 class _Calls:
     def __init__(self, call: Caller) -> None:
         self._call = call
@@ -210,16 +223,16 @@ class StorageCalls(_Calls):
         self, si: bytes, *, timeout: float | None = None
     ) -> list[tuple[int, int]]:
         """(share number, size) of each share the server holds."""
-        reply = await self._send("get_buckets", timeout, si=si)
-        if not isinstance(reply, list):
-            raise _fail("get_buckets", "expected a list")
-        out = []
-        for item in reply:
-            pair = _ints("get_buckets", item)
-            if len(pair) != 2 or not 0 <= pair[0] < 256 or pair[1] < 0:
-                raise _fail("get_buckets", "expected [share number, size] pairs")
-            out.append((pair[0], pair[1]))
-        return out
+        return _buckets("get_buckets", await self._send("get_buckets", timeout, si=si))
+
+    async def get_buckets_many(
+        self, sis: list[bytes], *, timeout: float | None = None
+    ) -> list[list[tuple[int, int]]]:
+        """What :meth:`get_buckets` answers for each of ``sis``, in one request."""
+        reply = await self._send("get_buckets_many", timeout, sis=sis)
+        if not isinstance(reply, list) or len(reply) != len(sis):
+            raise _fail("get_buckets_many", "expected one list per storage index")
+        return [_buckets("get_buckets_many", item) for item in reply]
 
     async def read(
         self, si: bytes, sharenum: int, offset: int, length: int, *, timeout: float | None = None

@@ -30,6 +30,9 @@ MAX_PUT_SHARES = 64
 """Most shares in one ``put_shares`` request (their data: MAX_WRITE in all)."""
 MAX_LEASES = 1024
 """Most storage indexes in one add_leases or cancel_leases request."""
+MAX_LOOKUPS = 64
+"""Most storage indexes in one get_buckets_many request (its answer, at most
+256 shares of each, stays within the objects a frame may decode to)."""
 LEASE_SECRET_SIZE = 32
 MAX_ANNOUNCEMENT = 4096
 MAX_U64 = 2**64 - 1
@@ -160,6 +163,7 @@ REQUESTS: dict[str, dict[str, Check]] = {
     "put_shares": {"shares": share_puts},
     "abort": {"si": SI, "sharenum": sharenum},
     "get_buckets": {"si": SI},
+    "get_buckets_many": {"sis": list_of(SI, MAX_LOOKUPS)},
     "report_corrupt": {"si": SI, "sharenum": sharenum, "verify_cap": text(400)},
     "read": {"si": SI, "sharenum": sharenum, "offset": u64, "length": read_length},
     "slot_read": {"si": SI},

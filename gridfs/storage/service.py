@@ -430,6 +430,9 @@ class StorageSession:
     async def rpc_get_buckets(self, si: bytes) -> list[list[int]]:
         return [[num, size] for num, size in sorted(self.store.shares(si).items())]
 
+    async def rpc_get_buckets_many(self, sis: list[bytes]) -> list[list[list[int]]]:
+        return [await self.rpc_get_buckets(si) for si in sis]
+
     async def rpc_read(self, si: bytes, sharenum: int, offset: int, length: int) -> bytes:
         return self.store.read(si, sharenum, offset, length)
 
