@@ -128,6 +128,9 @@ class Downloader:
         self.problems: list[str] = []
         self._changed = trio.Event()
         self._locating = True
+        self._asking = 0
+        """Lazy asks of the servers not asked at first, in progress (another
+        segment's fetch may have started them)."""
         self.servers_asked = 0
         self.servers_answered = 0
 
@@ -238,10 +241,15 @@ class Downloader:
         """(lazy) Ask the servers not asked yet where their shares are."""
         assert self._ask is not None
         servers, self._unasked = self._unasked, []
-        async with trio.open_nursery() as nursery:
-            for server in servers:
-                self.servers_asked += 1
-                nursery.start_soon(self._ask, server)
+        self._asking += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                for server in servers:
+                    self.servers_asked += 1
+                    nursery.start_soon(self._ask, server)
+        finally:
+            self._asking -= 1
+            self._wake()
 
     async def _add_source(self, source: Source) -> None:
         try:
@@ -317,7 +325,7 @@ class Downloader:
                 await self._ask_rest()
                 continue
             if not choice:
-                if self._locating:
+                if self._locating or self._asking:
                     await self._changed.wait()
                     continue
                 raise NotEnoughSharesError(
