@@ -4,7 +4,7 @@ Layout under ``root`` (``si`` is the storage index in lowercase base32, ``p``
 its first two characters, ``n`` the share number in decimal)::
 
     shares/p/si/n     a closed share: complete, structurally checked, fsynced
-    incoming/si/n     a share being uploaded; wiped whenever a store opens
+    incoming/si.n     a share being uploaded; wiped whenever a store opens
 
 A share reaches ``shares/`` only by fsync and rename, so a crash at any moment
 leaves every closed share and no partial one.  The store checks a share's
@@ -159,7 +159,6 @@ class ShareStore:
             except BaseException:
                 for b in buckets.values():
                     _unlink_quiet(b._path)
-                _rmdir_quiet(self._incoming / b32encode(storage_index))
                 raise
             for n, b in buckets.items():
                 self._open[storage_index, n] = b
@@ -338,14 +337,12 @@ class ShareStore:
             if self._used is not None:
                 self._used += bucket.share_size
                 self._count += 1
-            _rmdir_quiet(bucket._path.parent)
         return final, sync
 
     def _forget(self, bucket: BucketWriter) -> None:
         with self._lock:
             if self._open.get((bucket.storage_index, bucket.sharenum)) is bucket:
                 del self._open[bucket.storage_index, bucket.sharenum]
-            _rmdir_quiet(bucket._path.parent)
 
 
 class BucketWriter:
@@ -359,7 +356,7 @@ class BucketWriter:
         self.storage_index = storage_index
         self.sharenum = sharenum
         self.share_size = size
-        self._path = store._incoming / b32encode(storage_index) / str(sharenum)
+        self._path = store._incoming / f"{b32encode(storage_index)}.{sharenum}"
         self.written = 0
         self.closed = False
         self.aborted = False
@@ -369,7 +366,6 @@ class BucketWriter:
         self._ends: list[int] = []
         self._dropped = 0
         """Bytes below this have been let go of (where written)."""
-        self._path.parent.mkdir(exist_ok=True)
         os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
 
     def __repr__(self) -> str:
