@@ -15,9 +15,12 @@ The window grows as the reader goes on, as the kernel's read-ahead does:
 a read at random that happens to follow another fetches a chunk or two,
 and a long sequential read keeps AHEAD_BYTES in flight or ready (FETCHES
 chunks fetched at once).  Fetched chunks are held until the reader is past
-them, and put in the segment cache too (on disk unless the file is a scan:
-:meth:`~daemon.segcache.SegmentCache.is_scan`), so another reader of the
-same chunk, or this file after a remount, finds them there.
+them, and put in the segment cache too, so another reader of the same
+chunk, or this file after a remount, finds them there; unless the file is
+a scan (:meth:`~daemon.segcache.SegmentCache.is_scan`): held here until
+read, a scan's chunks would only push the segments other readers use out of
+the cache's memory (and the kernel's page cache keeps what the mount
+served).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class ChunkAhead:
         self.manifest = manifest
         self.cache = cache
         self.scan = scan
-        """a scan: its segments are cached in memory only"""
+        """a scan: its chunks stay out of the segment cache"""
         self._fetches: dict[int, _Fetch] = {}
         self._inflight = 0
         self._pos = -1
@@ -101,9 +104,9 @@ class ChunkAhead:
     def advance(self, first: int, i: int, nursery: trio.Nursery) -> None:
         """The reader reads on sequentially, elements ``first`` to ``i``:
         let go of the chunks behind them and fetch those ahead."""
-        if i == self._pos + 1:
+        if self._running and i == self._pos + 1:
             self._window = min(AHEAD_BYTES, self._window * 2)
-        elif i != self._pos:  # a seek: start small again
+        elif self._running and i != self._pos:  # a seek: start small again
             self._window = AHEAD_START
         self._pos = i
         for j in [j for j in self._fetches if j < first]:
@@ -156,12 +159,12 @@ class ChunkAhead:
             fetch.done.set()
             self._inflight -= 1
             self._pump()
-        if fetch.segments is not None:
+        if fetch.segments is not None and not self.scan:
             key = fetch.chunk.cap.to_string()
             size = fetch.segment_size.to_bytes(8, "big")
             await self.cache.put((key, SEGMENT_SIZE_KEY), size)
             for j, data in enumerate(fetch.segments):
-                await self.cache.put((key, j), data, disk=not self.scan)
+                await self.cache.put((key, j), data)
 
     async def _cached(self, chunk: Chunk) -> bool:
         """Whether the cache has every segment of ``chunk`` (read there, then)."""
