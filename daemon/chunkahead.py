@@ -6,7 +6,10 @@ segment or a run at a time: some seventeen requests for a 3 MiB chunk, and
 a sequential reader of a large file spent more time on them than on the
 bytes.  Ahead of a sequential reader, :class:`ChunkAhead` instead finds the
 shares of the file's chunks with one ``get_buckets_many`` per server for
-64 chunks at once (:class:`~gridfs.client.sharemap.ShareMap`) and reads k
+64 chunks at once (:class:`~gridfs.client.sharemap.ShareMap`; a server is
+asked only about the chunks it is among the first k+1 servers of, as a
+chunk's own search would ask it: each lookup is a directory read on its
+disk) and reads k
 shares of each chunk whole, one request each (``whole``), as ``gridfs
 get`` does.  Every share is still verified against the chunk's cap before
 its bytes are decoded; the answer of the search proves nothing.
@@ -121,10 +124,12 @@ class ChunkAhead:
         """Hold the share map and the fetches until :meth:`close`."""
         if self._stop.is_set():
             return
-        chunks = [e.cap.storage_index for e in self.manifest.elements if isinstance(e, Chunk)]
+        chunks = [e.cap for e in self.manifest.elements if isinstance(e, Chunk)]
+        sis = [c.storage_index for c in chunks]
+        spread = max((c.k for c in chunks), default=0) + 1
         async with (
             trio.open_nursery() as nursery,
-            open_share_map(self.session.grid.broker, chunks) as shares,
+            open_share_map(self.session.grid.broker, sis, spread) as shares,
         ):
             self._nursery, self._shares = nursery, shares
             self._pump()
