@@ -2,17 +2,17 @@
 ones ahead of a sequential reader.
 
 A chunked file (:mod:`gridfs.client.chunked`) is a verified manifest and
-chunks, each an ordinary CHK object; each chunk is read through its own
-:class:`~daemon.files.CapReader` (verified segments, the shared segment
-cache: a chunk shared by two files or versions is cached once), and so is
-the manifest.  A few
-chunk readers stay open, the least recently used are closed.  Holes read as
+chunks, each an ordinary CHK object; a chunk read at random is read through
+its own :class:`~daemon.files.CapReader` (verified segments, the shared
+segment cache: a chunk shared by two files or versions is cached once), and
+so is the manifest.  A few chunk readers stay open, the least recently used
+are closed.  Ahead of a sequential reader, whole chunks are fetched with
+their shares found many at once (:mod:`daemon.chunkahead`).  Holes read as
 zeros without asking anyone.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 
 import trio
@@ -20,16 +20,14 @@ import trio
 from gridfs.caps import ChunkedCap, ReadCap, SliceCap
 from gridfs.client.chunkread import cached_manifest, remember
 from gridfs.client.session import TreeSession
-from gridfs.errors import GridError
 from gridfs.manifest import Chunk, Hole, Manifest, unpack
 
+from .chunkahead import ChunkAhead
 from .files import CapReader
 from .segcache import SegmentCache
 
 OPEN_CHUNKS = 16
 """Chunk readers (each with its share search done) kept open per file."""
-AHEAD_CHUNKS = 4
-"""Chunks a sequential reader fetches ahead (about 8 MiB)."""
 
 
 class ChunkedReader:
@@ -44,9 +42,8 @@ class ChunkedReader:
         self._readers: OrderedDict[int, CapReader] = OrderedDict()
         self._last = -2
         """the element the last read ended in"""
-        self._ahead: set[int] = set()
-        """elements fetched ahead already"""
-        self._closed = False
+        self._ahead: ChunkAhead | None = None
+        """the chunks fetched ahead, once the reader reads sequentially"""
 
     async def manifest(self, nursery: trio.Nursery) -> Manifest:
         """The file's manifest: from memory, else read (and verified) like
@@ -79,39 +76,30 @@ class ChunkedReader:
         if offset >= end:
             return b""
         manifest = await self.manifest(nursery)
-        first = manifest.index_at(offset)
-        parts: list[bytes] = []
-        i = first
+        first, last = manifest.index_at(offset), manifest.index_at(end - 1)
+        if first in (self._last, self._last + 1):
+            if self._ahead is None:
+                scan = self.cache.is_scan(self.size)
+                self._ahead = ChunkAhead(self.session, manifest, self.cache, scan)
+            self._ahead.advance(first, last, nursery)
+        self._last = last
+        parts: list[bytes | memoryview] = []
         for start, e in manifest.spans(offset, end):
-            i = manifest.index_at(start)
             lo, hi = max(offset, start) - start, min(end, start + e.length) - start
             if isinstance(e, Hole):
                 parts.append(bytes(hi - lo))
+                continue
+            i = manifest.index_at(start)
+            ahead = await self._ahead.take(i, lo, hi) if self._ahead is not None else None
+            if ahead is not None:
+                parts.extend(ahead)
             else:
                 parts.append(await self._reader(i, e).read(lo, hi - lo, nursery))
-        if first in (self._last, self._last + 1):
-            self._read_ahead(manifest, i, nursery)
-        self._last = i
-        return b"".join(parts)
-
-    def _read_ahead(self, manifest: Manifest, i: int, nursery: trio.Nursery) -> None:
-        """Fetch the chunks after element ``i`` into the segment cache."""
-        for j in range(i + 1, min(len(manifest.elements), i + 1 + AHEAD_CHUNKS)):
-            e = manifest.elements[j]
-            if j in self._ahead or not isinstance(e, Chunk):
-                continue
-            self._ahead.add(j)
-            reader = self._reader(j, e)
-
-            async def fetch(reader: CapReader = reader, length: int = e.length) -> None:
-                if not self._closed:
-                    with contextlib.suppress(GridError):  # a read fetches it itself
-                        await reader.read(0, length, nursery)
-
-            nursery.start_soon(fetch)
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def close(self) -> None:
-        self._closed = True
+        if self._ahead is not None:
+            self._ahead.close()
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
