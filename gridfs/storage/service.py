@@ -336,7 +336,7 @@ class StorageSession:
                         answers[i] = {"stored": True, "already": False}
                         settled.append((bucket.storage_index, bucket.sharenum, bucket.share_size))
                     else:
-                        answers[i] = _put_failed(_coded(error))
+                        answers[i] = _put_failed(error)
                         settled.append((bucket.storage_index, bucket.sharenum, None))
             finally:
                 for i, bucket in opened:
