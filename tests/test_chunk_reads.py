@@ -5,7 +5,6 @@ to know it keep the reader from the right bytes."""
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,13 +14,13 @@ import trio
 
 from gridfs.caps import ChunkedCap, b32encode, parse, parse_read_cap
 from gridfs.client import chunkread, sharemap
-from gridfs.client.chunked import load_manifest, put_file
+from gridfs.client.chunked import load_manifest
 from gridfs.client.download import open_downloader
 from gridfs.client.grid import GridClient
 from gridfs.storage.service import WrongServerError
 
 from .gridutil import Grid, GridSession, open_grid
-from .test_chunked import SERVERS, TIMEOUT, K, MiB, N, client_node
+from .test_chunked import SERVERS, TIMEOUT, K, MiB, N, client_node, put_random
 
 
 class Counting(GridSession):
@@ -89,10 +88,8 @@ class Liar(GridSession):
 
 
 async def put_big(client: GridClient, tmp_path: Path, seed: int) -> tuple[str, bytes]:
-    data = random.Random(seed).randbytes(12 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    return await put_file(client, path), data
+    cap, data = await put_random(client, tmp_path, seed, 12 * MiB)
+    return cap.to_string(), data
 
 
 async def get_with_problems(client: GridClient, cap: str) -> tuple[bytes, list[str]]:

@@ -4,7 +4,6 @@ share read in one request, and only a bounded window of them held."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -15,13 +14,12 @@ from gridfs_daemon import chunkahead
 from gridfs_daemon.chunkreader import ChunkedReader
 from gridfs_daemon.segcache import SegmentCache
 
-from gridfs.caps import ChunkedCap, parse
 from gridfs.client import sharemap
-from gridfs.client.chunked import load_manifest, put_file
+from gridfs.client.chunked import load_manifest
 
 from .gridutil import open_grid
 from .test_chunk_reads import Counting, Liar, chunk_reads
-from .test_chunked import SERVERS, TIMEOUT, K, MiB, client_node
+from .test_chunked import SERVERS, TIMEOUT, K, MiB, client_node, put_random
 
 
 class Asked(Counting):
@@ -40,14 +38,10 @@ async def test_a_sequential_mount_reader_asks_each_server_once_and_reads_shares_
     # A small window, so that the file is longer than it (what is held is bounded).
     monkeypatch.setattr(chunkahead, "AHEAD_START", 4 * MiB)
     monkeypatch.setattr(chunkahead, "AHEAD_BYTES", 4 * MiB)
-    data = random.Random(47).randbytes(24 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS, session_class=Asked) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
-                cap = parse(await put_file(client, path))
-                assert isinstance(cap, ChunkedCap)
+                cap, data = await put_random(client, tmp_path, 47, 24 * MiB)
                 manifest = await load_manifest(client, cap)
                 sis = [c.storage_index for c in manifest.chunk_caps()]
                 assert len(sis) >= 5
@@ -96,14 +90,10 @@ async def test_servers_lying_to_the_read_ahead_search_cannot_fool_the_mount(
     nothing, or everything (and serves another object's share), or never
     answers: the chunk's bytes still come out right, from the other servers."""
     monkeypatch.setattr(sharemap, "LOCATE_TIMEOUT", 1.0)
-    data = random.Random(53).randbytes(16 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS, session_class=Liar) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
-                cap = parse(await put_file(client, path))
-                assert isinstance(cap, ChunkedCap)
+                cap, data = await put_random(client, tmp_path, 53, 16 * MiB)
                 await load_manifest(client, cap)
                 session: Any = SimpleNamespace(grid=client)
                 reader = ChunkedReader(session, cap, SegmentCache(None, max_bytes=0))

@@ -78,6 +78,18 @@ async def chunk_sis(client: GridClient, cap: str) -> set[bytes]:
     return {c.storage_index for c in (await load_manifest(client, parsed)).chunk_caps()}
 
 
+async def put_random(
+    client: GridClient, tmp_path: Path, seed: int, size: int
+) -> tuple[ChunkedCap, bytes]:
+    """``size`` random bytes (from ``seed``) put as a chunked file: its cap and bytes."""
+    data = random.Random(seed).randbytes(size)
+    path = tmp_path / f"random-{seed}"
+    path.write_bytes(data)
+    cap = parse(await put_file(client, path))
+    assert isinstance(cap, ChunkedCap)
+    return cap, data
+
+
 def write_sparse(path: Path, pieces: list[tuple[int, bytes]], size: int) -> None:
     with open(path, "wb") as f:
         for offset, data in pieces:
@@ -377,14 +389,10 @@ async def test_a_corrupt_chunk_is_found_by_verify_and_repaired(tmp_path: Path) -
 
 
 async def test_the_mount_reader_fetches_only_the_chunks_a_read_touches(tmp_path: Path) -> None:
-    data = random.Random(13).randbytes(48 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
-                cap = parse(await put_file(client, path))
-                assert isinstance(cap, ChunkedCap)
+                cap, data = await put_random(client, tmp_path, 13, 48 * MiB)
                 manifest = await load_manifest(client, cap)
                 sis = [c.storage_index for c in manifest.chunk_caps()]
                 assert len(sis) >= 6
