@@ -165,11 +165,15 @@ class ChunkAhead:
             self._inflight -= 1
             self._pump()
         if fetch.segments is not None and not self.scan:
-            key = fetch.chunk.cap.to_string()
-            size = fetch.segment_size.to_bytes(8, "big")
-            await self.cache.put((key, SEGMENT_SIZE_KEY), size)
-            for j, data in enumerate(fetch.segments):
-                await self.cache.put((key, j), data)
+            # Shielded: the reader that had the last chunk may close the
+            # file at once, which cancels the fetches; the cache still gets
+            # the chunk (a few local writes), for the next reader.
+            with trio.CancelScope(shield=True):
+                key = fetch.chunk.cap.to_string()
+                size = fetch.segment_size.to_bytes(8, "big")
+                await self.cache.put((key, SEGMENT_SIZE_KEY), size)
+                for j, data in enumerate(fetch.segments):
+                    await self.cache.put((key, j), data)
 
     async def _cached(self, chunk: Chunk) -> bool:
         """Whether the cache has every segment of ``chunk`` (read there, then)."""
