@@ -1,7 +1,7 @@
 """Finding the shares of many objects at once: the chunks of one file.
 
 A chunk's own share search asks k+1 servers where its shares are, one
-``get_buckets`` each: for a file of 2 MiB chunks that is two requests per
+``get_buckets`` each: for a file of 4 MiB chunks that is one request per
 megabyte on top of the reads, which cost the servers and the client more
 than the reads themselves.  A :class:`ShareMap` asks each server about up to
 MAX_LOOKUPS chunks in one ``get_buckets_many`` request, one window of chunks
