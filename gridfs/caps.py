@@ -159,12 +159,10 @@ class SliceCap:
         return f"gridfs:slice:{b32encode(self.key)}:{self.offset}:{self.length}:{pack}"
 
 
-@dataclass(frozen=True)
-class ChunkedVerifyCap:
-    """Checks the shares of a chunked file's manifest (the chunk list is
-    encrypted: checking the chunks themselves takes the read cap)."""
+class _ManifestAndSize:
+    """What the two chunked caps share: a manifest's cap and the file's size."""
 
-    manifest: VerifyCap
+    manifest: ReadCap | VerifyCap
     size: int
 
     def __post_init__(self) -> None:
@@ -174,6 +172,15 @@ class ChunkedVerifyCap:
     @property
     def storage_index(self) -> bytes:
         return self.manifest.storage_index
+
+
+@dataclass(frozen=True)
+class ChunkedVerifyCap(_ManifestAndSize):
+    """Checks the shares of a chunked file's manifest (the chunk list is
+    encrypted: checking the chunks themselves takes the read cap)."""
+
+    manifest: VerifyCap
+    size: int
 
     def to_string(self) -> str:
         inner = self.manifest.to_string().removeprefix("gridfs:chk-verify:")
@@ -181,21 +188,13 @@ class ChunkedVerifyCap:
 
 
 @dataclass(frozen=True)
-class ChunkedCap:
+class ChunkedCap(_ManifestAndSize):
     """Reads a large file stored as chunks: the read cap of its manifest
     (an ordinary CHK object listing the chunks' caps and the holes) and the
     file's size, which the manifest must state too."""
 
     manifest: ReadCap
     size: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.size <= MAX_FILE_SIZE:
-            raise CapError("file size out of range")
-
-    @property
-    def storage_index(self) -> bytes:
-        return self.manifest.storage_index
 
     def verify_cap(self) -> ChunkedVerifyCap:
         return ChunkedVerifyCap(self.manifest.verify_cap(), self.size)
