@@ -425,13 +425,11 @@ async def test_chunk_reads_fall_back_to_the_shares_whose_heads_they_skipped(
 ) -> None:
     """A chunk's download reads k+1 heads only; when those are bad (three
     servers of five lie about every share they hold), it reads the others."""
-    data = random.Random(17).randbytes(5 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
-                cap = await put_file(client, path)
+                chunked, data = await put_random(client, tmp_path, 17, 5 * MiB)
+                cap = chunked.to_string()
                 for node in grid.nodes[:3]:
                     node.behaviour.tamper = Tamper("flip", heads=True)
                 assert await get_all(client, cap) == data
@@ -535,13 +533,11 @@ def test_zero_runs_inside_a_chunk_are_cut_out_as_holes() -> None:
 async def test_chunk_reads_ask_the_other_servers_when_the_first_are_down(tmp_path: Path) -> None:
     """A chunk's download asks k+1 servers first (those that hold its shares,
     normally); with three of five servers down, it asks the others."""
-    data = random.Random(31).randbytes(6 * MiB)
-    path = tmp_path / "f"
-    path.write_bytes(data)
     async with open_grid(tmp_path / "grid", SERVERS) as grid:
         with trio.fail_after(TIMEOUT):
             async with client_node(tmp_path / "client", grid) as client:
-                cap = await put_file(client, path)
+                chunked, data = await put_random(client, tmp_path, 31, 6 * MiB)
+                cap = chunked.to_string()
                 for node in grid.nodes[:3]:
                     await node.kill()
                 assert await get_all(client, cap) == data
