@@ -136,8 +136,16 @@ class FinishedFile:
 
 def encode_shares(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list[bytes]]:
     """A whole (small) file encoded in memory: its finished trees and every
-    share's bytes (each assembled in one copy: these are most of a chunked
-    upload's bytes)."""
+    share's bytes."""
+    finished, shares = encode_share_parts(encoder, data)
+    return finished, [b"".join(parts) for parts in shares]
+
+
+def encode_share_parts(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list[list[bytes]]]:
+    """:func:`encode_shares` with each share as its parts in order (header,
+    then padding, proofs and block of each record), for a sender that
+    copies them straight into a frame: they are most of a chunked upload's
+    bytes."""
     g = encoder.geometry
     seg = g.params.segment_size
     blocks = [
@@ -156,7 +164,7 @@ def encode_shares(encoder: FileEncoder, data: bytes) -> tuple[FinishedFile, list
             parts += [bytes(start - at), proofs, bytes(g.proof_size - len(proofs)), block]
             at = start + g.proof_size + len(block)
         parts.append(bytes(g.share_size - at))
-        shares.append(b"".join(parts))
+        shares.append([part for part in parts if part])
     return finished, shares
 
 

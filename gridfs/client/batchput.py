@@ -25,7 +25,8 @@ from ..caps import ReadCap
 from ..codec import params_for_size
 from ..errors import GridError
 from ..hashes import convergence_key
-from ..immutable import FileEncoder, encode_shares
+from ..immutable import FileEncoder, encode_share_parts
+from ..protocol.frames import Blob
 from ..protocol.schema import MAX_PUT_SHARES, MAX_WRITE
 from .broker import Server
 
@@ -44,7 +45,7 @@ class _Put:
     obj: int
     storage_index: bytes
     sharenum: int
-    data: bytes
+    data: Blob
 
 
 async def put_objects(grid: GridClient, items: list[tuple[bytes, bytes]]) -> list[ReadCap | None]:
@@ -66,12 +67,12 @@ async def put_objects(grid: GridClient, items: list[tuple[bytes, bytes]]) -> lis
         if encoder.geometry.share_size > MAX_WRITE:
             return  # streamed by a lone upload
         finished, shares = await trio.to_thread.run_sync(
-            encode_shares, encoder, data, limiter=limiter
+            encode_share_parts, encoder, data, limiter=limiter
         )
         caps[i] = finished.cap
         si = encoder.storage_index
         for num, server in enumerate(grid.broker.permuted(si)[: p.n]):
-            plan[server.node_id].append(_Put(i, si, num, shares[num]))
+            plan[server.node_id].append(_Put(i, si, num, Blob(shares[num])))
 
     async with trio.open_nursery() as nursery:
         for i, (data, digest) in enumerate(items):
@@ -104,9 +105,11 @@ async def put_objects(grid: GridClient, items: list[tuple[bytes, bytes]]) -> lis
     return [cap if len(held[i]) == p.n else None for i, cap in enumerate(caps)]
 
 
-def _take(server: Server, puts: list[_Put], n: int) -> list[tuple[bytes, int, bytes, bytes, bytes]]:
+def _take(
+    server: Server, puts: list[_Put], n: int
+) -> list[tuple[bytes, int, bytes | Blob, bytes, bytes]]:
     """The first ``n`` of ``puts`` as ``put_shares`` items, out of ``puts``."""
-    items = []
+    items: list[tuple[bytes, int, bytes | Blob, bytes, bytes]] = []
     for put in puts[:n]:
         renew, cancel = server.lease_secrets(put.storage_index)
         items.append((put.storage_index, put.sharenum, put.data, renew, cancel))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import GridError
+from ..protocol.frames import Blob
 from ..protocol.schema import SchemaError, validate_request
 from .rpc import TakenArgs
 
@@ -195,7 +196,7 @@ class StorageCalls(_Calls):
 
     async def put_shares(
         self,
-        shares: list[tuple[bytes, int, bytes, bytes, bytes]],
+        shares: list[tuple[bytes, int, bytes | Blob, bytes, bytes]],
         *,
         timeout: float | None = None,
     ) -> list[PutShare]:

@@ -19,16 +19,16 @@ against its schema before the application sees them.  Anything malformed is a
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import msgpack
 
+from .frames import LENGTH as _LEN
+from .frames import FrameTooLarge, pack_frame
 from .schema import MAX_FRAME, PROTOCOL_NAME, PROTOCOL_VERSION, SchemaError, validate_request
 
-_LEN = struct.Struct(">I")
 REQUEST, RESPONSE, ERROR = 0, 1, 2
 MAX_ID = 2**32 - 1
 MAX_HELLO_FRAME = 4096
@@ -322,11 +322,7 @@ class Connection:
         return data
 
     def _frame(self, msg: list[Any]) -> bytes:
-        # (packed in place and copied once: packb and a concatenation would
-        # copy a write's megabytes three times)
-        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-        packer.pack(msg)
-        with packer.getbuffer() as body:
-            if len(body) > self.max_frame:
-                raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the limit")
-            return b"".join((_LEN.pack(len(body)), body))
+        try:
+            return pack_frame(msg, self.max_frame)
+        except FrameTooLarge as e:
+            raise LocalProtocolError(str(e)) from None

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..hashes import NODE_ID_SIZE, STORAGE_INDEX_SIZE
 from ..mutable import MAX_SLOT_RECORD, SIGNATURE_SIZE  # MAX_SLOT_RECORD: most bytes of a record
+from .frames import Blob
 
 PROTOCOL_NAME = "gridfs"
 PROTOCOL_VERSION = 1
@@ -66,8 +67,8 @@ def sharenum(v: Any) -> int:
 
 
 def binary(exact: int | None = None, most: int = MAX_FRAME) -> Check:
-    def check(v: Any) -> bytes:
-        if not isinstance(v, bytes):
+    def check(v: Any) -> bytes | Blob:
+        if not isinstance(v, bytes | Blob):  # (a Blob: being sent, in parts)
             raise SchemaError("expected bytes")
         if (exact is not None and len(v) != exact) or len(v) > most:
             raise SchemaError(f"bytes of wrong length {len(v)}")
