@@ -17,6 +17,8 @@ import pytest
 import trio
 from gridfs_daemon.chunkreader import ChunkedReader
 from gridfs_daemon.segcache import SegmentCache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gridfs.caps import ChunkedCap, ChunkedVerifyCap, ReadCap, b32encode, parse, parse_read_cap
 from gridfs.client import chunkread
@@ -528,6 +530,52 @@ def test_zero_runs_inside_a_chunk_are_cut_out_as_holes() -> None:
     assert [z for _, _, z in parts] == [False, True, False]
     assert parts[1] == (8192, 94208, True)  # whole blocks of zeros, 64 KiB or more
     assert split_zeros(data + bytes(60_000) + data) == [(0, 70_000, False)]  # too short
+
+
+def block_runs(data: bytes) -> list[tuple[int, int, bool]]:
+    """split_zeros by its definition: every 4 KiB block (the last one
+    possibly short) classified, runs of zero blocks of 64 KiB or more cut
+    out (or all of the data, when it is all zeros)."""
+    zero = [not any(data[a : a + 4096]) for a in range(0, len(data), 4096)]
+    out: list[tuple[int, int, bool]] = []
+    i = 0
+    while i < len(zero):
+        j = i
+        while j < len(zero) and zero[j] == zero[i]:
+            j += 1
+        a, b = i * 4096, min(j * 4096, len(data))
+        hole = zero[i] and (b - a >= 65536 or (i == 0 and j == len(zero)))
+        if not hole and out and not out[-1][2]:  # data next to data: one part
+            out[-1] = (out[-1][0], b - out[-1][0], False)
+        else:
+            out.append((a, b - a, hole))
+        i = j
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(1, 40), st.integers(-4095, 4095)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_split_zeros_finds_every_run_of_zero_blocks(spans: list[tuple[bool, int, int]]) -> None:
+    """Runs of zeros, aligned or not, long or just too short, anywhere (the
+    fast check for "no run at all" looks at one block in 16)."""
+    data = b"".join(
+        bytes(max(1, blocks * 4096 + shift)) if zeros else b"\x01" * max(1, blocks * 4096 + shift)
+        for zeros, blocks, shift in spans
+    )
+    assert split_zeros(data) == block_runs(data)
+
+
+def test_split_zeros_finds_a_shortest_run_wherever_it_starts() -> None:
+    for start in range(40):
+        data = b"\x01" * (start * 4096) + bytes(16 * 4096) + b"\x01" * 5000
+        assert split_zeros(data) == block_runs(data), start
+        assert (start * 4096, 16 * 4096, True) in split_zeros(data), start
 
 
 async def test_chunk_reads_ask_the_other_servers_when_the_first_are_down(tmp_path: Path) -> None:

@@ -156,9 +156,18 @@ ZERO_BLOCK = 4096
 ZERO_RUN = 16
 """Zero blocks in a row (64 KiB) that a chunk stores as a hole."""
 _ZEROS = bytes(ZERO_BLOCK)
-_ZERO_RUN_BYTES = bytes(ZERO_RUN * ZERO_BLOCK)
-"""Data without these zeros in a row has no hole of its own, only a chunk
-that is all zeros (and shorter) can still be one."""
+
+
+def _no_zero_run(data: bytes) -> bool:
+    """Whether ``data`` surely has no run of ZERO_RUN zero blocks: every
+    such run holds a block whose index is a multiple of ZERO_RUN, and these
+    are nonzero (each comparison stops at its first nonzero byte, so random
+    data costs a few bytes a block, not a scan of the chunk)."""
+    for at in range(0, len(data), ZERO_RUN * ZERO_BLOCK):
+        n = min(ZERO_BLOCK, len(data) - at)
+        if data.startswith(_ZEROS if n == ZERO_BLOCK else _ZEROS[:n], at):
+            return False
+    return True
 
 
 def split_zeros(data: bytes) -> list[tuple[int, int, bool]]:
@@ -166,7 +175,7 @@ def split_zeros(data: bytes) -> list[tuple[int, int, bool]]:
     ZERO_RUN zero blocks (of ZERO_BLOCK bytes from its start, the last one
     possibly short) are parts of their own, so that zeros written out in a
     file are holes as much as those it leaves unwritten."""
-    if len(data) >= len(_ZERO_RUN_BYTES) and _ZERO_RUN_BYTES not in data:  # (fast)
+    if len(data) >= ZERO_RUN * ZERO_BLOCK and _no_zero_run(data):  # (fast)
         return [(0, len(data), False)]
     if data.count(0) == len(data):
         return [(0, len(data), True)]
