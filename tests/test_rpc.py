@@ -5,6 +5,7 @@ well-behaved clients whatever one connection sends it)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -27,7 +28,17 @@ from gridfs.errors import GridError
 from gridfs.hashes import STORAGE_INDEX_SIZE
 from gridfs.net import tls
 from gridfs.net.identity import NodeAddress
-from gridfs.net.rpc import ConnectionLost, Handler, RemoteError, RpcClient, serve_rpc
+from gridfs.net.rpc import (
+    SEND_PIECE,
+    SMALL_PIECE,
+    ConnectionLost,
+    Handler,
+    RemoteError,
+    RpcClient,
+    TakenArgs,
+    sendable,
+    serve_rpc,
+)
 from gridfs.node import run_storage
 from gridfs.protocol.connection import (
     NEED_DATA,
@@ -39,6 +50,7 @@ from gridfs.protocol.connection import (
     Role,
     hello_args,
 )
+from gridfs.protocol.frames import Blob
 from gridfs.protocol.schema import MAX_FRAME, MAX_READ
 
 from .gridutil import MEMBERS
@@ -384,6 +396,96 @@ async def test_a_slow_peer_that_keeps_taking_pieces_keeps_the_connection(
         chunks = [[i * 1_000_000, b"x" * 1_000_000] for i in range(4)]
         assert await client.call("write", {"si": SI, "sharenum": 0, "chunks": chunks}) == "fine"
         assert not client.closed
+        nursery.cancel_scope.cancel()
+
+
+class RecordingStream(TricklingStream):
+    """A trickling stream that also records the size of each send."""
+
+    def __init__(self, inner: trio.abc.Stream, step: int = 1 << 20) -> None:
+        super().__init__(inner, step)
+        self.sends: list[int] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends.append(memoryview(data).nbytes)
+        await super().send_all(data)
+
+
+async def test_a_share_in_parts_arrives_whole_in_few_sends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A Blob's parts are sent as they are, never joined into a frame first:
+    its small parts (headers, proofs) go out joined with their neighbours,
+    its blocks alone, and the server gets one bin of all of them."""
+    got: list[bytes] = []
+
+    async def handler(method: str, args: dict[str, Any]) -> Any:
+        got.append(args["data"])
+        return {"stored": True, "already": False}
+
+    parts = []
+    for _ in range(4):
+        parts += [os.urandom(300), bytes(20), os.urandom(350_000)]
+    parts.append(bytes(700))
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    recording = RecordingStream(client_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rpc, server_stream, handler, lambda: HELLO_INFO)
+        client = RpcClient(recording)
+        await nursery.start(client.run)
+        recording.sends.clear()
+        args = {
+            "si": SI,
+            "sharenum": 1,
+            "data": Blob(parts),
+            "renew_secret": bytes(32),
+            "cancel_secret": bytes(32),
+        }
+        await client.call("put_share", args)
+        nursery.cancel_scope.cancel()
+    assert got == [b"".join(parts)]
+    # frame head + first small parts, then each block, each run of small parts
+    assert len(recording.sends) == 9, recording.sends
+    assert sorted(recording.sends)[-4:] == [350_000] * 4
+
+
+@given(st.lists(st.integers(0, 3 << 20), max_size=12))
+def test_sendable_keeps_the_bytes_in_order_and_bounds_each_send(sizes: list[int]) -> None:
+    pieces = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    sends = list(sendable(pieces))
+    assert b"".join(sends) == b"".join(pieces)
+    assert all(0 < len(s) <= SEND_PIECE for s in sends)
+    smalls = [len(s) < SMALL_PIECE for s in sends]
+    assert not any(a and b for a, b in itertools.pairwise(smalls))
+
+
+async def test_calls_waiting_their_turn_are_not_framed_yet(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Calls queued on a connection behind a long send hold their arguments,
+    not frames of megabytes besides: a call's request is framed (and its
+    TakenArgs let go of) only when its turn to send comes."""
+    writes: list[int] = []
+
+    async def handler(method: str, args: dict[str, Any]) -> Any:
+        writes.append(len(args["chunks"][0][1]))
+        return "fine"
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rpc, server_stream, handler, lambda: HELLO_INFO)
+        client = RpcClient(TricklingStream(client_stream, step=65536))
+        await nursery.start(client.run)
+        first = {"si": SI, "sharenum": 0, "chunks": [[0, b"x" * 2_000_000]]}
+        second = TakenArgs(si=SI, sharenum=1, chunks=[[0, b"y" * 1_000_000]])
+        async with trio.open_nursery() as calls:
+            calls.start_soon(client.call, "write", first)
+            await trio.sleep(0.005)  # the first is sending, 64 KiB a millisecond
+            calls.start_soon(client.call, "write", second)
+            await trio.sleep(0.005)
+            assert second["chunks"], "framed while the first call still sends"
+        assert not second  # sent, then let go of
+        assert writes == [2_000_000, 1_000_000]
         nursery.cancel_scope.cancel()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -29,6 +29,7 @@ from ..protocol.connection import (
     Role,
     hello_args,
 )
+from ..protocol.frames import Buffer
 from ..protocol.schema import MAX_FRAME
 from .limits import DEFAULT_LIMITS, ConnectionLimits
 from .limits import authenticated as mark_authenticated
@@ -43,6 +44,32 @@ SEND_PIECE = 1024 * 1024
 SEND_PATIENCE = 60.0
 """Patience for a piece of a call that has no timeout (a server's patience
 for its replies is :attr:`ConnectionLimits.send_timeout`)."""
+
+
+SMALL_PIECE = 64 * 1024
+"""Pieces of a frame below this are sent joined with their neighbours (a
+send costs tens of microseconds); larger ones, a share's blocks, as they are."""
+
+
+def sendable(pieces: list[Buffer]) -> Iterator[Buffer]:
+    """A frame's pieces as the buffers to send: none over SEND_PIECE (each
+    send is one wait within the patience), small ones joined."""
+    small: list[Buffer] = []
+    size = 0
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        for start in range(0, len(view), SEND_PIECE):
+            unit = view[start : start + SEND_PIECE]
+            if small and (len(unit) >= SMALL_PIECE or size + len(unit) > SEND_PIECE):
+                yield b"".join(small)
+                small, size = [], 0
+            if len(unit) >= SMALL_PIECE:
+                yield unit
+            else:
+                small.append(unit)
+                size += len(unit)
+    if small:
+        yield b"".join(small)
 
 
 class ConnectionLost(GridError):
@@ -150,21 +177,28 @@ class RpcClient:
         """Send a request and wait for its answer (or ConnectionLost/RemoteError)."""
         if self._closed is not None:
             raise ConnectionLost(self._closed)
-        rid, data = self._conn.send_request(method, args)
-        if isinstance(args, TakenArgs):
-            args.clear()
         limit = self.default_timeout if timeout is None else timeout
         # (a limit of 0 or less: no timeout for the answer, SEND_PATIENCE per piece)
         deadline, patience = (limit, limit) if limit > 0 else (math.inf, SEND_PATIENCE)
-        slot = self._slots[rid] = _Slot()
+        rid = None
         try:
             async with self._send_lock:
-                await self._send_whole(data, patience)
-            del data  # (a write's frame is megabytes: not kept while the answer comes)
+                # Framed only when it can be sent: calls waiting their turn
+                # on one connection hold their arguments, not also a frame
+                # of megabytes each.
+                if self._closed is not None:
+                    raise ConnectionLost(self._closed)
+                rid, pieces = self._conn.send_request_pieces(method, args)
+                if isinstance(args, TakenArgs):
+                    args.clear()
+                slot = self._slots[rid] = _Slot()
+                await self._send_whole(pieces, patience)
+                del pieces  # (a write's megabytes: not kept while the answer comes)
             with trio.move_on_after(deadline):
                 await slot.event.wait()
         finally:
-            self._slots.pop(rid, None)
+            if rid is not None:
+                self._slots.pop(rid, None)
         if slot.outcome is None:
             if self._closed is not None:
                 raise ConnectionLost(self._closed)
@@ -175,19 +209,18 @@ class RpcClient:
             raise RemoteError(slot.outcome.code, slot.outcome.message)
         return slot.outcome.result
 
-    async def _send_whole(self, data: bytes, patience: float) -> None:
+    async def _send_whole(self, pieces: list[Buffer], patience: float) -> None:
         """Send one frame, all of it: a frame cut short by a cancelled caller
         would garble the stream for every other call on it (and leave a TLS
         stream broken), so the send is shielded; a peer that takes in nothing
         for ``patience`` seconds loses the connection instead (a slow one
         that keeps taking pieces does not)."""
         problem = ""
-        view = memoryview(data)
         with trio.CancelScope(shield=True):
-            for start in range(0, len(view), SEND_PIECE):
+            for piece in sendable(pieces):
                 with trio.move_on_after(patience) as sending:
                     try:
-                        await self.stream.send_all(view[start : start + SEND_PIECE])
+                        await self.stream.send_all(piece)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                         problem = f"connection lost: {e}"
                 if sending.cancelled_caught:

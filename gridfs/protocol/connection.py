@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from .frames import LENGTH as _LEN
-from .frames import FrameTooLarge, pack_frame
+from .frames import Buffer, FrameTooLarge, frame_pieces, pack_frame
 from .schema import MAX_FRAME, PROTOCOL_NAME, PROTOCOL_VERSION, SchemaError, validate_request
 
 REQUEST, RESPONSE, ERROR = 0, 1, 2
@@ -296,6 +296,13 @@ class Connection:
 
     # -- output -----------------------------------------------------------
     def send_request(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        rid, pieces = self.send_request_pieces(method, args)
+        return rid, b"".join(pieces)
+
+    def send_request_pieces(self, method: str, args: dict[str, Any]) -> tuple[int, list[Buffer]]:
+        """:meth:`send_request` with the frame as pieces to send in order:
+        the parts of each :class:`Blob` in ``args`` are among them as they
+        are (h11's ``send_with_data_passthrough``)."""
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only clients send requests")
         if not self.handshaken and method != "hello" and "hello" not in self.outstanding.values():
@@ -303,10 +310,13 @@ class Connection:
         rid = self._next_id
         while rid in self.outstanding:
             rid = rid % MAX_ID + 1
-        data = self._frame([REQUEST, rid, method, args])  # may fail: then nothing was sent
+        try:  # may fail: then nothing was sent
+            pieces = frame_pieces([REQUEST, rid, method, args], self.max_frame)
+        except FrameTooLarge as e:
+            raise LocalProtocolError(str(e)) from None
         self._next_id = rid % MAX_ID + 1
         self.outstanding[rid] = method
-        return rid, data
+        return rid, pieces
 
     def send_response(self, rid: int, result: Any) -> bytes:
         return self._answer(rid, [RESPONSE, rid, result])

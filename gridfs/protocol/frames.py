@@ -72,6 +72,12 @@ def pack_frame(msg: Any, max_body: int) -> bytes:
     """The frame of ``msg``: length prefix and msgpack body, each Blob's
     bytes copied once.  Raises FrameTooLarge past ``max_body``, TypeError
     for what msgpack cannot pack."""
+    return b"".join(frame_pieces(msg, max_body))
+
+
+def frame_pieces(msg: Any, max_body: int) -> list[Buffer]:
+    """The frame of ``msg`` as pieces to send in order: the Blobs' parts
+    as they are (not copied at all), the packed bytes around them."""
     blobs: list[tuple[int, Blob]] = []
 
     def default(obj: Any) -> bytes:
@@ -83,8 +89,13 @@ def pack_frame(msg: Any, max_body: int) -> bytes:
 
     packer = msgpack.Packer(use_bin_type=True, autoreset=False, default=default)
     packer.pack(msg)
-    with packer.getbuffer() as body:
-        size = len(body)
+    if not blobs:
+        body = packer.getbuffer()  # (a view: the packer lives as long as it)
+        if len(body) > max_body:
+            raise FrameTooLarge(len(body))
+        return [LENGTH.pack(len(body)), body]
+    with packer.getbuffer() as packed:
+        size = len(packed)
         for _, blob in blobs:
             size += len(bin_header(blob.size)) + blob.size - len(_PLACEHOLDER)
         if size > max_body:
@@ -92,11 +103,9 @@ def pack_frame(msg: Any, max_body: int) -> bytes:
         pieces: list[Buffer] = [LENGTH.pack(size)]
         at = 0
         for offset, blob in blobs:
-            if body[offset : offset + len(_PLACEHOLDER)] != _PLACEHOLDER:
+            if packed[offset : offset + len(_PLACEHOLDER)] != _PLACEHOLDER:
                 raise AssertionError("msgpack wrote a Blob's placeholder elsewhere")
-            pieces += [body[at:offset], bin_header(blob.size), *blob.parts]
+            pieces += [bytes(packed[at:offset]), bin_header(blob.size), *blob.parts]
             at = offset + len(_PLACEHOLDER)
-        pieces.append(body[at:])
-        frame = b"".join(pieces)
-        del pieces  # (its views of the packer's buffer: released before it is)
-        return frame
+        pieces.append(bytes(packed[at:]))
+    return pieces
