@@ -27,6 +27,7 @@ import msgpack
 
 from .frames import LENGTH as _LEN
 from .frames import Buffer, FrameTooLarge, frame_pieces, pack_frame
+from .inbox import Inbox
 from .schema import MAX_FRAME, PROTOCOL_NAME, PROTOCOL_VERSION, SchemaError, validate_request
 
 REQUEST, RESPONSE, ERROR = 0, 1, 2
@@ -170,8 +171,7 @@ class Connection:
         self.max_hello_frame = max_hello_frame
         """Frame limit until the hello exchange is done."""
         self.max_objects = max_objects
-        self._buffer = bytearray()
-        self._consumed = 0
+        self._inbox = Inbox()
         self._eof = False
         self._dead = False
         self._next_id = 1
@@ -189,16 +189,16 @@ class Connection:
         if not data:
             self._eof = True
         else:
-            self._buffer += data
+            self._inbox.append(data)
 
     @property
     def wanted(self) -> int:
         """Bytes still missing from the frame being received (0 when the
         next frame's length is not known yet)."""
-        if len(self._buffer) < _LEN.size:
+        if len(self._inbox) < _LEN.size:
             return 0
-        (length,) = _LEN.unpack_from(self._buffer)
-        return max(0, _LEN.size + length - len(self._buffer))
+        (length,) = _LEN.unpack(self._inbox.peek(_LEN.size))
+        return max(0, _LEN.size + length - len(self._inbox))
 
     def next_event(self) -> Event | _NeedData:
         if self._dead:
@@ -214,7 +214,6 @@ class Connection:
                 return self._parse(body)
             finally:
                 body.release()
-                del self._buffer[: self._consumed]
         except RemoteProtocolError:
             self._dead = True
             raise
@@ -225,23 +224,22 @@ class Connection:
         return self.max_frame if self.handshaken else min(self.max_frame, self.max_hello_frame)
 
     def _next_frame(self) -> memoryview | None:
-        if len(self._buffer) < _LEN.size:
-            if self._eof and self._buffer:
+        if len(self._inbox) < _LEN.size:
+            if self._eof and self._inbox:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
             return None
-        (length,) = _LEN.unpack_from(self._buffer)
+        (length,) = _LEN.unpack(self._inbox.peek(_LEN.size))
         if length > self.frame_limit:
             before = "" if self.handshaken else " before hello"
             raise RemoteProtocolError(
                 f"frame of {length} bytes{before} exceeds the {self.frame_limit} limit"
             )
-        if len(self._buffer) < _LEN.size + length:
+        if len(self._inbox) < _LEN.size + length:
             if self._eof:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
             return None
-        # A view, not a copy: blocks are large; _parse copies what it keeps.
-        self._consumed = _LEN.size + length
-        return memoryview(self._buffer)[_LEN.size : self._consumed]
+        # (_parse copies what it keeps)
+        return self._inbox.take(_LEN.size + length)[_LEN.size :]
 
     def _parse(self, body: memoryview) -> Event:
         try:
