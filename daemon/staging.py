@@ -49,6 +49,11 @@ COPY_STEP = 4 << 20
 """Bytes copied at a time when a file is staged whole."""
 
 
+class BoxGone(OSError):
+    """EAGAIN: a ``local:`` cap's upload was stored and cleaned up, so no
+    queue step can name it; the tree holds its cap now."""
+
+
 class Daemon(Protocol):
     """What the state machine needs of the daemon running the queue."""
 
@@ -122,7 +127,7 @@ class Staging:
                 if filled is not None:  # uploaded: the box may be cleaned up any time
                     return self.queue.add_file(None, text, entry.with_(cap=filled.decode()))
                 if not self.queue.uploading(box):  # a path step on it could never run
-                    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                    raise BoxGone(errno.EAGAIN, os.strerror(errno.EAGAIN))
                 return self.queue.add_addpath(box, text, entry.with_(cap=""))
 
             return enqueue
@@ -144,6 +149,14 @@ class Staging:
             box = local_box(entry.cap)
             if self.queue.read_box(box) is None and not self.queue.uploading(box):
                 entry = await self._settled(path, entry)  # uploaded and cleaned up
+        try:
+            await self._put(path, entry, sync, soft)
+        except BoxGone:
+            # Its upload finished and was cleaned up while this waited for
+            # the view: once more, with the cap the tree holds now.
+            await self._put(path, await self._settled(path, entry), sync, soft)
+
+    async def _put(self, path: Path_, entry: Entry, sync: bool, soft: bool) -> None:
         # A file as this mount last saw it: should another writer have put
         # another version there since, the commit keeps theirs beside it.
         base = _base_of(entry)

@@ -390,3 +390,32 @@ def test_successive_edits_share_the_reader_of_their_base(mount_node: Path) -> No
                 await m.staging.release(of)
 
     trio.run(main)
+
+
+def test_a_change_racing_the_cleanup_of_its_upload_still_lands(mount_node: Path) -> None:  # noqa: F811
+    """A chmod of a file whose upload is stored and cleaned up while the chmod
+    waits for the view: its queue step cannot name the ``local:`` upload any
+    more, so it is made again with the cap the tree holds (it answered
+    EAGAIN once in some 6 full test runs)."""
+    data = random.Random(9).randbytes(3 * MiB)
+
+    async def main() -> None:
+        with trio.fail_after(120):
+            async with mounted(mount_node) as m:
+                of = await m.create("big")
+                await m.staging.write(of, 0, data)
+                await m.staging.release(of)
+                entry = await m.view.lookup(("big",))
+                assert entry is not None and entry.cap.startswith("local:")
+                async with trio.open_nursery() as nursery, m.view.lock:
+                    chmod = entry.with_(mode=0o600)
+                    nursery.start_soon(m.staging.put_entry, ("big",), chmod, False)
+                    await trio.sleep(0.1)  # it checked the upload, now waits
+                    await m.session.queue.flush(m.session)  # stored, cleaned up
+                await m.flush()
+                fresh = await m.view.lookup(("big",))
+                assert fresh is not None and fresh.mode & 0o777 == 0o600
+                assert not fresh.cap.startswith("local:")
+                assert await m.contents("big") == data
+
+    trio.run(main)
