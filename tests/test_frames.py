@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gridfs.protocol.connection import Connection, LocalProtocolError, Request, Role
-from gridfs.protocol.frames import LENGTH, Blob, FrameTooLarge, bin_header, pack_frame
+from gridfs.protocol.frames import LENGTH, Blob, FrameTooLarge, bin_header, frame_pieces, pack_frame
 from gridfs.protocol.schema import MAX_FRAME
 
 from .test_protocol import handshaken_pair, request
@@ -101,3 +101,15 @@ def test_a_blobs_bytes_are_copied_once() -> None:
         tracemalloc.stop()
     assert len(frame) > 4 << 20
     assert peak < 4.5 * (1 << 20)
+
+
+def test_pieces_keep_no_view_of_the_packer() -> None:
+    """What frame_pieces returns holds the Blobs' own parts and bytes of its
+    own, never a view of msgpack's buffer (which is twice what it holds:
+    kept while frames wait to be sent, it doubled a client's memory)."""
+    parts = [os.urandom(70_000), b"xy"]
+    pieces = frame_pieces({"data": Blob(parts), "n": 1}, MAX_FRAME)
+    assert [p for p in pieces if any(p is q for q in parts)] == parts
+    assert all(type(p) is bytes for p in pieces)
+    (whole,) = frame_pieces({"data": os.urandom(70_000)}, MAX_FRAME)
+    assert type(whole) is bytes

@@ -77,7 +77,10 @@ def pack_frame(msg: Any, max_body: int) -> bytes:
 
 def frame_pieces(msg: Any, max_body: int) -> list[Buffer]:
     """The frame of ``msg`` as pieces to send in order: the Blobs' parts
-    as they are (not copied at all), the packed bytes around them."""
+    as they are (not copied at all), copies of the packed bytes around them
+    (the packer is not kept: msgpack grows its buffer to twice what it
+    holds, and a view of it kept while a frame waits to be sent made a
+    put of one 100 MiB object peak at 335 MB instead of 150)."""
     blobs: list[tuple[int, Blob]] = []
 
     def default(obj: Any) -> bytes:
@@ -89,11 +92,11 @@ def frame_pieces(msg: Any, max_body: int) -> list[Buffer]:
 
     packer = msgpack.Packer(use_bin_type=True, autoreset=False, default=default)
     packer.pack(msg)
-    if not blobs:
-        body = packer.getbuffer()  # (a view: the packer lives as long as it)
-        if len(body) > max_body:
-            raise FrameTooLarge(len(body))
-        return [LENGTH.pack(len(body)), body]
+    if not blobs:  # one piece, the packer's bytes copied once
+        with packer.getbuffer() as body:
+            if len(body) > max_body:
+                raise FrameTooLarge(len(body))
+            return [b"".join((LENGTH.pack(len(body)), body))]
     with packer.getbuffer() as packed:
         size = len(packed)
         for _, blob in blobs:
