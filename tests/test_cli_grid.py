@@ -137,6 +137,21 @@ def test_put_get_round_trip(grid: Path, tmp_path: Path) -> None:
     assert streamed.stderr == b""
 
 
+def test_put_one_object_stores_a_large_file_unchunked(grid: Path, tmp_path: Path) -> None:
+    """``--one-object``: the format before chunked files (bench_grid's
+    baseline), one CHK object read back like any other."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(random.Random(2).randbytes(3 * 1024 * 1024))
+    client = grid / "client"
+    chunked = ok(gridfs("put", str(src), node=client)).strip()
+    whole = ok(gridfs("put", "--one-object", str(src), node=client)).strip()
+    assert chunked.startswith("gridfs:chunked:")
+    assert whole.startswith("gridfs:chk:"), whole
+    out = tmp_path / "out.bin"
+    ok(gridfs("get", whole, "-o", str(out), node=client))
+    assert out.read_bytes() == src.read_bytes()
+
+
 def test_get_leaves_its_output_out_of_the_page_cache(grid: Path, tmp_path: Path) -> None:
     """A download is written behind: its output's pages leave the page cache
     DROP_LAG behind the newest write, whether named by -o or by a shell

@@ -40,6 +40,13 @@ def register(sub: Any) -> None:
         help="do not add the cap to the retained set (its leases then run out unless "
         "a tree links it or someone retains it)",
     )
+    put.add_argument(
+        "--one-object",
+        dest="chunked",
+        action="store_false",
+        help="store the file as one object, not in chunks: no dedup with other files or "
+        "versions (the format before chunked files, to compare with)",
+    )
     add_node_option(put)
     put.set_defaults(func=cmd_put)
     get = sub.add_parser("get", help="download a file by its read cap")
@@ -61,20 +68,20 @@ def cmd_put(args: argparse.Namespace) -> int:
         with tempfile.NamedTemporaryFile(prefix="put-", dir=node.path) as spool:
             shutil.copyfileobj(sys.stdin.buffer, spool)
             spool.flush()
-            return _put(node, Path(spool.name), args.retain)
+            return _put(node, Path(spool.name), args.retain, args.chunked)
     path = Path(args.file)
     if not path.is_file():
         raise UsageError(f"{path} is not a regular file")
-    return _put(node, path, args.retain)
+    return _put(node, path, args.retain, args.chunked)
 
 
-def _put(node: NodeDir, path: Path, retain: bool) -> int:
+def _put(node: NodeDir, path: Path, retain: bool, chunked: bool = True) -> int:
     async def main() -> str:
         async with open_grid(node) as grid:
             # Held until the cap is retained: an unlink's fence must see it.
             async with lease_lock(node):
                 with progress_bar(os.stat(path).st_size, "put") as bar:
-                    report = await grid.put(path, bar)
+                    report = await grid.put(path, bar, chunked=chunked)
                 cap = report.cap.to_string()
                 if retain and not isinstance(report.cap, LiteralCap):
                     retained = RetainedSet(node)

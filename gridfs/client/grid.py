@@ -59,7 +59,11 @@ class GridClient:
         progress: Progress | None = None,
         drop: bool = False,
         digest: bytes | None = None,
+        chunked: bool = True,
     ) -> UploadReport:
+        """Store the file at ``path``: chunked when larger than
+        CHUNKED_MIN_SIZE, unless ``chunked`` is false (then one CHK object
+        whatever its size, as before chunked files: no dedup)."""
         size = path.stat().st_size
         if size > LITERAL_MAX:  # literal files need no server
             await self.wait_for_servers(self.params.happy)
@@ -71,7 +75,7 @@ class GridClient:
                 progress(n)
 
         try:
-            if size > CHUNKED_MIN_SIZE:
+            if size > CHUNKED_MIN_SIZE and chunked:
                 return UploadReport(await put_chunked(self, path, counted, drop))
             return await upload_file(
                 self.broker, path, self.params, self.secret, counted, drop=drop, digest=digest
