@@ -1,17 +1,18 @@
-"""Packing a frame, the megabytes in it copied once.
+"""Packing a frame, a share's megabytes not copied at all.
 
-A write, a read's answer or a batch of shares is megabytes of bytes in a
-small msgpack message.  msgpack's Packer copies them into its buffer and the
-frame (length prefix and body) is a second copy; a share assembled from its
+A write or a batch of shares is megabytes of bytes in a small msgpack
+message.  msgpack's Packer copies them into its buffer and the frame
+(length prefix and body) was a second copy; a share assembled from its
 parts (header, proofs, blocks) before that was a third.  On a 2-core node
 these copies were a tenth of a chunked put's client CPU.
 
 A :class:`Blob` is bytes given as parts.  The packer meets it through its
 ``default`` hook, which is called where the Blob's bytes go: the hook notes
-that offset and returns a 5-byte placeholder.  The frame is then joined, in
-one copy, from the packed bytes between placeholders and, in their place,
-each Blob's msgpack ``bin`` header and parts.  The wire format is plain
-msgpack: a receiver sees a ``bin`` like any other.
+that offset and returns a 5-byte placeholder.  :func:`frame_pieces` then
+gives the frame as pieces to send in order: the packed bytes between
+placeholders and, in their place, each Blob's msgpack ``bin`` header and
+its parts as they are (:func:`pack_frame` joins them, in one copy).  The
+wire format is plain msgpack: a receiver sees a ``bin`` like any other.
 """
 
 from __future__ import annotations
